@@ -1,0 +1,810 @@
+#!/usr/bin/env python3
+"""Tests for claudeflare.py, end to end through real sockets, and its benchmark.
+
+  python3 -X dev -W error test_claudeflare.py     run every test (make test)
+  python3 test_claudeflare.py bench               direct-to-upstream vs through-the-proxy
+  python3 test_claudeflare.py upstream            run the fake Anthropic API alone (prints its URL)
+
+A fake Anthropic upstream (FakeUpstream) speaks the wire format of anthropic-wire.md: JSON and SSE
+messages, rate-limit headers, the OAuth token endpoint, and scripted faults. Each test starts a real
+claudeflare server on 127.0.0.1 port 0 with its own temporary data folder.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import http.client
+import http.server
+import io
+import json
+import logging
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import urllib.parse
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Nothing a test runs may touch the real home folder or the real Anthropic endpoints.
+SANDBOX = tempfile.mkdtemp(prefix="claudeflare-test-")
+os.environ.update({
+    "HOME": SANDBOX, "XDG_CONFIG_HOME": os.path.join(SANDBOX, "config"),
+    "XDG_DATA_HOME": os.path.join(SANDBOX, "data"),
+    "CLAUDEFLARE_LOG_DIR": os.path.join(SANDBOX, "logs"),
+    "CLAUDEFLARE_UPSTREAM_URL": "http://127.0.0.1:9", "CLAUDEFLARE_TOKEN_URL": "http://127.0.0.1:9",
+})
+for _name in ("PORT", "LB_STRATEGY", "CLIENT_ID", "RETRY_ATTEMPTS", "RETRY_DELAY_MS",
+              "SESSION_DURATION_MS", "CLAUDEFLARE_DEBUG", "LOG_LEVEL", "LOG_FORMAT",
+              "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "NO_PROXY", "no_proxy",
+              "CLAUDEFLARE_CONFIG_PATH", "CLAUDEFLARE_DB_PATH"):
+    os.environ.pop(_name, None)
+
+sys.path.insert(0, HERE)
+import claudeflare  # noqa: E402
+
+DEADLINE_S = 10.0
+
+
+class LogCapture(logging.Handler):
+    """Keeps what claudeflare logs during the tests, so tests can read it (and stderr stays clean)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(claudeflare.PrettyFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+CAPTURED_LOG = LogCapture()
+claudeflare.log.addHandler(CAPTURED_LOG)
+claudeflare.log.setLevel(logging.DEBUG)
+claudeflare.log.propagate = False
+
+
+def wait_for(condition, timeout: float = DEADLINE_S, what: str = "condition"):
+    """Poll a condition until it is true or the deadline passes (tests never sleep blindly)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+###############################################################################
+# Fake Anthropic upstream #####################################################
+###############################################################################
+
+class Recorded:
+    """One request the fake upstream received."""
+
+    def __init__(self, method: str, target: str, headers, body: bytes, connection: int) -> None:
+        self.method = method
+        self.target = target
+        self.path = target.partition("?")[0]
+        self.headers = headers
+        self.body = body
+        self.connection = connection
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def message_body(model: str = "claude-sonnet-4-5", text: str = "Hello!", usage=None) -> dict:
+    """A non-streamed Messages API answer."""
+    return {"id": "msg_fake", "type": "message", "role": "assistant",
+            "content": [{"type": "text", "text": text}], "model": model,
+            "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": usage or {"input_tokens": 12, "output_tokens": 5,
+                               "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+
+
+def sse(name: str, data: dict) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def message_events(model: str = "claude-sonnet-4-5", words=("Hello", " world"),
+                   input_tokens: int = 12) -> list[bytes]:
+    """The SSE events of a streamed Messages API answer."""
+    events = [sse("message_start", {"type": "message_start", "message": {
+        "id": "msg_fake", "type": "message", "role": "assistant", "content": [], "model": model,
+        "usage": {"input_tokens": input_tokens, "output_tokens": 1,
+                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}),
+        sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                    "content_block": {"type": "text", "text": ""}}),
+        sse("ping", {"type": "ping"})]
+    for word in words:
+        events.append(sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                  "delta": {"type": "text_delta", "text": word}}))
+    events += [sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+               sse("message_delta", {"type": "message_delta",
+                                     "delta": {"stop_reason": "end_turn"},
+                                     "usage": {"output_tokens": len(words)}}),
+               sse("message_stop", {"type": "message_stop"})]
+    return events
+
+
+class FakeHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        fake = self.server.fake
+        with fake.lock:
+            fake.connections += 1
+            self.connection_id = fake.connections
+
+    def log_message(self, format, *args) -> None:
+        pass
+
+    def handle_any(self) -> None:
+        fake = self.server.fake
+        if "chunked" in self.headers.get("Transfer-Encoding", ""):
+            body = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if not size:
+                    self.rfile.readline()
+                    break
+                body += self.rfile.read(size)
+                self.rfile.readline()
+        else:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        request = Recorded(self.command, self.path, self.headers, body, self.connection_id)
+        with fake.lock:
+            fake.requests.append(request)
+            action = fake.next_action(request)
+        action(self, request)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = handle_any
+
+    # -- building blocks for actions -----------------------------------------------------------
+
+    def send_whole(self, status: int, body: bytes, content_type: str = "application/json",
+                   headers=()) -> None:
+        head = [f"HTTP/1.1 {status} {http.client.responses.get(status, 'X')}",
+                f"Content-Type: {content_type}", f"Content-Length: {len(body)}",
+                "request-id: req_fake"]
+        head += [f"{name}: {value}" for name, value in headers]
+        data = ("\r\n".join(head) + "\r\n\r\n").encode()
+        self.wfile.write(data if self.command == "HEAD" else data + body)
+
+    def start_chunked(self, status: int = 200, content_type: str = "text/event-stream",
+                      headers=()) -> None:
+        head = [f"HTTP/1.1 {status} OK", f"Content-Type: {content_type}",
+                "Transfer-Encoding: chunked", "Cache-Control: no-cache", "request-id: req_fake"]
+        head += [f"{name}: {value}" for name, value in headers]
+        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode())
+
+    def send_chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+
+    def end_chunked(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+
+
+# Actions: what the fake upstream does with one request. Each is `action(handler, request)`.
+
+def reply_default(handler: FakeHandler, request: Recorded) -> None:
+    """Behave like the Anthropic API for the paths the tests use."""
+    if request.path == "/v1/echo":
+        handler.send_whole(200, request.body, "application/octet-stream",
+                           [("X-Body-Sha256", hashlib.sha256(request.body).hexdigest())])
+    elif request.path == "/v1/messages" and request.method == "POST":
+        payload = json.loads(request.body or b"{}")
+        model = payload.get("model", "claude-sonnet-4-5")
+        if payload.get("stream"):
+            handler.start_chunked()
+            for event in message_events(model):
+                handler.send_chunk(event)
+            handler.end_chunked()
+        else:
+            handler.send_whole(200, json.dumps(message_body(model)).encode())
+    elif request.path == "/v1/models":
+        handler.send_whole(200, b'{"data":[{"id":"claude-sonnet-4-5","type":"model"}]}')
+    else:
+        handler.send_whole(404, json.dumps({"type": "error", "error": {
+            "type": "not_found_error", "message": "Not found"}}).encode())
+
+
+def reply_json(status: int, body, headers=()):
+    """Answer with a fixed JSON body."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return lambda handler, request: handler.send_whole(status, data, headers=headers)
+
+
+def reply_error(status: int, error_type: str, message: str, headers=()):
+    """Answer with an Anthropic error."""
+    return reply_json(status, {"type": "error", "error": {"type": error_type, "message": message},
+                               "request_id": "req_fake"}, headers)
+
+
+def reply_stream(events, hold_after: int | None = None, gate: threading.Event | None = None,
+                 drop_after: int | None = None, headers=()):
+    """Stream SSE events; optionally hold after some until `gate` is set, or drop the line."""
+    def action(handler: FakeHandler, request: Recorded) -> None:
+        fake = handler.server.fake
+        handler.start_chunked(headers=headers)
+        try:
+            for index, event in enumerate(events):
+                if index == drop_after:
+                    handler.close_connection = True
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if index == hold_after:
+                    fake.holding.set()
+                    gate.wait(DEADLINE_S)
+                handler.send_chunk(event)
+            handler.end_chunked()
+        except OSError:
+            fake.stream_aborted.set()
+            handler.close_connection = True
+    return action
+
+
+def keep_streaming_until_client_gone(gate: threading.Event):
+    """Send one event, wait for `gate`, then keep sending pings until the proxy hangs up."""
+    def action(handler: FakeHandler, request: Recorded) -> None:
+        fake = handler.server.fake
+        handler.start_chunked()
+        try:
+            handler.send_chunk(message_events()[0])
+            fake.holding.set()
+            gate.wait(DEADLINE_S)
+            deadline = time.monotonic() + DEADLINE_S
+            while time.monotonic() < deadline:
+                handler.send_chunk(sse("ping", {"type": "ping"}))
+                time.sleep(0.01)
+        except OSError:
+            fake.stream_aborted.set()
+            handler.close_connection = True
+    return action
+
+
+def hang(gate: threading.Event):
+    """Read the request, then send nothing until `gate` is set."""
+    def action(handler: FakeHandler, request: Recorded) -> None:
+        gate.wait(DEADLINE_S * 2)
+        handler.close_connection = True
+    return action
+
+
+def drop_connection(handler: FakeHandler, request: Recorded) -> None:
+    """Close the connection without answering."""
+    handler.close_connection = True
+    handler.connection.shutdown(socket.SHUT_RDWR)
+
+
+def reply_then_close_silently(handler: FakeHandler, request: Recorded) -> None:
+    """Answer normally, then close the keep-alive connection without saying so (idle timeout)."""
+    reply_default(handler, request)
+    handler.close_connection = True
+
+
+class FakeUpstream:
+    """A fake Anthropic API on 127.0.0.1 port 0 that records requests and runs scripted faults."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: list[Recorded] = []
+        self.connections = 0
+        self.queued: collections.deque = collections.deque()
+        self.holding = threading.Event()
+        self.stream_aborted = threading.Event()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHandler)
+        self.server.daemon_threads = True
+        self.server.request_queue_size = 1024
+        self.server.fake = self
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return "http://127.0.0.1:%d" % self.server.server_address[1]
+
+    def push(self, *actions) -> None:
+        """Use these actions, in order, for the next requests."""
+        with self.lock:
+            self.queued.extend(actions)
+
+    def next_action(self, request: Recorded):
+        return self.queued.popleft() if self.queued else reply_default
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+###############################################################################
+# A real claudeflare server ###################################################
+###############################################################################
+
+class Proxy:
+    """A real claudeflare server on port 0 with its own temporary config, database and logs."""
+
+    def __init__(self, upstream_url: str, **settings) -> None:
+        self.dir = tempfile.TemporaryDirectory(prefix="claudeflare-")
+        self.config_path = os.path.join(self.dir.name, "config.json")
+        self.db_path = os.path.join(self.dir.name, "claudeflare.db")
+        values = {"upstream_url": upstream_url, "oauth_token_url": upstream_url + "/v1/oauth/token"}
+        values.update(settings)
+        with open(self.config_path, "w") as out:
+            json.dump(values, out)
+        loaded = claudeflare.load_settings(self.config_path, {"host": "127.0.0.1", "port": 0},
+                                           environ={})
+        self.server = claudeflare.make_server(loaded)
+        self.app = self.server.app
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    def connect(self, timeout: float = DEADLINE_S) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method: str, path: str, body=None, headers=None):
+        """Send one request on a fresh connection; return (status, headers, body bytes)."""
+        connection = self.connect()
+        try:
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body).encode()
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.headers, response.read()
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.app.close()
+        self.thread.join()
+        self.dir.cleanup()
+
+
+class ProxyTestCase(unittest.TestCase):
+    """Starts a fake upstream and a real claudeflare server for each test."""
+
+    settings: dict = {}
+
+    def setUp(self) -> None:
+        self.upstream = FakeUpstream()
+        self.addCleanup(self.upstream.close)
+        self.proxy = Proxy(self.upstream.url, **self.settings)
+        self.addCleanup(self.proxy.close)
+
+    def post_message(self, stream: bool = False, headers=None, path: str = "/v1/messages"):
+        body = {"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": stream,
+                "messages": [{"role": "user", "content": "Hi"}]}
+        return self.proxy.request("POST", path, body,
+                                  {"content-type": "application/json", **(headers or {})})
+
+
+def raw_http(port: int, data: bytes, timeout: float = DEADLINE_S) -> bytes:
+    """Send raw bytes, return everything the server sends until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+###############################################################################
+# Proxy core ##################################################################
+###############################################################################
+
+class TestRelay(ProxyTestCase):
+    """Requests and answers pass through unchanged, byte for byte."""
+
+    def test_five_megabyte_body_is_relayed_byte_exact_both_ways(self):
+        payload = os.urandom(5 * 1024 * 1024)
+        status, headers, body = self.proxy.request(
+            "POST", "/v1/echo", payload, {"content-type": "application/octet-stream"})
+        self.assertEqual(status, 200)
+        self.assertEqual(hashlib.sha256(self.upstream.requests[0].body).digest(),
+                         hashlib.sha256(payload).digest())
+        self.assertEqual(body, payload)
+        self.assertEqual(headers["X-Body-Sha256"], hashlib.sha256(payload).hexdigest())
+
+    def test_chunked_request_body_is_relayed(self):
+        payload = b'{"model":"claude-sonnet-4-5","messages":[]}' * 1000
+        connection = self.proxy.connect()
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/echo", body=iter([payload[:100], payload[100:]]),
+                           headers={"Transfer-Encoding": "chunked"}, encode_chunked=True)
+        response = connection.getresponse()
+        self.assertEqual(response.read(), payload)
+        self.assertEqual(self.upstream.requests[0].headers["Content-Length"], str(len(payload)))
+        self.assertIsNone(self.upstream.requests[0].headers["Transfer-Encoding"])
+
+    def test_query_string_and_headers_are_kept_and_hop_by_hop_headers_dropped(self):
+        status, _, _ = self.post_message(path="/v1/messages?beta=true", headers={
+            "anthropic-beta": "tools-2024", "X-Custom": "kept", "Connection": "keep-alive, X-Hop",
+            "X-Hop": "dropped", "Keep-Alive": "timeout=5", "TE": "trailers",
+            "Proxy-Authorization": "Basic abc", "Accept-Encoding": "gzip, br"})
+        self.assertEqual(status, 200)
+        seen = self.upstream.requests[0]
+        self.assertEqual(seen.target, "/v1/messages?beta=true")
+        self.assertEqual(seen.headers["X-Custom"], "kept")
+        self.assertEqual(seen.headers["anthropic-beta"], "tools-2024")
+        self.assertEqual(seen.headers["Host"], self.upstream.url.split("//")[1])
+        self.assertEqual(seen.headers["Accept-Encoding"], "identity")
+        for name in ("X-Hop", "Keep-Alive", "TE", "Proxy-Authorization"):
+            self.assertIsNone(seen.headers[name], name)
+        self.assertNotIn("X-Hop", seen.headers.get("Connection", ""))
+
+    def test_response_status_and_headers_come_back_without_hop_by_hop_ones(self):
+        self.upstream.push(reply_json(418, {"ok": True}, headers=[
+            ("X-Upstream", "yes"), ("Connection", "X-Secret-Hop"), ("X-Secret-Hop", "1"),
+            ("Keep-Alive", "timeout=5"), ("anthropic-ratelimit-unified-status", "allowed")]))
+        status, headers, body = self.post_message()
+        self.assertEqual((status, json.loads(body)), (418, {"ok": True}))
+        self.assertEqual(headers["X-Upstream"], "yes")
+        self.assertEqual(headers["anthropic-ratelimit-unified-status"], "allowed")
+        self.assertEqual(headers["request-id"], "req_fake")
+        self.assertIsNone(headers["X-Secret-Hop"])
+        self.assertIsNone(headers["Keep-Alive"])
+
+    def test_client_error_from_upstream_is_passed_through(self):
+        self.upstream.push(reply_error(400, "invalid_request_error", "max_tokens: required"))
+        status, _, body = self.post_message()
+        self.assertEqual(status, 400)
+        self.assertEqual(json.loads(body)["error"]["message"], "max_tokens: required")
+        self.assertEqual(len(self.upstream.requests), 1)
+
+    def test_get_and_head_requests_are_relayed(self):
+        status, _, body = self.proxy.request("GET", "/v1/models")
+        self.assertEqual((status, json.loads(body)["data"][0]["id"]), (200, "claude-sonnet-4-5"))
+        status, headers, body = self.proxy.request("HEAD", "/v1/models")
+        self.assertEqual((status, body), (200, b""))
+        self.assertEqual(self.upstream.requests[-1].method, "HEAD")
+
+    def test_client_connection_is_kept_alive_across_requests(self):
+        connection = self.proxy.connect()
+        self.addCleanup(connection.close)
+        for _ in range(5):
+            connection.request("GET", "/v1/models")
+            self.assertEqual(connection.getresponse().read()[:1], b"{")
+        connection.request("GET", "/health")
+        self.assertEqual(connection.getresponse().status, 200)
+        self.assertEqual(len(self.upstream.requests), 5)
+
+    def test_other_paths_get_provider_error(self):
+        for method, path in (("GET", "/v2/messages"), ("POST", "/api/unknown"),
+                             ("GET", "/v1beta"), ("GET", "/favicon.ico")):
+            status, _, body = self.proxy.request(method, path, b"{}" if method == "POST" else None)
+            self.assertEqual(status, 404, path)
+            self.assertEqual(json.loads(body), {"error": "Provider cannot handle this request path"})
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_health_answers(self):
+        status, _, body = self.proxy.request("GET", "/health")
+        health = json.loads(body)
+        self.assertEqual((status, health["status"]), (200, "ok"))
+        self.assertEqual(health["version"], claudeflare.__version__)
+        self.assertIn("uptime", health)
+
+
+class TestRequestLimits(ProxyTestCase):
+    """Bodies over 32 MB are refused without being read into memory."""
+
+    def test_oversized_content_length_gets_413_without_sending_the_body(self):
+        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: %d\r\n\r\n" % (claudeflare.MAX_BODY_BYTES + 1))
+            reply = sock.makefile("rb")
+            self.assertIn(b" 413 ", reply.readline())
+            headers = http.client.parse_headers(reply)
+            error = json.loads(reply.read(int(headers["Content-Length"])))
+            reply.close()
+        self.assertEqual(error["type"], "error")
+        self.assertEqual(error["error"]["type"], "request_too_large")
+        self.assertEqual(headers["Connection"], "close")
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_oversized_chunked_body_gets_413(self):
+        chunk = b"x" * (1024 * 1024)
+        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            try:
+                for _ in range(40):
+                    sock.sendall(b"%X\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:
+                pass  # the proxy answered and closed while we were still sending
+            reply = sock.makefile("rb")
+            self.assertIn(b" 413 ", reply.readline())
+            reply.close()
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_malformed_content_length_gets_400(self):
+        reply = raw_http(self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+                                          b"Content-Length: ten\r\n\r\n")
+        self.assertIn(b" 400 ", reply.split(b"\r\n")[0])
+        self.assertIn(b"invalid_request_error", reply)
+
+
+class TestStreaming(ProxyTestCase):
+    """SSE events reach the client the moment they arrive."""
+
+    def test_first_event_arrives_while_upstream_holds_back_the_rest(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        events = message_events()
+        self.upstream.push(reply_stream(events, hold_after=1, gate=gate))
+        connection = self.proxy.connect()
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/messages", body=b'{"stream":true}',
+                           headers={"content-type": "application/json"})
+        response = connection.getresponse()
+        self.assertEqual(response.getheader("Content-Type"), "text/event-stream")
+        first = response.read1(65536)
+        self.assertTrue(self.upstream.holding.is_set())
+        self.assertFalse(gate.is_set())
+        self.assertEqual(first, events[0])
+        gate.set()
+        self.assertEqual(first + response.read(), b"".join(events))
+
+    def test_long_stream_passes_whole(self):
+        events = [sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                              "delta": {"type": "text_delta", "text": "x" * 8000}})
+                  ] * 1500
+        self.upstream.push(reply_stream(events))
+        status, _, body = self.post_message(stream=True)
+        self.assertEqual(status, 200)
+        self.assertEqual(hashlib.sha256(body).digest(),
+                         hashlib.sha256(b"".join(events)).digest())
+
+    def test_client_disconnect_mid_stream_closes_upstream_side(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.upstream.push(keep_streaming_until_client_gone(gate))
+        connection = self.proxy.connect()
+        connection.request("POST", "/v1/messages", body=b'{"stream":true}')
+        response = connection.getresponse()
+        self.assertTrue(response.read1(65536).startswith(b"event: message_start"))
+        response.close()
+        connection.close()
+        gate.set()
+        self.assertTrue(self.upstream.stream_aborted.wait(DEADLINE_S))
+
+    def test_upstream_failure_mid_stream_becomes_an_error_event(self):
+        events = message_events()
+        self.upstream.push(reply_stream(events, drop_after=3))
+        status, _, body = self.post_message(stream=True)
+        self.assertEqual(status, 200)
+        self.assertTrue(body.startswith(b"".join(events[:3])))
+        tail = body[len(b"".join(events[:3])):]
+        self.assertTrue(tail.startswith(b"event: error\ndata: "), tail)
+        error = json.loads(tail.split(b"data: ", 1)[1])
+        self.assertEqual(error["error"]["type"], "api_error")
+
+
+class TestUpstreamConnections(ProxyTestCase):
+    """Upstream connections are pooled, reused, and their failures are clear."""
+
+    settings = {"request_timeout_s": 0.5}
+
+    def test_connections_are_reused_across_requests(self):
+        for _ in range(20):
+            self.assertEqual(self.post_message()[0], 200)
+        self.assertEqual(len(self.upstream.requests), 20)
+        self.assertEqual(self.upstream.connections, 1)
+
+    def test_pooled_connection_closed_by_upstream_is_retried_on_a_fresh_one(self):
+        self.upstream.push(reply_then_close_silently)
+        self.assertEqual(self.post_message()[0], 200)
+        wait_for(lambda: claudeflare.connection_is_stale(self.proxy.app.upstream.idle[0]),
+                 what="the upstream to close its side")
+        status, _, body = self.post_message()
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.upstream.connections, 2)
+
+    def test_upstream_that_hangs_times_out_with_a_clear_error(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.upstream.push(hang(gate))
+        status, _, body = self.post_message()
+        self.assertEqual(status, 503)
+        error = json.loads(body)
+        self.assertEqual(error["error"], "All accounts failed to proxy the request")
+        self.assertEqual(error["attempts"], 1)
+        self.assertIn("ETIMEDOUT", error["lastError"])
+
+    def test_upstream_that_drops_the_connection_gives_a_clear_error(self):
+        self.upstream.push(drop_connection, drop_connection)
+        status, _, body = self.post_message()
+        self.assertEqual(status, 503)
+        self.assertIn("ECONNRESET", json.loads(body)["lastError"])
+
+
+class TestUnreachableUpstream(unittest.TestCase):
+    def test_refused_connection_gives_all_accounts_failed(self):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            closed_port = probe.getsockname()[1]
+        proxy = Proxy(f"http://127.0.0.1:{closed_port}")
+        self.addCleanup(proxy.close)
+        status, _, body = proxy.request("POST", "/v1/messages", b"{}")
+        self.assertEqual(status, 503)
+        error = json.loads(body)
+        self.assertEqual(error["error"], "All accounts failed to proxy the request")
+        self.assertEqual(error["attempts"], 1)
+        self.assertIn("ECONNREFUSED", error["lastError"])
+
+
+###############################################################################
+# Benchmark (make bench) ######################################################
+###############################################################################
+
+BENCH_BODY = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 64,
+                         "messages": [{"role": "user", "content": "Hi " * 200}]}).encode()
+
+
+def run_fake_upstream() -> int:
+    """Serve the fake upstream until standard input closes; print its URL first."""
+    fake = FakeUpstream()
+    print(fake.url, flush=True)
+    try:
+        sys.stdin.read()
+    finally:
+        fake.close()
+    return 0
+
+
+def bench_load(port: int, stream: bool, concurrency: int, total: int,
+               time_limit: float) -> tuple[float, list[float]]:
+    """Send `total` requests over `concurrency` keep-alive connections; return (req/s, latencies)."""
+    body = BENCH_BODY.replace(b'"max_tokens"', b'"stream": %s, "max_tokens"'
+                              % (b"true" if stream else b"false"))
+    latencies: list[float] = []
+    lock = threading.Lock()
+    remaining = [total]
+    stop_at = time.monotonic() + time_limit
+
+    def worker() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        mine = []
+        try:
+            while time.monotonic() < stop_at:
+                with lock:
+                    if remaining[0] <= 0:
+                        break
+                    remaining[0] -= 1
+                started = time.perf_counter()
+                connection.request("POST", "/v1/messages", body,
+                                   {"content-type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"bench request failed: {response.status}")
+                mine.append(time.perf_counter() - started)
+        finally:
+            connection.close()
+            with lock:
+                latencies.extend(mine)
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return len(latencies) / (time.perf_counter() - started), latencies
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def rss_kb(pid: int) -> int:
+    """Resident memory of a process in KiB (Linux), 0 where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def start_bench_processes(folder: str):
+    """Start the fake upstream and a claudeflare server as separate processes."""
+    upstream = subprocess.Popen([sys.executable, __file__, "upstream"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+    upstream_url = upstream.stdout.readline().strip()
+    env = dict(os.environ, CLAUDEFLARE_UPSTREAM_URL=upstream_url,
+               CLAUDEFLARE_CONFIG_PATH=os.path.join(folder, "config.json"),
+               CLAUDEFLARE_DB_PATH=os.path.join(folder, "claudeflare.db"),
+               CLAUDEFLARE_LOG_DIR=os.path.join(folder, "logs"), LOG_LEVEL="WARN")
+    proxy = subprocess.Popen([sys.executable, os.path.join(HERE, "claudeflare.py"), "serve",
+                              "--port", "0"], env=env, stdout=subprocess.PIPE, text=True)
+    line = proxy.stdout.readline()
+    proxy_port = int(line.rsplit(":", 1)[1])
+    return upstream, int(upstream_url.rsplit(":", 1)[1]), proxy, proxy_port
+
+
+def run_bench(argv: list[str]) -> int:
+    """Measure direct-to-upstream against through-the-proxy in one run and print the ratios."""
+    scale = float(argv[0]) if argv else 1.0
+    folder = tempfile.mkdtemp(prefix="claudeflare-bench-")
+    upstream, upstream_port, proxy, proxy_port = start_bench_processes(folder)
+    try:
+        time.sleep(0.5)
+        idle_rss = rss_kb(proxy.pid)
+        print(f"{'scenario':<16}{'target':<8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
+        results = {}
+        for stream in (False, True):
+            for concurrency in (1, 8):
+                total = int((1500 if concurrency == 1 else 4000) * scale)
+                for target, port in (("direct", upstream_port), ("proxy", proxy_port)):
+                    bench_load(port, stream, concurrency, 50, 5)  # warm up the connections
+                    rate, latencies = bench_load(port, stream, concurrency, total, 20)
+                    name = f"{'stream' if stream else 'plain'} c={concurrency}"
+                    results[name, target] = (rate, percentile(latencies, 0.5) * 1000,
+                                             percentile(latencies, 0.99) * 1000)
+                    print(f"{name:<16}{target:<8}{rate:>9.0f}{results[name, target][1]:>9.3f}"
+                          f"{results[name, target][2]:>9.3f}", flush=True)
+        print()
+        print(f"{'scenario':<16}{'throughput ratio':>18}{'added p50 ms':>14}{'added p99 ms':>14}")
+        for name in dict.fromkeys(key[0] for key in results):
+            direct, through = results[name, "direct"], results[name, "proxy"]
+            print(f"{name:<16}{through[0] / direct[0]:>18.2f}{through[1] - direct[1]:>14.3f}"
+                  f"{through[2] - direct[2]:>14.3f}")
+        print(f"\nproxy RSS: {idle_rss / 1024:.1f} MB idle after start, "
+              f"{rss_kb(proxy.pid) / 1024:.1f} MB after the load")
+    finally:
+        proxy.terminate()
+        proxy.wait(30)
+        proxy.stdout.close()
+        upstream.stdin.close()
+        upstream.wait(30)
+        upstream.stdout.close()
+    return 0
+
+
+###############################################################################
+# Runner ######################################################################
+###############################################################################
+
+def run_tests(argv: list[str]) -> int:
+    """Run the suite; print `N passed, N failed, N skipped` last and return the exit status."""
+    loader = unittest.defaultTestLoader
+    module = sys.modules[__name__]
+    suite = (loader.loadTestsFromNames(argv, module) if argv
+             else loader.loadTestsFromModule(module))
+    result = unittest.TextTestRunner(verbosity=1).run(suite)
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    passed = result.testsRun - failed - skipped - len(result.expectedFailures)
+    print(f"{passed} passed, {failed} failed, {skipped} skipped")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["bench"]:
+        sys.exit(run_bench(sys.argv[2:]))
+    if sys.argv[1:2] == ["upstream"]:
+        sys.exit(run_fake_upstream())
+    sys.exit(run_tests(sys.argv[1:]))
