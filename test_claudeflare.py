@@ -729,6 +729,16 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used (Linux), 0 where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
 def start_bench_processes(folder: str):
     """Start the fake upstream and a claudeflare server as separate processes."""
     upstream = subprocess.Popen([sys.executable, __file__, "upstream"], stdin=subprocess.PIPE,
@@ -753,19 +763,23 @@ def run_bench(argv: list[str]) -> int:
     try:
         time.sleep(0.5)
         idle_rss = rss_kb(proxy.pid)
-        print(f"{'scenario':<16}{'target':<8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
+        print(f"{'scenario':<16}{'target':<8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+              f"{'proxy CPU us/req':>18}")
         results = {}
         for stream in (False, True):
             for concurrency in (1, 8):
                 total = int((1500 if concurrency == 1 else 4000) * scale)
                 for target, port in (("direct", upstream_port), ("proxy", proxy_port)):
                     bench_load(port, stream, concurrency, 50, 5)  # warm up the connections
+                    cpu_before = cpu_seconds(proxy.pid)
                     rate, latencies = bench_load(port, stream, concurrency, total, 20)
+                    proxy_cpu = (cpu_seconds(proxy.pid) - cpu_before) / len(latencies) * 1e6
                     name = f"{'stream' if stream else 'plain'} c={concurrency}"
                     results[name, target] = (rate, percentile(latencies, 0.5) * 1000,
                                              percentile(latencies, 0.99) * 1000)
                     print(f"{name:<16}{target:<8}{rate:>9.0f}{results[name, target][1]:>9.3f}"
-                          f"{results[name, target][2]:>9.3f}", flush=True)
+                          f"{results[name, target][2]:>9.3f}"
+                          f"{proxy_cpu if target == 'proxy' else 0:>18.0f}", flush=True)
         print()
         print(f"{'scenario':<16}{'throughput ratio':>18}{'added p50 ms':>14}{'added p99 ms':>14}")
         for name in dict.fromkeys(key[0] for key in results):
