@@ -16,8 +16,10 @@ __all__ = [
 ]
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import getpass
 import http.client
 import http.server
 import json
@@ -28,14 +30,16 @@ import queue
 import re
 import select
 import signal
+import sqlite3
 import socket
 import sys
 import tempfile
 import threading
 import time
 import urllib.parse
+import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 ###############################################################################
 # Constants & settings ########################################################
@@ -435,12 +439,14 @@ class ConfigFile:
         #: Messages about a corrupt file, for the caller to log once logging is set up.
         self.problems: list[str] = []
 
-    def read(self) -> dict:
+    def read(self, create: bool = True) -> dict:
         """Return the file's settings, creating it with defaults on first run."""
         try:
             with open(self.path, encoding="utf-8") as source:
                 text = source.read()
         except FileNotFoundError:
+            if not create:
+                return {}
             defaults = {setting.key: setting.default for setting in SETTINGS}
             self.write(defaults)
             return defaults
@@ -460,12 +466,13 @@ class ConfigFile:
         """Save settings atomically with mode 0600."""
         write_private_file(self.path, json.dumps(values, indent=2) + "\n")
 
-    def mtime(self) -> float:
-        """Return the file's modification time, 0 when it is missing."""
+    def signature(self) -> tuple[int, int, int]:
+        """Return what changes when the file is rewritten (a rename gives a new inode)."""
         try:
-            return os.stat(self.path).st_mtime_ns
+            stat = os.stat(self.path)
         except OSError:
-            return 0
+            return (0, 0, 0)
+        return (stat.st_mtime_ns, stat.st_ino, stat.st_size)
 
     def update(self, key: str, value: Any) -> None:
         """Set one key, keeping the others as they are."""
@@ -495,7 +502,7 @@ class Settings:
         self.values = values
         self.sources = sources
         self.file_values = file_values
-        self.file_mtime = config.mtime()
+        self.file_signature = config.signature()
         self.lock = threading.Lock()
 
     def __getattr__(self, key: str) -> Any:
@@ -510,14 +517,14 @@ class Settings:
         A key written to the file while running wins over the environment: the user just asked
         for it (`config set`), so it must take effect.
         """
-        mtime = self.config.mtime()
-        if mtime == self.file_mtime:
+        signature = self.config.signature()
+        if signature == self.file_signature:
             return []
         with self.lock:
-            if mtime == self.file_mtime:
+            if signature == self.file_signature:
                 return []
-            self.file_mtime = mtime
-            fresh = self.config.read()
+            self.file_signature = signature
+            fresh = self.config.read(create=False)
             for problem in self.config.problems:
                 component_logger("Config").error("%s", problem)
             self.config.problems.clear()
@@ -542,7 +549,7 @@ class Settings:
             self.values[key] = value
             self.sources[key] = "config"
             self.file_values = self.config.read()
-            self.file_mtime = self.config.mtime()
+            self.file_signature = self.config.signature()
 
 
 def load_settings(config_path: str | None = None, flags: dict | None = None,
@@ -568,6 +575,413 @@ def load_settings(config_path: str | None = None, flags: dict | None = None,
     if environ.get("CLAUDEFLARE_DEBUG") == "1":
         values["log_level"], sources["log_level"] = "DEBUG", "env"
     return Settings(config, values, sources, file_values)
+
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
+
+#: Seconds a connection waits for another writer (the server or a CLI command) before failing.
+BUSY_TIMEOUT_S = 30.0
+ACCOUNT_TYPES = ("oauth", "api_key")
+TIERS = (1, 5, 20)
+ACCOUNT_NAME_PATTERN = re.compile(r"[A-Za-z0-9 _\-@.+]{1,100}")
+
+#: Schema history: migration N brings a database from user_version N-1 to N. Append, never edit.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (  # 1: accounts and the request log
+        """CREATE TABLE accounts (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            type TEXT NOT NULL,
+            account_tier INTEGER NOT NULL DEFAULT 1,
+            api_key TEXT,
+            access_token TEXT,
+            refresh_token TEXT,
+            expires_at INTEGER,
+            paused INTEGER NOT NULL DEFAULT 0,
+            rate_limit_status TEXT,
+            rate_limit_reset INTEGER,
+            rate_limited_until INTEGER,
+            session_start INTEGER,
+            session_requests INTEGER NOT NULL DEFAULT 0,
+            request_count INTEGER NOT NULL DEFAULT 0,
+            created_at INTEGER NOT NULL,
+            last_used INTEGER)""",
+        """CREATE TABLE requests (
+            id TEXT PRIMARY KEY,
+            timestamp INTEGER NOT NULL,
+            method TEXT NOT NULL,
+            path TEXT NOT NULL,
+            account_name TEXT,
+            status INTEGER,
+            success INTEGER NOT NULL,
+            error TEXT,
+            response_time_ms INTEGER,
+            failover_attempts INTEGER NOT NULL DEFAULT 0)""",
+        "CREATE INDEX requests_by_time ON requests(timestamp)",
+    ),
+    (  # 2: who an account is, how close it is to its limits, whether it must log in again;
+       #    and the usage of each request
+        "ALTER TABLE accounts ADD COLUMN email TEXT",
+        "ALTER TABLE accounts ADD COLUMN organization TEXT",
+        "ALTER TABLE accounts ADD COLUMN needs_reauth INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE accounts ADD COLUMN reauth_reason TEXT",
+        "ALTER TABLE accounts ADD COLUMN utilization_5h REAL",
+        "ALTER TABLE accounts ADD COLUMN reset_5h INTEGER",
+        "ALTER TABLE accounts ADD COLUMN utilization_7d REAL",
+        "ALTER TABLE accounts ADD COLUMN reset_7d INTEGER",
+        "ALTER TABLE requests ADD COLUMN model TEXT",
+        "ALTER TABLE requests ADD COLUMN ttfb_ms INTEGER",
+        "ALTER TABLE requests ADD COLUMN streaming INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE requests ADD COLUMN input_tokens INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE requests ADD COLUMN output_tokens INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE requests ADD COLUMN cache_creation_tokens INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE requests ADD COLUMN cache_read_tokens INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE requests ADD COLUMN cost_usd REAL",
+        "ALTER TABLE requests ADD COLUMN tokens_per_second REAL",
+        "ALTER TABLE requests ADD COLUMN user_agent TEXT",
+        "ALTER TABLE requests ADD COLUMN conversation TEXT",
+        "CREATE INDEX requests_by_account ON requests(account_name, timestamp)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass
+class Account:
+    """One account of the pool, as stored; times are epoch milliseconds."""
+
+    id: int
+    name: str
+    type: str
+    account_tier: int
+    api_key: str | None
+    access_token: str | None
+    refresh_token: str | None
+    expires_at: int | None
+    email: str | None
+    organization: str | None
+    paused: bool
+    needs_reauth: bool
+    reauth_reason: str | None
+    rate_limit_status: str | None
+    rate_limit_reset: int | None
+    rate_limited_until: int | None
+    utilization_5h: float | None
+    reset_5h: int | None
+    utilization_7d: float | None
+    reset_7d: int | None
+    session_start: int | None
+    session_requests: int
+    request_count: int
+    created_at: int
+    last_used: int | None
+
+    def status(self, now: int) -> str:
+        """Return active, paused, needs_reauth, rate_limited or expired."""
+        if self.paused:
+            return "paused"
+        if self.needs_reauth:
+            return "needs_reauth"
+        if self.rate_limited_until and self.rate_limited_until > now:
+            return "rate_limited"
+        if self.type == "oauth" and not self.refresh_token and not (
+                self.access_token and (self.expires_at or 0) > now):
+            return "expired"
+        return "active"
+
+    def session_count(self, now: int, session_duration_ms: int) -> int:
+        """Return the requests of the current usage window (0 once the window has passed)."""
+        if self.session_start is None or now - self.session_start >= session_duration_ms:
+            return 0
+        return self.session_requests
+
+
+ACCOUNT_COLUMNS = ", ".join(field.name for field in dataclasses.fields(Account))
+SELECT_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY id"
+SELECT_ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = ?"
+
+
+@dataclass
+class RequestRecord:
+    """One proxied request, as the request log keeps it."""
+
+    id: str
+    timestamp: int
+    method: str
+    path: str
+    account_name: str | None = None
+    account_id: int | None = None
+    status: int | None = None
+    success: bool = False
+    error: str | None = None
+    response_time_ms: int | None = None
+    ttfb_ms: int | None = None
+    failover_attempts: int = 0
+    streaming: bool = False
+    model: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_tokens: int = 0
+    cache_read_tokens: int = 0
+    cost_usd: float | None = None
+    tokens_per_second: float | None = None
+    user_agent: str | None = None
+    conversation: str | None = None
+
+
+REQUEST_COLUMNS = tuple(field.name for field in dataclasses.fields(RequestRecord)
+                        if field.name != "account_id")
+INSERT_REQUEST = (f"INSERT OR REPLACE INTO requests ({', '.join(REQUEST_COLUMNS)}) "
+                  f"VALUES ({', '.join('?' * len(REQUEST_COLUMNS))})")
+#: Count one request against an account; a request past the usage window starts a new window.
+COUNT_REQUEST = """UPDATE accounts SET
+    request_count = request_count + 1,
+    last_used = :now,
+    session_requests = CASE WHEN session_start IS NULL OR :now - session_start >= :window
+                            THEN 1 ELSE session_requests + 1 END,
+    session_start = CASE WHEN session_start IS NULL OR :now - session_start >= :window
+                         THEN :now ELSE session_start END
+    WHERE id = :id"""
+
+
+def validate_account_name(name: str) -> str:
+    """Check an account name: 1-100 letters, digits, spaces or -_@.+"""
+    if not ACCOUNT_NAME_PATTERN.fullmatch(name or ""):
+        raise ClaudeflareError(
+            f"Invalid account name: {name!r}. Use 1-100 letters, digits, spaces or - _ @ . +")
+    return name
+
+
+class Store:
+    """The SQLite database of accounts and requests, shared by the server and CLI commands.
+
+    WAL mode lets readers run while one connection writes; every read-modify-write is one short
+    BEGIN IMMEDIATE transaction, so two processes never deadlock on a lock upgrade.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        if not os.path.exists(path):
+            create_private_file(path)
+        try:
+            self.db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                      check_same_thread=False)
+        except sqlite3.Error as error:
+            raise ClaudeflareError(f"Cannot open database {path}: {error}") from None
+        self.db.row_factory = sqlite3.Row
+        #: Guards the connection: the server's threads share it.
+        self.lock = threading.RLock()
+        #: Bumped on every commit made here; with PRAGMA data_version it tells when to reload.
+        self.commits = 0
+        try:
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            self.migrate()
+        except sqlite3.DatabaseError as error:
+            self.db.close()
+            raise ClaudeflareError(f"Cannot use database {path}: {error}. Is it a claudeflare "
+                                   f"database? Point --db or CLAUDEFLARE_DB_PATH at the right "
+                                   f"file.") from None
+        except ClaudeflareError:
+            self.db.close()
+            raise
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self.lock:
+            self.db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Run a block as one immediate transaction: all of it is written, or none."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+            self.commits += 1
+
+    def migrate(self) -> None:
+        """Bring the schema up to SCHEMA_VERSION; refuse a database from a newer claudeflare."""
+        with self.transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ClaudeflareError(
+                    f"Database {self.path} has schema version {version}, newer than this "
+                    f"claudeflare {__version__} understands ({SCHEMA_VERSION}). Run the newer "
+                    f"claudeflare.py that wrote it, or point --db at another database.")
+            for statements in MIGRATIONS[version:]:
+                for statement in statements:
+                    db.execute(statement)
+            if version != SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def data_version(self) -> tuple[int, int]:
+        """Return a value that changes whenever anyone, in any process, commits a change."""
+        with self.lock:
+            return self.db.execute("PRAGMA data_version").fetchone()[0], self.commits
+
+    # -- accounts ------------------------------------------------------------------------------
+
+    def accounts(self) -> list[Account]:
+        """Return every account, oldest first."""
+        with self.lock:
+            rows = self.db.execute(SELECT_ACCOUNTS).fetchall()
+        return [Account(**row) for row in rows]
+
+    def account(self, name: str) -> Account:
+        """Return one account by name, or fail with `Account not found: NAME`."""
+        with self.lock:
+            row = self.db.execute(SELECT_ACCOUNT, (name,)).fetchone()
+        if row is None:
+            raise ClaudeflareError(f"Account not found: {name}")
+        return Account(**row)
+
+    def add_account(self, name: str, account_type: str, tier: int, **fields: Any) -> Account:
+        """Create an account; credentials and identity come as column=value fields."""
+        validate_account_name(name)
+        columns = {"name": name, "type": account_type, "account_tier": tier,
+                   "created_at": now_ms(), **fields}
+        try:
+            with self.transaction() as db:
+                db.execute(f"INSERT INTO accounts ({', '.join(columns)}) "
+                           f"VALUES ({', '.join('?' * len(columns))})", tuple(columns.values()))
+        except sqlite3.IntegrityError:
+            raise ClaudeflareError(f"Account already exists: {name}. Choose another name, or "
+                                   f"remove it first.") from None
+        return self.account(name)
+
+    def update_account(self, name: str, **fields: Any) -> Account:
+        """Set some columns of one account in one transaction and return it."""
+        assignments = ", ".join(f"{column} = ?" for column in fields)
+        with self.transaction() as db:
+            cursor = db.execute(f"UPDATE accounts SET {assignments} WHERE name = ?",
+                                (*fields.values(), name))
+        if cursor.rowcount == 0:
+            raise ClaudeflareError(f"Account not found: {name}")
+        return self.account(name)
+
+    def remove_account(self, name: str) -> None:
+        """Delete an account; its request history stays, under its name."""
+        with self.transaction() as db:
+            if db.execute("DELETE FROM accounts WHERE name = ?", (name,)).rowcount == 0:
+                raise ClaudeflareError(f"Account not found: {name}")
+
+    def reset_stats(self) -> int:
+        """Zero every account's request counters; return how many accounts there are."""
+        with self.transaction() as db:
+            return db.execute("UPDATE accounts SET request_count = 0, session_requests = 0, "
+                              "session_start = NULL").rowcount
+
+    # -- request log ---------------------------------------------------------------------------
+
+    def write_requests(self, records: list[RequestRecord], session_duration_ms: int) -> None:
+        """Log finished requests and count them against their accounts, in one transaction."""
+        with self.transaction() as db:
+            db.executemany(INSERT_REQUEST, [
+                tuple(getattr(record, column) for column in REQUEST_COLUMNS)
+                for record in records])
+            db.executemany(COUNT_REQUEST, [
+                {"now": record.timestamp, "window": session_duration_ms, "id": record.account_id}
+                for record in records if record.account_id is not None])
+
+    def clear_history(self) -> int:
+        """Delete the whole request log; return how many records went."""
+        with self.transaction() as db:
+            return db.execute("DELETE FROM requests").rowcount
+
+    def prune_requests(self, older_than_ms: int) -> int:
+        """Delete request records older than a time; return how many went."""
+        with self.transaction() as db:
+            return db.execute("DELETE FROM requests WHERE timestamp < ?",
+                              (older_than_ms,)).rowcount
+
+    def backup(self, path: str) -> None:
+        """Copy the database consistently, even while the server is writing, to a new file."""
+        if os.path.exists(path):
+            raise ClaudeflareError(f"Backup target exists: {path}. Choose a new file name.")
+        create_private_file(path)
+        target = sqlite3.connect(path)
+        try:
+            with self.lock:
+                self.db.backup(target)
+        finally:
+            target.close()
+
+
+#: How long the writer gathers records before one transaction writes them all.
+WRITE_BATCH_WINDOW_S = 0.05
+WRITE_BATCH_MAX = 1000
+
+
+class BackgroundWriter:
+    """The one thread that writes the request log and account counters, off the request path.
+
+    Records queue up while a batch is being written, so under load each transaction carries
+    many of them.
+    """
+
+    STOP = object()
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self.run, name="claudeflare-writer", daemon=True)
+        self.thread.start()
+
+    def record(self, record: RequestRecord) -> None:
+        """Queue a finished request for writing."""
+        self.queue.put(record)
+
+    def flush(self, timeout: float = BUSY_TIMEOUT_S) -> bool:
+        """Wait until everything queued so far is written."""
+        done = threading.Event()
+        self.queue.put(done)
+        return done.wait(timeout)
+
+    def run(self) -> None:
+        while True:
+            batch, markers = [], []
+            item = self.queue.get()
+            deadline = time.monotonic() + WRITE_BATCH_WINDOW_S
+            while True:
+                if item is self.STOP or isinstance(item, threading.Event):
+                    markers.append(item)
+                    deadline = 0.0  # someone is waiting: write now
+                else:
+                    batch.append(item)
+                try:
+                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if len(batch) >= WRITE_BATCH_MAX:
+                    self.queue.put(item)
+                    break
+            if batch:
+                self.write(batch)
+            for marker in markers:
+                if marker is self.STOP:
+                    return
+                marker.set()
+
+    def write(self, batch: list[RequestRecord]) -> None:
+        """Write one batch; a failure is logged, never raised into the server."""
+        try:
+            self.store.write_requests(batch, self.settings.session_duration_ms)
+        except sqlite3.Error as error:
+            component_logger("Store").error("Could not write %d request records: %s",
+                                            len(batch), error)
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        self.queue.put(self.STOP)
+        self.thread.join()
 
 
 ###############################################################################
@@ -847,24 +1261,100 @@ def sse_error_event(message: str) -> bytes:
     return b"event: error\ndata: " + json_bytes(anthropic_error("api_error", message)) + b"\n\n"
 
 
+#: The beta flag that lets an OAuth access token call the Messages API.
+OAUTH_BETA = "oauth-2025-04-20"
+#: Headers that carry the client's own credentials; replaced whenever an account is used.
+CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
+
+
+def with_credentials(headers: list[tuple[str, str]],
+                     account: Account | None) -> list[tuple[str, str]]:
+    """Put an account's credentials on a request in place of the client's own.
+
+    API-key accounts go as x-api-key; OAuth accounts as a Bearer token with the OAuth beta added
+    to whatever betas the client asked for. Upstream never sees both kinds at once.
+    """
+    if account is None:
+        return headers
+    kept = [(name, value) for name, value in headers
+            if name.lower() not in CREDENTIAL_HEADERS and name.lower() != "anthropic-beta"]
+    betas = [beta.strip() for name, value in headers if name.lower() == "anthropic-beta"
+             for beta in value.split(",") if beta.strip()]
+    if account.type == "api_key":
+        kept.append(("x-api-key", account.api_key or ""))
+    else:
+        kept.append(("Authorization", f"Bearer {account.access_token or ''}"))
+        if OAUTH_BETA not in betas:
+            betas.append(OAUTH_BETA)
+    if betas:
+        kept.append(("anthropic-beta", ",".join(betas)))
+    return kept
+
+
+def user_agent_product(user_agent: str | None) -> str | None:
+    """Return the first product of a User-Agent, such as claude-cli/2.1.3."""
+    return user_agent.split()[0][:100] if user_agent and user_agent.strip() else None
+
+
 class App:
     """Everything the server shares between requests; the handler reaches it as server.app."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
+        self.store = store
+        self.writer = BackgroundWriter(store, settings)
         self.upstream = Upstream(settings.upstream_url)
         self.started = time.monotonic()
+        #: Guards the account cache and the round-robin position.
+        self.lock = threading.Lock()
+        self.cached_accounts: list[Account] = []
+        self.cached_version: tuple[int, int] | None = None
+        self.turn = 0
+
+    def accounts(self) -> list[Account]:
+        """Return the accounts, re-read from the database whenever anyone changed it.
+
+        A CLI command in another process (pause, tier, add) thus takes effect on the next request.
+        """
+        version = self.store.data_version()
+        with self.lock:
+            if version != self.cached_version:
+                self.cached_accounts = self.store.accounts()
+                self.cached_version = version
+            return self.cached_accounts
+
+    def choose_accounts(self, now: int) -> list[Account]:
+        """Return the usable accounts in the order to try them: round-robin."""
+        usable = [account for account in self.accounts() if account.status(now) == "active"]
+        if not usable:
+            return []
+        with self.lock:
+            start = self.turn % len(usable)
+            self.turn += 1
+        return usable[start:] + usable[:start]
 
     def health(self) -> tuple[int, dict]:
-        """Return /health's status code and body."""
-        counts = {"total": 0, "active": 0, "paused": 0, "rate_limited": 0, "needs_reauth": 0}
-        body = {"status": "ok", "accounts": counts, "strategy": self.settings.lb_strategy,
+        """Return /health's status code and body: unavailable (503) when no account can serve."""
+        now = now_ms()
+        statuses = [account.status(now) for account in self.accounts()]
+        counts = {"total": len(statuses)}
+        for status in ("active", "paused", "rate_limited", "needs_reauth", "expired"):
+            counts[status] = statuses.count(status)
+        if statuses and not counts["active"]:
+            state = "unavailable"
+        elif counts["active"] + counts["paused"] < len(statuses):
+            state = "degraded"
+        else:
+            state = "ok"
+        body = {"status": state, "accounts": counts, "strategy": self.settings.lb_strategy,
                 "uptime": int((time.monotonic() - self.started) * 1000), "version": __version__}
-        return 200, body
+        return (503 if state == "unavailable" else 200), body
 
     def close(self) -> None:
-        """Release the upstream connections."""
+        """Write the queued request log, then release the upstream connections and database."""
+        self.writer.close()
         self.upstream.close()
+        self.store.close()
 
 
 class ProxyServer(http.server.ThreadingHTTPServer):
@@ -929,6 +1419,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def dispatch(self) -> None:
         """Route one request by its path."""
         self.body_read = False
+        for key in self.app.settings.reload_if_changed():
+            component_logger("Config").info("Applied %s = %s from %s", key,
+                                            self.app.settings.values[key],
+                                            self.app.settings.config.path)
         path = self.path.partition("?")[0]
         if path == "/v1" or path.startswith("/v1/"):
             self.proxy()
@@ -1030,42 +1524,70 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return headers
 
     def proxy(self) -> None:
-        """Forward one /v1 request upstream and relay the answer."""
+        """Forward one /v1 request upstream with an account's credentials and relay the answer."""
         started = time.monotonic()
+        record = RequestRecord(id=uuid.uuid4().hex, timestamp=now_ms(), method=self.command,
+                               path=self.path[:1000],
+                               user_agent=user_agent_product(self.headers.get("User-Agent")))
         try:
             body = self.read_body()
         except RequestBodyError as error:
             self.close_connection = True
             self.send_json(error.status, anthropic_error(error.error_type, str(error)))
+            self.finish_record(record, started, error.status, str(error))
             return
-        settings = self.app.settings
+        app, settings, proxy_log = self.app, self.app.settings, component_logger("Proxy")
         headers = self.upstream_headers(body)
+        candidates: list[Account | None] = list(app.choose_accounts(record.timestamp))
+        if not candidates:
+            if app.accounts():
+                proxy_log.warning("No active accounts available; forwarding with the client's "
+                                  "own credentials")
+            candidates = [None]
         attempts, last_error = 0, ""
-        for account_name in ("client credentials",):
+        for account in candidates:
             attempts += 1
+            name = account.name if account else "client credentials"
             try:
-                response, connection = self.app.upstream.send(
-                    self.command, self.path, headers, body, settings.request_timeout_s)
+                response, connection = app.upstream.send(
+                    self.command, self.path, with_credentials(headers, account), body,
+                    settings.request_timeout_s)
             except UpstreamError as error:
                 last_error = str(error)
-                component_logger("Proxy").warning("Request via %s failed: %s", account_name,
-                                                  last_error)
+                proxy_log.warning("Request via %s failed: %s", name, last_error)
                 continue
-            try:
-                self.relay(response, connection)
-            finally:
-                component_logger("Proxy").info(
-                    "Request completed for %s: %d in %dms", account_name, response.status,
-                    (time.monotonic() - started) * 1000)
+            record.account_name = account.name if account else None
+            record.account_id = account.id if account else None
+            record.failover_attempts = attempts - 1
+            record.streaming = "text/event-stream" in (response.getheader("Content-Type") or "")
+            record.ttfb_ms = int((time.monotonic() - started) * 1000)
+            error = self.relay(response, connection)
+            self.finish_record(record, started, response.status, error)
+            proxy_log.info("Request completed for %s: %d in %dms", name, response.status,
+                           record.response_time_ms)
             return
-        component_logger("Proxy").error("%s after %d attempts: %s", ALL_ACCOUNTS_FAILED,
-                                         attempts, last_error)
+        proxy_log.error("%s after %d attempts: %s", ALL_ACCOUNTS_FAILED, attempts, last_error)
         self.send_json(503, {"error": ALL_ACCOUNTS_FAILED, "attempts": attempts,
                              "lastError": last_error})
+        record.failover_attempts = attempts - 1
+        self.finish_record(record, started, 503, f"{ALL_ACCOUNTS_FAILED}: {last_error}")
+
+    def finish_record(self, record: RequestRecord, started: float, status: int,
+                      error: str | None) -> None:
+        """Complete a request's record and hand it to the background writer."""
+        record.status = status
+        record.success = status < 400 and error is None
+        record.error = error if error is not None else (
+            None if status < 400 else http.client.responses.get(status, "Error"))
+        record.response_time_ms = int((time.monotonic() - started) * 1000)
+        self.app.writer.record(record)
 
     def relay(self, response: http.client.HTTPResponse,
-              connection: http.client.HTTPConnection) -> None:
-        """Send the upstream's answer to the client unchanged, each piece as soon as it arrives."""
+              connection: http.client.HTTPConnection) -> str | None:
+        """Send the upstream's answer to the client unchanged, each piece as soon as it arrives.
+
+        Return what went wrong on the way, or None.
+        """
         upstream = self.app.upstream
         headers = [(name, value) for name, value in forwardable_headers(response.msg)
                    if name.lower() != "content-length"]
@@ -1091,13 +1613,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             connection.close()
             component_logger("Proxy").info("Client disconnected during the response")
-            return
+            return "Client disconnected during the response"
         except UpstreamError as error:
             self.close_connection = True
             connection.close()
             component_logger("Proxy").warning("Upstream failed during the response: %s", error)
-            return
+            return f"Upstream failed during the response: {error}"
         upstream.release(connection, response)
+        return None
 
     def relay_unsized(self, response: http.client.HTTPResponse, status: int, reason: str,
                       headers: list[tuple[str, str]]) -> None:
@@ -1161,11 +1684,13 @@ def too_large_message(size: int) -> str:
             f"{MAX_BODY_BYTES // (1024 * 1024)} MB limit")
 
 
-def make_server(settings: Settings) -> ProxyServer:
-    """Build the listening server for the settings' host and port."""
+def make_server(settings: Settings, db_path: str) -> ProxyServer:
+    """Build the listening server for the settings' host and port, on the database at db_path."""
+    app = App(settings, Store(db_path))
     try:
-        return ProxyServer((settings.host, settings.port), App(settings))
+        return ProxyServer((settings.host, settings.port), app)
     except OSError as error:
+        app.close()
         raise ClaudeflareError(f"Cannot listen on {settings.host}:{settings.port}: "
                                f"{error.strerror or error}. Is another server running there? "
                                f"Choose another port with --port or PORT.") from None
@@ -1175,6 +1700,28 @@ def make_server(settings: Settings) -> ProxyServer:
 # CLI #########################################################################
 ###############################################################################
 
+def argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Wrap a setting's parser for argparse, which shows only ArgumentTypeError messages."""
+    def parse_argument(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return parse_argument
+
+
+def open_store(args: argparse.Namespace) -> Store:
+    """Open the database a command works on: --db, CLAUDEFLARE_DB_PATH, or the default."""
+    return Store(args.db or default_db_path())
+
+
+def read_secret(prompt: str) -> str:
+    """Read one secret line from stdin; prompt without echo only when a person is typing."""
+    if sys.stdin.isatty():
+        return getpass.getpass(prompt)
+    return sys.stdin.readline()
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run the proxy until SIGINT or SIGTERM."""
     logs = LogSetup(settings.log_level, settings.log_format, default_log_dir(),
@@ -1183,7 +1730,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     for problem in settings.config.problems:
         server_log.error("%s", problem)
     try:
-        server = make_server(settings)
+        server = make_server(settings, args.db or default_db_path())
     except ClaudeflareError:
         logs.close()
         raise
@@ -1198,8 +1745,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    server_log.info("claudeflare %s listening on http://%s:%d (upstream %s, log %s)",
-                    __version__, host, port, settings.upstream_url, logs.path)
+    server_log.info("claudeflare %s listening on http://%s:%d (upstream %s, database %s, log %s)",
+                    __version__, host, port, settings.upstream_url, server.app.store.path,
+                    logs.path)
     print(f"claudeflare {__version__} listening on http://{host}:{port}", flush=True)
     try:
         server.serve_forever(poll_interval=0.5)
@@ -1208,6 +1756,209 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         server.app.close()
         server_log.info("Server stopped")
         logs.close()
+    return 0
+
+
+def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
+    """Add an account: an API key read from stdin, or an OAuth login."""
+    validate_account_name(args.name)
+    store = open_store(args)
+    try:
+        if args.api_key:
+            key = read_secret("Paste the API key: ").strip()
+            if not key or any(character.isspace() for character in key):
+                raise ClaudeflareError("No API key read from stdin. Pipe it in: "
+                                       "echo \"$ANTHROPIC_API_KEY\" | claudeflare.py add NAME "
+                                       "--api-key")
+            store.add_account(args.name, "api_key", args.tier, api_key=key)
+            print(f"Added API-key account {args.name} (tier {args.tier})")
+            return 0
+        raise ClaudeflareError("OAuth login is not available yet; add an API-key account with "
+                               "--api-key")
+    finally:
+        store.close()
+
+
+def account_json(account: Account, now: int, session_duration_ms: int) -> dict:
+    """Describe an account for `list --json` and the API: never a credential."""
+    return {
+        "name": account.name, "type": account.type, "tier": account.account_tier,
+        "status": account.status(now), "paused": bool(account.paused),
+        "email": account.email, "organization": account.organization,
+        "requests": account.request_count,
+        "sessionRequests": account.session_count(now, session_duration_ms),
+        "sessionStart": account.session_start, "tokenExpiresAt": account.expires_at,
+        "rateLimitStatus": account.rate_limit_status, "rateLimitReset": account.rate_limit_reset,
+        "rateLimitedUntil": account.rate_limited_until,
+        "needsReauth": bool(account.needs_reauth), "reauthReason": account.reauth_reason,
+        "utilization5h": account.utilization_5h, "reset5h": account.reset_5h,
+        "utilization7d": account.utilization_7d, "reset7d": account.reset_7d,
+        "createdAt": account.created_at, "lastUsed": account.last_used,
+    }
+
+
+def short_time(ms: int | None, now: int) -> str:
+    """Format a time for a table: '-' for none, else local date and time with minutes."""
+    if not ms:
+        return "-"
+    text = time.strftime("%Y-%m-%d %H:%M", time.localtime(ms / 1000))
+    return text + (" (past)" if ms <= now else "")
+
+
+def status_text(account: Account, now: int) -> str:
+    """Return the status column of `list`, with the reason or the end time where there is one."""
+    status = account.status(now)
+    if status == "rate_limited":
+        return f"rate_limited until {short_time(account.rate_limited_until, now)}"
+    if status == "needs_reauth" and account.reauth_reason:
+        return f"needs_reauth ({account.reauth_reason[:60]})"
+    return status
+
+
+def print_table(rows: list[list[str]]) -> None:
+    """Print rows as columns padded to their widest cell."""
+    widths = [max(len(row[index]) for row in rows) for index in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    """Print every account with its status, usage and limits."""
+    store = open_store(args)
+    try:
+        accounts = store.accounts()
+    finally:
+        store.close()
+    now = now_ms()
+    if args.json:
+        print(json.dumps([account_json(account, now, settings.session_duration_ms)
+                          for account in accounts], indent=2))
+        return 0
+    if not accounts:
+        print("No accounts. Add one: python3 claudeflare.py add NAME")
+        return 0
+    rows = [["NAME", "TYPE", "TIER", "STATUS", "REQUESTS", "TOKEN EXPIRES", "RATE LIMIT",
+             "RESETS", "LAST USED", "IDENTITY"]]
+    for account in accounts:
+        rows.append([
+            account.name, account.type, str(account.account_tier), status_text(account, now),
+            f"{account.session_count(now, settings.session_duration_ms)}/"
+            f"{account.request_count}",
+            short_time(account.expires_at, now) if account.type == "oauth" else "-",
+            account.rate_limit_status or "-", short_time(account.rate_limit_reset, now),
+            short_time(account.last_used, now),
+            " / ".join(filter(None, (account.email, account.organization))) or "-"])
+    print_table(rows)
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace, settings: Settings) -> int:
+    """Remove an account after the user types its name again (or with --force)."""
+    store = open_store(args)
+    try:
+        store.account(args.name)
+        if not args.force:
+            print(f"Type the account name ({args.name}) to remove it: ", end="", flush=True)
+            if sys.stdin.readline().strip() != args.name:
+                raise ClaudeflareError(f"Confirmation did not match; {args.name} was not "
+                                       f"removed (use --force to skip the question)")
+        store.remove_account(args.name)
+    finally:
+        store.close()
+    print(f"Removed account {args.name}")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
+    """Stop routing requests to an account until it is resumed."""
+    store = open_store(args)
+    try:
+        store.update_account(args.name, paused=1)
+    finally:
+        store.close()
+    print(f"Paused account {args.name}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
+    """Route requests to an account again, clearing any rate-limit mark."""
+    store = open_store(args)
+    try:
+        store.update_account(args.name, paused=0, rate_limited_until=None)
+    finally:
+        store.close()
+    print(f"Resumed account {args.name}")
+    return 0
+
+
+def cmd_tier(args: argparse.Namespace, settings: Settings) -> int:
+    """Set an account's tier (its weight in the weighted strategy)."""
+    store = open_store(args)
+    try:
+        store.update_account(args.name, account_tier=args.tier)
+    finally:
+        store.close()
+    print(f"Set tier of {args.name} to {args.tier}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    """Show or change settings in config.json."""
+    if args.action == "list":
+        rows = [["KEY", "VALUE", "FROM"]]
+        rows += [[setting.key, str(settings.values[setting.key]), settings.sources[setting.key]]
+                 for setting in SETTINGS]
+        print_table(rows)
+        print(f"config file: {settings.config.path}")
+        return 0
+    if args.key not in SETTINGS_BY_KEY:
+        raise ClaudeflareError(f"Unknown setting: {args.key} (known: "
+                               f"{', '.join(SETTINGS_BY_KEY)})")
+    setting = SETTINGS_BY_KEY[args.key]
+    if args.action == "get":
+        print(settings.values[args.key])
+        return 0
+    if args.value is None:
+        raise ClaudeflareError(f"config set needs a value: config set {args.key} VALUE")
+    value = validate_setting(args.key, args.value, "the command line")
+    settings.config.update(args.key, value)
+    print(f"Set {args.key} = {value} in {settings.config.path}")
+    if os.environ.get(setting.env):
+        print(f"note: {setting.env} is set in this environment and overrides the file for "
+              f"servers started with it", file=sys.stderr)
+    return 0
+
+
+def cmd_clear_history(args: argparse.Namespace, settings: Settings) -> int:
+    """Delete the request log."""
+    store = open_store(args)
+    try:
+        count = store.clear_history()
+    finally:
+        store.close()
+    print(f"Cleared {count} request records")
+    return 0
+
+
+def cmd_reset_stats(args: argparse.Namespace, settings: Settings) -> int:
+    """Zero the per-account request counters."""
+    store = open_store(args)
+    try:
+        count = store.reset_stats()
+    finally:
+        store.close()
+    print(f"Reset request counters of {count} accounts")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
+    """Copy the database consistently, even while the server runs."""
+    store = open_store(args)
+    try:
+        store.backup(args.path)
+    finally:
+        store.close()
+    print(f"Backed up {store.path} to {args.path}")
     return 0
 
 
@@ -1232,10 +1983,59 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
+    def account_command(name: str, handler: Callable, summary: str,
+                        aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        sub = command(name, handler, summary, f"python3 claudeflare.py {name} work", aliases)
+        sub.add_argument("name", help="the account's name")
+        return sub
+
     serve = command("serve", cmd_serve, "run the proxy, the API and the status page",
                     "python3 claudeflare.py serve --port 8080")
-    serve.add_argument("--host", type=parse_text, help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=parse_port, help="port to listen on (default 8080)")
+    serve.add_argument("--host", type=argument(parse_text),
+                       help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=argument(parse_port),
+                       help="port to listen on (default 8080)")
+
+    add = command("add", cmd_add, "add an account: OAuth login, or an API key read from stdin",
+                  "python3 claudeflare.py add work\n"
+                  "  echo \"$KEY\" | python3 claudeflare.py add ci --api-key --tier 5")
+    add.add_argument("name", help="a name for the account: 1-100 letters, digits, spaces, -_@.+")
+    add.add_argument("--api-key", action="store_true",
+                     help="an API-key account; the key is read from stdin, never the command line")
+    add.add_argument("--mode", choices=("max", "console"), default="max",
+                     help="OAuth login: max (Claude Pro/Max, default) or console (mints a key)")
+    add.add_argument("--tier", type=int, choices=TIERS, default=1,
+                     help="weight in the weighted strategy (default 1)")
+
+    listing = command("list", cmd_list, "list accounts with status, usage and rate limits",
+                      "python3 claudeflare.py list --json")
+    listing.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    remove = account_command("remove", cmd_remove, "remove an account (asks to type its name)")
+    remove.add_argument("--force", action="store_true", help="do not ask")
+    account_command("pause", cmd_pause, "stop routing requests to an account")
+    account_command("resume", cmd_resume,
+                    "route requests to an account again and clear its rate-limit mark",
+                    aliases=("unpause",))
+    tier = command("tier", cmd_tier, "set an account's tier: its weight in the weighted strategy",
+                   "python3 claudeflare.py tier work 20")
+    tier.add_argument("name", help="the account's name")
+    tier.add_argument("tier", type=int, choices=TIERS, help="1, 5 or 20")
+
+    config = command("config", cmd_config, "show or change settings in config.json",
+                     "python3 claudeflare.py config set lb_strategy round-robin")
+    config.add_argument("action", choices=("get", "set", "list"))
+    config.add_argument("key", nargs="?", help="a setting: " + ", ".join(SETTINGS_BY_KEY))
+    config.add_argument("value", nargs="?", help="the new value (with set)")
+
+    command("clear-history", cmd_clear_history, "delete the request log",
+            "python3 claudeflare.py clear-history")
+    command("reset-stats", cmd_reset_stats, "zero the per-account request counters",
+            "python3 claudeflare.py reset-stats")
+    backup = command("backup", cmd_backup,
+                     "copy the database consistently, even while the server runs",
+                     "python3 claudeflare.py backup ~/claudeflare-backup.db")
+    backup.add_argument("path", help="the new file to write")
     return parser
 
 
@@ -1245,13 +2045,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; expected failures become one line on stderr and exit status 1."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "config" and args.action in ("get", "set") and not args.key:
+        parser.error(f"config {args.action} needs a KEY")
     flags = {key: getattr(args, key, None) for key in ("host", "port")}
     try:
         settings = load_settings(args.config, flags)
+        if args.command != "serve":
+            for problem in settings.config.problems:
+                print(f"claudeflare: warning: {problem}", file=sys.stderr)
         return args.handler(args, settings)
     except ClaudeflareError as error:
         print(f"claudeflare: error: {error}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as error:
+        print(f"claudeflare: error: database {args.db or default_db_path()}: {error}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -347,7 +348,7 @@ class Proxy:
             json.dump(values, out)
         loaded = claudeflare.load_settings(self.config_path, {"host": "127.0.0.1", "port": 0},
                                            environ={})
-        self.server = claudeflare.make_server(loaded)
+        self.server = claudeflare.make_server(loaded, self.db_path)
         self.app = self.server.app
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -650,6 +651,440 @@ class TestUnreachableUpstream(unittest.TestCase):
         self.assertEqual(error["error"], "All accounts failed to proxy the request")
         self.assertEqual(error["attempts"], 1)
         self.assertIn("ECONNREFUSED", error["lastError"])
+
+
+###############################################################################
+# Settings, storage and the account commands ##################################
+###############################################################################
+
+def run_cli(*args: str, stdin: str = "") -> tuple[int, str, str]:
+    """Run the real command line in this process; return (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = claudeflare.main(list(args))
+            except SystemExit as exit:
+                code = exit.code
+    finally:
+        sys.stdin = saved
+    return code, out.getvalue(), err.getvalue()
+
+
+class CliTestCase(unittest.TestCase):
+    """A temporary config and database for CLI commands."""
+
+    def setUp(self) -> None:
+        folder = tempfile.TemporaryDirectory(prefix="claudeflare-cli-")
+        self.addCleanup(folder.cleanup)
+        self.folder = folder.name
+        self.config_path = os.path.join(self.folder, "config.json")
+        self.db_path = os.path.join(self.folder, "claudeflare.db")
+
+    def cli(self, *args: str, stdin: str = "") -> tuple[int, str, str]:
+        return run_cli("--config", self.config_path, "--db", self.db_path, *args, stdin=stdin)
+
+    def ok(self, *args: str, stdin: str = "") -> str:
+        code, out, err = self.cli(*args, stdin=stdin)
+        self.assertEqual(code, 0, err)
+        return out
+
+    def fails(self, expected: str, *args: str, stdin: str = "") -> str:
+        code, out, err = self.cli(*args, stdin=stdin)
+        self.assertEqual(code, 1, out)
+        self.assertIn(expected, err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertTrue(err.startswith("claudeflare: error: "), err)
+        return err
+
+    def accounts(self) -> dict:
+        return {account["name"]: account for account in json.loads(self.ok("list", "--json"))}
+
+
+class TestSettings(CliTestCase):
+    def test_flag_beats_environment_beats_file_beats_default(self):
+        with open(self.config_path, "w") as out:
+            json.dump({"port": 7001, "retry_attempts": 5, "lb_strategy": "weighted"}, out)
+        environ = {"PORT": "7002", "RETRY_ATTEMPTS": "6"}
+        settings = claudeflare.load_settings(self.config_path, {"port": 7003}, environ)
+        self.assertEqual((settings.port, settings.sources["port"]), (7003, "flag"))
+        settings = claudeflare.load_settings(self.config_path, {}, environ)
+        self.assertEqual((settings.port, settings.sources["port"]), (7002, "env"))
+        self.assertEqual(settings.retry_attempts, 6)
+        self.assertEqual((settings.lb_strategy, settings.sources["lb_strategy"]),
+                         ("weighted", "config"))
+        self.assertEqual((settings.retry_delay_ms, settings.sources["retry_delay_ms"]),
+                         (1000, "default"))
+        os.unlink(self.config_path)
+        settings = claudeflare.load_settings(self.config_path, {}, {})
+        self.assertEqual((settings.lb_strategy, settings.port), ("session", 8080))
+        with open(self.config_path) as written:
+            self.assertEqual(json.load(written)["port"], 8080)
+
+    def test_environment_overrides_the_file_in_a_real_process(self):
+        self.ok("config", "set", "port", "7001")
+        env = dict(os.environ, PORT="7002")
+        done = subprocess.run([sys.executable, os.path.join(HERE, "claudeflare.py"), "--config",
+                               self.config_path, "--db", self.db_path, "config", "get", "port"],
+                              env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.stdout.strip(), "7002", done.stderr)
+        self.assertEqual(self.ok("config", "get", "port").strip(), "7001")
+
+    def test_invalid_values_are_refused_with_the_valid_ones(self):
+        err = self.fails("Invalid strategy: fastest", "config", "set", "lb_strategy", "fastest")
+        self.assertIn("round-robin", err)
+        self.fails("must not be negative", "config", "set", "retry_attempts", "-1")
+        self.fails("port must be a number", "config", "set", "port", "eighty")
+        self.fails("Unknown setting: colour", "config", "set", "colour", "blue")
+        with self.assertRaises(claudeflare.ClaudeflareError) as caught:
+            claudeflare.load_settings(self.config_path, {}, {"LB_STRATEGY": "fastest"})
+        self.assertIn("Invalid strategy: fastest", str(caught.exception))
+        code, _, err = self.cli("serve", "--port", "http")
+        self.assertEqual(code, 2)
+        self.assertIn("port must be a number", err)
+
+    def test_config_set_get_and_list(self):
+        self.ok("config", "set", "lb_strategy", "round-robin")
+        self.assertEqual(self.ok("config", "get", "lb_strategy").strip(), "round-robin")
+        listing = self.ok("config", "list")
+        self.assertRegex(listing, r"lb_strategy\s+round-robin\s+config")
+        self.assertRegex(listing, r"session_duration_ms\s+18000000")
+        with open(self.config_path) as written:
+            self.assertEqual(json.load(written)["lb_strategy"], "round-robin")
+
+    def test_corrupt_config_is_kept_aside_and_defaults_are_used(self):
+        with open(self.config_path, "w") as out:
+            out.write('{"port": 7001,')
+        code, out, err = self.cli("config", "get", "port")
+        self.assertEqual((code, out.strip()), (0, "8080"))
+        self.assertIn("Failed to parse config file", err)
+        kept = [name for name in os.listdir(self.folder) if name.startswith("config.json.bad-")]
+        self.assertEqual(len(kept), 1)
+        with open(os.path.join(self.folder, kept[0])) as bad:
+            self.assertEqual(bad.read(), '{"port": 7001,')
+        self.ok("config", "set", "port", "7005")
+        self.assertEqual(self.ok("config", "get", "port").strip(), "7005")
+
+    def test_files_are_private(self):
+        nested = os.path.join(self.folder, "new", "place")
+        store = claudeflare.Store(os.path.join(nested, "data", "claudeflare.db"))
+        store.close()
+        claudeflare.ConfigFile(os.path.join(nested, "config", "config.json")).read()
+        logs = claudeflare.LogSetup("INFO", "pretty", os.path.join(nested, "logs"), False)
+        logs.close()
+        for path in ("data/claudeflare.db", "data/claudeflare.db-wal", "config/config.json",
+                     "logs/app.log"):
+            full = os.path.join(nested, path)
+            if os.path.exists(full):
+                self.assertEqual(os.stat(full).st_mode & 0o777, 0o600, path)
+        for folder in ("data", "config", "logs"):
+            self.assertEqual(os.stat(os.path.join(nested, folder)).st_mode & 0o777, 0o700)
+
+
+class TestAccountCommands(CliTestCase):
+    def test_add_api_key_account_reads_the_key_from_stdin(self):
+        out = self.ok("add", "work", "--api-key", "--tier", "5", stdin="sk-ant-api03-secret\n")
+        self.assertIn("Added", out)
+        account = self.accounts()["work"]
+        self.assertEqual((account["type"], account["tier"], account["status"]),
+                         ("api_key", 5, "active"))
+        self.assertNotIn("secret", self.ok("list") + self.ok("list", "--json"))
+        store = claudeflare.Store(self.db_path)
+        self.addCleanup(store.close)
+        self.assertEqual(store.account("work").api_key, "sk-ant-api03-secret")
+
+    def test_add_refuses_bad_input(self):
+        self.fails("No API key read from stdin", "add", "work", "--api-key", stdin="")
+        self.fails("Invalid account name", "add", "bad/name", "--api-key", stdin="k\n")
+        self.fails("Invalid account name", "add", "x" * 101, "--api-key", stdin="k\n")
+        self.ok("add", "ok name-1_@.+", "--api-key", stdin="k\n")
+        self.fails("Account already exists: ok name-1_@.+", "add", "ok name-1_@.+",
+                   "--api-key", stdin="k\n")
+        code, _, err = self.cli("add", "work", "--api-key", "--tier", "3", stdin="k\n")
+        self.assertEqual(code, 2)
+        self.assertIn("invalid choice", err)
+
+    def test_list_shows_the_table_users_read(self):
+        self.ok("add", "alpha", "--api-key", stdin="k1\n")
+        self.ok("add", "beta", "--api-key", "--tier", "20", stdin="k2\n")
+        self.ok("pause", "beta")
+        lines = self.ok("list").splitlines()
+        for column in ("NAME", "TYPE", "TIER", "STATUS", "REQUESTS", "TOKEN EXPIRES",
+                       "RATE LIMIT", "RESETS", "LAST USED"):
+            self.assertIn(column, lines[0])
+        self.assertRegex(lines[1], r"^alpha\s+api_key\s+1\s+active\s+0/0")
+        self.assertRegex(lines[2], r"^beta\s+api_key\s+20\s+paused")
+
+    def test_unknown_account_is_named(self):
+        for command in (("pause", "ghost"), ("resume", "ghost"), ("unpause", "ghost"),
+                        ("tier", "ghost", "5"), ("remove", "ghost", "--force")):
+            self.fails("Account not found: ghost", *command)
+
+    def test_pause_resume_and_tier(self):
+        self.ok("add", "work", "--api-key", stdin="k\n")
+        self.ok("pause", "work")
+        self.assertEqual(self.accounts()["work"]["status"], "paused")
+        self.ok("unpause", "work")
+        self.assertEqual(self.accounts()["work"]["status"], "active")
+        self.ok("tier", "work", "20")
+        self.assertEqual(self.accounts()["work"]["tier"], 20)
+
+    def test_resume_clears_a_rate_limit_mark(self):
+        self.ok("add", "work", "--api-key", stdin="k\n")
+        store = claudeflare.Store(self.db_path)
+        self.addCleanup(store.close)
+        store.update_account("work", rate_limited_until=claudeflare.now_ms() + 3_600_000,
+                             rate_limit_status="rejected")
+        self.assertEqual(self.accounts()["work"]["status"], "rate_limited")
+        self.assertIn("rate_limited until", self.ok("list"))
+        self.ok("resume", "work")
+        self.assertEqual(self.accounts()["work"]["status"], "active")
+
+    def test_remove_asks_for_the_name_unless_forced(self):
+        self.ok("add", "work", "--api-key", stdin="k\n")
+        self.ok("add", "home", "--api-key", stdin="k\n")
+        self.fails("Confirmation did not match", "remove", "work", stdin="wrok\n")
+        self.fails("Confirmation did not match", "remove", "work", stdin="")
+        self.assertIn("work", self.accounts())
+        self.ok("remove", "work", stdin="work\n")
+        self.ok("remove", "home", "--force")
+        self.assertEqual(self.accounts(), {})
+
+    def test_clear_history_and_reset_stats(self):
+        self.ok("add", "work", "--api-key", stdin="k\n")
+        store = claudeflare.Store(self.db_path)
+        self.addCleanup(store.close)
+        account = store.account("work")
+        store.write_requests([claudeflare.RequestRecord(
+            id=str(index), timestamp=claudeflare.now_ms(), method="POST", path="/v1/messages",
+            account_name="work", account_id=account.id, status=200, success=True)
+            for index in range(3)], 3_600_000)
+        self.assertEqual(self.accounts()["work"]["requests"], 3)
+        self.assertEqual(self.accounts()["work"]["sessionRequests"], 3)
+        self.assertEqual(self.ok("clear-history").strip(), "Cleared 3 request records")
+        self.assertEqual(self.ok("clear-history").strip(), "Cleared 0 request records")
+        self.ok("reset-stats")
+        self.assertEqual(self.accounts()["work"]["requests"], 0)
+
+    def test_every_command_has_help_with_an_example(self):
+        for command in ("serve", "add", "list", "remove", "pause", "resume", "unpause", "tier",
+                        "config", "clear-history", "reset-stats", "backup"):
+            code, out, _ = self.cli(command, "--help")
+            self.assertEqual(code, 0, command)
+            self.assertIn("example:", out, command)
+            self.assertIn("python3 claudeflare.py", out, command)
+
+
+class TestSchema(CliTestCase):
+    def test_database_from_an_older_version_is_upgraded(self):
+        old = sqlite3.connect(self.db_path)
+        for statement in claudeflare.MIGRATIONS[0]:
+            old.execute(statement)
+        old.execute("INSERT INTO accounts (name, type, account_tier, api_key, created_at, "
+                    "request_count) VALUES ('legacy', 'api_key', 5, 'sk-old', 1, 42)")
+        old.execute("PRAGMA user_version = 1")
+        old.commit()
+        old.close()
+        account = self.accounts()["legacy"]
+        self.assertEqual((account["tier"], account["requests"], account["needsReauth"]),
+                         (5, 42, False))
+        check = sqlite3.connect(self.db_path)
+        self.addCleanup(check.close)
+        self.assertEqual(check.execute("PRAGMA user_version").fetchone()[0],
+                         claudeflare.SCHEMA_VERSION)
+        self.assertEqual(check.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+
+    def test_database_from_a_newer_version_is_refused_untouched(self):
+        newer = sqlite3.connect(self.db_path)
+        newer.execute("PRAGMA user_version = 99")
+        newer.commit()
+        newer.close()
+        err = self.fails("schema version 99, newer than this claudeflare", "list")
+        self.assertIn("--db", err)
+        check = sqlite3.connect(self.db_path)
+        self.addCleanup(check.close)
+        self.assertEqual(check.execute("PRAGMA user_version").fetchone()[0], 99)
+
+    def test_a_file_that_is_not_a_database_is_refused(self):
+        with open(self.db_path, "w") as out:
+            out.write("not a database at all" * 100)
+        self.fails("Is it a claudeflare database?", "list")
+
+
+class ServerWithAccounts(ProxyTestCase):
+    """A real server plus the CLI on the same database."""
+
+    def cli(self, *args: str, stdin: str = "") -> tuple[int, str, str]:
+        return run_cli("--config", self.proxy.config_path, "--db", self.proxy.db_path, *args,
+                       stdin=stdin)
+
+    def ok(self, *args: str, stdin: str = "") -> str:
+        code, out, err = self.cli(*args, stdin=stdin)
+        self.assertEqual(code, 0, err)
+        return out
+
+    def add_key(self, name: str, tier: int = 1) -> None:
+        self.ok("add", name, "--api-key", "--tier", str(tier), stdin=f"sk-ant-api03-{name}\n")
+
+    def served_by(self, count: int = 1) -> list[str]:
+        """Send requests; return which account's key the upstream saw for each."""
+        first = len(self.upstream.requests)
+        for _ in range(count):
+            status, _, body = self.post_message()
+            self.assertEqual(status, 200, body)
+        return [(request.headers["x-api-key"] or "").replace("sk-ant-api03-", "")
+                for request in self.upstream.requests[first:]]
+
+    def listed(self) -> dict:
+        return {account["name"]: account for account in json.loads(self.ok("list", "--json"))}
+
+
+class TestUsingAccounts(ServerWithAccounts):
+    def test_api_key_account_replaces_the_client_credentials(self):
+        self.add_key("work")
+        status, _, _ = self.post_message(headers={"x-api-key": "client-own",
+                                                  "Authorization": "Bearer client-own"})
+        self.assertEqual(status, 200)
+        seen = self.upstream.requests[0].headers
+        self.assertEqual(seen["x-api-key"], "sk-ant-api03-work")
+        self.assertIsNone(seen["Authorization"])
+
+    def test_oauth_account_sends_bearer_with_the_oauth_beta_added(self):
+        self.proxy.app.store.add_account(
+            "max", "oauth", 20, access_token="sk-ant-oat01-access",
+            refresh_token="sk-ant-ort01-refresh", expires_at=claudeflare.now_ms() + 3_600_000)
+        status, _, _ = self.post_message(headers={"x-api-key": "client-own",
+                                                  "anthropic-beta": "tools-2024,cache-x"})
+        self.assertEqual(status, 200)
+        seen = self.upstream.requests[0].headers
+        self.assertEqual(seen["Authorization"], "Bearer sk-ant-oat01-access")
+        self.assertIsNone(seen["x-api-key"])
+        self.assertEqual(seen["anthropic-beta"], "tools-2024,cache-x,oauth-2025-04-20")
+
+    def test_requests_rotate_over_accounts_and_are_counted(self):
+        self.add_key("a")
+        self.add_key("b")
+        self.assertEqual(sorted(self.served_by(4)), ["a", "a", "b", "b"])
+        self.proxy.app.writer.flush()
+        listed = self.listed()
+        self.assertEqual((listed["a"]["requests"], listed["b"]["requests"]), (2, 2))
+        self.assertIsNotNone(listed["a"]["lastUsed"])
+
+    def test_cli_pause_takes_effect_on_the_next_request(self):
+        self.add_key("a")
+        self.add_key("b")
+        self.assertEqual(set(self.served_by(2)), {"a", "b"})
+        self.ok("pause", "a")
+        self.assertEqual(set(self.served_by(4)), {"b"})
+        self.ok("tier", "b", "5")
+        self.ok("resume", "a")
+        self.assertEqual(set(self.served_by(2)), {"a", "b"})
+        self.ok("remove", "b", "--force")
+        self.assertEqual(set(self.served_by(2)), {"a"})
+
+    def test_config_set_reaches_the_running_server(self):
+        self.assertEqual(json.loads(self.proxy.request("GET", "/health")[2])["strategy"],
+                         "session")
+        self.ok("config", "set", "lb_strategy", "round-robin")
+        self.assertEqual(json.loads(self.proxy.request("GET", "/health")[2])["strategy"],
+                         "round-robin")
+        with open(self.proxy.config_path, "w") as out:
+            out.write("{broken")
+        self.assertEqual(json.loads(self.proxy.request("GET", "/health")[2])["strategy"],
+                         "round-robin")
+        self.assertIn("Failed to parse config file", CAPTURED_LOG.text())
+
+    def test_without_usable_accounts_the_client_credentials_pass(self):
+        self.add_key("a")
+        self.ok("pause", "a")
+        status, _, _ = self.post_message(headers={"x-api-key": "client-own"})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.upstream.requests[0].headers["x-api-key"], "client-own")
+        self.assertIn("No active accounts available", CAPTURED_LOG.text())
+
+    def test_health_reports_account_counts(self):
+        self.add_key("a")
+        self.add_key("b")
+        self.add_key("c")
+        self.ok("pause", "c")
+        status, _, body = self.proxy.request("GET", "/health")
+        health = json.loads(body)
+        self.assertEqual((status, health["status"]), (200, "ok"))
+        self.assertEqual(health["accounts"]["total"], 3)
+        self.assertEqual((health["accounts"]["active"], health["accounts"]["paused"]), (2, 1))
+        self.proxy.app.store.update_account("b", rate_limited_until=claudeflare.now_ms() + 60_000)
+        health = json.loads(self.proxy.request("GET", "/health")[2])
+        self.assertEqual((health["status"], health["accounts"]["rate_limited"]), ("degraded", 1))
+        self.ok("pause", "a")
+        status, _, body = self.proxy.request("GET", "/health")
+        self.assertEqual((status, json.loads(body)["status"]), (503, "unavailable"))
+
+    def test_cli_and_server_share_the_database_under_load(self):
+        self.add_key("a")
+        self.add_key("b")
+        stop = threading.Event()
+        failures = []
+
+        def load() -> None:
+            connection = self.proxy.connect()
+            try:
+                while not stop.is_set():
+                    connection.request("POST", "/v1/messages", body=b'{"model":"m"}')
+                    response = connection.getresponse()
+                    response.read()
+                    if response.status != 200:
+                        failures.append(response.status)
+            finally:
+                connection.close()
+
+        workers = [threading.Thread(target=load) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        try:
+            for round_number in range(15):
+                for command in (("pause", "a"), ("resume", "a"), ("tier", "b", "5"), ("list",),
+                                ("add", f"extra{round_number}", "--api-key"),
+                                ("remove", f"extra{round_number}", "--force")):
+                    code, _, err = self.cli(*command, stdin="sk-ant-api03-x\n")
+                    self.assertEqual(code, 0, err)
+                    self.assertNotIn("locked", err)
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join()
+        self.assertEqual(failures, [])
+        self.proxy.app.writer.flush()
+        self.assertGreater(self.listed()["b"]["requests"], 0)
+
+    def test_backup_while_requests_are_logged_is_consistent(self):
+        self.add_key("a")
+        self.add_key("b")
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                self.post_message()
+
+        worker = threading.Thread(target=load)
+        worker.start()
+        target = os.path.join(self.proxy.dir.name, "backup.db")
+        try:
+            wait_for(lambda: len(self.upstream.requests) > 20, what="some traffic")
+            self.ok("backup", target)
+        finally:
+            stop.set()
+            worker.join()
+        self.assertEqual(os.stat(target).st_mode & 0o777, 0o600)
+        copy = sqlite3.connect(target)
+        self.addCleanup(copy.close)
+        self.assertEqual(copy.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+        self.assertEqual([row[0] for row in copy.execute("SELECT name FROM accounts ORDER BY id")],
+                         ["a", "b"])
+        self.assertGreaterEqual(copy.execute("SELECT COUNT(*) FROM requests").fetchone()[0], 0)
+        code, _, err = self.cli("backup", target)
+        self.assertIn("Backup target exists", err)
 
 
 ###############################################################################
