@@ -16,10 +16,12 @@ __all__ = [
 ]
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import datetime
 import getpass
+import hashlib
 import http.client
 import http.server
 import json
@@ -28,6 +30,7 @@ import logging.handlers
 import os
 import queue
 import re
+import secrets
 import select
 import signal
 import sqlite3
@@ -1239,6 +1242,432 @@ def forwardable_headers(message: http.client.HTTPMessage) -> list[tuple[str, str
 
 
 ###############################################################################
+# OAuth #######################################################################
+###############################################################################
+
+#: Where a person logs in, by `add --mode`.
+OAUTH_AUTHORIZE_URLS = {"max": "https://claude.ai/oauth/authorize",
+                        "console": "https://console.anthropic.com/oauth/authorize"}
+OAUTH_SCOPES = "org:create_api_key user:profile user:inference"
+#: Console logins turn their OAuth token into an API key here, on the upstream.
+CREATE_API_KEY_PATH = "/api/oauth/claude_cli/create_api_key"
+#: A token with less time left than this is refreshed before it is used.
+REFRESH_BEFORE_USE_MS = 5 * 60 * 1000
+#: The background refresher renews tokens this long before they expire.
+REFRESH_AHEAD_MS = 15 * 60 * 1000
+#: After a transient refresh failure, wait this long, doubling up to the maximum.
+REFRESH_RETRY_MS = 60 * 1000
+REFRESH_RETRY_MAX_MS = 30 * 60 * 1000
+#: Seconds the token endpoint gets to answer.
+TOKEN_TIMEOUT_S = 30.0
+#: How often the background refresher looks for tokens to renew.
+REFRESHER_INTERVAL_S = 1.0
+
+
+class TokenUnavailable(Exception):
+    """An OAuth account has no usable access token right now; the request must go elsewhere."""
+
+
+class TokenRejected(Exception):
+    """The token endpoint refused the grant (400/401): the account needs a new login."""
+
+
+class TokenEndpointDown(Exception):
+    """The token endpoint failed in a way that may pass (network, 429, 5xx)."""
+
+
+def base64url(data: bytes) -> str:
+    """Encode bytes as base64url without padding, as PKCE wants."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class PkceLogin:
+    """One login attempt: the PKCE verifier, its challenge and a separate random state."""
+
+    mode: str
+    verifier: str
+    challenge: str
+    state: str
+
+    @classmethod
+    def start(cls, mode: str) -> PkceLogin:
+        verifier = base64url(secrets.token_bytes(32))
+        challenge = base64url(hashlib.sha256(verifier.encode()).digest())
+        return cls(mode, verifier, challenge, base64url(secrets.token_bytes(32)))
+
+    def authorize_url(self, client_id: str, redirect_uri: str) -> str:
+        query = urllib.parse.urlencode({
+            "code": "true", "client_id": client_id, "response_type": "code",
+            "redirect_uri": redirect_uri, "scope": OAUTH_SCOPES,
+            "code_challenge": self.challenge, "code_challenge_method": "S256",
+            "state": self.state}, quote_via=urllib.parse.quote)
+        return f"{OAUTH_AUTHORIZE_URLS[self.mode]}?{query}"
+
+    def code_from(self, pasted: str) -> str:
+        """Check a pasted `code#state` against this attempt and return the code."""
+        code, separator, state = pasted.strip().partition("#")
+        if not separator or not code or not state:
+            raise ClaudeflareError(
+                "The authorization code looks truncated: paste the whole value the page shows, "
+                "in the form code#state, without changing it. Start the login again.")
+        if state != self.state:
+            raise ClaudeflareError(
+                "State mismatch: the pasted code belongs to another login attempt. Start the "
+                "login again and paste the code shown for this one.")
+        return code
+
+
+@dataclass
+class Tokens:
+    """What the token endpoint hands out."""
+
+    access_token: str
+    refresh_token: str | None
+    expires_at: int
+    email: str | None = None
+    organization: str | None = None
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """Split a URL into its origin and its path with query."""
+    parts = urllib.parse.urlsplit(url)
+    target = parts.path or "/"
+    return f"{parts.scheme}://{parts.netloc}", target + (f"?{parts.query}" if parts.query else "")
+
+
+def json_call(client: Upstream, path: str, payload: dict,
+              headers: Iterable[tuple[str, str]] = ()) -> tuple[int, str, dict]:
+    """POST a JSON body and return the status, reason and decoded JSON answer ({} if none)."""
+    body = json_bytes(payload)
+    response, connection = client.send(
+        "POST", path, [("Host", client.host_header), ("Content-Type", "application/json"),
+                       ("Accept", "application/json"), ("Content-Length", str(len(body))),
+                       *headers], body, TOKEN_TIMEOUT_S)
+    try:
+        data = response.read()
+    except (OSError, http.client.HTTPException) as error:
+        connection.close()
+        raise UpstreamError(describe_network_error(error, client.base_url,
+                                                   TOKEN_TIMEOUT_S)) from None
+    client.release(connection, response)
+    try:
+        answer = json.loads(data) if data else {}
+    except ValueError:
+        answer = {}
+    return response.status, response.reason, answer if isinstance(answer, dict) else {}
+
+
+def describe_oauth_failure(status: int, reason: str, answer: dict) -> str:
+    """Say why the token endpoint refused, in its own words where it gave any."""
+    error = answer.get("error")
+    code = error if isinstance(error, str) else None
+    detail = answer.get("error_description") or (
+        error.get("message") if isinstance(error, dict) else None)
+    text = reason or http.client.responses.get(status, str(status))
+    if detail and code:
+        return f"{text}: {detail} ({code})"
+    return f"{text}: {detail or code}" if detail or code else text
+
+
+def tokens_from(answer: dict, previous_refresh_token: str | None = None) -> Tokens:
+    """Read a token response; a response without a new refresh token keeps the old one."""
+    access_token = answer.get("access_token")
+    if not isinstance(access_token, str) or not access_token:
+        raise TokenEndpointDown("the token endpoint answered without an access_token")
+    expires_in = answer.get("expires_in")
+    lifetime_ms = int(expires_in * 1000) if isinstance(expires_in, (int, float)) else 3_600_000
+    account, organization = answer.get("account") or {}, answer.get("organization") or {}
+    return Tokens(access_token, answer.get("refresh_token") or previous_refresh_token,
+                  now_ms() + lifetime_ms,
+                  account.get("email_address") if isinstance(account, dict) else None,
+                  organization.get("name") if isinstance(organization, dict) else None)
+
+
+class OAuthClient:
+    """Talks to the OAuth token endpoint (and mints console API keys on the upstream)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        origin, self.token_path = split_url(settings.oauth_token_url)
+        self.http = Upstream(origin)
+
+    def exchange(self, login: PkceLogin, code: str) -> Tokens:
+        """Trade an authorization code for tokens; failures say what to do."""
+        try:
+            status, reason, answer = json_call(self.http, self.token_path, {
+                "grant_type": "authorization_code", "code": code, "state": login.state,
+                "client_id": self.settings.client_id,
+                "redirect_uri": self.settings.oauth_redirect_uri,
+                "code_verifier": login.verifier})
+        except UpstreamError as error:
+            raise ClaudeflareError(f"Exchange failed: {error}. Check the network (and "
+                                   f"oauth_token_url), then start the login again.") from None
+        if status != 200:
+            raise ClaudeflareError(
+                f"Exchange failed: {describe_oauth_failure(status, reason, answer)}. Paste the "
+                f"whole code (code#state) from this login attempt within a few minutes, or "
+                f"start the login again.")
+        try:
+            return tokens_from(answer)
+        except TokenEndpointDown as error:
+            raise ClaudeflareError(f"Exchange failed: {error}") from None
+
+    def refresh(self, refresh_token: str) -> Tokens:
+        """Trade a refresh token for a new pair; the old refresh token dies on success."""
+        try:
+            status, reason, answer = json_call(self.http, self.token_path, {
+                "grant_type": "refresh_token", "refresh_token": refresh_token,
+                "client_id": self.settings.client_id})
+        except UpstreamError as error:
+            raise TokenEndpointDown(str(error)) from None
+        if status in (400, 401, 403):
+            raise TokenRejected(describe_oauth_failure(status, reason, answer))
+        if status != 200:
+            raise TokenEndpointDown(describe_oauth_failure(status, reason, answer))
+        return tokens_from(answer, refresh_token)
+
+    def create_api_key(self, access_token: str) -> str:
+        """Mint an API key with a console login's token."""
+        origin, prefix = split_url(self.settings.upstream_url)
+        client = Upstream(origin)
+        try:
+            status, reason, answer = json_call(
+                client, prefix.rstrip("/") + CREATE_API_KEY_PATH, {},
+                [("Authorization", f"Bearer {access_token}")])
+        except UpstreamError as error:
+            raise ClaudeflareError(f"Could not create an API key: {error}") from None
+        finally:
+            client.close()
+        key = answer.get("raw_key")
+        if status != 200 or not isinstance(key, str) or not key:
+            raise ClaudeflareError(
+                f"Could not create an API key: {describe_oauth_failure(status, reason, answer)}. "
+                f"Does this console account have permission to create keys?")
+        return key
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class SingleFlight:
+    """Run at most one call per key at a time; callers arriving meanwhile share its result."""
+
+    class Call:
+        def __init__(self) -> None:
+            self.done = threading.Event()
+            self.result: Any = None
+            self.error: BaseException | None = None
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls: dict[Any, SingleFlight.Call] = {}
+
+    def run(self, key: Any, function: Callable[[], Any]) -> Any:
+        with self.lock:
+            call = self.calls.get(key)
+            leader = call is None
+            if leader:
+                call = self.calls[key] = self.Call()
+        if not leader:
+            call.done.wait()
+            if call.error is not None:
+                raise call.error
+            return call.result
+        try:
+            call.result = function()
+        except BaseException as error:
+            call.error = error
+            raise
+        finally:
+            with self.lock:
+                del self.calls[key]
+            call.done.set()
+        return call.result
+
+
+class TokenKeeper:
+    """Keeps OAuth access tokens fresh without ever losing a refresh token.
+
+    Refresh tokens rotate: a refresh kills the old one. So each account has at most one refresh
+    in flight (SingleFlight); the refresh re-reads the account first and does nothing if someone
+    already refreshed it; and the new pair is committed to the database before the new access
+    token is handed to anyone.
+    """
+
+    def __init__(self, store: Store, oauth: OAuthClient) -> None:
+        self.store = store
+        self.oauth = oauth
+        self.flights = SingleFlight()
+        self.lock = threading.Lock()
+        #: account id -> (no refresh before this time, the next wait), after transient failures.
+        self.backoff: dict[int, tuple[int, int]] = {}
+        #: account name -> tokens the database refused to store; used and retried until saved.
+        self.unsaved: dict[str, Tokens] = {}
+        self.log = component_logger("OAuth")
+
+    def with_unsaved(self, account: Account) -> Account:
+        """Return the account with any refreshed tokens that are not in the database yet."""
+        with self.lock:
+            tokens = self.unsaved.get(account.name)
+        if tokens is None:
+            return account
+        return dataclasses.replace(account, access_token=tokens.access_token,
+                                   refresh_token=tokens.refresh_token,
+                                   expires_at=tokens.expires_at)
+
+    def save(self, account: Account, tokens: Tokens) -> Account:
+        """Commit a new token pair before anyone uses it.
+
+        Should the database refuse (disk full, locked too long), the pair is the only live
+        one: keep it in memory, use it, and retry saving, rather than lose the account.
+        """
+        try:
+            updated = self.store.update_account(
+                account.name, access_token=tokens.access_token,
+                refresh_token=tokens.refresh_token, expires_at=tokens.expires_at)
+        except sqlite3.Error as error:
+            with self.lock:
+                self.unsaved[account.name] = tokens
+            self.log.error("Could not save the refreshed token of account %s: %s; keeping it in "
+                           "memory and retrying", account.name, error)
+            return self.with_unsaved(account)
+        with self.lock:
+            self.unsaved.pop(account.name, None)
+        return updated
+
+    def save_unsaved(self) -> None:
+        """Retry saving tokens the database refused earlier."""
+        with self.lock:
+            pending = list(self.unsaved.items())
+        for name, tokens in pending:
+            try:
+                self.save(self.store.account(name), tokens)
+            except ClaudeflareError:
+                with self.lock:
+                    self.unsaved.pop(name, None)
+
+    def fresh(self, account: Account, now: int) -> Account:
+        """Return the account with an access token valid for 5 more minutes, refreshing if due."""
+        if account.type != "oauth":
+            return account
+        account = self.with_unsaved(account)
+        if account.access_token and (account.expires_at or 0) - now >= REFRESH_BEFORE_USE_MS:
+            return account
+        return self.refresh(account, now)
+
+    def refresh(self, account: Account, now: int) -> Account:
+        """Refresh an account's token (the one it holds is stale or was refused).
+
+        Raise TokenUnavailable when no valid token can be had now.
+        """
+        token_valid = bool(account.access_token) and (account.expires_at or 0) > now
+        if not account.refresh_token:
+            if token_valid:
+                return account
+            raise TokenUnavailable(f"Token expired or missing for account: {account.name}")
+        with self.lock:
+            retry_at = self.backoff.get(account.id, (0, 0))[0]
+        if retry_at > now:
+            if token_valid:
+                return account
+            raise TokenUnavailable(
+                f"Token expired or missing for account: {account.name} (refresh failing; next "
+                f"try at {iso_time(retry_at)})")
+        return self.flights.run(account.id, lambda: self.refresh_stored(account, now))
+
+    def refresh_stored(self, seen: Account, now: int) -> Account:
+        """Refresh the stored account unless its token changed since `seen` was read."""
+        try:
+            account = self.with_unsaved(self.store.account(seen.name))
+        except ClaudeflareError:
+            raise TokenUnavailable(f"Account {seen.name} was removed") from None
+        if account.access_token != seen.access_token and (account.expires_at or 0) > now:
+            return account
+        if account.needs_reauth:
+            raise TokenUnavailable(f"Account {account.name} needs a new login: "
+                                   f"{account.reauth_reason}")
+        try:
+            tokens = self.oauth.refresh(account.refresh_token or "")
+        except TokenRejected as error:
+            self.log.error("Failed to refresh token for account %s: %s", account.name, error)
+            self.store.update_account(account.name, needs_reauth=1,
+                                      reauth_reason=f"refresh refused: {error}"[:300])
+            raise TokenUnavailable(f"Failed to refresh token for account {account.name}: "
+                                   f"{error}. Log in again: reauth {account.name}") from None
+        except TokenEndpointDown as error:
+            wait = self.note_transient_failure(account.id, now)
+            self.log.warning("Failed to refresh token for account %s: %s (next try in %ds)",
+                             account.name, error, wait // 1000)
+            if account.access_token and (account.expires_at or 0) > now:
+                return account
+            raise TokenUnavailable(f"Token expired or missing for account: {account.name} "
+                                   f"(refresh failed: {error})") from None
+        updated = self.save(account, tokens)
+        with self.lock:
+            self.backoff.pop(account.id, None)
+        self.log.info("Refreshed token for account %s (valid until %s)", account.name,
+                      iso_time(tokens.expires_at))
+        return updated
+
+    def note_transient_failure(self, account_id: int, now: int) -> int:
+        """Back off after a transient failure: 60 s, then twice as long each time, to 30 min."""
+        with self.lock:
+            wait = min(self.backoff.get(account_id, (0, REFRESH_RETRY_MS // 2))[1] * 2,
+                       REFRESH_RETRY_MAX_MS)
+            self.backoff[account_id] = (now + wait, wait)
+        return wait
+
+    def due(self, account: Account, now: int) -> bool:
+        """Tell whether the background refresher should renew this account's token now."""
+        with self.lock:
+            retry_at = self.backoff.get(account.id, (0, 0))[0]
+        return (account.type == "oauth" and bool(account.refresh_token)
+                and not account.needs_reauth and retry_at <= now
+                and (account.expires_at or 0) - now < REFRESH_AHEAD_MS)
+
+
+class BackgroundRefresher:
+    """A thread that renews tokens 15 minutes before they expire, so requests rarely wait."""
+
+    def __init__(self, keeper: TokenKeeper, accounts: Callable[[], list[Account]]) -> None:
+        self.keeper = keeper
+        self.accounts = accounts
+        #: Accounts already reported as expired, so the log says it once, not every second.
+        self.reported_expired: set[str] = set()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="claudeflare-refresher",
+                                       daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stopping.wait(REFRESHER_INTERVAL_S):
+            try:
+                self.keeper.save_unsaved()
+                self.renew_due(now_ms())
+            except (sqlite3.Error, ClaudeflareError) as error:
+                self.keeper.log.error("Background token refresh failed: %s", error)
+
+    def renew_due(self, now: int) -> None:
+        """Refresh every account whose token expires within REFRESH_AHEAD_MS."""
+        for account in self.accounts():
+            account = self.keeper.with_unsaved(account)
+            if account.status(now) == "expired" and account.name not in self.reported_expired:
+                self.reported_expired.add(account.name)
+                self.keeper.log.error("Token expired or missing for account: %s. Log in again: "
+                                      "reauth %s", account.name, account.name)
+            if self.keeper.due(account, now) and not self.stopping.is_set():
+                try:
+                    self.keeper.refresh(account, now)
+                except TokenUnavailable:
+                    pass  # already logged by the keeper, and shown on the account
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+
+###############################################################################
 # Proxy handler & server ######################################################
 ###############################################################################
 
@@ -1304,12 +1733,15 @@ class App:
         self.store = store
         self.writer = BackgroundWriter(store, settings)
         self.upstream = Upstream(settings.upstream_url)
+        self.oauth = OAuthClient(settings)
+        self.tokens = TokenKeeper(store, self.oauth)
         self.started = time.monotonic()
         #: Guards the account cache and the round-robin position.
         self.lock = threading.Lock()
         self.cached_accounts: list[Account] = []
         self.cached_version: tuple[int, int] | None = None
         self.turn = 0
+        self.refresher = BackgroundRefresher(self.tokens, self.accounts)
 
     def accounts(self) -> list[Account]:
         """Return the accounts, re-read from the database whenever anyone changed it.
@@ -1352,8 +1784,10 @@ class App:
 
     def close(self) -> None:
         """Write the queued request log, then release the upstream connections and database."""
+        self.refresher.close()
         self.writer.close()
         self.upstream.close()
+        self.oauth.close()
         self.store.close()
 
 
@@ -1549,10 +1983,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             attempts += 1
             name = account.name if account else "client credentials"
             try:
-                response, connection = app.upstream.send(
-                    self.command, self.path, with_credentials(headers, account), body,
-                    settings.request_timeout_s)
-            except UpstreamError as error:
+                response, connection, account = self.send_via(account, headers, body,
+                                                              record.timestamp)
+            except (UpstreamError, TokenUnavailable) as error:
                 last_error = str(error)
                 proxy_log.warning("Request via %s failed: %s", name, last_error)
                 continue
@@ -1571,6 +2004,41 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                              "lastError": last_error})
         record.failover_attempts = attempts - 1
         self.finish_record(record, started, 503, f"{ALL_ACCOUNTS_FAILED}: {last_error}")
+
+    def send_via(self, account: Account | None, headers: list[tuple[str, str]], body: bytes,
+                 now: int) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection,
+                                    Account | None]:
+        """Send the request with one account's credentials, its OAuth token fresh.
+
+        An OAuth account whose token the upstream refuses (401) is refreshed once and the request
+        sent again on it; if the refresh fails, TokenUnavailable moves the request on.
+        """
+        app = self.app
+        if account is not None:
+            account = app.tokens.fresh(account, now)
+        response, connection = app.upstream.send(
+            self.command, self.path, with_credentials(headers, account), body,
+            app.settings.request_timeout_s)
+        if response.status == 401 and account is not None and account.type == "oauth":
+            self.discard(response, connection)
+            component_logger("Proxy").warning("Upstream refused the token of account %s; "
+                                              "refreshing it", account.name)
+            account = app.tokens.refresh(account, now)
+            response, connection = app.upstream.send(
+                self.command, self.path, with_credentials(headers, account), body,
+                app.settings.request_timeout_s)
+        return response, connection, account
+
+    def discard(self, response: http.client.HTTPResponse,
+                connection: http.client.HTTPConnection) -> bytes:
+        """Read an answer the client will not get, keeping the connection if it stays usable."""
+        try:
+            data = self.read_upstream(response, response.read)
+        except UpstreamError:
+            connection.close()
+            raise
+        self.app.upstream.release(connection, response)
+        return data
 
     def finish_record(self, record: RequestRecord, started: float, status: int,
                       error: str | None) -> None:
@@ -1759,11 +2227,35 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def oauth_login(settings: Settings, mode: str) -> tuple[Tokens, str | None]:
+    """Run an OAuth login at the terminal; return the tokens and, for console, a new API key."""
+    login = PkceLogin.start(mode)
+    print("Open this URL in a browser, log in, and copy the code the page shows:")
+    print(login.authorize_url(settings.client_id, settings.oauth_redirect_uri))
+    print("Paste the authorization code: ", end="", flush=True)
+    code = login.code_from(sys.stdin.readline())
+    oauth = OAuthClient(settings)
+    try:
+        tokens = oauth.exchange(login, code)
+        api_key = oauth.create_api_key(tokens.access_token) if mode == "console" else None
+    finally:
+        oauth.close()
+    return tokens, api_key
+
+
+def identity(tokens: Tokens) -> dict:
+    """Return the email and organization columns for a login's tokens."""
+    return {"email": tokens.email, "organization": tokens.organization}
+
+
 def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
     """Add an account: an API key read from stdin, or an OAuth login."""
     validate_account_name(args.name)
     store = open_store(args)
     try:
+        if any(account.name == args.name for account in store.accounts()):
+            raise ClaudeflareError(f"Account already exists: {args.name}. Choose another name, "
+                                   f"or log it in again with: reauth {args.name}")
         if args.api_key:
             key = read_secret("Paste the API key: ").strip()
             if not key or any(character.isspace() for character in key):
@@ -1773,10 +2265,44 @@ def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
             store.add_account(args.name, "api_key", args.tier, api_key=key)
             print(f"Added API-key account {args.name} (tier {args.tier})")
             return 0
-        raise ClaudeflareError("OAuth login is not available yet; add an API-key account with "
-                               "--api-key")
+        tokens, api_key = oauth_login(settings, args.mode)
+        if api_key is not None:
+            store.add_account(args.name, "api_key", args.tier, api_key=api_key,
+                              **identity(tokens))
+            print(f"Added console account {args.name} with a new API key (tier {args.tier})")
+        else:
+            store.add_account(args.name, "oauth", args.tier, access_token=tokens.access_token,
+                              refresh_token=tokens.refresh_token, expires_at=tokens.expires_at,
+                              **identity(tokens))
+            print(f"Added OAuth account {args.name} ({tokens.email or 'unknown email'}, "
+                  f"tier {args.tier})")
+        return 0
     finally:
         store.close()
+
+
+def cmd_reauth(args: argparse.Namespace, settings: Settings) -> int:
+    """Log an existing account in again, keeping its name, tier and history."""
+    store = open_store(args)
+    try:
+        account = store.account(args.name)
+        mode = args.mode or ("max" if account.type == "oauth" else "console")
+        if (mode == "max") != (account.type == "oauth"):
+            raise ClaudeflareError(
+                f"{args.name} is an {account.type} account; --mode {mode} would change its kind. "
+                f"Remove it and add it again instead.")
+        tokens, api_key = oauth_login(settings, mode)
+        reset = {"needs_reauth": 0, "reauth_reason": None, **identity(tokens)}
+        if api_key is not None:
+            store.update_account(args.name, api_key=api_key, **reset)
+        else:
+            store.update_account(args.name, access_token=tokens.access_token,
+                                 refresh_token=tokens.refresh_token,
+                                 expires_at=tokens.expires_at, **reset)
+    finally:
+        store.close()
+    print(f"Logged in account {args.name} again")
+    return 0
 
 
 def account_json(account: Account, now: int, session_duration_ms: int) -> dict:
@@ -2006,6 +2532,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="OAuth login: max (Claude Pro/Max, default) or console (mints a key)")
     add.add_argument("--tier", type=int, choices=TIERS, default=1,
                      help="weight in the weighted strategy (default 1)")
+
+    reauth = account_command("reauth", cmd_reauth,
+                             "log an account in again, keeping its name, tier and history")
+    reauth.add_argument("--mode", choices=("max", "console"),
+                        help="max for OAuth accounts (default), console for minted API keys")
 
     listing = command("list", cmd_list, "list accounts with status, usage and rate limits",
                       "python3 claudeflare.py list --json")

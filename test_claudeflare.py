@@ -11,6 +11,7 @@ claudeflare server on 127.0.0.1 port 0 with its own temporary data folder.
 """
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import hashlib
@@ -165,6 +166,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         else:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         request = Recorded(self.command, self.path, self.headers, body, self.connection_id)
+        if fake.observer is not None:
+            fake.observer(request)
         with fake.lock:
             fake.requests.append(request)
             action = fake.next_action(request)
@@ -201,7 +204,16 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
 
 def reply_default(handler: FakeHandler, request: Recorded) -> None:
     """Behave like the Anthropic API for the paths the tests use."""
-    if request.path == "/v1/echo":
+    oauth = handler.server.fake.oauth
+    if request.path == "/v1/oauth/token":
+        oauth.handle(handler, request)
+    elif request.path == "/api/oauth/claude_cli/create_api_key":
+        oauth.create_api_key(handler, request)
+    elif oauth.refuses(request):
+        handler.send_whole(401, json.dumps({"type": "error", "error": {
+            "type": "authentication_error", "message": "OAuth token has expired. Please obtain a "
+            "new token or refresh your existing token."}}).encode())
+    elif request.path == "/v1/echo":
         handler.send_whole(200, request.body, "application/octet-stream",
                            [("X-Body-Sha256", hashlib.sha256(request.body).hexdigest())])
     elif request.path == "/v1/messages" and request.method == "POST":
@@ -295,11 +307,107 @@ def reply_then_close_silently(handler: FakeHandler, request: Recorded) -> None:
     handler.close_connection = True
 
 
+def pkce_challenge(verifier: str) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(
+        b"=").decode()
+
+
+class FakeOAuth:
+    """The OAuth side of the fake: authorization codes checked with PKCE, rotating refresh tokens.
+
+    Like the real endpoint, a refresh kills the refresh token it used.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.codes: dict[str, dict] = {}
+        self.refresh_tokens: dict[str, str] = {}  # live refresh token -> its access token
+        self.access_tokens: set[str] = set()
+        self.refresh_requests = 0
+        self.failures: collections.deque = collections.deque()
+        self.delay = 0.0
+        self.expires_in = 28800
+        self.serial = 0
+
+    def authorize(self, url: str) -> str:
+        """Play the login page: return the `code#state` it would show for an authorize URL."""
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+        assert query["code_challenge_method"] == "S256", query
+        with self.lock:
+            self.serial += 1
+            code = f"code{self.serial}"
+            self.codes[code] = query
+        return f"{code}#{query['state']}"
+
+    def issue(self) -> tuple[str, str]:
+        """Issue a new live access and refresh token pair."""
+        with self.lock:
+            self.serial += 1
+            access, refresh = (f"sk-ant-oat01-access{self.serial}",
+                               f"sk-ant-ort01-refresh{self.serial}")
+            self.access_tokens.add(access)
+            self.refresh_tokens[refresh] = access
+        return access, refresh
+
+    def token_answer(self) -> dict:
+        access, refresh = self.issue()
+        return {"token_type": "Bearer", "access_token": access, "refresh_token": refresh,
+                "expires_in": self.expires_in, "scope": "user:inference",
+                "organization": {"uuid": "org-1", "name": "Acme"},
+                "account": {"uuid": "acct-1", "email_address": "dev@example.com"}}
+
+    def handle(self, handler: "FakeHandler", request: "Recorded") -> None:
+        payload = request.json()
+        if payload.get("grant_type") == "refresh_token":
+            with self.lock:
+                self.refresh_requests += 1
+            time.sleep(self.delay)
+        if self.failures:
+            status, body = self.failures.popleft()
+            handler.send_whole(status, json.dumps(body).encode())
+            return
+        if payload.get("grant_type") == "authorization_code":
+            with self.lock:
+                query = self.codes.pop(payload.get("code"), None)
+            if query is None:
+                return handler.send_whole(400, b'{"error":"invalid_grant",'
+                                               b'"error_description":"Invalid code"}')
+            if pkce_challenge(payload.get("code_verifier", "")) != query["code_challenge"]:
+                return handler.send_whole(400, b'{"error":"invalid_grant",'
+                                               b'"error_description":"Invalid code_verifier"}')
+            if (payload.get("state"), payload.get("client_id"), payload.get("redirect_uri")) != (
+                    query["state"], query["client_id"], query["redirect_uri"]):
+                return handler.send_whole(400, b'{"error":"invalid_request"}')
+            return handler.send_whole(200, json.dumps(self.token_answer()).encode())
+        if payload.get("grant_type") == "refresh_token":
+            with self.lock:
+                live = self.refresh_tokens.pop(payload.get("refresh_token"), None)
+            if live is None:
+                return handler.send_whole(400, b'{"error":"invalid_grant","error_description":'
+                                               b'"Refresh token not found or invalid"}')
+            return handler.send_whole(200, json.dumps(self.token_answer()).encode())
+        handler.send_whole(400, b'{"error":"unsupported_grant_type"}')
+
+    def create_api_key(self, handler: "FakeHandler", request: "Recorded") -> None:
+        token = (request.headers["Authorization"] or "").replace("Bearer ", "")
+        if token not in self.access_tokens:
+            return handler.send_whole(401, b'{"error":{"message":"Invalid token"}}')
+        handler.send_whole(200, json.dumps({"raw_key": "sk-ant-api03-minted"}).encode())
+
+    def refuses(self, request: "Recorded") -> bool:
+        """Tell whether a Messages request carries an OAuth token this fake does not accept."""
+        token = (request.headers["Authorization"] or "").replace("Bearer ", "")
+        return token.startswith("sk-ant-oat01-") and token not in self.access_tokens
+
+
 class FakeUpstream:
     """A fake Anthropic API on 127.0.0.1 port 0 that records requests and runs scripted faults."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.oauth = FakeOAuth()
+        #: Called with each request as it arrives, before it is answered.
+        self.observer = None
         self.requests: list[Recorded] = []
         self.connections = 0
         self.queued: collections.deque = collections.deque()
@@ -323,7 +431,14 @@ class FakeUpstream:
             self.queued.extend(actions)
 
     def next_action(self, request: Recorded):
-        return self.queued.popleft() if self.queued else reply_default
+        if self.queued and not request.path.startswith(("/v1/oauth", "/api/oauth")):
+            return self.queued.popleft()
+        return reply_default
+
+    def messages(self) -> list[Recorded]:
+        """The requests that were not for the OAuth endpoints."""
+        return [request for request in self.requests
+                if not request.path.startswith(("/v1/oauth", "/api/oauth"))]
 
     def close(self) -> None:
         self.server.shutdown()
@@ -928,6 +1043,24 @@ class ServerWithAccounts(ProxyTestCase):
     def add_key(self, name: str, tier: int = 1) -> None:
         self.ok("add", name, "--api-key", "--tier", str(tier), stdin=f"sk-ant-api03-{name}\n")
 
+    def add_oauth(self, name: str, expires_in_ms: int = 3_600_000, tier: int = 1,
+                  refresh_token: str | None = "issue") -> tuple[str, str]:
+        """Add an OAuth account holding a live token pair of the fake; return the pair."""
+        access, refresh = self.upstream.oauth.issue()
+        if refresh_token != "issue":
+            refresh = refresh_token
+        self.proxy.app.store.add_account(name, "oauth", tier, access_token=access,
+                                         refresh_token=refresh,
+                                         expires_at=claudeflare.now_ms() + expires_in_ms)
+        return access, refresh
+
+    def stored(self, name: str):
+        store = claudeflare.Store(self.proxy.db_path)
+        try:
+            return store.account(name)
+        finally:
+            store.close()
+
     def served_by(self, count: int = 1) -> list[str]:
         """Send requests; return which account's key the upstream saw for each."""
         first = len(self.upstream.requests)
@@ -952,14 +1085,12 @@ class TestUsingAccounts(ServerWithAccounts):
         self.assertIsNone(seen["Authorization"])
 
     def test_oauth_account_sends_bearer_with_the_oauth_beta_added(self):
-        self.proxy.app.store.add_account(
-            "max", "oauth", 20, access_token="sk-ant-oat01-access",
-            refresh_token="sk-ant-ort01-refresh", expires_at=claudeflare.now_ms() + 3_600_000)
+        access, _ = self.add_oauth("max")
         status, _, _ = self.post_message(headers={"x-api-key": "client-own",
                                                   "anthropic-beta": "tools-2024,cache-x"})
         self.assertEqual(status, 200)
         seen = self.upstream.requests[0].headers
-        self.assertEqual(seen["Authorization"], "Bearer sk-ant-oat01-access")
+        self.assertEqual(seen["Authorization"], f"Bearer {access}")
         self.assertIsNone(seen["x-api-key"])
         self.assertEqual(seen["anthropic-beta"], "tools-2024,cache-x,oauth-2025-04-20")
 
@@ -1085,6 +1216,202 @@ class TestUsingAccounts(ServerWithAccounts):
         self.assertGreaterEqual(copy.execute("SELECT COUNT(*) FROM requests").fetchone()[0], 0)
         code, _, err = self.cli("backup", target)
         self.assertIn("Backup target exists", err)
+
+
+###############################################################################
+# OAuth #######################################################################
+###############################################################################
+
+class TestOAuthLogin(ServerWithAccounts):
+    """The login goes through the real CLI process, answering its prompt on stdin."""
+
+    def login(self, *args: str, paste=None) -> tuple[int, str, str, str]:
+        """Run a login command; `paste(url)` returns what the user pastes (default: the code)."""
+        prompt = "Paste the authorization code: "
+        with subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "claudeflare.py"), "--config",
+                 self.proxy.config_path, "--db", self.proxy.db_path, *args],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env=dict(os.environ, CLAUDEFLARE_UPSTREAM_URL=self.upstream.url,
+                         CLAUDEFLARE_TOKEN_URL=self.upstream.url + "/v1/oauth/token")) as process:
+            try:
+                url, answer, shown = "", "", ""
+                while True:
+                    line = process.stdout.readline()
+                    shown += line
+                    if not line or line.startswith("https://"):
+                        url = line.strip()
+                        break
+                if url:
+                    shown += process.stdout.read(len(prompt))
+                    answer = (paste or self.upstream.oauth.authorize)(url)
+                out, err = process.communicate(answer + "\n", timeout=DEADLINE_S * 3)
+            except BaseException:
+                process.kill()
+                raise
+        out = shown + out
+        return process.returncode, url, out, err
+
+    def test_max_login_stores_tokens_and_identity(self):
+        code, url, out, err = self.login("add", "work", "--tier", "20")
+        self.assertEqual(code, 0, err)
+        parts = urllib.parse.urlsplit(url)
+        self.assertEqual(parts.netloc + parts.path, "claude.ai/oauth/authorize")
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        self.assertEqual(query["client_id"], "9d1c250a-e61b-44d9-88ed-5944d1962f5e")
+        self.assertEqual((query["code"], query["response_type"]), ("true", "code"))
+        self.assertEqual(query["scope"], "org:create_api_key user:profile user:inference")
+        self.assertEqual(query["redirect_uri"], "https://platform.claude.com/oauth/code/callback")
+        self.assertNotEqual(query["state"], query["code_challenge"])
+        self.assertIn("Paste the authorization code: ", out)
+        account = self.stored("work")
+        self.assertEqual((account.type, account.account_tier), ("oauth", 20))
+        self.assertIn(account.access_token, self.upstream.oauth.access_tokens)
+        self.assertIn(account.refresh_token, self.upstream.oauth.refresh_tokens)
+        self.assertGreater(account.expires_at, claudeflare.now_ms() + 7 * 3_600_000)
+        listing = self.ok("list")
+        self.assertIn("dev@example.com / Acme", listing)
+        self.assertNotIn(account.access_token, listing + out + err)
+        self.assertEqual(self.post_message()[0], 200)
+        self.assertEqual(self.upstream.messages()[0].headers["Authorization"],
+                         f"Bearer {account.access_token}")
+
+    def test_console_login_mints_an_api_key(self):
+        code, url, out, err = self.login("add", "console", "--mode", "console")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(url.startswith("https://console.anthropic.com/oauth/authorize?"))
+        account = self.stored("console")
+        self.assertEqual((account.type, account.api_key), ("api_key", "sk-ant-api03-minted"))
+        self.assertNotIn("minted", out + err)
+
+    def test_login_failures_say_what_to_do(self):
+        code, _, _, err = self.login("add", "a", paste=lambda url: "codeonly")
+        self.assertEqual(code, 1)
+        self.assertIn("truncated", err)
+        self.assertIn("code#state", err)
+        code, _, _, err = self.login(
+            "add", "a", paste=lambda url: self.upstream.oauth.authorize(url).split("#")[0]
+            + "#otherstate")
+        self.assertEqual(code, 1)
+        self.assertIn("State mismatch", err)
+        self.upstream.oauth.failures.append(
+            (400, {"error": "invalid_grant", "error_description": "Invalid code_verifier"}))
+        code, _, _, err = self.login("add", "a")
+        self.assertEqual(code, 1)
+        self.assertIn("Exchange failed: Bad Request: Invalid code_verifier", err)
+        code, _, _, err = self.login("add", "a", paste=lambda url: "expired#" + dict(
+            urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))["state"])
+        self.assertEqual(code, 1)
+        self.assertIn("Exchange failed: Bad Request", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(json.loads(self.ok("list", "--json")), [])
+
+    def test_reauth_restores_an_account_keeping_its_history(self):
+        self.add_oauth("work", tier=5, refresh_token="sk-ant-ort01-dead")
+        self.proxy.app.store.update_account("work", needs_reauth=1, reauth_reason="refused",
+                                            request_count=7)
+        self.assertEqual(self.listed()["work"]["status"], "needs_reauth")
+        code, _, out, err = self.login("reauth", "work")
+        self.assertEqual(code, 0, err)
+        account = self.stored("work")
+        self.assertEqual((account.needs_reauth, account.account_tier, account.request_count),
+                         (0, 5, 7))
+        self.assertIn(account.refresh_token, self.upstream.oauth.refresh_tokens)
+        self.assertEqual(self.listed()["work"]["status"], "active")
+        code, _, _, err = self.login("reauth", "ghost")
+        self.assertIn("Account not found: ghost", err)
+
+
+class TestTokenRefresh(ServerWithAccounts):
+    def test_fifty_requests_on_an_expired_token_make_one_refresh(self):
+        self.add_oauth("work", expires_in_ms=-1000)
+        self.upstream.oauth.delay = 0.3
+        statuses = []
+
+        def send() -> None:
+            statuses.append(self.post_message()[0])
+
+        threads = [threading.Thread(target=send) for _ in range(50)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(statuses, [200] * 50)
+        self.assertEqual(self.upstream.oauth.refresh_requests, 1)
+        fresh = self.stored("work")
+        self.assertEqual({request.headers["Authorization"] for request in self.upstream.messages()},
+                         {f"Bearer {fresh.access_token}"})
+
+    def test_rotated_refresh_token_is_stored_before_the_new_access_token_is_used(self):
+        self.add_oauth("work", expires_in_ms=60_000)
+        checks = []
+
+        def observe(request) -> None:
+            token = (request.headers["Authorization"] or "").replace("Bearer ", "")
+            if request.path == "/v1/messages" and token:
+                pair = [refresh for refresh, access in self.upstream.oauth.refresh_tokens.items()
+                        if access == token]
+                checks.append(self.stored("work").refresh_token in pair)
+
+        self.upstream.observer = observe
+        self.assertEqual(self.post_message()[0], 200)
+        self.assertEqual(checks, [True])
+        self.assertEqual(self.upstream.oauth.refresh_requests, 1)
+
+    def test_background_refresher_renews_a_token_nearing_expiry(self):
+        access, _ = self.add_oauth("work", expires_in_ms=10 * 60_000)
+        wait_for(lambda: self.stored("work").access_token != access, what="a background refresh")
+        self.assertEqual(self.upstream.messages(), [])
+        self.assertGreater(self.stored("work").expires_at, claudeflare.now_ms() + 3_600_000)
+        self.assertIn("Refreshed token for account work", CAPTURED_LOG.text())
+
+    def test_invalid_grant_marks_needs_reauth_and_traffic_moves_on(self):
+        self.add_oauth("broken", expires_in_ms=-1000, refresh_token="sk-ant-ort01-revoked")
+        self.add_key("spare")
+        for _ in range(3):
+            self.assertEqual(self.post_message()[0], 200)
+        self.assertEqual([request.headers["x-api-key"] for request in self.upstream.messages()],
+                         ["sk-ant-api03-spare"] * 3)
+        self.assertEqual(self.upstream.oauth.refresh_requests, 1)
+        listed = self.listed()["broken"]
+        self.assertEqual(listed["status"], "needs_reauth")
+        self.assertIn("invalid_grant", listed["reauthReason"])
+        self.assertIn("needs_reauth", self.ok("list"))
+        self.assertIn("Failed to refresh token for account broken: Bad Request",
+                      CAPTURED_LOG.text())
+        health = json.loads(self.proxy.request("GET", "/health")[2])
+        self.assertEqual((health["status"], health["accounts"]["needs_reauth"]), ("degraded", 1))
+
+    def test_upstream_401_refreshes_once_and_retries_on_the_same_account(self):
+        access, _ = self.add_oauth("work")
+        self.upstream.oauth.access_tokens.discard(access)
+        status, _, body = self.post_message()
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.upstream.oauth.refresh_requests, 1)
+        tokens = [request.headers["Authorization"] for request in self.upstream.messages()]
+        self.assertEqual(tokens, [f"Bearer {access}",
+                                  f"Bearer {self.stored('work').access_token}"])
+
+    def test_transient_refresh_failure_keeps_the_valid_token_and_backs_off(self):
+        access, refresh = self.add_oauth("work", expires_in_ms=3 * 60_000)
+        self.upstream.oauth.failures.append((503, {"error": "temporarily_unavailable"}))
+        for _ in range(3):
+            self.assertEqual(self.post_message()[0], 200)
+        self.assertEqual(self.upstream.oauth.refresh_requests, 1)
+        self.assertEqual({request.headers["Authorization"] for request in self.upstream.messages()},
+                         {f"Bearer {access}"})
+        account = self.stored("work")
+        self.assertEqual((account.refresh_token, account.needs_reauth), (refresh, 0))
+        self.assertIn("next try in 60s", CAPTURED_LOG.text())
+
+    def test_expired_token_without_refresh_token_is_reported(self):
+        self.add_oauth("stale", expires_in_ms=-1000, refresh_token=None)
+        self.add_key("spare")
+        self.assertEqual(self.post_message()[0], 200)
+        self.assertEqual(self.listed()["stale"]["status"], "expired")
+        wait_for(lambda: "Token expired or missing for account: stale" in CAPTURED_LOG.text(),
+                 what="the expiry to be logged")
 
 
 ###############################################################################
