@@ -20,6 +20,8 @@ import base64
 import contextlib
 import dataclasses
 import datetime
+import email.utils
+import functools
 import getpass
 import hashlib
 import http.client
@@ -732,10 +734,12 @@ class RequestRecord:
     tokens_per_second: float | None = None
     user_agent: str | None = None
     conversation: str | None = None
+    #: What the answer's headers said of the account's limits (stored on the account).
+    limits: Any = None
 
 
 REQUEST_COLUMNS = tuple(field.name for field in dataclasses.fields(RequestRecord)
-                        if field.name != "account_id")
+                        if field.name not in ("account_id", "limits"))
 INSERT_REQUEST = (f"INSERT OR REPLACE INTO requests ({', '.join(REQUEST_COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(REQUEST_COLUMNS))})")
 #: Count one request against an account; a request past the usage window starts a new window.
@@ -745,8 +749,22 @@ COUNT_REQUEST = """UPDATE accounts SET
     session_requests = CASE WHEN session_start IS NULL OR :now - session_start >= :window
                             THEN 1 ELSE session_requests + 1 END,
     session_start = CASE WHEN session_start IS NULL OR :now - session_start >= :window
-                         THEN :now ELSE session_start END
+                         THEN :now ELSE session_start END,
+    rate_limit_status = CASE WHEN :status IS NULL OR COALESCE(rate_limited_until, 0) > :now
+                             THEN rate_limit_status ELSE :status END,
+    rate_limit_reset = CASE WHEN :status IS NULL OR COALESCE(rate_limited_until, 0) > :now
+                            THEN rate_limit_reset ELSE :reset END,
+    utilization_5h = COALESCE(:utilization_5h, utilization_5h),
+    reset_5h = COALESCE(:reset_5h, reset_5h),
+    utilization_7d = COALESCE(:utilization_7d, utilization_7d),
+    reset_7d = COALESCE(:reset_7d, reset_7d)
     WHERE id = :id"""
+#: The rate-limit fields COUNT_REQUEST stores when the answer carried them.
+LIMIT_FIELDS = ("status", "reset", "utilization_5h", "reset_5h", "utilization_7d", "reset_7d")
+
+
+#: What `resume` sets: usable again, whatever rate-limit mark it had.
+RESUMED = {"paused": 0, "rate_limited_until": None}
 
 
 def validate_account_name(name: str) -> str:
@@ -780,7 +798,7 @@ class Store:
         self.commits = 0
         try:
             self.db.execute("PRAGMA journal_mode = WAL")
-            self.db.execute("PRAGMA synchronous = NORMAL")
+            self.db.execute("PRAGMA synchronous = FULL")  # a refreshed token must survive a crash
             self.migrate()
         except sqlite3.DatabaseError as error:
             self.db.close()
@@ -890,7 +908,8 @@ class Store:
                 tuple(getattr(record, column) for column in REQUEST_COLUMNS)
                 for record in records])
             db.executemany(COUNT_REQUEST, [
-                {"now": record.timestamp, "window": session_duration_ms, "id": record.account_id}
+                {"now": record.timestamp, "window": session_duration_ms, "id": record.account_id,
+                 **{field: getattr(record.limits, field, None) for field in LIMIT_FIELDS}}
                 for record in records if record.account_id is not None])
 
     def clear_history(self) -> int:
@@ -1668,6 +1687,301 @@ class BackgroundRefresher:
 
 
 ###############################################################################
+# Rate limits #################################################################
+###############################################################################
+
+#: Unified statuses that stop an account until its window resets.
+HARD_LIMIT_STATUSES = frozenset({"rejected", "rate_limited", "blocked", "queueing_hard",
+                                 "payment_required"})
+#: Unified statuses that still serve, but say the account is close: prefer others.
+SOFT_LIMIT_STATUSES = frozenset({"allowed_warning", "queueing_soft"})
+#: A rate-limit mark never lasts longer than this, whatever a header says.
+MAX_RATE_LIMIT_MS = 8 * 24 * 3600 * 1000
+#: A hard limit without any reset time benches the account this long.
+DEFAULT_RATE_LIMIT_MS = 60 * 1000
+#: A 429 that names no window: a short cooldown, doubling while it repeats, up to the maximum.
+COOLDOWN_MS = 30 * 1000
+MAX_COOLDOWN_MS = 5 * 60 * 1000
+UNIFIED_PREFIX = "anthropic-ratelimit-unified-"
+#: API-key accounts' limit families: anthropic-ratelimit-<family>-{limit,remaining,reset}.
+API_LIMIT_FAMILIES = ("requests", "tokens", "input-tokens", "output-tokens")
+
+
+@dataclass
+class RateLimit:
+    """What one response's headers say about its account's limits; times in epoch ms."""
+
+    status: str | None = None
+    reset: int | None = None
+    claim: str | None = None
+    status_5h: str | None = None
+    reset_5h: int | None = None
+    utilization_5h: float | None = None
+    status_7d: str | None = None
+    reset_7d: int | None = None
+    utilization_7d: float | None = None
+    retry_after_ms: int | None = None
+    should_retry: bool | None = None
+
+    @property
+    def hard(self) -> bool:
+        """Whether the account is (or a window of it is) refused until a reset."""
+        return bool({self.status, self.status_5h, self.status_7d} & HARD_LIMIT_STATUSES)
+
+    @property
+    def soft(self) -> bool:
+        return bool({self.status, self.status_5h, self.status_7d} & SOFT_LIMIT_STATUSES)
+
+    @property
+    def has_window(self) -> bool:
+        """Whether the headers name any limit window (a status or a reset)."""
+        return any(value is not None for value in (
+            self.status, self.reset, self.status_5h, self.reset_5h, self.status_7d,
+            self.reset_7d))
+
+    def limited_until(self, now: int) -> int:
+        """Return when a hard-limited account may be used again, capped at 8 days."""
+        resets = [reset for status, reset in ((self.status_5h, self.reset_5h),
+                                              (self.status_7d, self.reset_7d))
+                  if status in HARD_LIMIT_STATUSES and reset]
+        until = max(resets) if resets else self.reset
+        if not until or until <= now:
+            until = now + (self.retry_after_ms or DEFAULT_RATE_LIMIT_MS)
+        return min(until, now + MAX_RATE_LIMIT_MS)
+
+
+def parse_epoch(value: str) -> int | None:
+    """Read a reset time: epoch seconds (unified headers) or RFC 3339 (API-key headers)."""
+    value = value.strip()
+    try:
+        return int(float(value) * 1000)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
+def parse_retry_after(headers: Any, now: int) -> int | None:
+    """Return the wait the upstream asks for in ms: retry-after-ms, else retry-after."""
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0, int(float(value)))
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0, int(float(value) * 1000))
+    except ValueError:
+        try:
+            moment = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0, int(moment.timestamp() * 1000) - now)
+
+
+def parse_float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def parse_rate_limit(headers: Any, now: int) -> RateLimit:
+    """Read every anthropic-ratelimit-* header (and retry-after) of a response."""
+    limit = RateLimit(retry_after_ms=parse_retry_after(headers, now))
+    should_retry = headers.get("x-should-retry")
+    if should_retry is not None:
+        limit.should_retry = should_retry.strip().lower() == "true"
+    exhausted_resets = []
+    for name, value in headers.items():
+        name = name.lower()
+        if not name.startswith("anthropic-ratelimit-"):
+            continue
+        if name.startswith(UNIFIED_PREFIX):
+            field = name[len(UNIFIED_PREFIX):].replace("-", "_")
+            if field in ("status", "5h_status", "7d_status"):
+                setattr(limit, "status" if field == "status" else f"status_{field[:2]}",
+                        value.strip().lower())
+            elif field in ("reset", "5h_reset", "7d_reset"):
+                setattr(limit, "reset" if field == "reset" else f"reset_{field[:2]}",
+                        parse_epoch(value))
+            elif field in ("5h_utilization", "7d_utilization"):
+                setattr(limit, f"utilization_{field[:2]}", parse_float(value))
+            elif field == "representative_claim":
+                limit.claim = value.strip()
+        elif name.endswith("-remaining") and value.strip() == "0":
+            family = name[len("anthropic-ratelimit-"):-len("-remaining")]
+            if family in API_LIMIT_FAMILIES:
+                reset = parse_epoch(headers.get(f"anthropic-ratelimit-{family}-reset") or "")
+                if reset:
+                    exhausted_resets.append(reset)
+    if exhausted_resets and limit.reset is None:
+        limit.reset = max(exhausted_resets)
+    return limit
+
+
+def utilization(account: Account, now: int) -> float:
+    """Return how used an account is: the fuller of its 5h and 7d windows (0 after a reset)."""
+    windows = ((account.utilization_5h, account.reset_5h),
+               (account.utilization_7d, account.reset_7d))
+    return max([used for used, reset in windows
+                if used is not None and (reset is None or reset > now)] or [0.0])
+
+
+def soft_limited(account: Account, now: int) -> bool:
+    """Whether an account's last answer warned it is close to its limit (and still is)."""
+    return (account.rate_limit_status in SOFT_LIMIT_STATUSES
+            and (account.rate_limit_reset or 0) > now)
+
+
+###############################################################################
+# Strategies ##################################################################
+###############################################################################
+
+@dataclass
+class RouteContext:
+    """What a strategy may know besides the accounts and the time."""
+
+    #: Grows by one with every request: the rotation of round-robin and of ties.
+    turn: int = 0
+    session_duration_ms: int = 5 * 3600 * 1000
+    #: The account the request's conversation is bound to (session strategy), if any.
+    bound_account: int | None = None
+    #: Live conversations per account id (session strategy spreads new ones).
+    conversations: dict[int, int] = dataclasses.field(default_factory=dict)
+
+
+def rotated(accounts: list[Account], context: RouteContext) -> list[Account]:
+    """Rotate the list by the turn, so ties do not always fall to the same account."""
+    start = context.turn % len(accounts)
+    return accounts[start:] + accounts[:start]
+
+
+def round_robin(accounts: list[Account], context: RouteContext, now: int) -> list[Account]:
+    """Equal distribution: each request starts one account further along."""
+    return rotated(accounts, context)
+
+
+@functools.lru_cache(maxsize=64)
+def weighted_schedule(weights: tuple[int, ...]) -> tuple[int, ...]:
+    """Return one cycle of smooth weighted round-robin: index i appears weights[i] times, spread.
+
+    Each step adds every weight to its running score and picks the highest, then takes the
+    total off the winner: (1, 5, 20) gives a cycle of 26 where the tier-1 account comes once.
+    """
+    scores = [0] * len(weights)
+    total, cycle = sum(weights), []
+    for _ in range(total):
+        scores = [score + weight for score, weight in zip(scores, weights)]
+        winner = max(range(len(weights)), key=lambda index: scores[index])
+        scores[winner] -= total
+        cycle.append(winner)
+    return tuple(cycle)
+
+
+def weighted(accounts: list[Account], context: RouteContext, now: int) -> list[Account]:
+    """In proportion to tier: over 26 requests, tiers 1/5/20 get 1, 5 and 20."""
+    cycle = weighted_schedule(tuple(account.account_tier for account in accounts))
+    first = accounts[cycle[context.turn % len(cycle)]]
+    rest = sorted((account for account in accounts if account is not first),
+                  key=lambda account: -account.account_tier)
+    return [first] + rest
+
+
+def least_requests(accounts: list[Account], context: RouteContext, now: int) -> list[Account]:
+    """The account with the fewest requests in its current window first."""
+    return sorted(rotated(accounts, context),
+                  key=lambda account: account.session_count(now, context.session_duration_ms))
+
+
+def headroom(accounts: list[Account], context: RouteContext, now: int) -> list[Account]:
+    """The account with the lowest 5h/7d utilization first, so accounts drain evenly."""
+    return sorted(rotated(accounts, context), key=lambda account: utilization(account, now))
+
+
+def session(accounts: list[Account], context: RouteContext, now: int) -> list[Account]:
+    """Sticky per conversation, so its prompt cache keeps hitting; new ones where room is.
+
+    New conversations go to the account with the most headroom (in steps of 10%, so small
+    differences do not pile every conversation onto one account), then the fewest live ones.
+    """
+    def preference(account: Account) -> tuple:
+        return (account.id != context.bound_account, round(utilization(account, now), 1),
+                context.conversations.get(account.id, 0))
+    return sorted(rotated(accounts, context), key=preference)
+
+
+#: The strategy table: name -> function(accounts, context, now) -> accounts in the order to try.
+STRATEGIES: dict[str, Callable[[list[Account], RouteContext, int], list[Account]]] = {
+    "session": session,
+    "round-robin": round_robin,
+    "weighted": weighted,
+    "least-requests": least_requests,
+    "headroom": headroom,
+}
+assert tuple(STRATEGIES) == STRATEGY_NAMES
+
+
+def order_accounts(accounts: list[Account], strategy: str, context: RouteContext,
+                   now: int) -> list[Account]:
+    """Order the usable accounts by the strategy, soft-limited ones last."""
+    usable = [account for account in accounts if account.status(now) == "active"]
+    preferred = [account for account in usable if not soft_limited(account, now)]
+    warned = [account for account in usable if soft_limited(account, now)]
+    choose = STRATEGIES[strategy]
+    return ((choose(preferred, context, now) if preferred else [])
+            + (choose(warned, context, now) if warned else []))
+
+
+#: metadata.user_id as Claude Code writes it: user_<hex>_account_<uuid>_session_<uuid>.
+USER_ID_SESSION = re.compile(r"_session_([0-9a-fA-F-]{8,})")
+
+
+def conversation_key(headers: Any, body: bytes) -> str | None:
+    """Identify the conversation a request belongs to, for sticky routing.
+
+    X-Claude-Code-Session-Id, else the session in metadata.user_id (either format), else a hash
+    of the system prompt and the first message.
+    """
+    session_id = headers.get("X-Claude-Code-Session-Id")
+    if session_id:
+        return "session:" + session_id.strip()[:200]
+    if not body or body[:1] != b"{":
+        return None
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(payload, dict):
+        return None
+    metadata = payload.get("metadata")
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if isinstance(user_id, str) and user_id:
+        match = USER_ID_SESSION.search(user_id)
+        if match:
+            return "session:" + match.group(1)
+        try:
+            described = json.loads(user_id)
+        except ValueError:
+            described = None
+        if isinstance(described, dict) and described.get("session_id"):
+            return "session:" + str(described["session_id"])[:200]
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    opening = json.dumps([payload.get("system"), messages[0]], sort_keys=True, default=str)
+    return "hash:" + hashlib.sha256(opening.encode()).hexdigest()[:32]
+
+
+###############################################################################
 # Proxy handler & server ######################################################
 ###############################################################################
 
@@ -1688,6 +2002,63 @@ def anthropic_error(error_type: str, message: str) -> dict:
 def sse_error_event(message: str) -> bytes:
     """Build the SSE `error` event a client gets when the upstream fails mid-stream."""
     return b"event: error\ndata: " + json_bytes(anthropic_error("api_error", message)) + b"\n\n"
+
+
+#: Every this many requests, conversations past their session are forgotten.
+SESSION_PRUNE_EVERY = 256
+#: A retry waits at most this long; an upstream asking for more sends the request elsewhere.
+MAX_RETRY_WAIT_MS = 30 * 1000
+#: Error messages that mean an account itself is unusable, not the request.
+ACCOUNT_REFUSED_MESSAGES = ("organization has been disabled",
+                            "oauth authentication is currently not allowed")
+
+
+@dataclass
+class Answer:
+    """An upstream answer read whole: relayed at once, or kept in case no account does better."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def error_message(self) -> str:
+        """Return the message of an Anthropic error body, or '' when it is not one."""
+        try:
+            error = json.loads(self.body).get("error")
+        except (ValueError, AttributeError):
+            return ""
+        return str(error.get("message", "")) if isinstance(error, dict) else str(error or "")
+
+
+@dataclass
+class Tries:
+    """What the attempts of one request met so far."""
+
+    count: int = 0
+    last_error: str = ""
+    last_answer: Answer | None = None
+
+
+def failure_kind(answer: Answer, limit: RateLimit, has_account: bool) -> str:
+    """Say what an upstream error means for routing.
+
+    rate_limited: bench the account, try the next. retry: the same account again, then the next.
+    refused: the account itself is unusable. next: try another, no bench. client: the client's
+    own mistake, passed through at once.
+    """
+    message = answer.error_message().lower()
+    if answer.status == 429 or limit.hard:
+        return "rate_limited"
+    if answer.status >= 500 or answer.status == 408:
+        return "retry"
+    if answer.status in (400, 403) and any(text in message for text in ACCOUNT_REFUSED_MESSAGES):
+        return "refused"
+    if answer.status == 401 and has_account:
+        return "refused"
+    if answer.status == 400 and "extra usage" in message:
+        return "next"
+    return "client"
 
 
 #: The beta flag that lets an OAuth access token call the Messages API.
@@ -1736,11 +2107,16 @@ class App:
         self.oauth = OAuthClient(settings)
         self.tokens = TokenKeeper(store, self.oauth)
         self.started = time.monotonic()
-        #: Guards the account cache and the round-robin position.
+        #: Guards the account cache and the routing state.
         self.lock = threading.Lock()
         self.cached_accounts: list[Account] = []
         self.cached_version: tuple[int, int] | None = None
         self.turn = 0
+        #: conversation key -> (account id, when it was bound): the session strategy's memory.
+        self.conversations: dict[str, tuple[int, int]] = {}
+        self.conversation_counts: dict[int, int] = {}
+        #: account id -> how many windowless 429s in a row it got.
+        self.cooldowns: dict[int, int] = {}
         self.refresher = BackgroundRefresher(self.tokens, self.accounts)
 
     def accounts(self) -> list[Account]:
@@ -1755,15 +2131,107 @@ class App:
                 self.cached_version = version
             return self.cached_accounts
 
-    def choose_accounts(self, now: int) -> list[Account]:
-        """Return the usable accounts in the order to try them: round-robin."""
-        usable = [account for account in self.accounts() if account.status(now) == "active"]
-        if not usable:
-            return []
+    def route(self, conversation: str | None, now: int) -> list[Account]:
+        """Return the usable accounts in the order the strategy wants them tried."""
+        accounts = self.accounts()
+        settings = self.settings
         with self.lock:
-            start = self.turn % len(usable)
             self.turn += 1
-        return usable[start:] + usable[:start]
+            if self.turn % SESSION_PRUNE_EVERY == 0:
+                self.prune_conversations(now)
+            binding = self.conversations.get(conversation) if conversation else None
+            if binding and now - binding[1] >= settings.session_duration_ms:
+                binding = None
+            context = RouteContext(self.turn, settings.session_duration_ms,
+                                   binding[0] if binding else None,
+                                   dict(self.conversation_counts))
+            ordered = order_accounts(accounts, settings.lb_strategy, context, now)
+            if ordered:
+                self.count_use(ordered[0], now)
+        return ordered
+
+    def count_use(self, account: Account, now: int) -> None:
+        """Count a request against the cached account at once (the writer persists it later)."""
+        if account.session_count(now, self.settings.session_duration_ms) == 0:
+            account.session_start, account.session_requests = now, 0
+        account.session_requests += 1
+
+    def bind_conversation(self, conversation: str | None, account: Account, now: int) -> None:
+        """Stick a conversation to the account that served it, for session_duration_ms."""
+        if not conversation:
+            return
+        with self.lock:
+            previous = self.conversations.get(conversation)
+            if previous and previous[0] == account.id and \
+                    now - previous[1] < self.settings.session_duration_ms:
+                return
+            if previous:
+                self.conversation_counts[previous[0]] -= 1
+            self.conversations[conversation] = (account.id, now)
+            self.conversation_counts[account.id] = self.conversation_counts.get(account.id, 0) + 1
+
+    def prune_conversations(self, now: int) -> None:
+        """Forget conversations whose stickiness ran out (called with the lock held)."""
+        expired = [key for key, (_, since) in self.conversations.items()
+                   if now - since >= self.settings.session_duration_ms]
+        for key in expired:
+            account_id, _ = self.conversations.pop(key)
+            self.conversation_counts[account_id] -= 1
+
+    def note_limits(self, account: Account, limit: RateLimit, now: int) -> None:
+        """Keep what a response said of its account's windows, for ordering (headroom, soft).
+
+        The cached account changes at once; the writer stores it with the request's record.
+        """
+        with self.lock:
+            if limit.status is not None or limit.status_5h is not None:
+                account.rate_limit_status = limit.status or limit.status_5h or limit.status_7d
+                account.rate_limit_reset = limit.reset or limit.reset_5h
+            for field in ("utilization_5h", "reset_5h", "utilization_7d", "reset_7d"):
+                if getattr(limit, field) is not None:
+                    setattr(account, field, getattr(limit, field))
+
+    def mark_rate_limited(self, account: Account, limit: RateLimit, now: int) -> int:
+        """Bench an account until its window resets; a 429 naming no window gets a cooldown."""
+        with self.lock:
+            if limit.hard or limit.has_window:
+                self.cooldowns.pop(account.id, None)
+                until = limit.limited_until(now)
+            else:
+                streak = self.cooldowns.get(account.id, 0)
+                self.cooldowns[account.id] = streak + 1
+                wait = max(COOLDOWN_MS * 2 ** min(streak, 10), limit.retry_after_ms or 0)
+                until = now + min(wait, MAX_COOLDOWN_MS)
+        status = limit.status or limit.status_5h or limit.status_7d or "rate_limited"
+        self.store.update_account(
+            account.name, rate_limited_until=until, rate_limit_status=status,
+            rate_limit_reset=limit.reset or until,
+            **{field: getattr(limit, field) for field in (
+                "utilization_5h", "reset_5h", "utilization_7d", "reset_7d")
+               if getattr(limit, field) is not None})
+        component_logger("Proxy").warning(
+            "Account %s rate limited until %s (%s%s); moving on", account.name, iso_time(until),
+            status, f", {limit.claim}" if limit.claim else "")
+        return until
+
+    def note_success(self, account: Account) -> None:
+        """End a run of windowless 429s: the next one starts the cooldown afresh."""
+        if account.id in self.cooldowns:
+            with self.lock:
+                self.cooldowns.pop(account.id, None)
+
+    def mark_needs_attention(self, account: Account, reason: str) -> None:
+        """Stop using an account the upstream refuses for good (banned, not allowed, bad key)."""
+        self.store.update_account(account.name, needs_reauth=1, reauth_reason=reason[:300])
+        component_logger("Proxy").error("Account %s needs attention and is skipped: %s",
+                                        account.name, reason)
+
+    def earliest_reset(self, now: int) -> int | None:
+        """Return when the first rate-limited account becomes usable again."""
+        resets = [account.rate_limited_until for account in self.accounts()
+                  if account.rate_limited_until and account.rate_limited_until > now
+                  and not account.paused and not account.needs_reauth]
+        return min(resets) if resets else None
 
     def health(self) -> tuple[int, dict]:
         """Return /health's status code and body: unavailable (503) when no account can serve."""
@@ -1958,7 +2426,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return headers
 
     def proxy(self) -> None:
-        """Forward one /v1 request upstream with an account's credentials and relay the answer."""
+        """Forward one /v1 request over the accounts in strategy order and relay the answer.
+
+        Rate limits, refused accounts and upstream failures move the request to the next
+        account before the client has seen a byte, streams included.
+        """
         started = time.monotonic()
         record = RequestRecord(id=uuid.uuid4().hex, timestamp=now_ms(), method=self.command,
                                path=self.path[:1000],
@@ -1970,40 +2442,169 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(error.status, anthropic_error(error.error_type, str(error)))
             self.finish_record(record, started, error.status, str(error))
             return
-        app, settings, proxy_log = self.app, self.app.settings, component_logger("Proxy")
+        app = self.app
+        record.conversation = conversation_key(self.headers, body)
+        candidates: list[Account | None] = list(app.route(record.conversation, record.timestamp))
+        if not candidates and app.accounts():
+            if self.all_limited(record, started):
+                return
+            component_logger("Proxy").warning("No active accounts available; forwarding with "
+                                              "the client's own credentials")
         headers = self.upstream_headers(body)
-        candidates: list[Account | None] = list(app.choose_accounts(record.timestamp))
-        if not candidates:
-            if app.accounts():
-                proxy_log.warning("No active accounts available; forwarding with the client's "
-                                  "own credentials")
-            candidates = [None]
-        attempts, last_error = 0, ""
-        for account in candidates:
-            attempts += 1
-            name = account.name if account else "client credentials"
-            try:
-                response, connection, account = self.send_via(account, headers, body,
-                                                              record.timestamp)
-            except (UpstreamError, TokenUnavailable) as error:
-                last_error = str(error)
-                proxy_log.warning("Request via %s failed: %s", name, last_error)
-                continue
-            record.account_name = account.name if account else None
-            record.account_id = account.id if account else None
-            record.failover_attempts = attempts - 1
-            record.streaming = "text/event-stream" in (response.getheader("Content-Type") or "")
-            record.ttfb_ms = int((time.monotonic() - started) * 1000)
-            error = self.relay(response, connection)
-            self.finish_record(record, started, response.status, error)
-            proxy_log.info("Request completed for %s: %d in %dms", name, response.status,
-                           record.response_time_ms)
+        tries = Tries()
+        for account in candidates or [None]:
+            if self.serve_from(account, headers, body, record, tries, started):
+                return
+        record.failover_attempts = max(0, tries.count - 1)
+        answer = tries.last_answer
+        if answer is None:
+            component_logger("Proxy").error("%s after %d attempts: %s", ALL_ACCOUNTS_FAILED,
+                                            tries.count, tries.last_error)
+            self.send_json(503, {"error": ALL_ACCOUNTS_FAILED, "attempts": tries.count,
+                                 "lastError": tries.last_error})
+            self.finish_record(record, started, 503, f"{ALL_ACCOUNTS_FAILED}: {tries.last_error}")
             return
-        proxy_log.error("%s after %d attempts: %s", ALL_ACCOUNTS_FAILED, attempts, last_error)
-        self.send_json(503, {"error": ALL_ACCOUNTS_FAILED, "attempts": attempts,
-                             "lastError": last_error})
-        record.failover_attempts = attempts - 1
-        self.finish_record(record, started, 503, f"{ALL_ACCOUNTS_FAILED}: {last_error}")
+        if answer.status == 429:
+            self.set_retry_after(answer, now_ms())
+        self.send_answer(answer)
+        self.finish_record(record, started, answer.status, answer.error_message() or None)
+
+    def all_limited(self, record: RequestRecord, started: float) -> bool:
+        """Answer 429 when every account is rate-limited and the client has no credentials.
+
+        Forwarding without any credentials could only fail; a 429 with retry-after set to the
+        earliest reset lets the client wait exactly as long as needed.
+        """
+        if any(name.lower() in CREDENTIAL_HEADERS for name, _ in self.headers.items()):
+            return False
+        now = now_ms()
+        reset = self.app.earliest_reset(now)
+        if reset is None:
+            return False
+        message = f"All accounts are rate limited; the first resets at {iso_time(reset)}"
+        answer = Answer(429, "Too Many Requests", [("Content-Type", "application/json")],
+                        json_bytes(anthropic_error("rate_limit_error", message)))
+        self.set_retry_after(answer, now)
+        self.send_answer(answer)
+        component_logger("Proxy").warning("No active accounts available: %s", message)
+        self.finish_record(record, started, 429, message)
+        return True
+
+    def set_retry_after(self, answer: Answer, now: int) -> None:
+        """Point a 429's retry-after at the earliest reset among the accounts."""
+        reset = self.app.earliest_reset(now)
+        if reset is None:
+            return
+        answer.headers = [(name, value) for name, value in answer.headers
+                          if name.lower() not in ("retry-after", "retry-after-ms")]
+        answer.headers.append(("retry-after", str(max(1, -(-(reset - now) // 1000)))))
+
+    def serve_from(self, account: Account | None, headers: list[tuple[str, str]], body: bytes,
+                   record: RequestRecord, tries: Tries, started: float) -> bool:
+        """Try one account, retrying 5xx, 529 and network errors; return True once answered."""
+        app, settings, proxy_log = self.app, self.app.settings, component_logger("Proxy")
+        name = account.name if account else "client credentials"
+        delay_ms = float(settings.retry_delay_ms)
+        for retry in range(settings.retry_attempts + 1):
+            tries.count += 1
+            now = now_ms()
+            wait_ms: int | None = None
+            try:
+                response, connection, account = self.send_via(account, headers, body, now)
+                limit = parse_rate_limit(response.msg, now)
+                if account is not None:
+                    app.note_limits(account, limit, now)
+                if response.status < 400:
+                    if account is not None and limit.hard:
+                        app.mark_rate_limited(account, limit, now)
+                    self.deliver(response, connection, account, limit, record, tries, started)
+                    return True
+                answer = self.read_answer(response, connection)
+            except TokenUnavailable as error:
+                tries.last_error = str(error)
+                proxy_log.warning("Skipping account %s: %s", name, error)
+                return False
+            except UpstreamError as error:
+                tries.last_error = str(error)
+                proxy_log.warning("Request via %s failed: %s", name, error)
+            else:
+                kind = failure_kind(answer, limit, account is not None)
+                tries.last_answer = answer
+                tries.last_error = f"{answer.status} {answer.error_message() or answer.reason}"
+                if kind == "client":
+                    record.failover_attempts = tries.count - 1
+                    self.take_record(record, account, started, streaming=False)
+                    self.send_answer(answer)
+                    self.finish_record(record, started, answer.status,
+                                       answer.error_message() or None)
+                    return True
+                proxy_log.warning("Request via %s got %s", name, tries.last_error)
+                if account is not None and kind == "rate_limited":
+                    app.mark_rate_limited(account, limit, now)
+                if account is not None and kind == "refused":
+                    app.mark_needs_attention(account, tries.last_error)
+                if kind != "retry" or limit.should_retry is False:
+                    return False
+                wait_ms = limit.retry_after_ms
+            if retry == settings.retry_attempts:
+                return False
+            wait_ms = max(int(delay_ms), wait_ms or 0)
+            if wait_ms > MAX_RETRY_WAIT_MS:
+                return False
+            time.sleep(wait_ms / 1000)
+            delay_ms *= settings.retry_backoff
+        return False
+
+    def deliver(self, response: http.client.HTTPResponse,
+                connection: http.client.HTTPConnection, account: Account | None,
+                limit: RateLimit, record: RequestRecord, tries: Tries, started: float) -> None:
+        """Send a successful upstream answer to the client and record who served it."""
+        app = self.app
+        record.failover_attempts = tries.count - 1
+        streaming = "text/event-stream" in (response.getheader("Content-Type") or "")
+        self.take_record(record, account, started, streaming)
+        record.limits = limit
+        if account is not None:
+            app.note_success(account)
+            app.bind_conversation(record.conversation, account, record.timestamp)
+        if response.length is not None and response.length <= SMALL_BODY_BYTES:
+            try:
+                answer = self.read_answer(response, connection)
+            except UpstreamError as error:
+                self.close_connection = True
+                self.send_json(502, anthropic_error("api_error", str(error)))
+                self.finish_record(record, started, 502, str(error))
+                return
+            self.send_answer(answer)
+            error = None
+        else:
+            error = self.relay(response, connection)
+        self.finish_record(record, started, response.status, error)
+        component_logger("Proxy").info(
+            "Request completed for %s: %d in %dms", account.name if account else
+            "client credentials", response.status, record.response_time_ms)
+
+    def take_record(self, record: RequestRecord, account: Account | None, started: float,
+                    streaming: bool) -> None:
+        """Note in the record which account answered, and when the answer began."""
+        record.account_name = account.name if account else None
+        record.account_id = account.id if account else None
+        record.streaming = streaming
+        record.ttfb_ms = int((time.monotonic() - started) * 1000)
+
+    def read_answer(self, response: http.client.HTTPResponse,
+                    connection: http.client.HTTPConnection) -> Answer:
+        """Read a whole (small or error) answer, keeping the connection if it stays usable."""
+        body = self.discard(response, connection)
+        headers = [(name, value) for name, value in forwardable_headers(response.msg)
+                   if name.lower() != "content-length"]
+        return Answer(response.status, response.reason, headers, body)
+
+    def send_answer(self, answer: Answer) -> None:
+        """Send an answer that was read whole, in one write."""
+        headers = answer.headers + [("Content-Length", str(len(answer.body)))]
+        head = self.head_bytes(answer.status, answer.reason, headers)
+        self.wfile.write(head if self.command == "HEAD" else head + answer.body)
 
     def send_via(self, account: Account | None, headers: list[tuple[str, str]], body: bytes,
                  now: int) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection,
@@ -2066,10 +2667,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 if length is not None:
                     headers.append(("Content-Length", length))
                 self.wfile.write(self.head_bytes(status, reason, headers))
-            elif response.length is not None and response.length <= SMALL_BODY_BYTES:
-                data = self.read_upstream(response, response.read)
-                headers.append(("Content-Length", str(len(data))))
-                self.wfile.write(self.head_bytes(status, reason, headers) + data)
             elif response.length is not None:
                 headers.append(("Content-Length", str(response.length)))
                 self.wfile.write(self.head_bytes(status, reason, headers))
@@ -2178,9 +2775,14 @@ def argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse_argument
 
 
-def open_store(args: argparse.Namespace) -> Store:
-    """Open the database a command works on: --db, CLAUDEFLARE_DB_PATH, or the default."""
-    return Store(args.db or default_db_path())
+@contextlib.contextmanager
+def open_store(args: argparse.Namespace) -> Iterator[Store]:
+    """Open the database a command works on (--db, CLAUDEFLARE_DB_PATH, or the default)."""
+    store = Store(args.db or default_db_path())
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def read_secret(prompt: str) -> str:
@@ -2251,8 +2853,7 @@ def identity(tokens: Tokens) -> dict:
 def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
     """Add an account: an API key read from stdin, or an OAuth login."""
     validate_account_name(args.name)
-    store = open_store(args)
-    try:
+    with open_store(args) as store:
         if any(account.name == args.name for account in store.accounts()):
             raise ClaudeflareError(f"Account already exists: {args.name}. Choose another name, "
                                    f"or log it in again with: reauth {args.name}")
@@ -2277,14 +2878,11 @@ def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
             print(f"Added OAuth account {args.name} ({tokens.email or 'unknown email'}, "
                   f"tier {args.tier})")
         return 0
-    finally:
-        store.close()
 
 
 def cmd_reauth(args: argparse.Namespace, settings: Settings) -> int:
     """Log an existing account in again, keeping its name, tier and history."""
-    store = open_store(args)
-    try:
+    with open_store(args) as store:
         account = store.account(args.name)
         mode = args.mode or ("max" if account.type == "oauth" else "console")
         if (mode == "max") != (account.type == "oauth"):
@@ -2299,8 +2897,6 @@ def cmd_reauth(args: argparse.Namespace, settings: Settings) -> int:
             store.update_account(args.name, access_token=tokens.access_token,
                                  refresh_token=tokens.refresh_token,
                                  expires_at=tokens.expires_at, **reset)
-    finally:
-        store.close()
     print(f"Logged in account {args.name} again")
     return 0
 
@@ -2350,11 +2946,8 @@ def print_table(rows: list[list[str]]) -> None:
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     """Print every account with its status, usage and limits."""
-    store = open_store(args)
-    try:
+    with open_store(args) as store:
         accounts = store.accounts()
-    finally:
-        store.close()
     now = now_ms()
     if args.json:
         print(json.dumps([account_json(account, now, settings.session_duration_ms)
@@ -2380,8 +2973,7 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_remove(args: argparse.Namespace, settings: Settings) -> int:
     """Remove an account after the user types its name again (or with --force)."""
-    store = open_store(args)
-    try:
+    with open_store(args) as store:
         store.account(args.name)
         if not args.force:
             print(f"Type the account name ({args.name}) to remove it: ", end="", flush=True)
@@ -2389,43 +2981,32 @@ def cmd_remove(args: argparse.Namespace, settings: Settings) -> int:
                 raise ClaudeflareError(f"Confirmation did not match; {args.name} was not "
                                        f"removed (use --force to skip the question)")
         store.remove_account(args.name)
-    finally:
-        store.close()
     print(f"Removed account {args.name}")
+    return 0
+
+
+def change_account(args: argparse.Namespace, done: str, **fields: Any) -> int:
+    """Set some columns of the named account and say what was done."""
+    with open_store(args) as store:
+        store.update_account(args.name, **fields)
+    print(done)
     return 0
 
 
 def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
     """Stop routing requests to an account until it is resumed."""
-    store = open_store(args)
-    try:
-        store.update_account(args.name, paused=1)
-    finally:
-        store.close()
-    print(f"Paused account {args.name}")
-    return 0
+    return change_account(args, f"Paused account {args.name}", paused=1)
 
 
 def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
     """Route requests to an account again, clearing any rate-limit mark."""
-    store = open_store(args)
-    try:
-        store.update_account(args.name, paused=0, rate_limited_until=None)
-    finally:
-        store.close()
-    print(f"Resumed account {args.name}")
-    return 0
+    return change_account(args, f"Resumed account {args.name}", **RESUMED)
 
 
 def cmd_tier(args: argparse.Namespace, settings: Settings) -> int:
     """Set an account's tier (its weight in the weighted strategy)."""
-    store = open_store(args)
-    try:
-        store.update_account(args.name, account_tier=args.tier)
-    finally:
-        store.close()
-    print(f"Set tier of {args.name} to {args.tier}")
-    return 0
+    return change_account(args, f"Set tier of {args.name} to {args.tier}",
+                          account_tier=args.tier)
 
 
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
@@ -2457,33 +3038,24 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_clear_history(args: argparse.Namespace, settings: Settings) -> int:
     """Delete the request log."""
-    store = open_store(args)
-    try:
+    with open_store(args) as store:
         count = store.clear_history()
-    finally:
-        store.close()
     print(f"Cleared {count} request records")
     return 0
 
 
 def cmd_reset_stats(args: argparse.Namespace, settings: Settings) -> int:
     """Zero the per-account request counters."""
-    store = open_store(args)
-    try:
+    with open_store(args) as store:
         count = store.reset_stats()
-    finally:
-        store.close()
     print(f"Reset request counters of {count} accounts")
     return 0
 
 
 def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
     """Copy the database consistently, even while the server runs."""
-    store = open_store(args)
-    try:
+    with open_store(args) as store:
         store.backup(args.path)
-    finally:
-        store.close()
     print(f"Backed up {store.path} to {args.path}")
     return 0
 

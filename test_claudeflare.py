@@ -99,6 +99,7 @@ class Recorded:
         self.headers = headers
         self.body = body
         self.connection = connection
+        self.arrived = time.monotonic()
 
     def json(self):
         return json.loads(self.body)
@@ -411,6 +412,8 @@ class FakeUpstream:
         self.requests: list[Recorded] = []
         self.connections = 0
         self.queued: collections.deque = collections.deque()
+        self.per_account: dict[str, collections.deque] = collections.defaultdict(
+            collections.deque)
         self.holding = threading.Event()
         self.stream_aborted = threading.Event()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHandler)
@@ -430,8 +433,19 @@ class FakeUpstream:
         with self.lock:
             self.queued.extend(actions)
 
+    def push_for(self, credential: str, *actions) -> None:
+        """Use these actions for the next requests carrying this API key or Bearer token."""
+        with self.lock:
+            self.per_account[credential].extend(actions)
+
     def next_action(self, request: Recorded):
-        if self.queued and not request.path.startswith(("/v1/oauth", "/api/oauth")):
+        if request.path.startswith(("/v1/oauth", "/api/oauth")):
+            return reply_default
+        credential = request.headers["x-api-key"] or (
+            request.headers["Authorization"] or "").replace("Bearer ", "")
+        if self.per_account.get(credential):
+            return self.per_account[credential].popleft()
+        if self.queued:
             return self.queued.popleft()
         return reply_default
 
@@ -718,7 +732,7 @@ class TestStreaming(ProxyTestCase):
 class TestUpstreamConnections(ProxyTestCase):
     """Upstream connections are pooled, reused, and their failures are clear."""
 
-    settings = {"request_timeout_s": 0.5}
+    settings = {"request_timeout_s": 0.5, "retry_attempts": 0}
 
     def test_connections_are_reused_across_requests(self):
         for _ in range(20):
@@ -758,7 +772,7 @@ class TestUnreachableUpstream(unittest.TestCase):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             closed_port = probe.getsockname()[1]
-        proxy = Proxy(f"http://127.0.0.1:{closed_port}")
+        proxy = Proxy(f"http://127.0.0.1:{closed_port}", retry_attempts=0)
         self.addCleanup(proxy.close)
         status, _, body = proxy.request("POST", "/v1/messages", b"{}")
         self.assertEqual(status, 503)
@@ -1075,6 +1089,7 @@ class ServerWithAccounts(ProxyTestCase):
 
 
 class TestUsingAccounts(ServerWithAccounts):
+    settings = {"lb_strategy": "round-robin"}
     def test_api_key_account_replaces_the_client_credentials(self):
         self.add_key("work")
         status, _, _ = self.post_message(headers={"x-api-key": "client-own",
@@ -1117,14 +1132,14 @@ class TestUsingAccounts(ServerWithAccounts):
 
     def test_config_set_reaches_the_running_server(self):
         self.assertEqual(json.loads(self.proxy.request("GET", "/health")[2])["strategy"],
-                         "session")
-        self.ok("config", "set", "lb_strategy", "round-robin")
-        self.assertEqual(json.loads(self.proxy.request("GET", "/health")[2])["strategy"],
                          "round-robin")
+        self.ok("config", "set", "lb_strategy", "weighted")
+        self.assertEqual(json.loads(self.proxy.request("GET", "/health")[2])["strategy"],
+                         "weighted")
         with open(self.proxy.config_path, "w") as out:
             out.write("{broken")
         self.assertEqual(json.loads(self.proxy.request("GET", "/health")[2])["strategy"],
-                         "round-robin")
+                         "weighted")
         self.assertIn("Failed to parse config file", CAPTURED_LOG.text())
 
     def test_without_usable_accounts_the_client_credentials_pass(self):
@@ -1369,6 +1384,8 @@ class TestTokenRefresh(ServerWithAccounts):
     def test_invalid_grant_marks_needs_reauth_and_traffic_moves_on(self):
         self.add_oauth("broken", expires_in_ms=-1000, refresh_token="sk-ant-ort01-revoked")
         self.add_key("spare")
+        wait_for(lambda: self.listed()["broken"]["status"] == "needs_reauth",
+                 what="the refresh to be refused")
         for _ in range(3):
             self.assertEqual(self.post_message()[0], 200)
         self.assertEqual([request.headers["x-api-key"] for request in self.upstream.messages()],
@@ -1412,6 +1429,378 @@ class TestTokenRefresh(ServerWithAccounts):
         self.assertEqual(self.listed()["stale"]["status"], "expired")
         wait_for(lambda: "Token expired or missing for account: stale" in CAPTURED_LOG.text(),
                  what="the expiry to be logged")
+
+
+###############################################################################
+# Rate limits, strategies, retries and failover ###############################
+###############################################################################
+
+def unified_headers(status: str = "rejected", reset_in_s: int = 3600, five_hour: float = 1.01,
+                    seven_day: float = 0.69, claim: str = "five_hour") -> list:
+    """The headers a subscription account's answer carries."""
+    reset = int(time.time()) + reset_in_s
+    return [("anthropic-ratelimit-unified-status", status),
+            ("anthropic-ratelimit-unified-reset", str(reset)),
+            ("anthropic-ratelimit-unified-representative-claim", claim),
+            ("anthropic-ratelimit-unified-5h-status", status),
+            ("anthropic-ratelimit-unified-5h-reset", str(reset)),
+            ("anthropic-ratelimit-unified-5h-utilization", str(five_hour)),
+            ("anthropic-ratelimit-unified-7d-status", "allowed"),
+            ("anthropic-ratelimit-unified-7d-reset", str(reset + 86400)),
+            ("anthropic-ratelimit-unified-7d-utilization", str(seven_day)),
+            ("retry-after", str(reset_in_s))]
+
+
+class TestRateLimitParsing(unittest.TestCase):
+    def parse(self, headers, now=None):
+        return claudeflare.parse_rate_limit(claudeflare.Headers(headers),
+                                            now or claudeflare.now_ms())
+
+    def test_unified_headers_are_read(self):
+        limit = self.parse(unified_headers(reset_in_s=7200))
+        self.assertTrue(limit.hard)
+        self.assertEqual((limit.status, limit.claim, limit.utilization_5h, limit.utilization_7d),
+                         ("rejected", "five_hour", 1.01, 0.69))
+        self.assertAlmostEqual(limit.reset_5h / 1000, time.time() + 7200, delta=5)
+        self.assertEqual(limit.retry_after_ms, 7_200_000)
+
+    def test_window_only_headers_count_as_hard(self):
+        reset = int(time.time()) + 600
+        limit = self.parse([("anthropic-ratelimit-unified-5h-status", "rejected"),
+                            ("anthropic-ratelimit-unified-5h-reset", str(reset))])
+        self.assertTrue(limit.hard)
+        self.assertIsNone(limit.status)
+        now = claudeflare.now_ms()
+        self.assertEqual(limit.limited_until(now), reset * 1000)
+
+    def test_statuses_are_classified(self):
+        for status in ("rejected", "rate_limited", "blocked", "queueing_hard",
+                       "payment_required"):
+            self.assertTrue(self.parse(unified_headers(status)).hard, status)
+        for status in ("allowed_warning", "queueing_soft"):
+            limit = self.parse(unified_headers(status))
+            self.assertEqual((limit.hard, limit.soft), (False, True), status)
+        self.assertFalse(self.parse(unified_headers("allowed")).hard)
+
+    def test_limit_is_capped_and_has_fallbacks(self):
+        now = claudeflare.now_ms()
+        far = self.parse(unified_headers(reset_in_s=30 * 86400))
+        self.assertEqual(far.limited_until(now), now + 8 * 86400 * 1000)
+        only_retry = self.parse([("anthropic-ratelimit-unified-status", "rejected"),
+                                 ("retry-after", "120")], now)
+        self.assertEqual(only_retry.limited_until(now), now + 120_000)
+        bare = self.parse([("anthropic-ratelimit-unified-status", "rejected")], now)
+        self.assertEqual(bare.limited_until(now), now + 60_000)
+        self.assertFalse(self.parse([]).has_window)
+
+    def test_api_key_limits_and_retry_after_forms(self):
+        reset = "2030-01-01T00:00:00Z"
+        limit = self.parse([("anthropic-ratelimit-requests-remaining", "0"),
+                            ("anthropic-ratelimit-requests-reset", reset),
+                            ("anthropic-ratelimit-tokens-remaining", "5000"),
+                            ("retry-after-ms", "1500"), ("retry-after", "9"),
+                            ("x-should-retry", "false")])
+        self.assertEqual(limit.reset, 1893456000000)
+        self.assertEqual((limit.retry_after_ms, limit.should_retry), (1500, False))
+
+
+class TestConversationKey(unittest.TestCase):
+    def key(self, body, headers=()):
+        return claudeflare.conversation_key(claudeflare.Headers(list(headers)),
+                                            json.dumps(body).encode())
+
+    def test_header_then_metadata_then_opening_hash(self):
+        body = {"messages": [{"role": "user", "content": "hi"}], "system": "be brief",
+                "metadata": {"user_id": "user_ab12_account_1234-5678_session_"
+                                        "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"}}
+        self.assertEqual(self.key(body, [("X-Claude-Code-Session-Id", "s-1")]), "session:s-1")
+        self.assertEqual(self.key(body), "session:aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee")
+        body["metadata"]["user_id"] = json.dumps({"device_id": "d", "session_id": "s-2"})
+        self.assertEqual(self.key(body), "session:s-2")
+        del body["metadata"]
+        first = self.key(body)
+        self.assertTrue(first.startswith("hash:"))
+        body["messages"].append({"role": "assistant", "content": "hello"})
+        self.assertEqual(self.key(body), first)
+        body["system"] = "be verbose"
+        self.assertNotEqual(self.key(body), first)
+        self.assertIsNone(claudeflare.conversation_key(claudeflare.Headers([]), b"not json"))
+
+
+class TestStrategyFunctions(unittest.TestCase):
+    def accounts(self, tiers=(1, 1, 1)):
+        now = claudeflare.now_ms()
+        return [claudeflare.Account(
+            id=index + 1, name=f"a{index + 1}", type="api_key", account_tier=tier, api_key="k",
+            access_token=None, refresh_token=None, expires_at=None, email=None,
+            organization=None, paused=False, needs_reauth=False, reauth_reason=None,
+            rate_limit_status=None, rate_limit_reset=None, rate_limited_until=None,
+            utilization_5h=None, reset_5h=None, utilization_7d=None, reset_7d=None,
+            session_start=now, session_requests=0, request_count=0, created_at=now,
+            last_used=None) for index, tier in enumerate(tiers)]
+
+    def test_table_holds_every_strategy_name(self):
+        self.assertEqual(tuple(claudeflare.STRATEGIES), claudeflare.STRATEGY_NAMES)
+
+    def test_weighted_split_follows_tiers(self):
+        accounts = self.accounts((1, 5, 20))
+        firsts = collections.Counter(
+            claudeflare.weighted(accounts, claudeflare.RouteContext(turn=turn), 0)[0].name
+            for turn in range(260))
+        self.assertEqual(firsts, {"a1": 10, "a2": 50, "a3": 200})
+
+    def test_rate_limited_account_is_usable_again_after_its_reset(self):
+        accounts = self.accounts()
+        now = claudeflare.now_ms()
+        accounts[0].rate_limited_until = now + 3_600_000
+        context = claudeflare.RouteContext()
+        names = [a.name for a in claudeflare.order_accounts(accounts, "round-robin", context, now)]
+        self.assertNotIn("a1", names)
+        later = now + 3_600_001
+        names = [a.name for a in claudeflare.order_accounts(accounts, "round-robin", context,
+                                                             later)]
+        self.assertIn("a1", names)
+
+    def test_soft_limited_accounts_come_last_and_headroom_orders_by_use(self):
+        accounts = self.accounts()
+        now = claudeflare.now_ms()
+        for account, used in zip(accounts, (0.9, 0.2, 0.5)):
+            account.utilization_5h, account.reset_5h = used, now + 3_600_000
+        context = claudeflare.RouteContext()
+        self.assertEqual([a.name for a in claudeflare.headroom(accounts, context, now)],
+                         ["a2", "a3", "a1"])
+        accounts[1].rate_limit_status, accounts[1].rate_limit_reset = "allowed_warning", now + 60
+        self.assertEqual([a.name for a in claudeflare.order_accounts(accounts, "headroom",
+                                                                      context, now)],
+                         ["a3", "a1", "a2"])
+        accounts[0].reset_5h = now - 1  # the 5h window of a1 has reset: it is empty again
+        self.assertEqual(claudeflare.headroom(accounts, context, now)[0].name, "a1")
+
+
+class RoutingTestCase(ServerWithAccounts):
+    """Three API-key accounts a, b, c behind a real server."""
+
+    settings = {"lb_strategy": "round-robin", "retry_delay_ms": 1, "retry_attempts": 2}
+
+    def setUp(self) -> None:
+        super().setUp()
+        for name in ("a", "b", "c"):
+            self.add_key(name)
+
+    def fault(self, name: str, *actions) -> None:
+        self.upstream.push_for(f"sk-ant-api03-{name}", *actions)
+
+    def key_of(self, request) -> str:
+        return (request.headers["x-api-key"] or "").replace("sk-ant-api03-", "")
+
+    def records(self) -> list:
+        self.proxy.app.writer.flush()
+        return self.proxy.app.store.db.execute(
+            "SELECT account_name, status, failover_attempts FROM requests ORDER BY timestamp"
+        ).fetchall()
+
+
+class TestFailover(RoutingTestCase):
+    FAULTS = {
+        "hard 429 with reset": reply_error(429, "rate_limit_error", "5-hour limit reached",
+                                           unified_headers("rejected", 7200)),
+        "windowless 429": reply_error(429, "rate_limit_error", "Rate limited"),
+        "5h-only headers": reply_error(429, "rate_limit_error", "limited", [
+            ("anthropic-ratelimit-unified-5h-status", "rejected"),
+            ("anthropic-ratelimit-unified-5h-reset", str(int(time.time()) + 5400))]),
+        "529": reply_error(529, "overloaded_error", "Overloaded"),
+        "500": reply_error(500, "api_error", "Internal server error"),
+        "dropped before headers": drop_connection,
+        "disabled organization": reply_error(400, "invalid_request_error",
+                                             "This organization has been disabled."),
+        "extra usage": reply_error(400, "invalid_request_error",
+                                   "This request would use extra usage, which is not enabled."),
+    }
+
+    def test_every_fault_on_one_account_is_served_by_another(self):
+        for fault, action in self.FAULTS.items():
+            with self.subTest(fault=fault):
+                self.proxy.app.store.db.execute(
+                    "UPDATE accounts SET paused = 0, needs_reauth = 0, rate_limited_until = NULL,"
+                    " rate_limit_status = NULL")
+                self.proxy.app.store.commits += 1
+                self.upstream.requests.clear()
+                self.fault("a", *[action] * 20)
+                for _ in range(6):
+                    status, _, body = self.post_message()
+                    self.assertEqual(status, 200, body)
+                hits_a = [r for r in self.upstream.messages() if self.key_of(r) == "a"]
+                self.assertTrue(hits_a, "the faulted account was never tried")
+                self.upstream.per_account.clear()
+                account = self.listed()["a"]
+                now = claudeflare.now_ms()
+                if fault in ("hard 429 with reset", "5h-only headers"):
+                    self.assertEqual(account["status"], "rate_limited")
+                    expected = 7200 if fault.startswith("hard") else 5400
+                    self.assertAlmostEqual((account["rateLimitedUntil"] - now) / 1000, expected,
+                                           delta=5)
+                    self.assertEqual(len(hits_a), 1)  # benched at once, never retried
+                elif fault == "windowless 429":
+                    self.assertEqual(account["status"], "rate_limited")
+                    self.assertAlmostEqual((account["rateLimitedUntil"] - now) / 1000, 30,
+                                           delta=5)
+                elif fault == "disabled organization":
+                    self.assertEqual(account["status"], "needs_reauth")
+                    self.assertIn("organization has been disabled", account["reauthReason"])
+                else:
+                    self.assertEqual(account["status"], "active")
+                if fault in ("529", "500"):
+                    self.assertEqual(len(hits_a) % 3, 0)  # 1 try + 2 retries per request
+                if fault == "dropped before headers":
+                    self.assertGreaterEqual(len(hits_a), 3)
+                until = account["rateLimitedUntil"]
+                if until and until > now:
+                    later = claudeflare.now_ms() + (until - now) + 1
+                    self.assertIn("a", [a.name for a in self.proxy.app.route(None, later)])
+
+    def test_windowless_429_cooldown_doubles_while_it_repeats(self):
+        app = self.proxy.app
+        account = app.store.account("a")
+        bare = claudeflare.RateLimit()
+        now = claudeflare.now_ms()
+        waits = []
+        for step in range(6):
+            waits.append(app.mark_rate_limited(account, bare, now) - now)
+        self.assertEqual(waits, [30_000, 60_000, 120_000, 240_000, 300_000, 300_000])
+        app.note_success(account)
+        self.assertEqual(app.mark_rate_limited(account, bare, now) - now, 30_000)
+
+    def test_streaming_request_fails_over_before_the_first_byte(self):
+        self.fault("a", self.FAULTS["hard 429 with reset"])
+        self.fault("b", self.FAULTS["hard 429 with reset"])
+        status, headers, body = self.post_message(stream=True)
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "text/event-stream")
+        self.assertTrue(body.startswith(b"event: message_start"))
+        self.assertIn(b"message_stop", body)
+
+    def test_client_errors_are_returned_at_once_and_never_retried(self):
+        self.fault("a", reply_error(400, "invalid_request_error", "messages: field required"))
+        self.fault("b", reply_error(400, "invalid_request_error", "messages: field required"))
+        self.fault("c", reply_error(400, "invalid_request_error", "messages: field required"))
+        status, _, body = self.post_message()
+        self.assertEqual(status, 400)
+        self.assertEqual(json.loads(body)["error"]["message"], "messages: field required")
+        self.assertEqual(len(self.upstream.messages()), 1)
+
+    def test_retry_after_is_honoured(self):
+        for name in "abc":
+            self.fault(name, reply_error(529, "overloaded_error", "Overloaded",
+                                         [("retry-after-ms", "300")]))
+        self.assertEqual(self.post_message()[0], 200)
+        first, second = self.upstream.messages()[:2]
+        self.assertEqual(self.key_of(first), self.key_of(second))
+        self.assertGreaterEqual(second.arrived - first.arrived, 0.29)
+
+    def test_every_account_limited_returns_the_last_429_with_the_earliest_reset(self):
+        for name, reset_in in (("a", 7200), ("b", 600), ("c", 3600)):
+            self.fault(name, reply_error(429, "rate_limit_error", f"limited {name}",
+                                         unified_headers("rejected", reset_in)))
+        status, headers, body = self.post_message()
+        self.assertEqual(status, 429)
+        self.assertEqual(json.loads(body)["error"]["type"], "rate_limit_error")
+        self.assertAlmostEqual(int(headers["retry-after"]), 600, delta=5)
+        self.assertEqual(len(self.upstream.messages()), 3)
+        status, headers, body = self.post_message()
+        self.assertEqual(status, 429)
+        self.assertIn("All accounts are rate limited", json.loads(body)["error"]["message"])
+        self.assertAlmostEqual(int(headers["retry-after"]), 600, delta=5)
+        self.assertEqual(len(self.upstream.messages()), 3)
+        status, _, _ = self.post_message(headers={"x-api-key": "client-own"})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.upstream.messages()[-1].headers["x-api-key"], "client-own")
+        self.assertIn("No active accounts available", CAPTURED_LOG.text())
+
+    def test_every_account_failing_without_an_answer_gives_503(self):
+        for name in "abc":
+            self.fault(name, *[drop_connection] * 3)
+        status, _, body = self.post_message()
+        self.assertEqual(status, 503)
+        error = json.loads(body)
+        self.assertEqual(error["error"], "All accounts failed to proxy the request")
+        self.assertEqual(error["attempts"], 9)
+        self.assertIn("ECONNRESET", error["lastError"])
+
+    def test_every_account_overloaded_returns_the_last_529(self):
+        for name in "abc":
+            self.fault(name, *[reply_error(529, "overloaded_error", "Overloaded")] * 3)
+        status, _, body = self.post_message()
+        self.assertEqual(status, 529)
+        self.assertEqual(json.loads(body)["error"]["type"], "overloaded_error")
+
+    def test_each_request_records_its_account_and_failovers(self):
+        self.fault("b", reply_error(429, "rate_limit_error", "limited",
+                                    unified_headers("rejected", 600)))
+        self.fault("c", reply_error(429, "rate_limit_error", "limited",
+                                    unified_headers("rejected", 600)))
+        self.assertEqual(self.post_message()[0], 200)  # turn 1 starts at b: b, c fail, a serves
+        self.assertEqual([tuple(row) for row in self.records()], [("a", 200, 2)])
+
+
+class TestStrategies(RoutingTestCase):
+    def distribution(self, count: int, headers=None) -> collections.Counter:
+        first = len(self.upstream.messages())
+        for _ in range(count):
+            self.assertEqual(self.post_message(headers=headers)[0], 200)
+        return collections.Counter(self.key_of(r) for r in self.upstream.messages()[first:])
+
+    def test_round_robin_spreads_evenly(self):
+        self.assertEqual(self.distribution(30), {"a": 10, "b": 10, "c": 10})
+
+    def test_weighted_follows_tiers(self):
+        self.ok("tier", "b", "5")
+        self.ok("tier", "c", "20")
+        self.ok("config", "set", "lb_strategy", "weighted")
+        split = self.distribution(260)
+        for name, expected in (("a", 10), ("b", 50), ("c", 200)):
+            self.assertAlmostEqual(split[name], expected, delta=3)
+
+    def test_least_requests_fills_the_emptiest_account_first(self):
+        store = self.proxy.app.store
+        now = claudeflare.now_ms()
+        store.update_account("a", session_requests=6, session_start=now)
+        store.update_account("c", session_requests=3, session_start=now)
+        self.ok("config", "set", "lb_strategy", "least-requests")
+        self.assertEqual(self.distribution(3), {"b": 3})
+        self.assertEqual(self.distribution(6), {"b": 3, "c": 3})
+
+    def test_session_sticks_spreads_and_moves(self):
+        self.ok("config", "set", "lb_strategy", "session")
+        first = self.distribution(5, {"X-Claude-Code-Session-Id": "conv-1"})
+        self.assertEqual(len(first), 1)
+        home = next(iter(first))
+        others = set()
+        for conversation in ("conv-2", "conv-3"):
+            others |= set(self.distribution(3, {"X-Claude-Code-Session-Id": conversation}))
+        self.assertEqual(others | {home}, {"a", "b", "c"})
+        self.ok("pause", home)
+        moved = self.distribution(3, {"X-Claude-Code-Session-Id": "conv-1"})
+        self.assertEqual(len(moved), 1)
+        self.assertNotIn(home, moved)
+        self.ok("resume", home)
+        self.assertEqual(self.distribution(3, {"X-Claude-Code-Session-Id": "conv-1"}), moved)
+
+    def test_headroom_prefers_the_least_used_account(self):
+        for name, used in (("a", 0.9), ("b", 0.2), ("c", 0.5)):
+            self.fault(name, reply_json(200, message_body(), unified_headers("allowed", 3600,
+                                                                             used, 0.1)))
+        self.distribution(3)
+        self.ok("config", "set", "lb_strategy", "headroom")
+        self.assertEqual(self.distribution(2), {"b": 2})
+        self.proxy.app.writer.flush()
+        self.assertAlmostEqual(self.listed()["a"]["utilization5h"], 0.9)
+
+    def test_soft_warning_keeps_serving_but_goes_last(self):
+        self.fault("b", reply_json(200, message_body(), unified_headers("allowed_warning", 3600,
+                                                                        0.95)))
+        self.distribution(3)
+        self.assertEqual(self.distribution(6), {"a": 3, "c": 3})
+        self.assertEqual(self.listed()["b"]["status"], "active")
 
 
 ###############################################################################
