@@ -794,11 +794,9 @@ class Store:
         self.db.row_factory = sqlite3.Row
         #: Guards the connection: the server's threads share it.
         self.lock = threading.RLock()
-        #: Bumped on every commit made here; with PRAGMA data_version it tells when to reload.
-        self.commits = 0
         try:
             self.db.execute("PRAGMA journal_mode = WAL")
-            self.db.execute("PRAGMA synchronous = FULL")  # a refreshed token must survive a crash
+            self.db.execute("PRAGMA synchronous = NORMAL")
             self.migrate()
         except sqlite3.DatabaseError as error:
             self.db.close()
@@ -808,24 +806,42 @@ class Store:
         except ClaudeflareError:
             self.db.close()
             raise
+        #: A second connection for the request path's reads: in WAL mode it never waits for a
+        #: write in progress, and PRAGMA data_version on it sees every commit of self.db too.
+        self.reader = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                      check_same_thread=False)
+        self.reader.row_factory = sqlite3.Row
+        self.read_lock = threading.Lock()
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connections."""
+        with self.read_lock:
+            self.reader.close()
         with self.lock:
             self.db.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """Run a block as one immediate transaction: all of it is written, or none."""
+    def transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """Run a block as one immediate transaction: all of it is written, or none.
+
+        A durable commit reaches the disk before it returns, so accounts and tokens survive a
+        power cut; the request log (durable=False) may lose its last moments instead of paying
+        for a disk flush on every batch.
+        """
         with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
+            if durable:
+                self.db.execute("PRAGMA synchronous = FULL")
             try:
-                yield self.db
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
-            self.commits += 1
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.db
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
+                self.db.execute("COMMIT")
+            finally:
+                if durable:
+                    self.db.execute("PRAGMA synchronous = NORMAL")
 
     def migrate(self) -> None:
         """Bring the schema up to SCHEMA_VERSION; refuse a database from a newer claudeflare."""
@@ -842,17 +858,17 @@ class Store:
             if version != SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def data_version(self) -> tuple[int, int]:
+    def data_version(self) -> int:
         """Return a value that changes whenever anyone, in any process, commits a change."""
-        with self.lock:
-            return self.db.execute("PRAGMA data_version").fetchone()[0], self.commits
+        with self.read_lock:
+            return self.reader.execute("PRAGMA data_version").fetchone()[0]
 
     # -- accounts ------------------------------------------------------------------------------
 
     def accounts(self) -> list[Account]:
         """Return every account, oldest first."""
-        with self.lock:
-            rows = self.db.execute(SELECT_ACCOUNTS).fetchall()
+        with self.read_lock:
+            rows = self.reader.execute(SELECT_ACCOUNTS).fetchall()
         return [Account(**row) for row in rows]
 
     def account(self, name: str) -> Account:
@@ -903,7 +919,7 @@ class Store:
 
     def write_requests(self, records: list[RequestRecord], session_duration_ms: int) -> None:
         """Log finished requests and count them against their accounts, in one transaction."""
-        with self.transaction() as db:
+        with self.transaction(durable=False) as db:
             db.executemany(INSERT_REQUEST, [
                 tuple(getattr(record, column) for column in REQUEST_COLUMNS)
                 for record in records])
@@ -954,6 +970,7 @@ class BackgroundWriter:
         self.store = store
         self.settings = settings
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.urgent = threading.Event()
         self.thread = threading.Thread(target=self.run, name="claudeflare-writer", daemon=True)
         self.thread.start()
 
@@ -965,32 +982,29 @@ class BackgroundWriter:
         """Wait until everything queued so far is written."""
         done = threading.Event()
         self.queue.put(done)
+        self.urgent.set()
         return done.wait(timeout)
 
     def run(self) -> None:
         while True:
-            batch, markers = [], []
-            item = self.queue.get()
-            deadline = time.monotonic() + WRITE_BATCH_WINDOW_S
-            while True:
-                if item is self.STOP or isinstance(item, threading.Event):
-                    markers.append(item)
-                    deadline = 0.0  # someone is waiting: write now
-                else:
-                    batch.append(item)
+            items = [self.queue.get()]
+            # Sleep through the window instead of waking for every record: one wake-up and one
+            # transaction per batch. flush() and close() cut the wait short.
+            self.urgent.wait(WRITE_BATCH_WINDOW_S)
+            self.urgent.clear()
+            while len(items) < WRITE_BATCH_MAX:
                 try:
-                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    items.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-                if len(batch) >= WRITE_BATCH_MAX:
-                    self.queue.put(item)
-                    break
+            batch = [item for item in items if isinstance(item, RequestRecord)]
             if batch:
                 self.write(batch)
-            for marker in markers:
-                if marker is self.STOP:
+            for item in items:
+                if item is self.STOP:
                     return
-                marker.set()
+                if isinstance(item, threading.Event):
+                    item.set()
 
     def write(self, batch: list[RequestRecord]) -> None:
         """Write one batch; a failure is logged, never raised into the server."""
@@ -1003,6 +1017,7 @@ class BackgroundWriter:
     def close(self) -> None:
         """Write what is queued, then stop the thread."""
         self.queue.put(self.STOP)
+        self.urgent.set()
         self.thread.join()
 
 
@@ -2110,7 +2125,7 @@ class App:
         #: Guards the account cache and the routing state.
         self.lock = threading.Lock()
         self.cached_accounts: list[Account] = []
-        self.cached_version: tuple[int, int] | None = None
+        self.cached_version: int | None = None
         self.turn = 0
         #: conversation key -> (account id, when it was bound): the session strategy's memory.
         self.conversations: dict[str, tuple[int, int]] = {}
@@ -2131,9 +2146,9 @@ class App:
                 self.cached_version = version
             return self.cached_accounts
 
-    def route(self, conversation: str | None, now: int) -> list[Account]:
+    def route(self, accounts: list[Account], conversation: str | None,
+              now: int) -> list[Account]:
         """Return the usable accounts in the order the strategy wants them tried."""
-        accounts = self.accounts()
         settings = self.settings
         with self.lock:
             self.turn += 1
@@ -2443,9 +2458,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.finish_record(record, started, error.status, str(error))
             return
         app = self.app
-        record.conversation = conversation_key(self.headers, body)
-        candidates: list[Account | None] = list(app.route(record.conversation, record.timestamp))
-        if not candidates and app.accounts():
+        accounts = app.accounts()
+        if accounts:
+            record.conversation = conversation_key(self.headers, body)
+        candidates: list[Account | None] = list(
+            app.route(accounts, record.conversation, record.timestamp))
+        if not candidates and accounts:
             if self.all_limited(record, started):
                 return
             component_logger("Proxy").warning("No active accounts available; forwarding with "

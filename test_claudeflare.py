@@ -1623,7 +1623,6 @@ class TestFailover(RoutingTestCase):
                 self.proxy.app.store.db.execute(
                     "UPDATE accounts SET paused = 0, needs_reauth = 0, rate_limited_until = NULL,"
                     " rate_limit_status = NULL")
-                self.proxy.app.store.commits += 1
                 self.upstream.requests.clear()
                 self.fault("a", *[action] * 20)
                 for _ in range(6):
@@ -1656,7 +1655,8 @@ class TestFailover(RoutingTestCase):
                 until = account["rateLimitedUntil"]
                 if until and until > now:
                     later = claudeflare.now_ms() + (until - now) + 1
-                    self.assertIn("a", [a.name for a in self.proxy.app.route(None, later)])
+                    self.assertIn("a", [a.name for a in self.proxy.app.route(
+                        self.proxy.app.accounts(), None, later)])
 
     def test_windowless_429_cooldown_doubles_while_it_repeats(self):
         app = self.proxy.app
