@@ -17,6 +17,8 @@ __all__ = [
 
 import argparse
 import base64
+import collections
+import bisect
 import contextlib
 import dataclasses
 import datetime
@@ -24,6 +26,7 @@ import email.utils
 import functools
 import getpass
 import hashlib
+import html
 import http.client
 import http.server
 import json
@@ -36,6 +39,7 @@ import secrets
 import select
 import signal
 import sqlite3
+import string
 import socket
 import sys
 import tempfile
@@ -375,16 +379,19 @@ class JsonFormatter(logging.Formatter):
 
 
 class RecentLines(logging.Handler):
-    """Keep the last formatted log lines in memory for /api/logs."""
+    """Keep the last log records in memory for /api/logs; they are formatted when asked for."""
 
     def __init__(self, capacity: int = 1000) -> None:
         super().__init__()
-        self.lines: list[str] = []
-        self.capacity = capacity
+        self.records: collections.deque = collections.deque(maxlen=capacity)
+        self.setFormatter(PrettyFormatter())
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
-        del self.lines[:-self.capacity]
+        self.records.append(record)
+
+    def lines(self, limit: int) -> list[str]:
+        """Return the last `limit` lines, oldest first."""
+        return [self.format(record) for record in list(self.records)[-limit:]]
 
 
 class DeferredQueueHandler(logging.handlers.QueueHandler):
@@ -408,8 +415,7 @@ class LogSetup:
         create_private_file(self.path)
         file_handler = logging.handlers.RotatingFileHandler(
             self.path, maxBytes=LOG_ROTATE_BYTES, backupCount=LOG_KEEP_FILES, encoding="utf-8")
-        self.recent = RecentLines()
-        handlers: list[logging.Handler] = [file_handler, self.recent]
+        handlers: list[logging.Handler] = [file_handler]
         if debug_console:
             handlers.append(logging.StreamHandler(sys.stderr))
         for handler in handlers:
@@ -592,6 +598,15 @@ ACCOUNT_TYPES = ("oauth", "api_key")
 TIERS = (1, 5, 20)
 ACCOUNT_NAME_PATTERN = re.compile(r"[A-Za-z0-9 _\-@.+]{1,100}")
 
+HOUR_MS = 3600 * 1000
+#: Upper bounds (ms) of the latency histogram kept per hour; part of schema version 3.
+LATENCY_BUCKETS_MS = (100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000)
+LATENCY_COLUMNS = tuple(f"latency_le_{bound}" for bound in LATENCY_BUCKETS_MS) + ("latency_over",)
+LATENCY_BUCKET_SUMS = ", ".join(
+    [f"COALESCE(SUM(response_time_ms > {low} AND response_time_ms <= {high}), 0)"
+     for low, high in zip((-1,) + LATENCY_BUCKETS_MS, LATENCY_BUCKETS_MS)]
+    + [f"COALESCE(SUM(response_time_ms > {LATENCY_BUCKETS_MS[-1]}), 0)"])
+
 #: Schema history: migration N brings a database from user_version N-1 to N. Append, never edit.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # 1: accounts and the request log
@@ -649,6 +664,33 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE requests ADD COLUMN conversation TEXT",
         "CREATE INDEX requests_by_account ON requests(account_name, timestamp)",
     ),
+    (  # 3: hourly usage rollups (so stats stay instant at millions of requests) and client keys
+        "ALTER TABLE requests ADD COLUMN client_key TEXT",
+        f"""CREATE TABLE usage_hourly (
+            hour INTEGER NOT NULL,
+            account_name TEXT NOT NULL,
+            model TEXT NOT NULL,
+            client_key TEXT NOT NULL,
+            requests INTEGER NOT NULL DEFAULT 0,
+            failures INTEGER NOT NULL DEFAULT 0,
+            input_tokens INTEGER NOT NULL DEFAULT 0,
+            output_tokens INTEGER NOT NULL DEFAULT 0,
+            cache_creation_tokens INTEGER NOT NULL DEFAULT 0,
+            cache_read_tokens INTEGER NOT NULL DEFAULT 0,
+            cost_usd REAL NOT NULL DEFAULT 0,
+            unpriced INTEGER NOT NULL DEFAULT 0,
+            latency_ms_total INTEGER NOT NULL DEFAULT 0,
+            {", ".join(f"{column} INTEGER NOT NULL DEFAULT 0" for column in LATENCY_COLUMNS)},
+            PRIMARY KEY (hour, account_name, model, client_key))""",
+        f"""INSERT INTO usage_hourly
+            SELECT timestamp / {HOUR_MS} * {HOUR_MS}, COALESCE(account_name, ''),
+                   COALESCE(model, ''), '', COUNT(*), SUM(1 - success), SUM(input_tokens),
+                   SUM(output_tokens), SUM(cache_creation_tokens), SUM(cache_read_tokens),
+                   COALESCE(SUM(cost_usd), 0),
+                   SUM(cost_usd IS NULL AND input_tokens + output_tokens > 0),
+                   COALESCE(SUM(response_time_ms), 0), {LATENCY_BUCKET_SUMS}
+            FROM requests GROUP BY 1, 2, 3""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -703,6 +745,24 @@ class Account:
         return self.session_requests
 
 
+def account_json(account: Account, now: int, session_duration_ms: int) -> dict:
+    """Describe an account for `list --json` and the API: never a credential."""
+    return {
+        "name": account.name, "type": account.type, "tier": account.account_tier,
+        "status": account.status(now), "paused": bool(account.paused),
+        "email": account.email, "organization": account.organization,
+        "requests": account.request_count,
+        "sessionRequests": account.session_count(now, session_duration_ms),
+        "sessionStart": account.session_start, "tokenExpiresAt": account.expires_at,
+        "rateLimitStatus": account.rate_limit_status, "rateLimitReset": account.rate_limit_reset,
+        "rateLimitedUntil": account.rate_limited_until,
+        "needsReauth": bool(account.needs_reauth), "reauthReason": account.reauth_reason,
+        "utilization5h": account.utilization_5h, "reset5h": account.reset_5h,
+        "utilization7d": account.utilization_7d, "reset7d": account.reset_7d,
+        "createdAt": account.created_at, "lastUsed": account.last_used,
+    }
+
+
 ACCOUNT_COLUMNS = ", ".join(field.name for field in dataclasses.fields(Account))
 SELECT_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY id"
 SELECT_ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = ?"
@@ -734,6 +794,7 @@ class RequestRecord:
     tokens_per_second: float | None = None
     user_agent: str | None = None
     conversation: str | None = None
+    client_key: str | None = None
     #: What the answer's headers said of the account's limits (stored on the account).
     limits: Any = None
 
@@ -759,6 +820,56 @@ COUNT_REQUEST = """UPDATE accounts SET
     utilization_7d = COALESCE(:utilization_7d, utilization_7d),
     reset_7d = COALESCE(:reset_7d, reset_7d)
     WHERE id = :id"""
+#: What usage_hourly adds up per (hour, account, model, client key).
+ROLLUP_COUNTERS = ("requests", "failures", "input_tokens", "output_tokens",
+                   "cache_creation_tokens", "cache_read_tokens", "cost_usd", "unpriced",
+                   "latency_ms_total") + LATENCY_COLUMNS
+UPSERT_ROLLUP = (
+    f"INSERT INTO usage_hourly (hour, account_name, model, client_key, "
+    f"{', '.join(ROLLUP_COUNTERS)}) VALUES ({', '.join('?' * (4 + len(ROLLUP_COUNTERS)))}) "
+    f"ON CONFLICT (hour, account_name, model, client_key) DO UPDATE SET "
+    + ", ".join(f"{column} = {column} + excluded.{column}" for column in ROLLUP_COUNTERS))
+LATENCY_START = ROLLUP_COUNTERS.index(LATENCY_COLUMNS[0])
+ROLLUP_SUMS = ", ".join(f"SUM({column}) AS {column}" for column in ROLLUP_COUNTERS)
+
+
+def latency_bucket(milliseconds: int | None) -> int:
+    """Return the index of the histogram bucket a response time falls in."""
+    return bisect.bisect_left(LATENCY_BUCKETS_MS, milliseconds or 0)
+
+
+def rollup_rows(records: list[RequestRecord]) -> list[list]:
+    """Add up a batch of records per hour, account, model and client key, for one upsert each."""
+    rows: dict[tuple, list] = {}
+    for record in records:
+        key = (record.timestamp // HOUR_MS * HOUR_MS, record.account_name or "",
+               record.model or "", record.client_key or "")
+        row = rows.setdefault(key, [0] * len(ROLLUP_COUNTERS))
+        tokens = record.input_tokens + record.output_tokens
+        for index, value in enumerate((
+                1, not record.success, record.input_tokens, record.output_tokens,
+                record.cache_creation_tokens, record.cache_read_tokens, record.cost_usd or 0.0,
+                record.cost_usd is None and tokens > 0, record.response_time_ms or 0)):
+            row[index] += value
+        row[LATENCY_START + latency_bucket(record.response_time_ms)] += 1
+    return [list(key) + row for key, row in rows.items()]
+
+
+def percentile_from_histogram(buckets: list[int], fraction: float) -> int | None:
+    """Estimate a latency percentile (ms) from bucket counts, interpolating inside the bucket."""
+    total = sum(buckets)
+    if not total:
+        return None
+    target, seen = fraction * total, 0
+    bounds = (0,) + LATENCY_BUCKETS_MS + (LATENCY_BUCKETS_MS[-1] * 2,)
+    for index, count in enumerate(buckets):
+        if count and seen + count >= target:
+            low, high = bounds[index], bounds[index + 1]
+            return int(low + (high - low) * (target - seen) / count)
+        seen += count
+    return bounds[-1]
+
+
 #: The rate-limit fields COUNT_REQUEST stores when the answer carried them.
 LIMIT_FIELDS = ("status", "reset", "utilization_5h", "reset_5h", "utilization_7d", "reset_7d")
 
@@ -927,17 +1038,64 @@ class Store:
                 {"now": record.timestamp, "window": session_duration_ms, "id": record.account_id,
                  **{field: getattr(record.limits, field, None) for field in LIMIT_FIELDS}}
                 for record in records if record.account_id is not None])
+            db.executemany(UPSERT_ROLLUP, rollup_rows(records))
 
     def clear_history(self) -> int:
-        """Delete the whole request log; return how many records went."""
+        """Delete the request log and its hourly totals; return how many records went."""
         with self.transaction() as db:
+            db.execute("DELETE FROM usage_hourly")
             return db.execute("DELETE FROM requests").rowcount
 
     def prune_requests(self, older_than_ms: int) -> int:
-        """Delete request records older than a time; return how many went."""
-        with self.transaction() as db:
+        """Delete request records (and hourly totals) older than a time; return how many went."""
+        with self.transaction(durable=False) as db:
+            db.execute("DELETE FROM usage_hourly WHERE hour < ?",
+                       (older_than_ms // HOUR_MS * HOUR_MS,))
             return db.execute("DELETE FROM requests WHERE timestamp < ?",
                               (older_than_ms,)).rowcount
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    def query(self, sql: str, parameters: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        """Run a read-only query on the reader connection."""
+        with self.read_lock:
+            return self.reader.execute(sql, tuple(parameters)).fetchall()
+
+    def usage(self, since_ms: int = 0, group: str | None = None) -> list[sqlite3.Row]:
+        """Add up usage_hourly from an hour on, in all or per account_name / model / client_key."""
+        assert group in (None, "account_name", "model", "client_key")
+        select = f"{group} AS name, " if group else ""
+        grouping = f" GROUP BY {group} ORDER BY requests DESC" if group else ""
+        return self.query(f"SELECT {select}{ROLLUP_SUMS} FROM usage_hourly WHERE hour >= ?"
+                          f"{grouping}", (since_ms // HOUR_MS * HOUR_MS,))
+
+    def usage_series(self, since_ms: int, bucket_ms: int) -> list[sqlite3.Row]:
+        """Return usage per time bucket from a time on.
+
+        Buckets of an hour or more come from usage_hourly; finer ones from the request log,
+        which for those short ranges holds few rows.
+        """
+        if bucket_ms >= HOUR_MS:
+            return self.query(
+                f"SELECT hour / ? * ? AS bucket, {ROLLUP_SUMS} FROM usage_hourly "
+                f"WHERE hour >= ? GROUP BY bucket ORDER BY bucket",
+                (bucket_ms, bucket_ms, since_ms // HOUR_MS * HOUR_MS))
+        return self.query(
+            "SELECT timestamp / ? * ? AS bucket, COUNT(*) AS requests, "
+            "SUM(1 - success) AS failures, SUM(input_tokens) AS input_tokens, "
+            "SUM(output_tokens) AS output_tokens, "
+            "SUM(cache_creation_tokens) AS cache_creation_tokens, "
+            "SUM(cache_read_tokens) AS cache_read_tokens, "
+            "COALESCE(SUM(cost_usd), 0) AS cost_usd, "
+            "COALESCE(SUM(response_time_ms), 0) AS latency_ms_total "
+            "FROM requests WHERE timestamp >= ? GROUP BY bucket ORDER BY bucket",
+            (bucket_ms, bucket_ms, since_ms))
+
+    def recent_requests(self, limit: int, failures_only: bool = False) -> list[sqlite3.Row]:
+        """Return the latest request records, newest first."""
+        where = "WHERE success = 0 " if failures_only else ""
+        return self.query(f"SELECT {', '.join(REQUEST_COLUMNS)} FROM requests {where}"
+                          f"ORDER BY timestamp DESC LIMIT ?", (limit,))
 
     def backup(self, path: str) -> None:
         """Copy the database consistently, even while the server is writing, to a new file."""
@@ -966,9 +1124,12 @@ class BackgroundWriter:
 
     STOP = object()
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings,
+                 on_written: Callable[[list[RequestRecord]], None] = lambda records: None) -> None:
         self.store = store
         self.settings = settings
+        self.on_written = on_written
+        self.pruned_at = 0
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.urgent = threading.Event()
         self.thread = threading.Thread(target=self.run, name="claudeflare-writer", daemon=True)
@@ -1007,9 +1168,18 @@ class BackgroundWriter:
                     item.set()
 
     def write(self, batch: list[RequestRecord]) -> None:
-        """Write one batch; a failure is logged, never raised into the server."""
+        """Write one batch, and prune past the retention once an hour; never raise."""
         try:
             self.store.write_requests(batch, self.settings.session_duration_ms)
+            self.on_written(batch)
+            now = now_ms()
+            if now - self.pruned_at >= HOUR_MS:
+                self.pruned_at = now
+                days = self.settings.request_retention_days
+                pruned = self.store.prune_requests(now - days * 24 * HOUR_MS)
+                if pruned:
+                    component_logger("Store").info("Pruned %d request records older than %d "
+                                                   "days", pruned, days)
         except sqlite3.Error as error:
             component_logger("Store").error("Could not write %d request records: %s",
                                             len(batch), error)
@@ -1858,6 +2028,210 @@ def soft_limited(account: Account, now: int) -> bool:
 
 
 ###############################################################################
+# Usage & cost ################################################################
+###############################################################################
+
+#: USD per million tokens (input, output) by model family, newest patterns first. Cache writes
+#: cost 1.25x input (5 minutes) or 2x (1 hour); cache reads 0.1x. Unknown models stay unpriced.
+#: "4.5 and later" in a model id: 4-5 .. 4-99, or a major version from 5 on. The lookahead
+#: keeps a date (claude-opus-4-20250514) from reading as a minor version.
+FROM_4_5 = r"(?:4-(?:[5-9]|[1-9]\d)|[5-9]|[1-9]\d)(?!\d)"
+PRICING = (
+    (re.compile(rf"claude-opus-{FROM_4_5}"), 5.0, 25.0),
+    (re.compile(r"claude-opus-4\b"), 15.0, 75.0),
+    (re.compile(r"claude-(3-7-sonnet|sonnet-(?:4|[5-9]|[1-9]\d)(?!\d))"), 3.0, 15.0),
+    (re.compile(rf"claude-haiku-{FROM_4_5}"), 1.0, 5.0),
+    (re.compile(r"claude-3-5-haiku\b"), 0.80, 4.0),
+    (re.compile(r"claude-3-haiku\b"), 0.25, 1.25),
+)
+CACHE_WRITE_5M = 1.25
+CACHE_WRITE_1H = 2.0
+CACHE_READ = 0.1
+#: A response body larger than this is passed on without being read for usage.
+MAX_USAGE_BODY_BYTES = 4 * 1024 * 1024
+
+
+def price_of(model: str | None) -> tuple[float, float] | None:
+    """Return the (input, output) price per million tokens of a model, or None if unknown."""
+    for pattern, input_price, output_price in PRICING:
+        if model and pattern.match(model):
+            return input_price, output_price
+    return None
+
+
+@dataclass
+class Usage:
+    """Token counts of one answer, as the Messages API reports them."""
+
+    model: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_creation_1h_tokens: int = 0
+
+    def add(self, usage: Any, model: Any = None) -> None:
+        """Take the counts of a `usage` object; later ones (message_delta) overwrite earlier."""
+        if isinstance(model, str) and model:
+            self.model = model
+        if not isinstance(usage, dict):
+            return
+        for name, field in (("input_tokens", "input_tokens"),
+                            ("output_tokens", "output_tokens"),
+                            ("cache_creation_input_tokens", "cache_creation_tokens"),
+                            ("cache_read_input_tokens", "cache_read_tokens")):
+            if isinstance(usage.get(name), int):
+                setattr(self, field, usage[name])
+        split = usage.get("cache_creation")
+        if isinstance(split, dict) and isinstance(split.get("ephemeral_1h_input_tokens"), int):
+            self.cache_creation_1h_tokens = split["ephemeral_1h_input_tokens"]
+
+    def cost(self) -> float | None:
+        """Return the API-equivalent cost in USD, or None for a model without a known price."""
+        price = price_of(self.model)
+        if price is None:
+            return None
+        input_price, output_price = price
+        write_1h = min(self.cache_creation_1h_tokens, self.cache_creation_tokens)
+        write_5m = self.cache_creation_tokens - write_1h
+        return (self.input_tokens * input_price + self.output_tokens * output_price
+                + write_5m * input_price * CACHE_WRITE_5M
+                + write_1h * input_price * CACHE_WRITE_1H
+                + self.cache_read_tokens * input_price * CACHE_READ) / 1_000_000
+
+
+class UsageReader:
+    """Reads usage out of a copy of the response bytes as they pass, never holding them up.
+
+    JSON answers are parsed once complete. SSE streams are cut into events as the bytes come
+    (an event may be split across reads); only message_start (input and cache tokens, model)
+    and message_delta (the running output total) are decoded.
+    """
+
+    EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+    def __init__(self, streaming: bool) -> None:
+        self.streaming = streaming
+        self.usage = Usage()
+        self.pending = bytearray()
+        self.overflow = False
+
+    def feed(self, data: bytes) -> None:
+        if self.overflow:
+            return
+        self.pending += data
+        if not self.streaming:
+            if len(self.pending) > MAX_USAGE_BODY_BYTES:
+                self.overflow = True
+                self.pending.clear()
+            return
+        start = 0
+        for end in self.EVENT_END.finditer(self.pending):
+            self.read_event(bytes(self.pending[start:end.start()]))
+            start = end.end()
+        del self.pending[:start]
+        if len(self.pending) > MAX_USAGE_BODY_BYTES:
+            self.pending.clear()  # one event this large carries text, not usage
+
+    def read_event(self, event: bytes) -> None:
+        if b"message_start" not in event and b"message_delta" not in event:
+            return
+        data = b"".join(line[5:].strip() for line in event.splitlines()
+                        if line.startswith(b"data:"))
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(payload, dict):
+            return
+        if payload.get("type") == "message_start" and isinstance(payload.get("message"), dict):
+            message = payload["message"]
+            self.usage.add(message.get("usage"), message.get("model"))
+        elif payload.get("type") == "message_delta":
+            self.usage.add(payload.get("usage"))
+
+    def finish(self) -> Usage:
+        """Return the usage read; a JSON body is decoded now that it is whole."""
+        if not self.streaming and self.pending:
+            try:
+                payload = json.loads(bytes(self.pending))
+            except ValueError:
+                payload = None
+            if isinstance(payload, dict):
+                self.usage.add(payload.get("usage"), payload.get("model"))
+            self.pending.clear()
+        return self.usage
+
+
+class Metrics:
+    """Prometheus counters since the server started; the writer thread feeds them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: collections.Counter = collections.Counter()
+        self.tokens: collections.Counter = collections.Counter()
+        self.cost_usd = 0.0
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self.latency_sum_ms = 0
+
+    def observe(self, records: list[RequestRecord]) -> None:
+        with self.lock:
+            for record in records:
+                self.requests[record.account_name or "", str(record.status or 0)] += 1
+                for kind in ("input", "output", "cache_creation", "cache_read"):
+                    self.tokens[kind] += getattr(record, f"{kind}_tokens")
+                self.cost_usd += record.cost_usd or 0.0
+                self.latency_buckets[latency_bucket(record.response_time_ms)] += 1
+                self.latency_sum_ms += record.response_time_ms or 0
+
+    def render(self, accounts: list[Account], now: int, uptime_s: float) -> str:
+        """Write the Prometheus text format, with account gauges read now."""
+        def label(value: str) -> str:
+            return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+        lines = ["# HELP claudeflare_requests_total Proxied requests by account and status.",
+                 "# TYPE claudeflare_requests_total counter"]
+        with self.lock:
+            for (account, status), count in sorted(self.requests.items()):
+                lines.append(f'claudeflare_requests_total{{account="{label(account)}",'
+                             f'status="{status}"}} {count}')
+            lines += ["# HELP claudeflare_tokens_total Tokens by type.",
+                      "# TYPE claudeflare_tokens_total counter"]
+            lines += [f'claudeflare_tokens_total{{type="{kind}"}} {self.tokens[kind]}'
+                      for kind in ("input", "output", "cache_creation", "cache_read")]
+            lines += ["# HELP claudeflare_cost_usd_total API-equivalent cost in USD.",
+                      "# TYPE claudeflare_cost_usd_total counter",
+                      f"claudeflare_cost_usd_total {self.cost_usd:.6f}",
+                      "# HELP claudeflare_request_duration_seconds Time to answer a request.",
+                      "# TYPE claudeflare_request_duration_seconds histogram"]
+            cumulative = 0
+            for bound, count in zip(LATENCY_BUCKETS_MS + (None,), self.latency_buckets):
+                cumulative += count
+                le = "+Inf" if bound is None else f"{bound / 1000:g}"
+                lines.append(f'claudeflare_request_duration_seconds_bucket{{le="{le}"}} '
+                             f'{cumulative}')
+            lines += [f"claudeflare_request_duration_seconds_sum {self.latency_sum_ms / 1000:.3f}",
+                      f"claudeflare_request_duration_seconds_count {cumulative}"]
+        lines += ["# HELP claudeflare_account_status 1 for the status each account is in.",
+                  "# TYPE claudeflare_account_status gauge"]
+        for account in accounts:
+            lines.append(f'claudeflare_account_status{{account="{label(account.name)}",'
+                         f'status="{account.status(now)}"}} 1')
+        lines += ["# HELP claudeflare_account_utilization Used share of a rate-limit window.",
+                  "# TYPE claudeflare_account_utilization gauge"]
+        for account in accounts:
+            for window in ("5h", "7d"):
+                used = getattr(account, f"utilization_{window}")
+                if used is not None:
+                    lines.append(f'claudeflare_account_utilization{{account='
+                                 f'"{label(account.name)}",window="{window}"}} {used:g}')
+        lines += ["# HELP claudeflare_uptime_seconds Seconds since the server started.",
+                  "# TYPE claudeflare_uptime_seconds gauge",
+                  f"claudeflare_uptime_seconds {uptime_s:.0f}"]
+        return "\n".join(lines) + "\n"
+
+
+###############################################################################
 # Strategies ##################################################################
 ###############################################################################
 
@@ -2000,6 +2374,22 @@ def conversation_key(headers: Any, body: bytes) -> str | None:
 # Proxy handler & server ######################################################
 ###############################################################################
 
+class BadRequest(Exception):
+    """A local API request that cannot be answered as asked; the message says why."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def query_limit(query: dict[str, list[str]], default: int, maximum: int) -> int:
+    """Read the `limit` query parameter: a whole number from 1 to maximum."""
+    text = (query.get("limit") or [str(default)])[-1]
+    if not text.isdigit() or not 1 <= int(text) <= maximum:
+        raise BadRequest(f"Invalid limit: {text} (valid: a whole number from 1 to {maximum})")
+    return int(text)
+
+
 class RequestBodyError(Exception):
     """The client's request body cannot be accepted; carries the status and Anthropic's shape."""
 
@@ -2017,6 +2407,56 @@ def anthropic_error(error_type: str, message: str) -> dict:
 def sse_error_event(message: str) -> bytes:
     """Build the SSE `error` event a client gets when the upstream fails mid-stream."""
     return b"event: error\ndata: " + json_bytes(anthropic_error("api_error", message)) + b"\n\n"
+
+
+#: /api/analytics ranges: how far back, and the bucket size that suits it.
+ANALYTICS_RANGES = {"1h": (HOUR_MS, 60_000), "6h": (6 * HOUR_MS, 5 * 60_000),
+                    "24h": (24 * HOUR_MS, HOUR_MS), "7d": (7 * 24 * HOUR_MS, 6 * HOUR_MS),
+                    "30d": (30 * 24 * HOUR_MS, 24 * HOUR_MS)}
+
+
+def camel(name: str) -> str:
+    """Turn a snake_case name into the API's camelCase."""
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def usage_json(row: Any) -> dict:
+    """Describe summed usage (a usage_hourly or usage_series row; None for nothing)."""
+    def value(column: str) -> Any:
+        return (row[column] if row is not None and column in row.keys() else None) or 0
+
+    requests, failures = value("requests"), value("failures")
+    buckets = [value(column) for column in LATENCY_COLUMNS]
+    tokens = value("input_tokens") + value("output_tokens")
+    return {"requests": requests, "successes": requests - failures, "failures": failures,
+            "successRate": round((requests - failures) / requests, 4) if requests else None,
+            "inputTokens": value("input_tokens"), "outputTokens": value("output_tokens"),
+            "cacheCreationTokens": value("cache_creation_tokens"),
+            "cacheReadTokens": value("cache_read_tokens"), "totalTokens": tokens,
+            "costUsd": round(value("cost_usd"), 6), "unpricedRequests": value("unpriced"),
+            "avgLatencyMs": round(value("latency_ms_total") / requests) if requests else None,
+            "p95LatencyMs": percentile_from_histogram(buckets, 0.95)}
+
+
+def request_json(row: Any) -> dict:
+    """Describe one request record for the API."""
+    return {camel(column): (bool(row[column]) if column in ("success", "streaming")
+                            else row[column]) for column in row.keys()}
+
+
+def stats_report(store: Store, now: int) -> dict:
+    """Return /api/stats (and `stats`): totals, the last 24 hours, breakdowns, recent errors."""
+    def breakdown(group: str) -> list[dict]:
+        return [{"name": row["name"] or None, **usage_json(row)}
+                for row in store.usage(0, group)]
+
+    return {"totals": usage_json(store.usage()[0]),
+            "last24h": usage_json(store.usage(now - 24 * HOUR_MS)[0]),
+            "accounts": breakdown("account_name"), "models": breakdown("model"),
+            "clientKeys": breakdown("client_key"),
+            "recentErrors": [request_json(row)
+                             for row in store.recent_requests(10, failures_only=True)]}
 
 
 #: Every this many requests, conversations past their session are forgotten.
@@ -2117,7 +2557,11 @@ class App:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
-        self.writer = BackgroundWriter(store, settings)
+        self.metrics = Metrics()
+        self.writer = BackgroundWriter(store, settings, self.metrics.observe)
+        #: The last log lines for /api/logs.
+        self.recent_logs = RecentLines()
+        log.addHandler(self.recent_logs)
         self.upstream = Upstream(settings.upstream_url)
         self.oauth = OAuthClient(settings)
         self.tokens = TokenKeeper(store, self.oauth)
@@ -2265,8 +2709,44 @@ class App:
                 "uptime": int((time.monotonic() - self.started) * 1000), "version": __version__}
         return (503 if state == "unavailable" else 200), body
 
+    # -- the JSON API --------------------------------------------------------------------------
+
+    def analytics(self, span: str, now: int) -> dict:
+        """Return /api/analytics: a series in buckets that suit the range, and breakdowns."""
+        length, bucket = ANALYTICS_RANGES[span]
+        since = now - length
+        rows = {row["bucket"]: row for row in self.store.usage_series(since, bucket)}
+        series = []
+        for start in range(since // bucket * bucket, now + 1, bucket):
+            row = rows.get(start)
+            series.append({"time": start, **(usage_json(row) if row else usage_json(None))})
+        return {"range": span, "bucketMs": bucket, "since": since, "series": series,
+                "models": [{"name": row["name"] or None, **usage_json(row)}
+                           for row in self.store.usage(since, "model")],
+                "accounts": [{"name": row["name"] or None, **usage_json(row)}
+                             for row in self.store.usage(since, "account_name")]}
+
+    def accounts_json(self, now: int) -> list[dict]:
+        """Return /api/accounts: everything `list` shows, never a credential."""
+        return [account_json(account, now, self.settings.session_duration_ms)
+                for account in self.accounts()]
+
+    def config_json(self) -> dict:
+        """Return /api/config: the settings in force and where each came from."""
+        settings = self.settings
+        return {"settings": {camel(key): value for key, value in settings.values.items()},
+                "sources": {camel(key): source for key, source in settings.sources.items()},
+                "strategies": list(STRATEGY_NAMES), "configPath": settings.config.path,
+                "databasePath": self.store.path, "logDir": default_log_dir(),
+                "version": __version__}
+
+    def reset_stats(self) -> int:
+        """Zero the per-account counters (as `reset-stats` does)."""
+        return self.store.reset_stats()
+
     def close(self) -> None:
         """Write the queued request log, then release the upstream connections and database."""
+        log.removeHandler(self.recent_logs)
         self.refresher.close()
         self.writer.close()
         self.upstream.close()
@@ -2340,14 +2820,93 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             component_logger("Config").info("Applied %s = %s from %s", key,
                                             self.app.settings.values[key],
                                             self.app.settings.config.path)
-        path = self.path.partition("?")[0]
+        path, _, query = self.path.partition("?")
         if path == "/v1" or path.startswith("/v1/"):
             self.proxy()
-        elif path == "/health" and self.command in ("GET", "HEAD"):
-            status, body = self.app.health()
+            return
+        try:
+            self.answer_locally(path, urllib.parse.parse_qs(query))
+        except BadRequest as error:
+            self.send_json(error.status, {"error": str(error)})
+        except ClaudeflareError as error:
+            status = 404 if str(error).startswith("Account not found") else 400
+            self.send_json(status, {"error": str(error)})
+
+    def answer_locally(self, path: str, query: dict[str, list[str]]) -> None:
+        """Answer /health, the status page, /metrics and the JSON API."""
+        app, now = self.app, now_ms()
+        reading = self.command in ("GET", "HEAD")
+        if path == "/health" and reading:
+            status, body = app.health()
             self.send_json(status, body)
+        elif path in ("/", "/dashboard") and reading:
+            self.send_bytes(200, render_status_page(app, now).encode(), "text/html; charset=utf-8",
+                            [("Cache-Control", "no-store")])
+        elif path == "/metrics" and reading:
+            uptime = time.monotonic() - app.started
+            self.send_bytes(200, app.metrics.render(app.accounts(), now, uptime).encode(),
+                            "text/plain; version=0.0.4; charset=utf-8")
+        elif path == "/api/stats" and reading:
+            self.send_json(200, stats_report(app.store, now))
+        elif path == "/api/accounts" and reading:
+            self.send_json(200, app.accounts_json(now))
+        elif path == "/api/requests" and reading:
+            limit = query_limit(query, 50, 1000)
+            self.send_json(200, [request_json(row) for row in app.store.recent_requests(limit)])
+        elif path == "/api/analytics" and reading:
+            span = (query.get("range") or ["24h"])[-1]
+            if span not in ANALYTICS_RANGES:
+                raise BadRequest(f"Invalid range: {span} (valid: "
+                                 f"{', '.join(ANALYTICS_RANGES)})")
+            self.send_json(200, app.analytics(span, now))
+        elif path == "/api/config" and reading:
+            self.send_json(200, app.config_json())
+        elif path == "/api/logs" and reading:
+            self.send_json(200, app.recent_logs.lines(query_limit(query, 100, 1000)))
+        elif path.startswith("/api/") and self.command == "POST":
+            self.send_json(200, self.change(path))
         else:
             self.send_json(404, {"error": PROVIDER_PATH_ERROR})
+
+    def change(self, path: str) -> dict:
+        """Carry out a mutating API request and return its JSON answer."""
+        app = self.app
+        if path == "/api/config/strategy":
+            strategy = self.json_body().get("strategy")
+            if not isinstance(strategy, str):
+                raise BadRequest(f"Send {{\"strategy\": NAME}} with NAME one of "
+                                 f"{', '.join(STRATEGY_NAMES)}")
+            app.settings.set_live("lb_strategy", strategy)
+            component_logger("Config").info("Strategy set to %s through the API", strategy)
+            return {"strategy": strategy}
+        if path == "/api/stats/reset":
+            self.json_body()
+            return {"reset": app.reset_stats()}
+        parts = path.split("/")
+        if len(parts) == 5 and parts[2] == "accounts" and parts[4] in ("pause", "resume"):
+            self.json_body()
+            name = urllib.parse.unquote(parts[3])
+            fields = {"paused": 1} if parts[4] == "pause" else RESUMED
+            account = app.store.update_account(name, **fields)
+            component_logger("Proxy").info("Account %s %sd through the API", name, parts[4])
+            return account_json(account, now_ms(), app.settings.session_duration_ms)
+        raise BadRequest(PROVIDER_PATH_ERROR, 404)
+
+    def json_body(self) -> dict:
+        """Read a small JSON object body (an empty body reads as {})."""
+        try:
+            body = self.read_body()
+        except RequestBodyError as error:
+            raise BadRequest(str(error), error.status) from None
+        if not body.strip():
+            return {}
+        try:
+            value = json.loads(body)
+        except ValueError:
+            raise BadRequest("The request body is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise BadRequest("The request body must be a JSON object")
+        return value
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = dispatch
 
@@ -2585,6 +3144,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if account is not None:
             app.note_success(account)
             app.bind_conversation(record.conversation, account, record.timestamp)
+        reader = UsageReader(streaming)
         if response.length is not None and response.length <= SMALL_BODY_BYTES:
             try:
                 answer = self.read_answer(response, connection)
@@ -2594,10 +3154,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.finish_record(record, started, 502, str(error))
                 return
             self.send_answer(answer)
+            reader.feed(answer.body)
             error = None
         else:
-            error = self.relay(response, connection)
-        self.finish_record(record, started, response.status, error)
+            error = self.relay(response, connection, reader.feed)
+        self.finish_record(record, started, response.status, error, reader.finish())
         component_logger("Proxy").info(
             "Request completed for %s: %d in %dms", account.name if account else
             "client credentials", response.status, record.response_time_ms)
@@ -2660,20 +3221,32 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return data
 
     def finish_record(self, record: RequestRecord, started: float, status: int,
-                      error: str | None) -> None:
-        """Complete a request's record and hand it to the background writer."""
+                      error: str | None, usage: Usage | None = None) -> None:
+        """Complete a request's record (usage and cost too) and hand it to the writer."""
         record.status = status
         record.success = status < 400 and error is None
         record.error = error if error is not None else (
             None if status < 400 else http.client.responses.get(status, "Error"))
         record.response_time_ms = int((time.monotonic() - started) * 1000)
+        if usage is not None:
+            record.model = usage.model
+            record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens
+            record.cache_creation_tokens = usage.cache_creation_tokens
+            record.cache_read_tokens = usage.cache_read_tokens
+            record.cost_usd = usage.cost()
+            generating_ms = record.response_time_ms - (record.ttfb_ms or 0 if record.streaming
+                                                       else 0)
+            if usage.output_tokens and generating_ms > 0:
+                record.tokens_per_second = round(usage.output_tokens * 1000 / generating_ms, 1)
         self.app.writer.record(record)
 
     def relay(self, response: http.client.HTTPResponse,
-              connection: http.client.HTTPConnection) -> str | None:
+              connection: http.client.HTTPConnection,
+              tap: Callable[[bytes], None]) -> str | None:
         """Send the upstream's answer to the client unchanged, each piece as soon as it arrives.
 
-        Return what went wrong on the way, or None.
+        `tap` sees a copy of each piece after the client has it. Return what went wrong on the
+        way, or None.
         """
         upstream = self.app.upstream
         headers = [(name, value) for name, value in forwardable_headers(response.msg)
@@ -2688,9 +3261,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             elif response.length is not None:
                 headers.append(("Content-Length", str(response.length)))
                 self.wfile.write(self.head_bytes(status, reason, headers))
-                self.copy_body(response, self.wfile.write)
+                self.copy_body(response, self.wfile.write, tap)
             else:
-                self.relay_unsized(response, status, reason, headers)
+                self.relay_unsized(response, status, reason, headers, tap)
         except (ConnectionError, socket.timeout, TimeoutError):
             # The client went away (or stopped reading): stop, and do not reuse the upstream side.
             self.close_connection = True
@@ -2706,7 +3279,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return None
 
     def relay_unsized(self, response: http.client.HTTPResponse, status: int, reason: str,
-                      headers: list[tuple[str, str]]) -> None:
+                      headers: list[tuple[str, str]], tap: Callable[[bytes], None]) -> None:
         """Relay a body of unknown length (SSE streams) chunk by chunk, flushing each one.
 
         When the upstream fails mid-stream, an SSE client gets a proper `error` event and a clean
@@ -2723,8 +3296,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             def write(data: bytes) -> None:
                 self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
         tail = bytearray(b"\n\n")
+
+        def watch(data: bytes) -> None:
+            tail[:] = (tail + data[-2:])[-2:]
+            tap(data)
+
         try:
-            self.copy_body(response, write, tail)
+            self.copy_body(response, write, watch)
         except UpstreamError as error:
             if "text/event-stream" not in (response.getheader("Content-Type") or ""):
                 raise
@@ -2747,15 +3325,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 error, self.app.upstream.base_url, self.app.settings.request_timeout_s)) from None
 
     def copy_body(self, response: http.client.HTTPResponse, write: Callable[[bytes], Any],
-                  tail: bytearray | None = None) -> None:
+                  tap: Callable[[bytes], None]) -> None:
         """Copy a response body to the client as it arrives; `read1` never waits for more."""
         while True:
             data = self.read_upstream(response, response.read1, RELAY_CHUNK_BYTES)
             if not data:
                 break
             write(data)
-            if tail is not None:
-                tail[:] = (tail + data[-2:])[-2:]
+            tap(data)
         if response.length:
             raise UpstreamError(f"ECONNRESET: {self.app.upstream.base_url} ended the body "
                                 f"{response.length} bytes short")
@@ -2777,6 +3354,216 @@ def make_server(settings: Settings, db_path: str) -> ProxyServer:
         raise ClaudeflareError(f"Cannot listen on {settings.host}:{settings.port}: "
                                f"{error.strerror or error}. Is another server running there? "
                                f"Choose another port with --port or PORT.") from None
+
+
+###############################################################################
+# Status page #################################################################
+###############################################################################
+
+#: The status page. Every $value is escaped before it is put in; the CSS is never formatted.
+STATUS_PAGE = string.Template("""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="refresh" content="15">
+<title>claudeflare: $status</title>
+<style>
+:root { color-scheme: light dark; --ok: #1a7f37; --warn: #bf8700; --bad: #cf222e;
+        --muted: #6e7781; --line: #d0d7de88; }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+       margin: 0 auto; max-width: 1100px; padding: 12px 16px 32px; }
+header { display: flex; flex-wrap: wrap; align-items: baseline; gap: 4px 12px; }
+h1 { font-size: 22px; margin: 0; }
+h2 { font-size: 16px; margin: 24px 0 8px; }
+.badge { padding: 1px 10px; border-radius: 10px; color: #fff; font-weight: 600; }
+.ok, .active { background: var(--ok); }
+.degraded, .paused, .rate_limited { background: var(--warn); }
+.unavailable, .needs_reauth, .expired { background: var(--bad); }
+.status { padding: 0 6px; border-radius: 6px; color: #fff; font-size: 12px; }
+.muted { color: var(--muted); }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(130px, 1fr));
+         gap: 8px; margin-top: 16px; }
+.card { border: 1px solid var(--line); border-radius: 8px; padding: 8px 12px; }
+.card b { display: block; font-size: 20px; }
+.scroll { overflow-x: auto; -webkit-overflow-scrolling: touch; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line);
+         white-space: nowrap; vertical-align: middle; }
+th { font-weight: 600; font-size: 12px; color: var(--muted); }
+td.num, th.num { text-align: right; }
+.bar { display: inline-block; width: 80px; height: 8px; border-radius: 4px;
+       background: var(--line); vertical-align: middle; margin-right: 6px; overflow: hidden; }
+.bar i { display: block; height: 100%; background: var(--ok); }
+.bar i.high { background: var(--warn); }
+.bar i.full { background: var(--bad); }
+svg { display: block; width: 100%; height: 140px; }
+svg rect { fill: #0969da; }
+svg rect.errors { fill: var(--bad); }
+svg text { fill: var(--muted); font-size: 10px; }
+.error { color: var(--bad); white-space: normal; min-width: 240px; }
+</style>
+</head>
+<body>
+<header>
+<h1>claudeflare</h1>
+<span class="badge $status">$status</span>
+<span class="muted">version $version · up $uptime · strategy <b>$strategy</b> · $updated</span>
+</header>
+<section class="cards">
+<div class="card"><span class="muted">Requests, 24 h</span><b>$requests</b></div>
+<div class="card"><span class="muted">Success rate</span><b>$success_rate</b></div>
+<div class="card"><span class="muted">Tokens, 24 h</span><b>$tokens</b></div>
+<div class="card"><span class="muted">Cost, 24 h</span><b>$cost</b></div>
+<div class="card"><span class="muted">p95 latency</span><b>$p95</b></div>
+<div class="card"><span class="muted">Accounts active</span><b>$active</b></div>
+</section>
+<h2>Accounts</h2>
+<div class="scroll"><table>
+<tr><th>Name</th><th>Type</th><th class="num">Tier</th><th>Status</th>
+<th class="num">Requests</th><th>Token expires</th><th>5-hour window</th><th>7-day window</th>
+<th>Last used</th></tr>
+$accounts
+</table></div>
+<h2>Requests per hour, last 24 hours</h2>
+$chart
+<h2>Last 20 requests</h2>
+<div class="scroll"><table>
+<tr><th>Time</th><th>Account</th><th>Model</th><th class="num">Status</th>
+<th class="num">Time</th><th class="num">Tokens in/out</th><th class="num">Cost</th></tr>
+$requests_rows
+</table></div>
+<h2>Recent errors</h2>
+<div class="scroll"><table>
+<tr><th>Time</th><th>Account</th><th class="num">Status</th><th>Error</th></tr>
+$errors
+</table></div>
+</body>
+</html>
+""")
+
+
+def escape(value: Any) -> str:
+    """Escape any value for HTML text or a quoted attribute."""
+    return html.escape(str(value), quote=True)
+
+
+def duration_text(milliseconds: int) -> str:
+    """Say a duration briefly: 45s, 12m, 3h 5m, 2d 4h."""
+    seconds = max(0, milliseconds // 1000)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+
+
+def when_text(ms: int | None, now: int) -> str:
+    """Say when something happens or happened, relative to now."""
+    if not ms:
+        return "-"
+    return f"in {duration_text(ms - now)}" if ms > now else f"{duration_text(now - ms)} ago"
+
+
+def window_cell(used: float | None, reset: int | None, now: int) -> str:
+    """Draw a rate-limit window: a bar of its real utilization and when it resets."""
+    if used is None:
+        return '<td class="muted">no data yet</td>'
+    if reset and reset <= now:
+        used = 0.0
+    level = "full" if used >= 0.9 else "high" if used >= 0.7 else ""
+    return (f'<td><span class="bar"><i class="{level}" style="width:{min(used, 1) * 100:.0f}%">'
+            f'</i></span>{used * 100:.0f}% <span class="muted">resets '
+            f'{escape(when_text(reset, now))}</span></td>')
+
+
+def account_row(account: Account, now: int, session_duration_ms: int) -> str:
+    status = account.status(now)
+    detail = ""
+    if status == "rate_limited":
+        detail = f" until {when_text(account.rate_limited_until, now)}"
+    elif status == "needs_reauth":
+        detail = f": {account.reauth_reason or ''}"
+    expires = when_text(account.expires_at, now) if account.type == "oauth" else "-"
+    return (f"<tr><td><b>{escape(account.name)}</b><br><span class=\"muted\">"
+            f"{escape(account.email or '')}</span></td><td>{escape(account.type)}</td>"
+            f"<td class=\"num\">{account.account_tier}</td>"
+            f"<td><span class=\"status {escape(status)}\">{escape(status)}</span>"
+            f"<span class=\"muted\">{escape(detail)}</span></td>"
+            f"<td class=\"num\">{account.session_count(now, session_duration_ms)}/"
+            f"{account.request_count}</td><td>{escape(expires)}</td>"
+            f"{window_cell(account.utilization_5h, account.reset_5h, now)}"
+            f"{window_cell(account.utilization_7d, account.reset_7d, now)}"
+            f"<td>{escape(when_text(account.last_used, now))}</td></tr>")
+
+
+def hourly_chart(series: list[dict]) -> str:
+    """Draw requests per hour as an inline SVG bar chart (errors in red at the bottom)."""
+    width, height, top = 720, 120, max([point["requests"] for point in series] + [1])
+    step = width / max(len(series), 1)
+    bars = []
+    for index, point in enumerate(series):
+        x = index * step
+        total = point["requests"] / top * (height - 14)
+        failed = point["failures"] / top * (height - 14)
+        moment = time.strftime("%H:00", time.gmtime(point["time"] / 1000))
+        bars.append(f'<rect x="{x + 1:.1f}" y="{height - 14 - total:.1f}" '
+                    f'width="{step - 2:.1f}" height="{total:.1f}"><title>{moment} UTC: '
+                    f'{point["requests"]} requests, {point["failures"]} errors</title></rect>')
+        if failed:
+            bars.append(f'<rect class="errors" x="{x + 1:.1f}" y="{height - 14 - failed:.1f}" '
+                        f'width="{step - 2:.1f}" height="{failed:.1f}"></rect>')
+        if index % 6 == 0:
+            bars.append(f'<text x="{x + 1:.1f}" y="{height - 2}">{moment}</text>')
+    return (f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="Requests per hour">'
+            f'{"".join(bars)}<text x="{width - 2}" y="10" text-anchor="end">max {top}</text>'
+            f'</svg>')
+
+
+def request_row(row: dict, now: int) -> str:
+    cost = "-" if row["costUsd"] is None else f"${row['costUsd']:.4f}"
+    return (f"<tr><td>{escape(when_text(row['timestamp'], now))}</td>"
+            f"<td>{escape(row['accountName'] or 'client credentials')}</td>"
+            f"<td>{escape(row['model'] or '-')}</td><td class=\"num\">{escape(row['status'])}"
+            f"</td><td class=\"num\">{escape(row['responseTimeMs'])} ms</td>"
+            f"<td class=\"num\">{row['inputTokens']}/{row['outputTokens']}</td>"
+            f"<td class=\"num\">{escape(cost)}</td></tr>")
+
+
+def error_row(row: dict, now: int) -> str:
+    return (f"<tr><td>{escape(when_text(row['timestamp'], now))}</td>"
+            f"<td>{escape(row['accountName'] or 'client credentials')}</td>"
+            f"<td class=\"num\">{escape(row['status'])}</td>"
+            f"<td class=\"error\">{escape(row['error'] or '')}</td></tr>")
+
+
+def render_status_page(app: App, now: int) -> str:
+    """Render the status page: health, accounts with real window use, 24 h totals, requests."""
+    _, health = app.health()
+    last_day = usage_json(app.store.usage(now - 24 * HOUR_MS)[0])
+    series = app.analytics("24h", now)["series"]
+    recent = [request_json(row) for row in app.store.recent_requests(20)]
+    errors = [request_json(row) for row in app.store.recent_requests(10, failures_only=True)]
+    empty = '<tr><td colspan="9" class="muted">{}</td></tr>'
+    rate = last_day["successRate"]
+    return STATUS_PAGE.substitute(
+        status=escape(health["status"]), version=escape(__version__),
+        uptime=escape(duration_text(health["uptime"])),
+        strategy=escape(health["strategy"]), updated=escape(iso_time(now)),
+        requests=last_day["requests"],
+        success_rate="-" if rate is None else f"{rate * 100:.1f}%",
+        tokens=f"{last_day['totalTokens']:,}", cost=escape(f"${last_day['costUsd']:.2f}"),
+        p95="-" if last_day["p95LatencyMs"] is None else f"{last_day['p95LatencyMs']} ms",
+        active=f"{health['accounts']['active']}/{health['accounts']['total']}",
+        accounts="".join(account_row(account, now, app.settings.session_duration_ms)
+                         for account in app.accounts())
+        or empty.format("No accounts yet: python3 claudeflare.py add NAME"),
+        chart=hourly_chart(series),
+        requests_rows="".join(request_row(row, now) for row in recent)
+        or empty.format("No requests yet"),
+        errors="".join(error_row(row, now) for row in errors) or empty.format("No errors"))
 
 
 ###############################################################################
@@ -2917,24 +3704,6 @@ def cmd_reauth(args: argparse.Namespace, settings: Settings) -> int:
                                  expires_at=tokens.expires_at, **reset)
     print(f"Logged in account {args.name} again")
     return 0
-
-
-def account_json(account: Account, now: int, session_duration_ms: int) -> dict:
-    """Describe an account for `list --json` and the API: never a credential."""
-    return {
-        "name": account.name, "type": account.type, "tier": account.account_tier,
-        "status": account.status(now), "paused": bool(account.paused),
-        "email": account.email, "organization": account.organization,
-        "requests": account.request_count,
-        "sessionRequests": account.session_count(now, session_duration_ms),
-        "sessionStart": account.session_start, "tokenExpiresAt": account.expires_at,
-        "rateLimitStatus": account.rate_limit_status, "rateLimitReset": account.rate_limit_reset,
-        "rateLimitedUntil": account.rate_limited_until,
-        "needsReauth": bool(account.needs_reauth), "reauthReason": account.reauth_reason,
-        "utilization5h": account.utilization_5h, "reset5h": account.reset_5h,
-        "utilization7d": account.utilization_7d, "reset7d": account.reset_7d,
-        "createdAt": account.created_at, "lastUsed": account.last_used,
-    }
 
 
 def short_time(ms: int | None, now: int) -> str:
@@ -3078,6 +3847,84 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def usage_line(usage: dict) -> str:
+    """Summarize usage in one line for the terminal."""
+    rate = "-" if usage["successRate"] is None else f"{usage['successRate'] * 100:.1f}%"
+    return (f"{usage['requests']} requests, {rate} ok, {usage['inputTokens']:,} in / "
+            f"{usage['outputTokens']:,} out tokens, ${usage['costUsd']:.2f}, avg "
+            f"{usage['avgLatencyMs'] or '-'} ms, p95 {usage['p95LatencyMs'] or '-'} ms")
+
+
+def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the usage figures /api/stats gives: totals, per account and model, errors."""
+    with open_store(args) as store:
+        report = stats_report(store, now_ms())
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"All time:      {usage_line(report['totals'])}")
+    print(f"Last 24 hours: {usage_line(report['last24h'])}")
+    for title, key in (("Accounts", "accounts"), ("Models", "models")):
+        if report[key]:
+            print(f"\n{title}:")
+            rows = [["NAME", "REQUESTS", "OK", "INPUT", "OUTPUT", "COST", "AVG MS"]]
+            rows += [[item["name"] or "-", str(item["requests"]),
+                      f"{(item['successRate'] or 0) * 100:.1f}%", f"{item['inputTokens']:,}",
+                      f"{item['outputTokens']:,}", f"${item['costUsd']:.2f}",
+                      str(item["avgLatencyMs"] or "-")] for item in report[key]]
+            print_table(rows)
+    if report["recentErrors"]:
+        print("\nRecent errors:")
+        for error in report["recentErrors"]:
+            print(f"  {iso_time(error['timestamp'])}  {error['accountName'] or '-'}  "
+                  f"{error['status']}  {error['error']}")
+    return 0
+
+
+def cmd_requests(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the latest requests, newest first."""
+    with open_store(args) as store:
+        records = [request_json(row) for row in store.recent_requests(args.limit)]
+    if not records:
+        print("No requests recorded yet")
+        return 0
+    rows = [["TIME", "ACCOUNT", "MODEL", "STATUS", "MS", "IN", "OUT", "COST", "RETRIES",
+             "ERROR"]]
+    rows += [[iso_time(item["timestamp"]), item["accountName"] or "-", item["model"] or "-",
+              str(item["status"]), str(item["responseTimeMs"]), str(item["inputTokens"]),
+              str(item["outputTokens"]),
+              "-" if item["costUsd"] is None else f"${item['costUsd']:.4f}",
+              str(item["failoverAttempts"]), (item["error"] or "")[:80]] for item in records]
+    print_table(rows)
+    return 0
+
+
+def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
+    """Ask a running server for /health; exit 0 only when it says ok."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = args.url or f"http://{host}:{settings.port}"
+    origin, prefix = split_url(url)
+    client = Upstream(origin)
+    try:
+        response, connection = client.send("GET", prefix.rstrip("/") + "/health",
+                                           [("Host", client.host_header)], b"", 10.0)
+        body = response.read()
+        connection.close()
+    except (UpstreamError, OSError, http.client.HTTPException) as error:
+        raise ClaudeflareError(f"No answer from {url}: {error}. Is the server running "
+                               f"(python3 claudeflare.py serve)?") from None
+    finally:
+        client.close()
+    try:
+        health = json.loads(body)
+        status, counts = health["status"], health["accounts"]
+    except (ValueError, KeyError, TypeError):
+        raise ClaudeflareError(f"{url}/health did not answer like claudeflare") from None
+    print(f"{status}: {counts.get('active', 0)} of {counts.get('total', 0)} accounts active, "
+          f"strategy {health.get('strategy')}, up {duration_text(health.get('uptime', 0))}")
+    return 0 if status == "ok" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the command-line parser: global options, then one subcommand per action."""
     parser = argparse.ArgumentParser(
@@ -3153,6 +4000,17 @@ def build_parser() -> argparse.ArgumentParser:
             "python3 claudeflare.py clear-history")
     command("reset-stats", cmd_reset_stats, "zero the per-account request counters",
             "python3 claudeflare.py reset-stats")
+    stats = command("stats", cmd_stats, "print usage: totals, per account and model, errors",
+                    "python3 claudeflare.py stats --json")
+    stats.add_argument("--json", action="store_true", help="print JSON for scripts")
+    requests = command("requests", cmd_requests, "print the latest requests",
+                       "python3 claudeflare.py requests --limit 20")
+    requests.add_argument("--limit", type=argument(parse_positive_int), default=20,
+                          help="how many (default 20)")
+    health = command("health", cmd_health,
+                     "ask a running server whether it is ok (exit 0) or not (exit 1)",
+                     "python3 claudeflare.py health --url http://127.0.0.1:8080")
+    health.add_argument("--url", help="the server (default: from the host and port settings)")
     backup = command("backup", cmd_backup,
                      "copy the database consistently, even while the server runs",
                      "python3 claudeflare.py backup ~/claudeflare-backup.db")

@@ -15,6 +15,7 @@ import base64
 import collections
 import contextlib
 import hashlib
+import html.parser
 import http.client
 import http.server
 import io
@@ -266,6 +267,22 @@ def reply_stream(events, hold_after: int | None = None, gate: threading.Event | 
         except OSError:
             fake.stream_aborted.set()
             handler.close_connection = True
+    return action
+
+
+def reply_stream_split(events, piece: int = 7, stop_after: int | None = None):
+    """Stream SSE events cut into small pieces, so events straddle reads; maybe stop early."""
+    def action(handler: FakeHandler, request: Recorded) -> None:
+        handler.start_chunked()
+        data = b"".join(events[:stop_after])
+        for start in range(0, len(data), piece):
+            handler.send_chunk(data[start:start + piece])
+            time.sleep(0.0005)
+        if stop_after is None:
+            handler.end_chunked()
+        else:
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
     return action
 
 
@@ -1804,6 +1821,308 @@ class TestStrategies(RoutingTestCase):
 
 
 ###############################################################################
+# Usage, the JSON API and the status page #####################################
+###############################################################################
+
+class PageChecker(html.parser.HTMLParser):
+    """Checks that a page's tags nest and close, and collects its text."""
+
+    VOID = {"meta", "br", "img", "input", "link", "hr"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[str] = []
+        self.problems: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs) -> None:
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag) -> None:
+        if not self.open or self.open[-1] != tag:
+            self.problems.append(f"</{tag}> closes {self.open[-1:] or 'nothing'}")
+        else:
+            self.open.pop()
+
+    def handle_data(self, data) -> None:
+        self.text.append(data)
+
+
+class TestUsage(ServerWithAccounts):
+    def setUp(self) -> None:
+        super().setUp()
+        self.add_key("work")
+
+    def last_record(self) -> dict:
+        self.proxy.app.writer.flush()
+        return json.loads(self.proxy.request("GET", "/api/requests?limit=1")[2])[0]
+
+    def test_plain_answer_usage_and_cost(self):
+        self.upstream.push(reply_json(200, message_body("claude-sonnet-4-5-20250929", usage={
+            "input_tokens": 1000, "output_tokens": 500, "cache_creation_input_tokens": 2000,
+            "cache_read_input_tokens": 10000})))
+        self.assertEqual(self.post_message()[0], 200)
+        record = self.last_record()
+        self.assertEqual((record["model"], record["inputTokens"], record["outputTokens"],
+                          record["cacheCreationTokens"], record["cacheReadTokens"]),
+                         ("claude-sonnet-4-5-20250929", 1000, 500, 2000, 10000))
+        # 1000 x $3 + 500 x $15 + 2000 x $3 x 1.25 + 10000 x $3 x 0.1, per million
+        self.assertAlmostEqual(record["costUsd"], 0.021)
+        self.assertEqual((record["accountName"], record["success"], record["streaming"]),
+                         ("work", True, False))
+
+    def test_one_hour_cache_writes_cost_twice_the_input_price(self):
+        self.upstream.push(reply_json(200, message_body("claude-opus-4-5", usage={
+            "input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 3000,
+            "cache_creation": {"ephemeral_5m_input_tokens": 1000,
+                               "ephemeral_1h_input_tokens": 2000}})))
+        self.post_message()
+        self.assertAlmostEqual(self.last_record()["costUsd"], (1000 * 5 * 1.25 + 2000 * 5 * 2)
+                               / 1e6)
+
+    def test_unknown_model_is_unpriced_not_guessed(self):
+        self.upstream.push(reply_json(200, message_body("claude-future-9")))
+        self.post_message()
+        record = self.last_record()
+        self.assertEqual((record["model"], record["costUsd"]), ("claude-future-9", None))
+        stats = json.loads(self.proxy.request("GET", "/api/stats")[2])
+        self.assertEqual(stats["totals"]["unpricedRequests"], 1)
+
+    def test_stream_usage_read_from_events_split_across_reads(self):
+        events = message_events("claude-haiku-4-5", words=["a"] * 40, input_tokens=321)
+        self.upstream.push(reply_stream_split(events, piece=7))
+        status, _, body = self.post_message(stream=True)
+        self.assertEqual((status, body), (200, b"".join(events)))
+        record = self.last_record()
+        self.assertEqual((record["model"], record["inputTokens"], record["outputTokens"]),
+                         ("claude-haiku-4-5", 321, 40))
+        self.assertTrue(record["streaming"])
+        self.assertAlmostEqual(record["costUsd"], (321 * 1 + 40 * 5) / 1e6)
+        self.assertGreater(record["tokensPerSecond"], 0)
+
+    def test_stream_that_ends_early_keeps_what_it_reported(self):
+        events = message_events("claude-sonnet-4-5", words=["a"] * 5, input_tokens=50)
+        self.upstream.push(reply_stream_split(events, piece=11, stop_after=4))
+        status, _, body = self.post_message(stream=True)
+        self.assertEqual(status, 200)
+        self.assertIn(b"event: error", body)
+        record = self.last_record()
+        self.assertEqual((record["inputTokens"], record["outputTokens"]), (50, 1))
+        self.assertFalse(record["success"])
+        self.assertIn("Upstream failed during the response", record["error"])
+
+    def test_writer_flushes_at_shutdown(self):
+        for _ in range(5):
+            self.post_message()
+        self.proxy.app.close()
+        store = claudeflare.Store(self.proxy.db_path)
+        try:
+            self.assertEqual(store.query("SELECT COUNT(*) FROM requests")[0][0], 5)
+            self.assertEqual(store.account("work").request_count, 5)
+        finally:
+            store.close()
+        self.proxy.app.close = lambda: None  # already closed; the cleanup must not repeat it
+
+    def test_old_records_are_pruned_past_the_retention(self):
+        store = self.proxy.app.store
+        old = claudeflare.now_ms() - 31 * 86400 * 1000
+        store.write_requests([claudeflare.RequestRecord(
+            id="old", timestamp=old, method="POST", path="/v1/messages", status=200,
+            success=True, response_time_ms=10)], 1000)
+        self.post_message()
+        self.proxy.app.writer.flush()
+        ids = [row[0] for row in store.query("SELECT id FROM requests")]
+        self.assertNotIn("old", ids)
+        self.assertEqual(len(ids), 1)
+        self.assertEqual(store.query("SELECT COUNT(*) FROM usage_hourly WHERE hour < ?",
+                                     (old + 86400 * 1000,))[0][0], 0)
+
+
+class TestApi(ServerWithAccounts):
+    settings = {"lb_strategy": "round-robin"}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.add_key("a")
+        self.add_key("b", tier=5)
+        for index in range(4):
+            self.upstream.push(reply_json(200, message_body("claude-sonnet-4-5")))
+        self.upstream.push(reply_error(400, "invalid_request_error", "bad <request>"))
+        for _ in range(5):
+            self.post_message()
+        self.proxy.app.writer.flush()
+
+    def get(self, path: str):
+        status, headers, body = self.proxy.request("GET", path)
+        return status, (json.loads(body) if headers["Content-Type"].startswith(
+            "application/json") else body.decode())
+
+    def post(self, path: str, body=None, headers=None):
+        status, _, data = self.proxy.request("POST", path, body if body is not None else b"",
+                                             {"content-type": "application/json",
+                                              **(headers or {})})
+        return status, json.loads(data)
+
+    def test_stats_shape(self):
+        status, stats = self.get("/api/stats")
+        self.assertEqual(status, 200)
+        totals = stats["totals"]
+        self.assertEqual((totals["requests"], totals["failures"], totals["successRate"]),
+                         (5, 1, 0.8))
+        self.assertEqual(totals["inputTokens"], 48)
+        self.assertGreater(totals["costUsd"], 0)
+        self.assertIsNotNone(totals["avgLatencyMs"])
+        self.assertIsNotNone(totals["p95LatencyMs"])
+        self.assertEqual(stats["last24h"]["requests"], 5)
+        self.assertEqual({item["name"]: item["requests"] for item in stats["accounts"]},
+                         {"a": 2, "b": 3})
+        self.assertEqual([item["name"] for item in stats["models"]][:1], ["claude-sonnet-4-5"])
+        self.assertEqual(stats["recentErrors"][0]["status"], 400)
+
+    def test_accounts_requests_config_and_logs(self):
+        status, accounts = self.get("/api/accounts")
+        self.assertEqual([account["name"] for account in accounts], ["a", "b"])
+        for key in ("type", "tier", "status", "requests", "sessionRequests", "tokenExpiresAt",
+                    "rateLimitStatus", "rateLimitedUntil", "utilization5h", "reset5h",
+                    "utilization7d", "reset7d", "lastUsed"):
+            self.assertIn(key, accounts[0])
+        status, requests = self.get("/api/requests?limit=3")
+        self.assertEqual(len(requests), 3)
+        self.assertEqual(len(self.get("/api/requests")[1]), 5)
+        for key in ("id", "timestamp", "method", "path", "model", "accountName", "status",
+                    "success", "error", "responseTimeMs", "ttfbMs", "failoverAttempts",
+                    "streaming", "inputTokens", "outputTokens", "cacheCreationTokens",
+                    "cacheReadTokens", "costUsd", "tokensPerSecond", "userAgent",
+                    "conversation"):
+            self.assertIn(key, requests[0])
+        status, config = self.get("/api/config")
+        self.assertEqual(config["settings"]["lbStrategy"], "round-robin")
+        self.assertEqual(config["strategies"], list(claudeflare.STRATEGY_NAMES))
+        status, lines = self.get("/api/logs?limit=5")
+        self.assertTrue(lines and len(lines) <= 5)
+        self.assertRegex(lines[-1], r"^\[\d{4}-\d\d-\d\dT[\d:.]+Z\] [A-Z]+: \[\w+\] ")
+
+    def test_analytics_for_every_range(self):
+        for span, buckets in (("1h", 61), ("6h", 73), ("24h", 25), ("7d", 29), ("30d", 31)):
+            status, analytics = self.get(f"/api/analytics?range={span}")
+            self.assertEqual(status, 200, span)
+            self.assertIn(len(analytics["series"]), (buckets - 1, buckets, buckets + 1), span)
+            self.assertEqual(sum(point["requests"] for point in analytics["series"]), 5, span)
+            self.assertEqual(sum(item["requests"] for item in analytics["accounts"]), 5, span)
+            self.assertEqual(analytics["models"][0]["name"], "claude-sonnet-4-5")
+
+    def test_bad_parameters_name_the_valid_values(self):
+        for path, text in (("/api/requests?limit=0", "1 to 1000"),
+                           ("/api/requests?limit=5000", "1 to 1000"),
+                           ("/api/requests?limit=ten", "1 to 1000"),
+                           ("/api/logs?limit=-1", "1 to 1000"),
+                           ("/api/analytics?range=2d", "1h, 6h, 24h, 7d, 30d")):
+            status, body = self.get(path)
+            self.assertEqual(status, 400, path)
+            self.assertIn(text, body["error"], path)
+        status, body = self.post("/api/config/strategy", b'{"strategy": "fastest"}')
+        self.assertEqual(status, 400)
+        self.assertIn("Invalid strategy: fastest", body["error"])
+        self.assertIn("round-robin", body["error"])
+        self.assertEqual(self.post("/api/config/strategy", b"{nope")[0], 400)
+        self.assertEqual(self.post("/api/accounts/ghost/pause")[0], 404)
+        self.assertEqual(self.post("/api/accounts/a/explode")[0], 404)
+
+    def test_mutating_endpoints(self):
+        status, body = self.post("/api/config/strategy", b'{"strategy": "weighted"}')
+        self.assertEqual((status, body), (200, {"strategy": "weighted"}))
+        self.assertEqual(self.get("/health")[1]["strategy"], "weighted")
+        with open(self.proxy.config_path) as config:
+            self.assertEqual(json.load(config)["lb_strategy"], "weighted")
+        status, account = self.post("/api/accounts/a/pause")
+        self.assertEqual((status, account["status"]), (200, "paused"))
+        self.assertEqual(set(self.served_by(2)), {"b"})
+        self.assertEqual(self.post("/api/accounts/a/resume")[1]["status"], "active")
+        self.assertEqual(self.post("/api/stats/reset")[1], {"reset": 2})
+        self.assertEqual({a["name"]: a["requests"] for a in self.get("/api/accounts")[1]},
+                         {"a": 0, "b": 0})
+
+    def test_metrics_in_prometheus_text(self):
+        status, text = self.get("/metrics")
+        self.assertEqual(status, 200)
+        for line in ('claudeflare_requests_total{account="a",status="200"} 2',
+                     'claudeflare_requests_total{account="b",status="400"} 1',
+                     'claudeflare_tokens_total{type="input"} 48',
+                     'claudeflare_request_duration_seconds_bucket{le="+Inf"} 5',
+                     'claudeflare_request_duration_seconds_count 5',
+                     'claudeflare_account_status{account="a",status="active"} 1'):
+            self.assertIn(line, text.splitlines())
+        self.assertIn("# TYPE claudeflare_request_duration_seconds histogram", text)
+
+    def test_status_page_parses_and_shows_every_account(self):
+        self.proxy.app.mark_needs_attention(self.proxy.app.store.account("b"),
+                                            "<script>alert(1)</script> disabled")
+        for path in ("/", "/dashboard"):
+            status, page = self.get(path)
+            self.assertEqual(status, 200)
+            checker = PageChecker()
+            checker.feed(page)
+            checker.close()
+            self.assertEqual((checker.problems, checker.open), ([], []))
+            text = " ".join(checker.text)
+            for expected in ("a", "b", "needs_reauth", "round-robin", "Requests per hour",
+                             "Last 20 requests", "Recent errors", "bad <request>"):
+                self.assertIn(expected, text)
+            self.assertNotIn("<script>alert", page)
+            self.assertIn("&lt;script&gt;alert(1)&lt;/script&gt;", page)
+            self.assertIn('<meta name="viewport"', page)
+            self.assertIn("<svg", page)
+            self.assertNotIn("http://", page.replace("http://www.w3.org", ""))
+
+    def test_cli_stats_and_requests_print_the_same_figures(self):
+        stats = json.loads(self.ok("stats", "--json"))
+        self.assertEqual(stats["totals"], self.get("/api/stats")[1]["totals"])
+        text = self.ok("stats")
+        self.assertIn("5 requests, 80.0% ok, 48 in / ", text)
+        listing = self.ok("requests", "--limit", "2").splitlines()
+        self.assertEqual(len(listing), 3)
+        self.assertIn("STATUS", listing[0])
+
+    def test_cli_health_asks_the_server(self):
+        code, out, _ = self.cli("health", "--url", self.proxy.url)
+        self.assertEqual((code, out.split(":")[0]), (0, "ok"))
+        self.ok("pause", "a")
+        self.ok("pause", "b")
+        code, out, _ = self.cli("health", "--url", self.proxy.url)
+        self.assertEqual((code, out.split(":")[0]), (1, "unavailable"))
+        code, _, err = self.cli("health", "--url", "http://127.0.0.1:9")
+        self.assertEqual(code, 1)
+        self.assertIn("Is the server running", err)
+
+
+class TestSecrets(ServerWithAccounts):
+    def test_no_secret_reaches_the_api_the_page_or_the_log(self):
+        self.add_key("keyed")
+        access, refresh = self.add_oauth("subscription", expires_in_ms=60_000)
+        self.assertEqual(self.post_message()[0], 200)
+        self.assertEqual(self.post_message()[0], 200)
+        self.proxy.app.writer.flush()
+        wait_for(lambda: self.stored("subscription").access_token != access,
+                 what="a refresh")
+        fresh = self.stored("subscription")
+        secrets = ["sk-ant-api03-keyed", access, refresh, fresh.access_token,
+                   fresh.refresh_token]
+        seen = []
+        for path in ("/", "/dashboard", "/health", "/api/stats", "/api/accounts",
+                     "/api/requests", "/api/analytics?range=1h", "/api/config", "/api/logs",
+                     "/metrics"):
+            seen.append(self.proxy.request("GET", path)[2].decode())
+        seen.append(CAPTURED_LOG.text())
+        seen += [self.ok("list"), self.ok("list", "--json"), self.ok("stats", "--json"),
+                 self.ok("requests"), self.ok("config", "list")]
+        for secret in secrets:
+            for text in seen:
+                self.assertNotIn(secret, text)
+                self.assertNotIn(secret[-16:], text)
+
+
+###############################################################################
 # Benchmark (make bench) ######################################################
 ###############################################################################
 
@@ -1906,8 +2225,79 @@ def start_bench_processes(folder: str):
     return upstream, int(upstream_url.rsplit(":", 1)[1]), proxy, proxy_port
 
 
+def fill_request_log(path: str, rows: int) -> None:
+    """Write a database of the previous schema (2) holding `rows` requests over 30 days."""
+    connection = sqlite3.connect(path)
+    for statements in claudeflare.MIGRATIONS[:2]:
+        for statement in statements:
+            connection.execute(statement)
+    now = claudeflare.now_ms()
+    for index in range(4):
+        connection.execute("INSERT INTO accounts (name, type, account_tier, api_key, created_at)"
+                           " VALUES (?, 'api_key', 1, 'sk-ant-api03-bench', ?)",
+                           (f"account{index}", now))
+    connection.execute(f"""
+        WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {rows})
+        INSERT INTO requests (id, timestamp, method, path, account_name, status, success,
+            error, response_time_ms, failover_attempts, model, ttfb_ms, streaming,
+            input_tokens, output_tokens, cache_creation_tokens, cache_read_tokens, cost_usd,
+            tokens_per_second, user_agent, conversation)
+        SELECT printf('%032x', i), {now} - (i * 2591) % 2592000000, 'POST', '/v1/messages',
+            'account' || (i % 4), CASE WHEN i % 50 = 0 THEN 529 ELSE 200 END, i % 50 != 0,
+            CASE WHEN i % 50 = 0 THEN 'Overloaded' END, (i * 7919) % 9000 + 40, 0,
+            CASE i % 3 WHEN 0 THEN 'claude-sonnet-4-5' WHEN 1 THEN 'claude-opus-4-5'
+                ELSE 'claude-haiku-4-5' END, 30, 1, 2000, 300, 0, 1500, 0.0117, 55.0,
+            'claude-cli/2.1.0', 'session:' || (i % 997)
+        FROM n""")
+    connection.execute("PRAGMA user_version = 2")
+    connection.commit()
+    connection.close()
+
+
+def bench_request_log(folder: str, rows: int) -> None:
+    """Time the API on a request log of `rows` records (1,000,000 by default)."""
+    path = os.path.join(folder, "big.db")
+    started = time.perf_counter()
+    fill_request_log(path, rows)
+    print(f"\n{rows:,} request records written in {time.perf_counter() - started:.1f}s")
+    started = time.perf_counter()
+    claudeflare.Store(path).close()
+    print(f"upgrade to schema {claudeflare.SCHEMA_VERSION} (hourly totals built) in "
+          f"{time.perf_counter() - started:.1f}s")
+    env = dict(os.environ, CLAUDEFLARE_DB_PATH=path, LOG_LEVEL="WARN",
+               CLAUDEFLARE_CONFIG_PATH=os.path.join(folder, "big.json"),
+               CLAUDEFLARE_LOG_DIR=os.path.join(folder, "logs"))
+    server = subprocess.Popen([sys.executable, os.path.join(HERE, "claudeflare.py"), "serve",
+                               "--port", "0"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline().rsplit(":", 1)[1])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        print(f"{'endpoint':<28}{'p50 ms':>9}{'max ms':>9}")
+        for path in ("/api/stats", "/api/analytics?range=30d", "/api/analytics?range=7d",
+                     "/api/analytics?range=24h", "/api/analytics?range=1h",
+                     "/api/requests?limit=1000", "/metrics", "/"):
+            times = []
+            for _ in range(5):
+                began = time.perf_counter()
+                connection.request("GET", path)
+                response = connection.getresponse()
+                response.read()
+                times.append((time.perf_counter() - began) * 1000)
+                if response.status != 200:
+                    raise RuntimeError(f"{path} answered {response.status}")
+            print(f"{path:<28}{statistics.median(times):>9.1f}{max(times):>9.1f}", flush=True)
+        connection.close()
+    finally:
+        server.terminate()
+        server.wait(30)
+        server.stdout.close()
+
+
 def run_bench(argv: list[str]) -> int:
-    """Measure direct-to-upstream against through-the-proxy in one run and print the ratios."""
+    """Measure direct-to-upstream against through-the-proxy in one run and print the ratios.
+
+    Then time the API on a request log of a million records.
+    """
     scale = float(argv[0]) if argv else 1.0
     folder = tempfile.mkdtemp(prefix="claudeflare-bench-")
     upstream, upstream_port, proxy, proxy_port = start_bench_processes(folder)
@@ -1946,6 +2336,7 @@ def run_bench(argv: list[str]) -> int:
         upstream.stdin.close()
         upstream.wait(30)
         upstream.stdout.close()
+    bench_request_log(folder, int(1_000_000 * min(scale, 1.0)))
     return 0
 
 
