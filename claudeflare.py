@@ -600,9 +600,11 @@ ACCOUNT_NAME_PATTERN = re.compile(r"[A-Za-z0-9 _\-@.+]{1,100}")
 
 HOUR_MS = 3600 * 1000
 #: Upper bounds (ms) of the latency histogram kept per hour; part of schema version 3.
-LATENCY_BUCKETS_MS = (100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000)
+LATENCY_BUCKETS_MS = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000,
+                      300000)
 LATENCY_COLUMNS = tuple(f"latency_le_{bound}" for bound in LATENCY_BUCKETS_MS) + ("latency_over",)
-LATENCY_BUCKET_SUMS = ", ".join(
+#: SQL that counts request-log rows per latency bucket, in LATENCY_COLUMNS order.
+LATENCY_BUCKET_SUMS = tuple(
     [f"COALESCE(SUM(response_time_ms > {low} AND response_time_ms <= {high}), 0)"
      for low, high in zip((-1,) + LATENCY_BUCKETS_MS, LATENCY_BUCKETS_MS)]
     + [f"COALESCE(SUM(response_time_ms > {LATENCY_BUCKETS_MS[-1]}), 0)"])
@@ -680,6 +682,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             cost_usd REAL NOT NULL DEFAULT 0,
             unpriced INTEGER NOT NULL DEFAULT 0,
             latency_ms_total INTEGER NOT NULL DEFAULT 0,
+            latency_ms_max INTEGER NOT NULL DEFAULT 0,
             {", ".join(f"{column} INTEGER NOT NULL DEFAULT 0" for column in LATENCY_COLUMNS)},
             PRIMARY KEY (hour, account_name, model, client_key))""",
         f"""INSERT INTO usage_hourly
@@ -688,7 +691,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
                    SUM(output_tokens), SUM(cache_creation_tokens), SUM(cache_read_tokens),
                    COALESCE(SUM(cost_usd), 0),
                    SUM(cost_usd IS NULL AND input_tokens + output_tokens > 0),
-                   COALESCE(SUM(response_time_ms), 0), {LATENCY_BUCKET_SUMS}
+                   COALESCE(SUM(response_time_ms), 0), COALESCE(MAX(response_time_ms), 0),
+                   {", ".join(LATENCY_BUCKET_SUMS)}
             FROM requests GROUP BY 1, 2, 3""",
     ),
 )
@@ -824,13 +828,16 @@ COUNT_REQUEST = """UPDATE accounts SET
 ROLLUP_COUNTERS = ("requests", "failures", "input_tokens", "output_tokens",
                    "cache_creation_tokens", "cache_read_tokens", "cost_usd", "unpriced",
                    "latency_ms_total") + LATENCY_COLUMNS
+ROLLUP_COLUMNS = ROLLUP_COUNTERS + ("latency_ms_max",)
 UPSERT_ROLLUP = (
     f"INSERT INTO usage_hourly (hour, account_name, model, client_key, "
-    f"{', '.join(ROLLUP_COUNTERS)}) VALUES ({', '.join('?' * (4 + len(ROLLUP_COUNTERS)))}) "
+    f"{', '.join(ROLLUP_COLUMNS)}) VALUES ({', '.join('?' * (4 + len(ROLLUP_COLUMNS)))}) "
     f"ON CONFLICT (hour, account_name, model, client_key) DO UPDATE SET "
-    + ", ".join(f"{column} = {column} + excluded.{column}" for column in ROLLUP_COUNTERS))
+    + ", ".join(f"{column} = {column} + excluded.{column}" for column in ROLLUP_COUNTERS)
+    + ", latency_ms_max = MAX(latency_ms_max, excluded.latency_ms_max)")
 LATENCY_START = ROLLUP_COUNTERS.index(LATENCY_COLUMNS[0])
-ROLLUP_SUMS = ", ".join(f"SUM({column}) AS {column}" for column in ROLLUP_COUNTERS)
+ROLLUP_SUMS = ", ".join([f"SUM({column}) AS {column}" for column in ROLLUP_COUNTERS]
+                        + ["MAX(latency_ms_max) AS latency_ms_max"])
 
 
 def latency_bucket(milliseconds: int | None) -> int:
@@ -844,7 +851,7 @@ def rollup_rows(records: list[RequestRecord]) -> list[list]:
     for record in records:
         key = (record.timestamp // HOUR_MS * HOUR_MS, record.account_name or "",
                record.model or "", record.client_key or "")
-        row = rows.setdefault(key, [0] * len(ROLLUP_COUNTERS))
+        row = rows.setdefault(key, [0] * len(ROLLUP_COLUMNS))
         tokens = record.input_tokens + record.output_tokens
         for index, value in enumerate((
                 1, not record.success, record.input_tokens, record.output_tokens,
@@ -852,6 +859,7 @@ def rollup_rows(records: list[RequestRecord]) -> list[list]:
                 record.cost_usd is None and tokens > 0, record.response_time_ms or 0)):
             row[index] += value
         row[LATENCY_START + latency_bucket(record.response_time_ms)] += 1
+        row[-1] = max(row[-1], record.response_time_ms or 0)
     return [list(key) + row for key, row in rows.items()]
 
 
@@ -1087,8 +1095,11 @@ class Store:
             "SUM(cache_creation_tokens) AS cache_creation_tokens, "
             "SUM(cache_read_tokens) AS cache_read_tokens, "
             "COALESCE(SUM(cost_usd), 0) AS cost_usd, "
-            "COALESCE(SUM(response_time_ms), 0) AS latency_ms_total "
-            "FROM requests WHERE timestamp >= ? GROUP BY bucket ORDER BY bucket",
+            "COALESCE(SUM(response_time_ms), 0) AS latency_ms_total, "
+            "COALESCE(MAX(response_time_ms), 0) AS latency_ms_max, "
+            + ", ".join(f"{total} AS {column}"
+                        for total, column in zip(LATENCY_BUCKET_SUMS, LATENCY_COLUMNS))
+            + " FROM requests WHERE timestamp >= ? GROUP BY bucket ORDER BY bucket",
             (bucket_ms, bucket_ms, since_ms))
 
     def recent_requests(self, limit: int, failures_only: bool = False) -> list[sqlite3.Row]:
@@ -2436,7 +2447,13 @@ def usage_json(row: Any) -> dict:
             "cacheReadTokens": value("cache_read_tokens"), "totalTokens": tokens,
             "costUsd": round(value("cost_usd"), 6), "unpricedRequests": value("unpriced"),
             "avgLatencyMs": round(value("latency_ms_total") / requests) if requests else None,
-            "p95LatencyMs": percentile_from_histogram(buckets, 0.95)}
+            "p95LatencyMs": min_known(percentile_from_histogram(buckets, 0.95),
+                                      value("latency_ms_max"))}
+
+
+def min_known(estimate: int | None, ceiling: int) -> int | None:
+    """Cap a histogram estimate at the largest value seen (the estimate cannot exceed it)."""
+    return estimate if estimate is None else min(estimate, ceiling)
 
 
 def request_json(row: Any) -> dict:
@@ -3518,7 +3535,7 @@ def hourly_chart(series: list[dict]) -> str:
         if index % 6 == 0:
             bars.append(f'<text x="{x + 1:.1f}" y="{height - 2}">{moment}</text>')
     return (f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="Requests per hour">'
-            f'{"".join(bars)}<text x="{width - 2}" y="10" text-anchor="end">max {top}</text>'
+            f'{"".join(bars)}<text x="2" y="10">max {top} requests/hour</text>'
             f'</svg>')
 
 
