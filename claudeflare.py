@@ -26,6 +26,7 @@ import email.utils
 import functools
 import getpass
 import hashlib
+import hmac
 import html
 import http.client
 import http.server
@@ -49,6 +50,12 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows locks files with msvcrt instead
+    fcntl = None
+    import msvcrt
 
 ###############################################################################
 # Constants & settings ########################################################
@@ -290,7 +297,7 @@ def json_bytes(value: Any) -> bytes:
 #: What a credential looks like wherever it might leak: Anthropic keys and tokens, Bearer values,
 #: and the JSON fields that carry them.
 SECRET_PATTERNS = (
-    re.compile(r"sk-ant-[A-Za-z0-9]+-[A-Za-z0-9_\-]+"),
+    re.compile(r"(?:sk-ant-[A-Za-z0-9]+-|cfk-)[A-Za-z0-9_\-]+"),
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/\-]+=*"),
     re.compile(r'(?i)("(?:access_token|refresh_token|api_key|raw_key|code_verifier|code)"\s*:\s*")'
                r'[^"]+'),
@@ -405,16 +412,25 @@ class DeferredQueueHandler(logging.handlers.QueueHandler):
         return record
 
 
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """Rotate app.log at a size, keeping app.log.1 ... app.log.3; every new file is 0600."""
+
+    def _open(self) -> Any:
+        create_private_file(self.baseFilename)
+        return super()._open()
+
+
 class LogSetup:
     """The logging pipeline: callers enqueue records, one thread writes the file and console."""
 
-    def __init__(self, level: str, fmt: str, log_dir: str, debug_console: bool) -> None:
+    def __init__(self, level: str, fmt: str, log_dir: str, debug_console: bool,
+                 rotate_bytes: int = LOG_ROTATE_BYTES) -> None:
         formatter = JsonFormatter() if fmt == "json" else PrettyFormatter()
         ensure_private_dir(log_dir)
         self.path = os.path.join(log_dir, LOG_FILE_NAME)
         create_private_file(self.path)
-        file_handler = logging.handlers.RotatingFileHandler(
-            self.path, maxBytes=LOG_ROTATE_BYTES, backupCount=LOG_KEEP_FILES, encoding="utf-8")
+        file_handler = PrivateRotatingFileHandler(
+            self.path, maxBytes=rotate_bytes, backupCount=LOG_KEEP_FILES, encoding="utf-8")
         handlers: list[logging.Handler] = [file_handler]
         if debug_console:
             handlers.append(logging.StreamHandler(sys.stderr))
@@ -695,6 +711,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
                    {", ".join(LATENCY_BUCKET_SUMS)}
             FROM requests GROUP BY 1, 2, 3""",
     ),
+    (  # 4: client keys, stored only as salted hashes
+        """CREATE TABLE client_keys (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            salt TEXT NOT NULL,
+            key_hash TEXT NOT NULL,
+            created_at INTEGER NOT NULL)""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -765,6 +789,25 @@ def account_json(account: Account, now: int, session_duration_ms: int) -> dict:
         "utilization7d": account.utilization_7d, "reset7d": account.reset_7d,
         "createdAt": account.created_at, "lastUsed": account.last_used,
     }
+
+
+@dataclass
+class ClientKey:
+    """A key clients present to use the proxy; only its salted hash is stored."""
+
+    id: int
+    name: str
+    salt: str
+    key_hash: str
+    created_at: int
+
+    @staticmethod
+    def digest(salt: str, key: str) -> str:
+        return hashlib.sha256(f"{salt}:{key}".encode()).hexdigest()
+
+    def matches(self, presented: str) -> bool:
+        """Compare in constant time, so timing tells nothing about the key."""
+        return hmac.compare_digest(self.digest(self.salt, presented), self.key_hash)
 
 
 ACCOUNT_COLUMNS = ", ".join(field.name for field in dataclasses.fields(Account))
@@ -882,6 +925,8 @@ def percentile_from_histogram(buckets: list[int], fraction: float) -> int | None
 LIMIT_FIELDS = ("status", "reset", "utilization_5h", "reset_5h", "utilization_7d", "reset_7d")
 
 
+#: Client keys start with this, so a leaked one is easy to recognise.
+CLIENT_KEY_PREFIX = "cfk-"
 #: What `resume` sets: usable again, whatever rate-limit mark it had.
 RESUMED = {"paused": 0, "rate_limited_until": None}
 
@@ -1033,6 +1078,35 @@ class Store:
         with self.transaction() as db:
             return db.execute("UPDATE accounts SET request_count = 0, session_requests = 0, "
                               "session_start = NULL").rowcount
+
+    # -- client keys ---------------------------------------------------------------------------
+
+    def client_keys(self) -> list[ClientKey]:
+        """Return every client key (hashes only), oldest first."""
+        with self.read_lock:
+            rows = self.reader.execute("SELECT id, name, salt, key_hash, created_at "
+                                       "FROM client_keys ORDER BY id").fetchall()
+        return [ClientKey(**row) for row in rows]
+
+    def add_client_key(self, name: str) -> str:
+        """Create a client key and return it: the only time it exists in clear."""
+        validate_account_name(name)
+        key = CLIENT_KEY_PREFIX + secrets.token_urlsafe(32)
+        salt = secrets.token_hex(16)
+        try:
+            with self.transaction() as db:
+                db.execute("INSERT INTO client_keys (name, salt, key_hash, created_at) "
+                           "VALUES (?, ?, ?, ?)",
+                           (name, salt, ClientKey.digest(salt, key), now_ms()))
+        except sqlite3.IntegrityError:
+            raise ClaudeflareError(f"Client key already exists: {name}. Choose another name, or "
+                                   f"remove it first.") from None
+        return key
+
+    def remove_client_key(self, name: str) -> None:
+        with self.transaction() as db:
+            if db.execute("DELETE FROM client_keys WHERE name = ?", (name,)).rowcount == 0:
+                raise ClaudeflareError(f"Client key not found: {name}")
 
     # -- request log ---------------------------------------------------------------------------
 
@@ -1346,6 +1420,50 @@ def connection_is_stale(connection: http.client.HTTPConnection) -> bool:
         return True
 
 
+@dataclass(frozen=True)
+class OutboundProxy:
+    """An HTTP proxy that outbound connections tunnel through with CONNECT."""
+
+    host: str
+    port: int
+    #: The Proxy-Authorization value, from credentials in the proxy URL.
+    authorization: str | None
+    #: The proxy's URL without credentials, for messages.
+    display: str
+
+
+def proxy_for(url: str, environ: Any = None) -> OutboundProxy | None:
+    """Return the proxy HTTPS_PROXY / HTTP_PROXY name for a URL, unless NO_PROXY exempts it.
+
+    Upper- and lower-case names both count, as curl and urllib read them.
+    """
+    environ = os.environ if environ is None else environ
+    parts = urllib.parse.urlsplit(url)
+    names = ("HTTPS_PROXY", "https_proxy") if parts.scheme == "https" else ("HTTP_PROXY",
+                                                                            "http_proxy")
+    proxy_url = next((environ[name] for name in names if environ.get(name)), "")
+    if not proxy_url:
+        return None
+    no_proxy = environ.get("NO_PROXY") or environ.get("no_proxy") or ""
+    if no_proxy.strip() == "*":
+        return None
+    host = (parts.hostname or "").lower()
+    for entry in no_proxy.split(","):
+        suffix = entry.strip().lower().split(":")[0].lstrip("*").lstrip(".")
+        if suffix and (host == suffix or host.endswith("." + suffix)):
+            return None
+    if "://" not in proxy_url:
+        proxy_url = "http://" + proxy_url
+    proxy = urllib.parse.urlsplit(proxy_url)
+    authorization = None
+    if proxy.username is not None:
+        pair = f"{urllib.parse.unquote(proxy.username)}:{urllib.parse.unquote(proxy.password or '')}"
+        authorization = "Basic " + base64.b64encode(pair.encode()).decode()
+    port = proxy.port or (443 if proxy.scheme == "https" else 80)
+    return OutboundProxy(proxy.hostname or "", port, authorization,
+                         f"{proxy.scheme}://{proxy.hostname}:{port}")
+
+
 class Upstream:
     """Keep-alive connections to one origin, pooled and reused across requests.
 
@@ -1366,12 +1484,40 @@ class Upstream:
         self.lock = threading.Lock()
         #: Connections opened so far, for the status page and the tests of reuse.
         self.opened = 0
+        self.proxy = proxy_for(base_url)
+        #: How failures name the far end: the upstream, and the proxy on the way if any.
+        self.where = base_url + (f" via proxy {self.proxy.display}" if self.proxy else "")
 
     def new_connection(self) -> http.client.HTTPConnection:
-        """Return an unconnected connection; it connects on first use."""
-        if self.https:
-            return UpstreamTLSConnection(self.host, self.port, timeout=CONNECT_TIMEOUT_S)
-        return UpstreamConnection(self.host, self.port, timeout=CONNECT_TIMEOUT_S)
+        """Return an unconnected connection (through the proxy's tunnel, if there is one)."""
+        kind = UpstreamTLSConnection if self.https else UpstreamConnection
+        if self.proxy is None:
+            return kind(self.host, self.port, timeout=CONNECT_TIMEOUT_S)
+        connection = kind(self.proxy.host, self.proxy.port, timeout=CONNECT_TIMEOUT_S)
+        headers = {"Proxy-Authorization": self.proxy.authorization} if self.proxy.authorization \
+            else None
+        connection.set_tunnel(self.host, self.port, headers)
+        return connection
+
+    def connect(self, connection: http.client.HTTPConnection, timeout: float) -> None:
+        """Open a new connection; a failure to reach (or tunnel through) a proxy names it."""
+        try:
+            connection.connect()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            if self.proxy is None:
+                raise
+            if "Tunnel connection failed" in str(error):
+                raise UpstreamError(f"Proxy {self.proxy.display} refused to open a tunnel to "
+                                    f"{self.host}:{self.port}: {str(error).split(': ', 1)[-1]}"
+                                    ) from None
+            if isinstance(error, (ConnectionRefusedError, socket.gaierror)) or \
+                    "timed out" in str(error):
+                raise UpstreamError("Proxy " + describe_network_error(
+                    error, self.proxy.display, timeout)) from None
+            raise
+        self.opened += 1
+        component_logger("Upstream").debug("Opened connection %d to %s", self.opened, self.where)
 
     def acquire(self) -> tuple[UpstreamConnection, bool]:
         """Return an idle connection that is still open, else a new one, and whether reused."""
@@ -1420,8 +1566,7 @@ class Upstream:
             connection, reused = self.acquire()
             try:
                 if connection.sock is None:
-                    connection.connect()
-                    self.opened += 1
+                    self.connect(connection, timeout)
                 if connection.sock.gettimeout() != timeout:
                     connection.sock.settimeout(timeout)
                 connection.putrequest(method, self.prefix + target, skip_host=True,
@@ -1439,11 +1584,11 @@ class Upstream:
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as error:
                 connection.close()
                 if not (reused and attempt == 1):
-                    raise UpstreamError(describe_network_error(error, self.base_url,
+                    raise UpstreamError(describe_network_error(error, self.where,
                                                                timeout)) from None
             except (OSError, http.client.HTTPException) as error:
                 connection.close()
-                raise UpstreamError(describe_network_error(error, self.base_url,
+                raise UpstreamError(describe_network_error(error, self.where,
                                                            timeout)) from None
         raise AssertionError("unreachable")
 
@@ -2586,7 +2731,13 @@ class App:
         #: Guards the account cache and the routing state.
         self.lock = threading.Lock()
         self.cached_accounts: list[Account] = []
+        self.cached_keys: list[ClientKey] = []
         self.cached_version: int | None = None
+        #: Requests in flight, and the condition shutdown waits on until there are none.
+        self.running = 0
+        self.idle = threading.Condition()
+        #: Set once shutdown begins: requests that still arrive are turned away.
+        self.stopping = False
         self.turn = 0
         #: conversation key -> (account id, when it was bound): the session strategy's memory.
         self.conversations: dict[str, tuple[int, int]] = {}
@@ -2604,8 +2755,33 @@ class App:
         with self.lock:
             if version != self.cached_version:
                 self.cached_accounts = self.store.accounts()
+                self.cached_keys = self.store.client_keys()
                 self.cached_version = version
             return self.cached_accounts
+
+    def client_keys(self) -> list[ClientKey]:
+        """Return the client keys, as fresh as the accounts."""
+        self.accounts()
+        return self.cached_keys
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Count a request as in flight while it runs, so shutdown can wait for it."""
+        with self.idle:
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self.idle:
+                self.running -= 1
+                if not self.running:
+                    self.idle.notify_all()
+
+    def drain(self, timeout: float) -> int:
+        """Wait until no request is in flight (at most timeout s); return how many still are."""
+        with self.idle:
+            self.idle.wait_for(lambda: not self.running, timeout)
+            return self.running
 
     def route(self, accounts: list[Account], conversation: str | None,
               now: int) -> list[Account]:
@@ -2831,14 +3007,38 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     # -- dispatch ------------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Route one request by its path."""
+        """Route one request by its path; the one catch-all for unexpected errors is here."""
+        with self.app.in_flight():
+            try:
+                self.route()
+            except (ConnectionError, socket.timeout, TimeoutError):
+                self.close_connection = True
+            except Exception:
+                component_logger("Server").exception("Unexpected error answering %s %s",
+                                                     self.command, self.path.partition("?")[0])
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.send_json(500, anthropic_error("api_error", "claudeflare failed "
+                                                        "unexpectedly; see its log"))
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = dispatch
+
+    def route(self) -> None:
         self.body_read = False
-        for key in self.app.settings.reload_if_changed():
+        self.key_name = self.key_header = None
+        app = self.app
+        if app.stopping:
+            self.close_connection = True
+            self.send_json(503, {"error": "claudeflare is shutting down"})
+            return
+        for key in app.settings.reload_if_changed():
             component_logger("Config").info("Applied %s = %s from %s", key,
-                                            self.app.settings.values[key],
-                                            self.app.settings.config.path)
+                                            app.settings.values[key], app.settings.config.path)
         path, _, query = self.path.partition("?")
-        if path == "/v1" or path.startswith("/v1/"):
+        proxied = path == "/v1" or path.startswith("/v1/")
+        if path != "/health" and not self.authenticate(proxied):
+            return
+        if proxied:
             self.proxy()
             return
         try:
@@ -2888,8 +3088,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def change(self, path: str) -> dict:
         """Carry out a mutating API request and return its JSON answer."""
         app = self.app
+        parts = path.split("/")
+        account_action = (len(parts) == 5 and parts[2] == "accounts"
+                          and parts[4] in ("pause", "resume"))
+        if path not in ("/api/config/strategy", "/api/stats/reset") and not account_action:
+            raise BadRequest(PROVIDER_PATH_ERROR, 404)
+        self.refuse_cross_site()
+        body = self.json_body()
         if path == "/api/config/strategy":
-            strategy = self.json_body().get("strategy")
+            strategy = body.get("strategy")
             if not isinstance(strategy, str):
                 raise BadRequest(f"Send {{\"strategy\": NAME}} with NAME one of "
                                  f"{', '.join(STRATEGY_NAMES)}")
@@ -2897,17 +3104,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             component_logger("Config").info("Strategy set to %s through the API", strategy)
             return {"strategy": strategy}
         if path == "/api/stats/reset":
-            self.json_body()
             return {"reset": app.reset_stats()}
-        parts = path.split("/")
-        if len(parts) == 5 and parts[2] == "accounts" and parts[4] in ("pause", "resume"):
-            self.json_body()
-            name = urllib.parse.unquote(parts[3])
-            fields = {"paused": 1} if parts[4] == "pause" else RESUMED
-            account = app.store.update_account(name, **fields)
-            component_logger("Proxy").info("Account %s %sd through the API", name, parts[4])
-            return account_json(account, now_ms(), app.settings.session_duration_ms)
-        raise BadRequest(PROVIDER_PATH_ERROR, 404)
+        name = urllib.parse.unquote(parts[3])
+        account = app.store.update_account(name, **({"paused": 1} if parts[4] == "pause"
+                                                    else RESUMED))
+        component_logger("Proxy").info("Account %s %sd through the API", name, parts[4])
+        return account_json(account, now_ms(), app.settings.session_duration_ms)
 
     def json_body(self) -> dict:
         """Read a small JSON object body (an empty body reads as {})."""
@@ -2925,7 +3127,63 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise BadRequest("The request body must be a JSON object")
         return value
 
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = dispatch
+    # -- access control ------------------------------------------------------------------------
+
+    def authenticate(self, proxied: bool) -> bool:
+        """Once client keys exist, require one (x-api-key, Bearer, or Basic password).
+
+        Answer 401 and return False when the request carries no valid key.
+        """
+        keys = self.app.client_keys()
+        if not keys:
+            return True
+        for header, value in self.presented_credentials():
+            for key in keys:
+                if key.matches(value):
+                    self.key_name, self.key_header = key.name, header
+                    return True
+        component_logger("Server").warning("Refused %s %s from %s without a valid client key",
+                                           self.command, self.path.partition("?")[0],
+                                           self.client_address[0])
+        message = ("A valid claudeflare client key is required: send it as x-api-key or "
+                   "Authorization: Bearer (ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN). "
+                   "Create one with: python3 claudeflare.py keys add NAME")
+        self.close_connection = self.close_connection or self.request_has_body()
+        if proxied:
+            self.send_json(401, anthropic_error("authentication_error", message))
+        else:
+            self.send_json(401, {"error": message},
+                           [("WWW-Authenticate", 'Basic realm="claudeflare", charset="UTF-8"')])
+        return False
+
+    def presented_credentials(self) -> Iterator[tuple[str, str]]:
+        """Yield (header, secret) for each credential the request carries."""
+        api_key = self.headers.get("x-api-key")
+        if api_key:
+            yield "x-api-key", api_key.strip()
+        scheme, _, value = (self.headers.get("Authorization") or "").strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            yield "authorization", value.strip()
+        elif scheme.lower() == "basic" and value.strip():
+            try:
+                decoded = base64.b64decode(value.strip(), validate=True).decode()
+            except (ValueError, UnicodeDecodeError):
+                return
+            yield "authorization", decoded.partition(":")[2]
+
+    def refuse_cross_site(self) -> None:
+        """Refuse a state change a web page of another site asks for (CSRF).
+
+        Browsers send Origin and Sec-Fetch-Site; a plain form cannot send a JSON content type.
+        """
+        site = self.headers.get("Sec-Fetch-Site")
+        origin = self.headers.get("Origin")
+        host = self.headers.get("Host") or ""
+        if (site and site not in ("same-origin", "none")) or (
+                origin and urllib.parse.urlsplit(origin).netloc != host):
+            raise BadRequest("Cross-site requests may not change claudeflare", 403)
+        if not (self.headers.get("Content-Type") or "").lower().startswith("application/json"):
+            raise BadRequest("Send the request with Content-Type: application/json", 415)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -3008,8 +3266,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
         Identity encoding is asked for so that usage can be read out of every response.
         """
+        dropped = {"host", "content-length", "accept-encoding", self.key_header}
         headers = [(name, value) for name, value in forwardable_headers(self.headers)
-                   if name.lower() not in ("host", "content-length", "accept-encoding")]
+                   if name.lower() not in dropped]
         headers.append(("Host", self.app.upstream.host_header))
         headers.append(("Accept-Encoding", "identity"))
         if body or self.command in ("POST", "PUT", "PATCH"):
@@ -3024,7 +3283,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """
         started = time.monotonic()
         record = RequestRecord(id=uuid.uuid4().hex, timestamp=now_ms(), method=self.command,
-                               path=self.path[:1000],
+                               path=self.path[:1000], client_key=self.key_name,
                                user_agent=user_agent_product(self.headers.get("User-Agent")))
         try:
             body = self.read_body()
@@ -3045,6 +3304,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             component_logger("Proxy").warning("No active accounts available; forwarding with "
                                               "the client's own credentials")
         headers = self.upstream_headers(body)
+        proxy_log = component_logger("Proxy")
+        if proxy_log.isEnabledFor(logging.DEBUG):
+            proxy_log.debug("%s %s: strategy %s, conversation %s, trying %s", self.command,
+                            record.path, app.settings.lb_strategy, record.conversation,
+                            ", ".join(account.name for account in candidates) or
+                            "client credentials")
         tries = Tries()
         for account in candidates or [None]:
             if self.serve_from(account, headers, body, record, tries, started):
@@ -3069,7 +3334,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         Forwarding without any credentials could only fail; a 429 with retry-after set to the
         earliest reset lets the client wait exactly as long as needed.
         """
-        if any(name.lower() in CREDENTIAL_HEADERS for name, _ in self.headers.items()):
+        if any(name.lower() in CREDENTIAL_HEADERS - {self.key_header}
+               for name, _ in self.headers.items()):
             return False
         now = now_ms()
         reset = self.app.earliest_reset(now)
@@ -3176,9 +3442,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         else:
             error = self.relay(response, connection, reader.feed)
         self.finish_record(record, started, response.status, error, reader.finish())
+        name = account.name if account else "client credentials"
         component_logger("Proxy").info(
-            "Request completed for %s: %d in %dms", account.name if account else
-            "client credentials", response.status, record.response_time_ms)
+            "Request completed for %s: %d in %dms", name, response.status,
+            record.response_time_ms, extra={"fields": {
+                "account": name, "status": response.status, "ms": record.response_time_ms,
+                "model": record.model, "failovers": record.failover_attempts}})
 
     def take_record(self, record: RequestRecord, account: Account | None, started: float,
                     streaming: bool) -> None:
@@ -3614,19 +3883,72 @@ def read_secret(prompt: str) -> str:
     return sys.stdin.readline()
 
 
+class ServerLock:
+    """One server per database: an OS lock on <database>.lock, which names its holder.
+
+    The lock goes with the process however it ends, so a crash never leaves a stale lock.
+    """
+
+    def __init__(self, db_path: str) -> None:
+        self.path = db_path + ".lock"
+        create_private_file(self.path)
+        self.file = open(self.path, "r+", encoding="utf-8")
+        try:
+            if fcntl is not None:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            else:
+                msvcrt.locking(self.file.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            holder = self.file.read().strip() or "starting up"
+            self.file.close()
+            raise ClaudeflareError(
+                f"Another claudeflare server is already running on {db_path} ({holder}). Stop "
+                f"it first, or start this one with another --db.") from None
+
+    def note(self, host: str, port: int) -> None:
+        """Write who holds the lock, for the message a second server shows."""
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}, port {port}, http://{host}:{port}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()
+
+
+def is_loopback(host: str) -> bool:
+    """Tell whether an address only this machine can reach."""
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the proxy until SIGINT or SIGTERM."""
+    """Run the proxy until SIGINT or SIGTERM, then stop gracefully.
+
+    Shutdown stops accepting connections, lets in-flight requests and streams finish (up to
+    shutdown_timeout_s), writes the request log, closes the database and flushes the log. A
+    second signal exits at once.
+    """
     logs = LogSetup(settings.log_level, settings.log_format, default_log_dir(),
                     os.environ.get("CLAUDEFLARE_DEBUG") == "1")
     server_log = component_logger("Server")
     for problem in settings.config.problems:
         server_log.error("%s", problem)
+    db_path = args.db or default_db_path()
     try:
-        server = make_server(settings, args.db or default_db_path())
-    except ClaudeflareError:
+        ensure_private_dir(os.path.dirname(os.path.abspath(db_path)))
+        lock = ServerLock(db_path)
+        try:
+            server = make_server(settings, db_path)
+        except ClaudeflareError:
+            lock.release()
+            raise
+    except ClaudeflareError as error:
+        server_log.error("%s", error)
         logs.close()
         raise
+    app = server.app
     host, port = server.server_address[:2]
+    lock.note(host, port)
     stop = threading.Event()
 
     def request_stop(signum: int, frame: Any) -> None:
@@ -3638,14 +3960,26 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     server_log.info("claudeflare %s listening on http://%s:%d (upstream %s, database %s, log %s)",
-                    __version__, host, port, settings.upstream_url, server.app.store.path,
-                    logs.path)
+                    __version__, host, port, settings.upstream_url, app.store.path, logs.path)
+    if not is_loopback(host) and not app.client_keys():
+        warning = (f"Listening on {host}, reachable from other machines, with no client keys: "
+                   f"anyone who can reach port {port} can use your accounts. Create a key "
+                   f"(python3 claudeflare.py keys add NAME) or bind 127.0.0.1.")
+        server_log.warning("%s", warning)
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     print(f"claudeflare {__version__} listening on http://{host}:{port}", flush=True)
     try:
-        server.serve_forever(poll_interval=0.5)
+        server.serve_forever(poll_interval=0.2)
     finally:
+        app.stopping = True
         server.server_close()
-        server.app.close()
+        server_log.info("Shutting down: waiting up to %gs for %d requests in flight",
+                        settings.shutdown_timeout_s, app.running)
+        unfinished = app.drain(settings.shutdown_timeout_s)
+        if unfinished:
+            server_log.warning("Stopped waiting with %d requests still in flight", unfinished)
+        app.close()
+        lock.release()
         server_log.info("Server stopped")
         logs.close()
     return 0
@@ -3864,6 +4198,35 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    """Manage client keys: once any exists, every client must present one."""
+    with open_store(args) as store:
+        if args.action == "add":
+            key = store.add_client_key(args.name)
+            print(f"Client key {args.name}: {key}")
+            print("It is shown this once; claudeflare keeps only a salted hash. Clients send it "
+                  "as ANTHROPIC_API_KEY (x-api-key) or ANTHROPIC_AUTH_TOKEN (Bearer).")
+            if len(store.client_keys()) == 1:
+                print("From now on every /v1 request, the API and the status page need a key.")
+        elif args.action == "remove":
+            store.remove_client_key(args.name)
+            print(f"Removed client key {args.name}")
+            if not store.client_keys():
+                print("No client keys left: the proxy is open to anyone who can reach it again.")
+        else:
+            keys = store.client_keys()
+            usage = {row["name"]: row["requests"] for row in store.usage(0, "client_key")}
+            if not keys:
+                print("No client keys: the proxy accepts every client that can reach it. "
+                      "Add one: python3 claudeflare.py keys add NAME")
+                return 0
+            rows = [["NAME", "CREATED", "REQUESTS"]]
+            rows += [[key.name, iso_time(key.created_at), str(usage.get(key.name, 0))]
+                     for key in keys]
+            print_table(rows)
+    return 0
+
+
 def usage_line(usage: dict) -> str:
     """Summarize usage in one line for the terminal."""
     rate = "-" if usage["successRate"] is None else f"{usage['successRate'] * 100:.1f}%"
@@ -4007,6 +4370,12 @@ def build_parser() -> argparse.ArgumentParser:
     tier.add_argument("name", help="the account's name")
     tier.add_argument("tier", type=int, choices=TIERS, help="1, 5 or 20")
 
+    keys = command("keys", cmd_keys,
+                   "manage client keys: once any exists, clients must present one",
+                   "python3 claudeflare.py keys add laptop")
+    keys.add_argument("action", choices=("add", "list", "remove"))
+    keys.add_argument("name", nargs="?", help="the key's name (add, remove)")
+
     config = command("config", cmd_config, "show or change settings in config.json",
                      "python3 claudeflare.py config set lb_strategy round-robin")
     config.add_argument("action", choices=("get", "set", "list"))
@@ -4045,6 +4414,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "config" and args.action in ("get", "set") and not args.key:
         parser.error(f"config {args.action} needs a KEY")
+    if args.command == "keys" and args.action in ("add", "remove") and not args.name:
+        parser.error(f"keys {args.action} needs a NAME")
     flags = {key: getattr(args, key, None) for key in ("host", "port")}
     try:
         settings = load_settings(args.config, flags)

@@ -15,6 +15,9 @@ import base64
 import collections
 import contextlib
 import hashlib
+import re
+import select
+import signal
 import html.parser
 import http.client
 import http.server
@@ -31,6 +34,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -2121,6 +2125,387 @@ class TestSecrets(ServerWithAccounts):
             for text in seen:
                 self.assertNotIn(secret, text)
                 self.assertNotIn(secret[-16:], text)
+
+
+###############################################################################
+# Operations and security #####################################################
+###############################################################################
+
+class ServeProcess:
+    """`python3 claudeflare.py serve` in a process of its own, with its own files."""
+
+    def __init__(self, upstream_url: str, folder: str, *args: str, **env: str) -> None:
+        self.folder = folder
+        self.db_path = os.path.join(folder, "claudeflare.db")
+        self.log_path = os.path.join(folder, "logs", "app.log")
+        self.env = dict(os.environ, CLAUDEFLARE_UPSTREAM_URL=upstream_url,
+                        CLAUDEFLARE_TOKEN_URL=upstream_url + "/v1/oauth/token",
+                        CLAUDEFLARE_CONFIG_PATH=os.path.join(folder, "config.json"),
+                        CLAUDEFLARE_DB_PATH=self.db_path,
+                        CLAUDEFLARE_LOG_DIR=os.path.join(folder, "logs"), **env)
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "claudeflare.py"), "serve", "--port", "0", *args],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline()
+        if "listening on" not in line:
+            self.stop()
+            raise AssertionError(f"server did not start: {line}{self.stderr}")
+        self.port = int(line.rsplit(":", 1)[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def request(self, method: str, path: str, body=None, headers=None):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE_S)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.headers, response.read()
+        finally:
+            connection.close()
+
+    def stop(self, signum: int | None = signal.SIGTERM) -> int:
+        """Signal the server (unless signum is None: it is stopping already) and wait for it."""
+        if self.process.poll() is None and signum is not None:
+            self.process.send_signal(signum)
+        try:
+            out, self.stderr = self.process.communicate(timeout=DEADLINE_S * 3)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            out, self.stderr = self.process.communicate()
+        return self.process.returncode
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8") as lines:
+            return lines.read()
+
+
+class ServeTestCase(unittest.TestCase):
+    def setUp(self) -> None:
+        self.upstream = FakeUpstream()
+        self.addCleanup(self.upstream.close)
+        folder = tempfile.TemporaryDirectory(prefix="claudeflare-serve-")
+        self.addCleanup(folder.cleanup)
+        self.folder = folder.name
+
+    def serve(self, *args: str, **env: str) -> ServeProcess:
+        server = ServeProcess(self.upstream.url, self.folder, *args, **env)
+        self.addCleanup(server.stop)
+        return server
+
+    def cli(self, *args: str, stdin: str = "") -> str:
+        code, out, err = run_cli("--config", os.path.join(self.folder, "config.json"), "--db",
+                                 os.path.join(self.folder, "claudeflare.db"), *args, stdin=stdin)
+        self.assertEqual(code, 0, err)
+        return out
+
+
+class TestLogging(ServeTestCase):
+    PRETTY = re.compile(r"^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\] (DEBUG|INFO|WARN|ERROR): "
+                        r"\[(\w+)\] .+$")
+
+    def test_pretty_lines_with_components_and_levels(self):
+        self.cli("add", "work", "--api-key", stdin="sk-ant-api03-secretvalue\n")
+        server = self.serve()
+        self.assertEqual(server.request("POST", "/v1/messages", b'{"model":"m"}')[0], 200)
+        self.assertEqual(server.stop(), 0)
+        lines = server.log().splitlines()
+        self.assertTrue(lines)
+        for line in lines:
+            self.assertRegex(line, self.PRETTY)
+        text = "\n".join(lines)
+        self.assertRegex(text, r"INFO: \[Proxy\] Request completed for work: 200 in \d+ms")
+        self.assertIn("INFO: [Server] claudeflare", text)
+        self.assertIn("INFO: [Server] Server stopped", text)
+        self.assertNotIn("DEBUG:", text)
+        self.assertNotIn("secretvalue", text)
+
+    def test_json_lines_and_debug_level(self):
+        server = self.serve(LOG_FORMAT="json", LOG_LEVEL="DEBUG")
+        server.request("GET", "/v1/models", headers={"x-api-key": "sk-ant-api03-mine"})
+        server.request("GET", "/nowhere")
+        self.assertEqual(server.stop(), 0)
+        entries = [json.loads(line) for line in server.log().splitlines()]
+        for entry in entries:
+            self.assertTrue({"ts", "level", "component", "msg"} <= set(entry), entry)
+        completed = [entry for entry in entries if entry["msg"].startswith("Request completed")]
+        self.assertEqual((completed[0]["status"], completed[0]["component"]), (200, "Proxy"))
+        self.assertIn("DEBUG", {entry["level"] for entry in entries})
+        self.assertNotIn("sk-ant-api03-mine", server.log())
+
+    def test_warn_level_keeps_info_out_and_debug_flag_logs_to_the_console(self):
+        server = self.serve(LOG_LEVEL="WARN")
+        server.request("GET", "/v1/models")
+        server.stop()
+        self.assertNotIn("INFO:", server.log())
+        os.unlink(server.log_path)
+        debug = self.serve(CLAUDEFLARE_DEBUG="1")
+        debug.request("GET", "/v1/models")
+        debug.stop()
+        self.assertIn("DEBUG: [Proxy]", debug.stderr)
+        self.assertIn("Request completed", debug.stderr)
+
+    def test_rotation_keeps_three_files_and_the_newest_lines(self):
+        folder = os.path.join(self.folder, "rotating")
+        logs = claudeflare.LogSetup("INFO", "pretty", folder, False, rotate_bytes=4000)
+        try:
+            for index in range(400):
+                claudeflare.component_logger("Test").info("line %04d %s", index, "x" * 40)
+        finally:
+            logs.close()
+            claudeflare.log.setLevel(logging.DEBUG)
+        names = sorted(os.listdir(folder))
+        self.assertEqual(names, ["app.log", "app.log.1", "app.log.2", "app.log.3"])
+        with open(os.path.join(folder, "app.log")) as newest:
+            self.assertIn("line 0399", newest.read().splitlines()[-1])
+        for name in names:
+            self.assertLessEqual(os.path.getsize(os.path.join(folder, name)), 4000)
+            self.assertEqual(os.stat(os.path.join(folder, name)).st_mode & 0o777, 0o600)
+
+
+class TestShutdown(ServeTestCase):
+    def test_sigterm_lets_a_stream_finish_and_keeps_its_record(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        events = message_events()
+        self.upstream.push(reply_stream(events, hold_after=2, gate=gate))
+        server = self.serve()
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=DEADLINE_S)
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/messages", body=b'{"stream": true}')
+        response = connection.getresponse()
+        first = response.read1(65536)
+        server.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "Shutting down" in server.log(), what="shutdown to begin")
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+        gate.set()
+        self.assertEqual(first + response.read(), b"".join(events))
+        self.assertEqual(server.stop(None), 0)
+        store = claudeflare.Store(server.db_path)
+        try:
+            rows = store.query("SELECT status, streaming, output_tokens FROM requests")
+        finally:
+            store.close()
+        self.assertEqual([tuple(row) for row in rows], [(200, 1, 2)])
+        self.assertIn("Server stopped", server.log())
+
+    def test_a_second_signal_exits_at_once(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.upstream.push(hang(gate))
+        server = self.serve(CLAUDEFLARE_SHUTDOWN_TIMEOUT_S="60")
+
+        def hanging_request() -> None:
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                server.request("POST", "/v1/messages", b"{}")
+
+        worker = threading.Thread(target=hanging_request)
+        worker.start()
+        self.addCleanup(worker.join)
+        wait_for(lambda: self.upstream.requests, what="the request to reach the upstream")
+        server.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "Shutting down" in server.log(), what="shutdown to begin")
+        self.assertNotEqual(server.stop(signal.SIGINT), 0)
+        gate.set()
+
+    def test_second_server_on_the_same_database_is_refused(self):
+        first = self.serve()
+        second = subprocess.run(
+            [sys.executable, os.path.join(HERE, "claudeflare.py"), "serve", "--port", "0"],
+            env=first.env, capture_output=True, text=True, timeout=DEADLINE_S * 3)
+        self.assertEqual(second.returncode, 1)
+        self.assertIn("Another claudeflare server is already running", second.stderr)
+        self.assertIn(f"pid {first.process.pid}, port {first.port}", second.stderr)
+        self.assertEqual(first.request("GET", "/health")[0], 200)
+        self.assertEqual(first.stop(), 0)
+        again = self.serve()
+        self.assertEqual(again.request("GET", "/health")[0], 200)
+
+    def test_binding_beyond_loopback_without_keys_warns_loudly(self):
+        server = self.serve("--host", "0.0.0.0")
+        server.stop()
+        self.assertIn("WARNING: Listening on 0.0.0.0", server.stderr)
+        self.assertIn("with no client keys", server.log())
+
+
+class ConnectProxy:
+    """An HTTP proxy that opens CONNECT tunnels, optionally demanding credentials."""
+
+    def __init__(self, credentials: str | None = None) -> None:
+        self.tunnels: list[str] = []
+        self.credentials = credentials
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format, *args) -> None:
+                pass
+
+            def do_CONNECT(self) -> None:
+                expected = "Basic " + base64.b64encode(outer.credentials.encode()).decode() \
+                    if outer.credentials else None
+                if expected and self.headers["Proxy-Authorization"] != expected:
+                    self.send_response(407)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                host, port = self.path.rsplit(":", 1)
+                outer.tunnels.append(self.path)
+                with socket.create_connection((host, int(port)), timeout=DEADLINE_S) as far:
+                    self.send_response(200, "Connection established")
+                    self.end_headers()
+                    self.pump(self.connection, far)
+                self.close_connection = True
+
+            def pump(self, near: socket.socket, far: socket.socket) -> None:
+                pending = self.rfile.peek() if hasattr(self.rfile, "peek") else b""
+                if pending:
+                    far.sendall(self.rfile.read(len(pending)))
+                while True:
+                    ready, _, _ = select.select([near, far], [], [], DEADLINE_S)
+                    if not ready:
+                        return
+                    for source in ready:
+                        data = source.recv(65536)
+                        if not data:
+                            return
+                        (far if source is near else near).sendall(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+class TestOutboundProxy(unittest.TestCase):
+    def setUp(self) -> None:
+        self.upstream = FakeUpstream()
+        self.addCleanup(self.upstream.close)
+
+    def proxy_with(self, **env: str) -> Proxy:
+        with unittest.mock.patch.dict(os.environ, env):
+            proxy = Proxy(self.upstream.url, retry_attempts=0)
+        self.addCleanup(proxy.close)
+        return proxy
+
+    def test_upstream_traffic_goes_through_the_proxy_with_its_credentials(self):
+        tunnel = ConnectProxy("user@corp:p@ss")
+        self.addCleanup(tunnel.close)
+        address = tunnel.url.replace("http://", "http://user%40corp:p%40ss@")
+        proxy = self.proxy_with(HTTP_PROXY=address, NO_PROXY="example.com")
+        for _ in range(3):
+            self.assertEqual(proxy.request("POST", "/v1/messages", b'{"model":"m"}')[0], 200)
+        self.assertEqual(tunnel.tunnels, [self.upstream.url.split("//")[1]])
+        self.assertEqual(len(self.upstream.requests), 3)
+
+    def test_lower_case_variable_and_no_proxy_bypass(self):
+        tunnel = ConnectProxy()
+        self.addCleanup(tunnel.close)
+        proxy = self.proxy_with(http_proxy=tunnel.url)
+        self.assertEqual(proxy.request("GET", "/v1/models")[0], 200)
+        self.assertEqual(len(tunnel.tunnels), 1)
+        bypassed = self.proxy_with(http_proxy=tunnel.url, NO_PROXY="localhost,127.0.0.1")
+        self.assertEqual(bypassed.request("GET", "/v1/models")[0], 200)
+        self.assertEqual(len(tunnel.tunnels), 1)
+
+    def test_errors_name_the_proxy_when_the_proxy_failed(self):
+        tunnel = ConnectProxy("right:secret")
+        self.addCleanup(tunnel.close)
+        refused = self.proxy_with(HTTP_PROXY=tunnel.url)
+        status, _, body = refused.request("POST", "/v1/messages", b"{}")
+        self.assertEqual(status, 503)
+        self.assertIn(f"Proxy {tunnel.url} refused to open a tunnel", json.loads(body)["lastError"])
+        self.assertIn("407", json.loads(body)["lastError"])
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+        status, _, body = self.proxy_with(HTTP_PROXY=dead).request("POST", "/v1/messages", b"{}")
+        self.assertIn(f"Proxy ECONNREFUSED: {dead}", json.loads(body)["lastError"])
+
+    def test_token_endpoint_goes_through_the_proxy_too(self):
+        tunnel = ConnectProxy()
+        self.addCleanup(tunnel.close)
+        proxy = self.proxy_with(HTTP_PROXY=tunnel.url)
+        access, refresh = self.upstream.oauth.issue()
+        proxy.app.store.add_account("max", "oauth", 1, access_token=access,
+                                    refresh_token=refresh, expires_at=claudeflare.now_ms())
+        self.assertEqual(proxy.request("POST", "/v1/messages", b'{"model":"m"}')[0], 200)
+        self.assertEqual(self.upstream.oauth.refresh_requests, 1)
+        self.assertEqual(len(tunnel.tunnels), 2)
+
+
+class TestClientKeys(ServerWithAccounts):
+    def setUp(self) -> None:
+        super().setUp()
+        self.add_key("account")
+        out = self.ok("keys", "add", "laptop")
+        self.key = re.search(r"cfk-\S+", out).group(0)
+        self.assertIn("shown this once", out)
+
+    def test_keys_are_listed_and_stored_only_as_hashes(self):
+        self.assertIn("laptop", self.ok("keys", "list"))
+        self.assertNotIn(self.key, self.ok("keys", "list"))
+        dump = "\n".join(self.proxy.app.store.db.iterdump())
+        self.assertNotIn(self.key, dump)
+        self.assertNotIn(self.key[4:20], dump)
+
+    def test_proxy_requires_a_key_and_strips_it(self):
+        status, _, body = self.post_message()
+        self.assertEqual(status, 401)
+        self.assertEqual(json.loads(body)["error"]["type"], "authentication_error")
+        self.assertEqual(self.post_message(headers={"x-api-key": "cfk-wrong"})[0], 401)
+        self.assertEqual(self.upstream.messages(), [])
+        for headers in ({"x-api-key": self.key}, {"Authorization": f"Bearer {self.key}"}):
+            self.assertEqual(self.post_message(headers=headers)[0], 200)
+            seen = self.upstream.messages()[-1].headers
+            self.assertEqual(seen["x-api-key"], "sk-ant-api03-account")
+            self.assertNotIn(self.key, str(seen.items()))
+        self.proxy.app.writer.flush()
+        stats = json.loads(self.proxy.request("GET", "/api/stats",
+                                              headers={"x-api-key": self.key})[2])
+        self.assertEqual({item["name"]: item["requests"] for item in stats["clientKeys"]},
+                         {"laptop": 2})
+        self.assertIn("without a valid client key", CAPTURED_LOG.text())
+
+    def test_api_page_and_metrics_require_a_key_but_health_does_not(self):
+        for path in ("/", "/dashboard", "/api/stats", "/api/accounts", "/metrics",
+                     "/api/logs"):
+            status, headers, _ = self.proxy.request("GET", path)
+            self.assertEqual(status, 401, path)
+            self.assertIn("Basic", headers["WWW-Authenticate"])
+            basic = base64.b64encode(f"me:{self.key}".encode()).decode()
+            self.assertEqual(self.proxy.request("GET", path, headers={
+                "Authorization": f"Basic {basic}"})[0], 200, path)
+            self.assertEqual(self.proxy.request("GET", path, headers={
+                "Authorization": "Basic " + base64.b64encode(b"me:wrong").decode()})[0], 401)
+        status, _, body = self.proxy.request("GET", "/health")
+        self.assertEqual(status, 200)
+        self.assertNotIn(b"account", body.replace(b'"accounts"', b""))
+
+    def test_cross_site_changes_are_refused(self):
+        headers = {"x-api-key": self.key, "content-type": "application/json"}
+        body = b'{"strategy": "weighted"}'
+        for extra, expected in (({"Origin": "https://evil.example"}, 403),
+                                ({"Sec-Fetch-Site": "cross-site"}, 403),
+                                ({"content-type": "application/x-www-form-urlencoded"}, 415),
+                                ({"Origin": self.proxy.url, "Sec-Fetch-Site": "same-origin"},
+                                 200)):
+            status, _, _ = self.proxy.request("POST", "/api/config/strategy", body,
+                                              {**headers, **extra})
+            self.assertEqual(status, expected, extra)
+        self.assertEqual(json.loads(self.proxy.request("GET", "/health")[2])["strategy"],
+                         "weighted")
+
+    def test_removing_the_last_key_opens_the_proxy_again(self):
+        self.ok("keys", "remove", "laptop")
+        self.assertEqual(self.post_message()[0], 200)
+        code, _, err = self.cli("keys", "remove", "laptop")
+        self.assertIn("Client key not found: laptop", err)
 
 
 ###############################################################################
