@@ -30,6 +30,7 @@ import hmac
 import html
 import http.client
 import http.server
+import itertools
 import json
 import logging
 import logging.handlers
@@ -47,7 +48,6 @@ import tempfile
 import threading
 import time
 import urllib.parse
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -198,7 +198,7 @@ SETTINGS = (
     Setting("client_id", "CLIENT_ID", "9d1c250a-e61b-44d9-88ed-5944d1962f5e", parse_text,
             "OAuth client id"),
     Setting("retry_attempts", "RETRY_ATTEMPTS", 3, parse_count,
-            "tries per account on 5xx, 529 and network errors"),
+            "extra tries on the same account after a 5xx, 529 or network error"),
     Setting("retry_delay_ms", "RETRY_DELAY_MS", 1000, parse_count, "first retry delay (ms)"),
     Setting("retry_backoff", "RETRY_BACKOFF", 2, parse_backoff, "retry delay multiplier"),
     Setting("session_duration_ms", "SESSION_DURATION_MS", 5 * 3600 * 1000, parse_positive_int,
@@ -608,6 +608,8 @@ def load_settings(config_path: str | None = None, flags: dict | None = None,
 # Storage #####################################################################
 ###############################################################################
 
+#: The oldest SQLite with what the schema uses (UPSERT).
+MIN_SQLITE = (3, 24, 0)
 #: Seconds a connection waits for another writer (the server or a CLI command) before failing.
 BUSY_TIMEOUT_S = 30.0
 ACCOUNT_TYPES = ("oauth", "api_key")
@@ -948,6 +950,10 @@ class Store:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise ClaudeflareError(
+                f"This Python's SQLite is {sqlite3.sqlite_version}; claudeflare needs "
+                f"{'.'.join(map(str, MIN_SQLITE))} or newer. Use a newer Python build.")
         if not os.path.exists(path):
             create_private_file(path)
         try:
@@ -2738,6 +2744,8 @@ class App:
         self.idle = threading.Condition()
         #: Set once shutdown begins: requests that still arrive are turned away.
         self.stopping = False
+        self.id_prefix = f"{now_ms():x}{secrets.token_hex(3)}"
+        self.request_numbers = itertools.count(1)
         self.turn = 0
         #: conversation key -> (account id, when it was bound): the session strategy's memory.
         self.conversations: dict[str, tuple[int, int]] = {}
@@ -2751,18 +2759,25 @@ class App:
 
         A CLI command in another process (pause, tier, add) thus takes effect on the next request.
         """
+        return self.snapshot()[0]
+
+    def client_keys(self) -> list[ClientKey]:
+        """Return the client keys, as fresh as the accounts."""
+        return self.snapshot()[1]
+
+    def snapshot(self) -> tuple[list[Account], list[ClientKey]]:
+        """Return the accounts and client keys, re-read whenever anyone changed the database."""
         version = self.store.data_version()
         with self.lock:
             if version != self.cached_version:
                 self.cached_accounts = self.store.accounts()
                 self.cached_keys = self.store.client_keys()
                 self.cached_version = version
-            return self.cached_accounts
+            return self.cached_accounts, self.cached_keys
 
-    def client_keys(self) -> list[ClientKey]:
-        """Return the client keys, as fresh as the accounts."""
-        self.accounts()
-        return self.cached_keys
+    def new_request_id(self) -> str:
+        """Return a unique request id: this run's random prefix and a counter."""
+        return f"{self.id_prefix}-{next(self.request_numbers)}"
 
     @contextlib.contextmanager
     def in_flight(self) -> Iterator[None]:
@@ -3036,10 +3051,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                             app.settings.values[key], app.settings.config.path)
         path, _, query = self.path.partition("?")
         proxied = path == "/v1" or path.startswith("/v1/")
-        if path != "/health" and not self.authenticate(proxied):
+        accounts, keys = app.snapshot()
+        if path != "/health" and not self.authenticate(keys, proxied):
             return
         if proxied:
-            self.proxy()
+            self.proxy(accounts)
             return
         try:
             self.answer_locally(path, urllib.parse.parse_qs(query))
@@ -3129,12 +3145,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     # -- access control ------------------------------------------------------------------------
 
-    def authenticate(self, proxied: bool) -> bool:
+    def authenticate(self, keys: list[ClientKey], proxied: bool) -> bool:
         """Once client keys exist, require one (x-api-key, Bearer, or Basic password).
 
         Answer 401 and return False when the request carries no valid key.
         """
-        keys = self.app.client_keys()
         if not keys:
             return True
         for header, value in self.presented_credentials():
@@ -3275,14 +3290,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             headers.append(("Content-Length", str(len(body))))
         return headers
 
-    def proxy(self) -> None:
+    def proxy(self, accounts: list[Account]) -> None:
         """Forward one /v1 request over the accounts in strategy order and relay the answer.
 
         Rate limits, refused accounts and upstream failures move the request to the next
         account before the client has seen a byte, streams included.
         """
         started = time.monotonic()
-        record = RequestRecord(id=uuid.uuid4().hex, timestamp=now_ms(), method=self.command,
+        record = RequestRecord(id=self.app.new_request_id(), timestamp=now_ms(),
+                               method=self.command,
                                path=self.path[:1000], client_key=self.key_name,
                                user_agent=user_agent_product(self.headers.get("User-Agent")))
         try:
@@ -3293,7 +3309,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.finish_record(record, started, error.status, str(error))
             return
         app = self.app
-        accounts = app.accounts()
         if accounts:
             record.conversation = conversation_key(self.headers, body)
         candidates: list[Account | None] = list(
@@ -4307,9 +4322,18 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the command-line parser: global options, then one subcommand per action."""
+    settings_help = "\n".join(f"  {setting.env:<31}{setting.key}: {setting.help} "
+                              f"(default {setting.default})" for setting in SETTINGS)
     parser = argparse.ArgumentParser(
         prog="claudeflare.py", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"settings (flag > environment > config file > default; see `config list`):\n"
+               f"{settings_help}\n"
+               f"  CLAUDEFLARE_CONFIG_PATH        the config file ({default_config_path()})\n"
+               f"  CLAUDEFLARE_DB_PATH            the database ({default_db_path()})\n"
+               f"  CLAUDEFLARE_LOG_DIR            the log folder ({default_log_dir()})\n"
+               f"  CLAUDEFLARE_DEBUG=1            DEBUG lines on the console too\n"
+               f"  HTTPS_PROXY, HTTP_PROXY, NO_PROXY   outbound proxy\n")
     parser.add_argument("--version", action="version", version=f"claudeflare {__version__}")
     parser.add_argument("--config", metavar="PATH",
                         help="config.json to use (env CLAUDEFLARE_CONFIG_PATH)")

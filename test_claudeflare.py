@@ -225,7 +225,14 @@ def reply_default(handler: FakeHandler, request: Recorded) -> None:
     elif request.path == "/v1/messages" and request.method == "POST":
         payload = json.loads(request.body or b"{}")
         model = payload.get("model", "claude-sonnet-4-5")
-        if payload.get("stream"):
+        if payload.get("fake_stream_bytes"):
+            handler.start_chunked()
+            event = sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                "delta": {"type": "text_delta", "text": "x" * 8000}})
+            for _ in range(payload["fake_stream_bytes"] // len(event)):
+                handler.send_chunk(event)
+            handler.end_chunked()
+        elif payload.get("stream"):
             handler.start_chunked()
             for event in message_events(model):
                 handler.send_chunk(event)
@@ -715,10 +722,10 @@ class TestStreaming(ProxyTestCase):
         gate.set()
         self.assertEqual(first + response.read(), b"".join(events))
 
-    def test_long_stream_passes_whole(self):
+    def test_fifty_megabyte_stream_passes_whole(self):
         events = [sse("content_block_delta", {"type": "content_block_delta", "index": 0,
                                               "delta": {"type": "text_delta", "text": "x" * 8000}})
-                  ] * 1500
+                  ] * 6400
         self.upstream.push(reply_stream(events))
         status, _, body = self.post_message(stream=True)
         self.assertEqual(status, 200)
@@ -1020,7 +1027,8 @@ class TestAccountCommands(CliTestCase):
 
     def test_every_command_has_help_with_an_example(self):
         for command in ("serve", "add", "list", "remove", "pause", "resume", "unpause", "tier",
-                        "config", "clear-history", "reset-stats", "backup"):
+                        "reauth", "keys", "config", "clear-history", "reset-stats", "stats",
+                        "requests", "health", "backup"):
             code, out, _ = self.cli(command, "--help")
             self.assertEqual(code, 0, command)
             self.assertIn("example:", out, command)
@@ -2611,6 +2619,38 @@ def start_bench_processes(folder: str):
     return upstream, int(upstream_url.rsplit(":", 1)[1]), proxy, proxy_port
 
 
+def bench_long_stream(proxy: subprocess.Popen, port: int, size: int = 50 * 1024 * 1024) -> None:
+    """Stream 50 MB through the proxy, watching its memory while it passes."""
+    peak = [rss_kb(proxy.pid)]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], rss_kb(proxy.pid))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    started = time.perf_counter()
+    try:
+        connection.request("POST", "/v1/messages", json.dumps(
+            {"model": "claude-sonnet-4-5", "stream": True, "fake_stream_bytes": size}))
+        response = connection.getresponse()
+        received = 0
+        while True:
+            chunk = response.read1(1 << 20)
+            if not chunk:
+                break
+            received += len(chunk)
+    finally:
+        connection.close()
+        done.set()
+        watcher.join()
+    seconds = time.perf_counter() - started
+    print(f"50 MB stream: {received / 1e6:.0f} MB in {seconds:.2f}s "
+          f"({received / 1e6 / seconds:.0f} MB/s), proxy RSS peak {peak[0] / 1024:.1f} MB")
+
+
 def fill_request_log(path: str, rows: int) -> None:
     """Write a database of the previous schema (2) holding `rows` requests over 30 days."""
     connection = sqlite3.connect(path)
@@ -2715,6 +2755,7 @@ def run_bench(argv: list[str]) -> int:
                   f"{through[2] - direct[2]:>14.3f}")
         print(f"\nproxy RSS: {idle_rss / 1024:.1f} MB idle after start, "
               f"{rss_kb(proxy.pid) / 1024:.1f} MB after the load")
+        bench_long_stream(proxy, proxy_port)
     finally:
         proxy.terminate()
         proxy.wait(30)
