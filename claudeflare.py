@@ -69,6 +69,8 @@ CONNECT_TIMEOUT_S = 10.0
 CLIENT_IDLE_TIMEOUT_S = 120.0
 #: Idle upstream connections kept for reuse; more concurrent requests open more, then close them.
 UPSTREAM_POOL_SIZE = 32
+#: Seconds to keep reading a request body the proxy refused, so the client sees the refusal.
+LINGER_S = 2.0
 #: Bodies up to this size are read whole and sent with the headers in one write.
 SMALL_BODY_BYTES = 64 * 1024
 #: Read size while relaying a large or streamed body.
@@ -3274,6 +3276,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 raise RequestBodyError(400, "invalid_request_error",
                                        "Malformed chunked request body")
 
+    def discard_rest_of_request(self) -> None:
+        """Read and drop what the client is still sending after an early error answer.
+
+        Closing a socket with unread data makes the kernel reset the connection, and a client
+        still sending its body would then lose the answer instead of reading it.
+        """
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(LINGER_S)
+            deadline = time.monotonic() + LINGER_S
+            while time.monotonic() < deadline and self.connection.recv(65536):
+                pass
+
     # -- proxying ------------------------------------------------------------------------------
 
     def upstream_headers(self, body: bytes) -> list[tuple[str, str]]:
@@ -3307,6 +3322,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self.send_json(error.status, anthropic_error(error.error_type, str(error)))
             self.finish_record(record, started, error.status, str(error))
+            self.discard_rest_of_request()
             return
         app = self.app
         if accounts:

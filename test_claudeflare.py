@@ -679,6 +679,17 @@ class TestRequestLimits(ProxyTestCase):
         self.assertEqual(headers["Connection"], "close")
         self.assertEqual(self.upstream.requests, [])
 
+    def test_client_still_sending_its_oversized_body_reads_the_413(self):
+        size = claudeflare.MAX_BODY_BYTES + 1024 * 1024
+        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                         % size)
+            with contextlib.suppress(OSError):
+                sock.sendall(b"x" * size)
+            reply = sock.makefile("rb")
+            self.assertIn(b" 413 ", reply.readline())
+            reply.close()
+
     def test_oversized_chunked_body_gets_413(self):
         chunk = b"x" * (1024 * 1024)
         with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
