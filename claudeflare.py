@@ -271,7 +271,15 @@ class ClaudeflareError(Exception):
 
 
 class UpstreamError(Exception):
-    """The upstream could not be reached or stopped answering; the message says how."""
+    """The upstream could not be reached or stopped answering; the message says how.
+
+    `retry` is False when sending the request again could repeat work the upstream may be
+    doing already (it timed out after receiving the whole request).
+    """
+
+    def __init__(self, message: str, retry: bool = True) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 ###############################################################################
@@ -929,10 +937,13 @@ def percentile_from_histogram(buckets: list[int], fraction: float) -> int | None
 LIMIT_FIELDS = ("status", "reset", "utilization_5h", "reset_5h", "utilization_7d", "reset_7d")
 
 
+#: An API key as it can travel in a header: printable ASCII without spaces.
+API_KEY_PATTERN = re.compile(r"[!-~]{1,512}")
 #: Client keys start with this, so a leaked one is easy to recognise.
 CLIENT_KEY_PREFIX = "cfk-"
-#: What `resume` sets: usable again, whatever rate-limit mark it had.
-RESUMED = {"paused": 0, "rate_limited_until": None}
+#: What `resume` sets: usable again, whatever mark it had (a refused OAuth account just gets
+#: its refresh tried again, and is marked again if it still fails).
+RESUMED = {"paused": 0, "rate_limited_until": None, "needs_reauth": 0, "reauth_reason": None}
 
 
 def validate_account_name(name: str) -> str:
@@ -984,9 +995,16 @@ class Store:
                                       check_same_thread=False)
         self.reader.row_factory = sqlite3.Row
         self.read_lock = threading.Lock()
+        #: A third one for the API and the status page, whose queries may take a while.
+        self.stats_reader = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                            check_same_thread=False)
+        self.stats_reader.row_factory = sqlite3.Row
+        self.stats_lock = threading.Lock()
 
     def close(self) -> None:
         """Close the connections."""
+        with self.stats_lock:
+            self.stats_reader.close()
         with self.read_lock:
             self.reader.close()
         with self.lock:
@@ -1147,9 +1165,9 @@ class Store:
     # -- statistics ----------------------------------------------------------------------------
 
     def query(self, sql: str, parameters: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        """Run a read-only query on the reader connection."""
-        with self.read_lock:
-            return self.reader.execute(sql, tuple(parameters)).fetchall()
+        """Run a read-only query (statistics) on its own connection."""
+        with self.stats_lock:
+            return self.stats_reader.execute(sql, tuple(parameters)).fetchall()
 
     def usage(self, since_ms: int = 0, group: str | None = None) -> list[sqlite3.Row]:
         """Add up usage_hourly from an hour on, in all or per account_name / model / client_key."""
@@ -1568,37 +1586,57 @@ class Upstream:
         """Send one request and return the response (headers read, body not) and its connection.
 
         A pooled connection the upstream closed while it sat idle fails before any answer
-        arrives; that request is sent once more on a fresh connection.
+        arrives; that request is sent once more, on a new connection. A pool of size 0 (the
+        token endpoint's) never reuses a connection, so it never resends: a resent refresh
+        would spend a refresh token twice.
         """
+        connection, reused = self.acquire()
         for attempt in (1, 2):
-            connection, reused = self.acquire()
             try:
                 if connection.sock is None:
                     self.connect(connection, timeout)
-                if connection.sock.gettimeout() != timeout:
-                    connection.sock.settimeout(timeout)
-                connection.putrequest(method, self.prefix + target, skip_host=True,
-                                      skip_accept_encoding=True)
-                for name, value in headers:
-                    connection.putheader(name, value)
-                if len(body) <= SMALL_BODY_BYTES:
-                    connection.held = []
-                    connection.endheaders(body or None)
-                    data, connection.held = b"".join(connection.held), None
-                    connection.send(data)
-                else:
-                    connection.endheaders(body)
+            except (OSError, http.client.HTTPException) as error:
+                connection.close()
+                raise UpstreamError(describe_network_error(error, self.where, timeout)) from None
+            try:
+                self.write_request(connection, method, target, headers, body, timeout)
                 return connection.getresponse(), connection
+            except (UnicodeError, ValueError) as error:
+                connection.close()
+                raise UpstreamError(f"Cannot send this request: a header value is not valid "
+                                    f"HTTP ({error})", retry=False) from None
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as error:
                 connection.close()
                 if not (reused and attempt == 1):
                     raise UpstreamError(describe_network_error(error, self.where,
                                                                timeout)) from None
+                connection, reused = self.new_connection(), False
+            except (socket.timeout, TimeoutError) as error:
+                # The upstream has the whole request and may be working on it: no resend.
+                connection.close()
+                raise UpstreamError(describe_network_error(error, self.where, timeout),
+                                    retry=False) from None
             except (OSError, http.client.HTTPException) as error:
                 connection.close()
-                raise UpstreamError(describe_network_error(error, self.where,
-                                                           timeout)) from None
+                raise UpstreamError(describe_network_error(error, self.where, timeout)) from None
         raise AssertionError("unreachable")
+
+    def write_request(self, connection: http.client.HTTPConnection, method: str, target: str,
+                      headers: list[tuple[str, str]], body: bytes, timeout: float) -> None:
+        """Write the request line, headers and body (a small body in the same write)."""
+        if connection.sock.gettimeout() != timeout:
+            connection.sock.settimeout(timeout)
+        connection.putrequest(method, self.prefix + target, skip_host=True,
+                              skip_accept_encoding=True)
+        for name, value in headers:
+            connection.putheader(name, value)
+        if len(body) <= SMALL_BODY_BYTES:
+            connection.held = []
+            connection.endheaders(body or None)
+            data, connection.held = b"".join(connection.held), None
+            connection.send(data)
+        else:
+            connection.endheaders(body)
 
 
 def forwardable_headers(message: http.client.HTTPMessage) -> list[tuple[str, str]]:
@@ -1758,7 +1796,7 @@ class OAuthClient:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         origin, self.token_path = split_url(settings.oauth_token_url)
-        self.http = Upstream(origin)
+        self.http = Upstream(origin, pool_size=0)
 
     def exchange(self, login: PkceLogin, code: str) -> Tokens:
         """Trade an authorization code for tokens; failures say what to do."""
@@ -1789,7 +1827,7 @@ class OAuthClient:
                 "client_id": self.settings.client_id})
         except UpstreamError as error:
             raise TokenEndpointDown(str(error)) from None
-        if status in (400, 401, 403):
+        if status in (400, 401):
             raise TokenRejected(describe_oauth_failure(status, reason, answer))
         if status != 200:
             raise TokenEndpointDown(describe_oauth_failure(status, reason, answer))
@@ -1905,15 +1943,29 @@ class TokenKeeper:
         return updated
 
     def save_unsaved(self) -> None:
-        """Retry saving tokens the database refused earlier."""
+        """Retry saving tokens the database refused earlier.
+
+        Each save runs as the account's single flight, so no refresh can rotate the pair while
+        it is written (a save joining a refresh in flight leaves the saving to that refresh).
+        """
         with self.lock:
             pending = list(self.unsaved.items())
         for name, tokens in pending:
             try:
-                self.save(self.store.account(name), tokens)
+                account = self.store.account(name)
             except ClaudeflareError:
                 with self.lock:
                     self.unsaved.pop(name, None)
+                continue
+            with contextlib.suppress(TokenUnavailable):
+                self.flights.run(account.id, lambda: self.save_if_unsaved(account, tokens))
+
+    def save_if_unsaved(self, account: Account, tokens: Tokens) -> Account:
+        """Save a pair unless a newer one replaced it meanwhile."""
+        with self.lock:
+            if self.unsaved.get(account.name) is not tokens:
+                return account
+        return self.save(account, tokens)
 
     def fresh(self, account: Account, now: int) -> Account:
         """Return the account with an access token valid for 5 more minutes, refreshing if due."""
@@ -1959,8 +2011,11 @@ class TokenKeeper:
             tokens = self.oauth.refresh(account.refresh_token or "")
         except TokenRejected as error:
             self.log.error("Failed to refresh token for account %s: %s", account.name, error)
-            self.store.update_account(account.name, needs_reauth=1,
-                                      reauth_reason=f"refresh refused: {error}"[:300])
+            try:
+                self.store.update_account(account.name, needs_reauth=1,
+                                          reauth_reason=f"refresh refused: {error}"[:300])
+            except (sqlite3.Error, ClaudeflareError) as failure:
+                self.log.error("Could not mark account %s: %s", account.name, failure)
             raise TokenUnavailable(f"Failed to refresh token for account {account.name}: "
                                    f"{error}. Log in again: reauth {account.name}") from None
         except TokenEndpointDown as error:
@@ -2071,6 +2126,8 @@ class RateLimit:
     utilization_7d: float | None = None
     retry_after_ms: int | None = None
     should_retry: bool | None = None
+    #: When an API-key limit at zero (anthropic-ratelimit-*-remaining: 0) resets.
+    exhausted_reset: int | None = None
 
     @property
     def hard(self) -> bool:
@@ -2081,19 +2138,25 @@ class RateLimit:
     def soft(self) -> bool:
         return bool({self.status, self.status_5h, self.status_7d} & SOFT_LIMIT_STATUSES)
 
-    @property
-    def has_window(self) -> bool:
-        """Whether the headers name any limit window (a status or a reset)."""
-        return any(value is not None for value in (
-            self.status, self.reset, self.status_5h, self.reset_5h, self.status_7d,
-            self.reset_7d))
-
-    def limited_until(self, now: int) -> int:
-        """Return when a hard-limited account may be used again, capped at 8 days."""
+    def window_reset(self) -> int | None:
+        """Return when the exhausted window resets: the latest refused unified window, else
+        the unified reset if the aggregate is refused, else an API-key limit at zero."""
         resets = [reset for status, reset in ((self.status_5h, self.reset_5h),
                                               (self.status_7d, self.reset_7d))
                   if status in HARD_LIMIT_STATUSES and reset]
-        until = max(resets) if resets else self.reset
+        if resets:
+            return max(resets)
+        if self.status in HARD_LIMIT_STATUSES and self.reset:
+            return self.reset
+        return self.exhausted_reset
+
+    def names_window(self) -> bool:
+        """Whether the headers say which limit was hit (so the bench lasts until its reset)."""
+        return self.hard or self.window_reset() is not None
+
+    def limited_until(self, now: int) -> int:
+        """Return when a hard-limited account may be used again, capped at 8 days."""
+        until = self.window_reset()
         if not until or until <= now:
             until = now + (self.retry_after_ms or DEFAULT_RATE_LIMIT_MS)
         return min(until, now + MAX_RATE_LIMIT_MS)
@@ -2172,8 +2235,8 @@ def parse_rate_limit(headers: Any, now: int) -> RateLimit:
                 reset = parse_epoch(headers.get(f"anthropic-ratelimit-{family}-reset") or "")
                 if reset:
                     exhausted_resets.append(reset)
-    if exhausted_resets and limit.reset is None:
-        limit.reset = max(exhausted_resets)
+    if exhausted_resets:
+        limit.exhausted_reset = max(exhausted_resets)
     return limit
 
 
@@ -2554,6 +2617,10 @@ def query_limit(query: dict[str, list[str]], default: int, maximum: int) -> int:
     return int(text)
 
 
+#: A chunk size line: hexadecimal digits only (int() would also take "-1" or "0x10").
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
 class RequestBodyError(Exception):
     """The client's request body cannot be accepted; carries the status and Anthropic's shape."""
 
@@ -2635,7 +2702,8 @@ SESSION_PRUNE_EVERY = 256
 MAX_RETRY_WAIT_MS = 30 * 1000
 #: Error messages that mean an account itself is unusable, not the request.
 ACCOUNT_REFUSED_MESSAGES = ("organization has been disabled",
-                            "oauth authentication is currently not allowed")
+                            "oauth authentication is currently not allowed",
+                            "credit balance is too low")
 
 
 @dataclass
@@ -2863,7 +2931,7 @@ class App:
     def mark_rate_limited(self, account: Account, limit: RateLimit, now: int) -> int:
         """Bench an account until its window resets; a 429 naming no window gets a cooldown."""
         with self.lock:
-            if limit.hard or limit.has_window:
+            if limit.names_window():
                 self.cooldowns.pop(account.id, None)
                 until = limit.limited_until(now)
             else:
@@ -2872,12 +2940,11 @@ class App:
                 wait = max(COOLDOWN_MS * 2 ** min(streak, 10), limit.retry_after_ms or 0)
                 until = now + min(wait, MAX_COOLDOWN_MS)
         status = limit.status or limit.status_5h or limit.status_7d or "rate_limited"
-        self.store.update_account(
-            account.name, rate_limited_until=until, rate_limit_status=status,
-            rate_limit_reset=limit.reset or until,
-            **{field: getattr(limit, field) for field in (
-                "utilization_5h", "reset_5h", "utilization_7d", "reset_7d")
-               if getattr(limit, field) is not None})
+        self.mark(account, rate_limited_until=until, rate_limit_status=status,
+                  rate_limit_reset=limit.window_reset() or limit.reset or until,
+                  **{field: getattr(limit, field) for field in (
+                      "utilization_5h", "reset_5h", "utilization_7d", "reset_7d")
+                     if getattr(limit, field) is not None})
         component_logger("Proxy").warning(
             "Account %s rate limited until %s (%s%s); moving on", account.name, iso_time(until),
             status, f", {limit.claim}" if limit.claim else "")
@@ -2889,9 +2956,21 @@ class App:
             with self.lock:
                 self.cooldowns.pop(account.id, None)
 
+    def mark(self, account: Account, **fields: Any) -> None:
+        """Store a routing mark on an account; a failure to store it must not fail the request.
+
+        The request moves on to the next account either way; a mark that could not be stored
+        (database locked too long, account removed meanwhile) is only logged.
+        """
+        try:
+            self.store.update_account(account.name, **fields)
+        except (sqlite3.Error, ClaudeflareError) as error:
+            component_logger("Store").error("Could not mark account %s: %s", account.name,
+                                            error)
+
     def mark_needs_attention(self, account: Account, reason: str) -> None:
         """Stop using an account the upstream refuses for good (banned, not allowed, bad key)."""
-        self.store.update_account(account.name, needs_reauth=1, reauth_reason=reason[:300])
+        self.mark(account, needs_reauth=1, reauth_reason=reason[:300])
         component_logger("Proxy").error("Account %s needs attention and is skipped: %s",
                                         account.name, reason)
 
@@ -3054,6 +3133,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         proxied = path == "/v1" or path.startswith("/v1/")
         accounts, keys = app.snapshot()
+        if not keys and not self.host_allowed():
+            return
         if path != "/health" and not self.authenticate(keys, proxied):
             return
         if proxied:
@@ -3173,6 +3254,22 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                            [("WWW-Authenticate", 'Basic realm="claudeflare", charset="UTF-8"')])
         return False
 
+    def host_allowed(self) -> bool:
+        """On a loopback address without client keys, answer only loopback host names.
+
+        A web page can point its own name at 127.0.0.1 (DNS rebinding) and then talk to the
+        proxy as same-origin; its Host header still carries its own name, so refuse that.
+        """
+        if not is_loopback(self.server.server_address[0]):
+            return True
+        host = urllib.parse.urlsplit("//" + (self.headers.get("Host") or "")).hostname or ""
+        if is_loopback(host):
+            return True
+        self.send_json(403, {"error": f"Host {host!r} is not allowed: a claudeflare bound to "
+                                      f"{self.server.server_address[0]} answers only localhost "
+                                      f"names. Use http://localhost:PORT, or add client keys."})
+        return False
+
     def presented_credentials(self) -> Iterator[tuple[str, str]]:
         """Yield (header, secret) for each credential the request carries."""
         api_key = self.headers.get("x-api-key")
@@ -3258,12 +3355,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """Decode a chunked request body, stopping as soon as it passes the size limit."""
         parts, total = [], 0
         while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
+            digits = self.rfile.readline(1024).split(b";")[0].strip()
+            if not CHUNK_SIZE.fullmatch(digits):
                 raise RequestBodyError(400, "invalid_request_error",
-                                       "Malformed chunked request body") from None
+                                       "Malformed chunked request body")
+            size = int(digits, 16)
             if size == 0:
                 while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                     pass
@@ -3342,7 +3438,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                             ", ".join(account.name for account in candidates) or
                             "client credentials")
         tries = Tries()
+        budget_s = app.settings.request_timeout_s
         for account in candidates or [None]:
+            if tries.count and time.monotonic() - started > budget_s:
+                tries.last_error += f" (gave up after {budget_s:g}s, request_timeout_s)"
+                break
             if self.serve_from(account, headers, body, record, tries, started):
                 return
         record.failover_attempts = max(0, tries.count - 1)
@@ -3418,6 +3518,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             except UpstreamError as error:
                 tries.last_error = str(error)
                 proxy_log.warning("Request via %s failed: %s", name, error)
+                if not error.retry:
+                    return False
             else:
                 kind = failure_kind(answer, limit, account is not None)
                 tries.last_answer = answer
@@ -3520,7 +3622,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.discard(response, connection)
             component_logger("Proxy").warning("Upstream refused the token of account %s; "
                                               "refreshing it", account.name)
-            account = app.tokens.refresh(account, now)
+            refreshed = app.tokens.refresh(account, now)
+            if refreshed.access_token == account.access_token:
+                raise TokenUnavailable(f"The upstream refused the token of account "
+                                       f"{account.name} and no new one can be had right now")
+            account = refreshed
             response, connection = app.upstream.send(
                 self.command, self.path, with_credentials(headers, account), body,
                 app.settings.request_timeout_s)
@@ -3659,6 +3765,11 @@ def too_large_message(size: int) -> str:
     """Explain a 413 to the client."""
     return (f"Request body of {size} bytes or more is larger than the "
             f"{MAX_BODY_BYTES // (1024 * 1024)} MB limit")
+
+
+def is_loopback(host: str) -> bool:
+    """Tell whether a host name or address is one only this machine can reach."""
+    return host in ("localhost", "::1") or host.startswith("127.") or host.endswith(".localhost")
 
 
 def make_server(settings: Settings, db_path: str) -> ProxyServer:
@@ -3928,8 +4039,12 @@ class ServerLock:
             if fcntl is not None:
                 fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             else:
+                # Windows locks are mandatory: lock a byte far past the text, which stays
+                # readable for the message below.
+                self.file.seek(1 << 20)
                 msvcrt.locking(self.file.fileno(), msvcrt.LK_NBLCK, 1)
         except OSError:
+            self.file.seek(0)
             holder = self.file.read().strip() or "starting up"
             self.file.close()
             raise ClaudeflareError(
@@ -3947,9 +4062,7 @@ class ServerLock:
         self.file.close()
 
 
-def is_loopback(host: str) -> bool:
-    """Tell whether an address only this machine can reach."""
-    return host == "localhost" or host.startswith("127.") or host == "::1"
+
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -4046,8 +4159,9 @@ def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
                                    f"or log it in again with: reauth {args.name}")
         if args.api_key:
             key = read_secret("Paste the API key: ").strip()
-            if not key or any(character.isspace() for character in key):
-                raise ClaudeflareError("No API key read from stdin. Pipe it in: "
+            if not key or not API_KEY_PATTERN.fullmatch(key):
+                raise ClaudeflareError("No valid API key read from stdin (one line of printable "
+                                       "ASCII, no spaces). Pipe it in: "
                                        "echo \"$ANTHROPIC_API_KEY\" | claudeflare.py add NAME "
                                        "--api-key")
             store.add_account(args.name, "api_key", args.tier, api_key=key)

@@ -668,6 +668,18 @@ class TestRelay(ProxyTestCase):
             self.assertEqual(json.loads(body), {"error": "Provider cannot handle this request path"})
         self.assertEqual(self.upstream.requests, [])
 
+    def test_foreign_host_names_are_refused_on_loopback(self):
+        for host in ("evil.example:8080", "attacker.test"):
+            status, _, body = self.proxy.request("GET", "/api/stats", headers={"Host": host})
+            self.assertEqual(status, 403, host)
+            self.assertIn("answers only localhost names", json.loads(body)["error"])
+            self.assertEqual(self.proxy.request("POST", "/v1/messages", b"{}",
+                                                {"Host": host})[0], 403)
+        self.assertEqual(self.upstream.requests, [])
+        for host in ("localhost:8080", "127.0.0.1", "[::1]:8080", "app.localhost"):
+            self.assertEqual(self.proxy.request("GET", "/health", headers={"Host": host})[0],
+                             200, host)
+
     def test_health_answers(self):
         status, _, body = self.proxy.request("GET", "/health")
         health = json.loads(body)
@@ -681,7 +693,7 @@ class TestRequestLimits(ProxyTestCase):
 
     def test_oversized_content_length_gets_413_without_sending_the_body(self):
         with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
                          b"\r\nContent-Length: %d\r\n\r\n" % (claudeflare.MAX_BODY_BYTES + 1))
             reply = sock.makefile("rb")
             self.assertIn(b" 413 ", reply.readline())
@@ -696,7 +708,7 @@ class TestRequestLimits(ProxyTestCase):
     def test_client_still_sending_its_oversized_body_reads_the_413(self):
         size = claudeflare.MAX_BODY_BYTES + 1024 * 1024
         with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
                          % size)
             with contextlib.suppress(OSError):
                 sock.sendall(b"x" * size)
@@ -707,7 +719,7 @@ class TestRequestLimits(ProxyTestCase):
     def test_oversized_chunked_body_gets_413(self):
         chunk = b"x" * (1024 * 1024)
         with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n")
             try:
                 for _ in range(40):
@@ -720,7 +732,7 @@ class TestRequestLimits(ProxyTestCase):
         self.assertEqual(self.upstream.requests, [])
 
     def test_malformed_content_length_gets_400(self):
-        reply = raw_http(self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+        reply = raw_http(self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
                                           b"Content-Length: ten\r\n\r\n")
         self.assertIn(b" 400 ", reply.split(b"\r\n")[0])
         self.assertIn(b"invalid_request_error", reply)
@@ -978,7 +990,9 @@ class TestAccountCommands(CliTestCase):
         self.assertEqual(store.account("work").api_key, "sk-ant-api03-secret")
 
     def test_add_refuses_bad_input(self):
-        self.fails("No API key read from stdin", "add", "work", "--api-key", stdin="")
+        self.fails("No valid API key read from stdin", "add", "work", "--api-key", stdin="")
+        self.fails("No valid API key read from stdin", "add", "work", "--api-key",
+                   stdin="sk-ant-api03-pasted\u2026\n")
         self.fails("Invalid account name", "add", "bad/name", "--api-key", stdin="k\n")
         self.fails("Invalid account name", "add", "x" * 101, "--api-key", stdin="k\n")
         self.ok("add", "ok name-1_@.+", "--api-key", stdin="k\n")
@@ -1545,7 +1559,9 @@ class TestRateLimitParsing(unittest.TestCase):
         self.assertEqual(only_retry.limited_until(now), now + 120_000)
         bare = self.parse([("anthropic-ratelimit-unified-status", "rejected")], now)
         self.assertEqual(bare.limited_until(now), now + 60_000)
-        self.assertFalse(self.parse([]).has_window)
+        self.assertFalse(self.parse([]).names_window())
+        allowed = self.parse(unified_headers("allowed", 7200, 0.5, 0.2) + [("retry-after", "2")])
+        self.assertFalse(allowed.names_window())  # a 429 with every window allowed: throttling
 
     def test_api_key_limits_and_retry_after_forms(self):
         reset = "2030-01-01T00:00:00Z"
@@ -1554,7 +1570,8 @@ class TestRateLimitParsing(unittest.TestCase):
                             ("anthropic-ratelimit-tokens-remaining", "5000"),
                             ("retry-after-ms", "1500"), ("retry-after", "9"),
                             ("x-should-retry", "false")])
-        self.assertEqual(limit.reset, 1893456000000)
+        self.assertEqual(limit.exhausted_reset, 1893456000000)
+        self.assertEqual(limit.limited_until(1893455000000), 1893456000000)
         self.assertEqual((limit.retry_after_ms, limit.should_retry), (1500, False))
 
 
@@ -1659,6 +1676,12 @@ class TestFailover(RoutingTestCase):
         "hard 429 with reset": reply_error(429, "rate_limit_error", "5-hour limit reached",
                                            unified_headers("rejected", 7200)),
         "windowless 429": reply_error(429, "rate_limit_error", "Rate limited"),
+        "429 with every window allowed": reply_error(
+            429, "rate_limit_error", "Too many concurrent requests",
+            unified_headers("allowed", 7200, 0.4, 0.2)[:-1] + [("retry-after", "2")]),
+        "credit balance too low": reply_error(
+            400, "invalid_request_error", "Your credit balance is too low to access the "
+            "Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."),
         "5h-only headers": reply_error(429, "rate_limit_error", "limited", [
             ("anthropic-ratelimit-unified-5h-status", "rejected"),
             ("anthropic-ratelimit-unified-5h-reset", str(int(time.time()) + 5400))]),
@@ -1677,6 +1700,7 @@ class TestFailover(RoutingTestCase):
                 self.proxy.app.store.db.execute(
                     "UPDATE accounts SET paused = 0, needs_reauth = 0, rate_limited_until = NULL,"
                     " rate_limit_status = NULL")
+                self.proxy.app.cooldowns.clear()  # each fault starts without a 429 streak
                 self.upstream.requests.clear()
                 self.fault("a", *[action] * 20)
                 for _ in range(6):
@@ -1693,13 +1717,17 @@ class TestFailover(RoutingTestCase):
                     self.assertAlmostEqual((account["rateLimitedUntil"] - now) / 1000, expected,
                                            delta=5)
                     self.assertEqual(len(hits_a), 1)  # benched at once, never retried
-                elif fault == "windowless 429":
+                elif fault in ("windowless 429", "429 with every window allowed"):
                     self.assertEqual(account["status"], "rate_limited")
                     self.assertAlmostEqual((account["rateLimitedUntil"] - now) / 1000, 30,
                                            delta=5)
-                elif fault == "disabled organization":
+                elif fault in ("disabled organization", "credit balance too low"):
                     self.assertEqual(account["status"], "needs_reauth")
-                    self.assertIn("organization has been disabled", account["reauthReason"])
+                    self.assertIn({"disabled organization": "organization has been disabled",
+                                   "credit balance too low": "credit balance is too low"}[fault],
+                                  account["reauthReason"])
+                    self.ok("resume", "a")
+                    self.assertEqual(self.listed()["a"]["status"], "active")
                 else:
                     self.assertEqual(account["status"], "active")
                 if fault in ("529", "500"):
@@ -1794,6 +1822,70 @@ class TestFailover(RoutingTestCase):
                                     unified_headers("rejected", 600)))
         self.assertEqual(self.post_message()[0], 200)  # turn 1 starts at b: b, c fail, a serves
         self.assertEqual([tuple(row) for row in self.records()], [("a", 200, 2)])
+
+
+class TestFailoverEdges(RoutingTestCase):
+    settings = {"lb_strategy": "round-robin", "retry_delay_ms": 1, "retry_attempts": 2,
+                "request_timeout_s": 0.5}
+
+    def test_a_silent_upstream_is_not_asked_again_past_the_time_budget(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        for name in "abc":
+            self.fault(name, hang(gate))
+        status, _, body = self.post_message()
+        self.assertEqual(status, 503)
+        error = json.loads(body)
+        self.assertIn("ETIMEDOUT", error["lastError"])
+        self.assertIn("gave up after 0.5s", error["lastError"])
+        self.assertEqual(len(self.upstream.messages()), 1)  # neither resent nor sent elsewhere
+        self.assertEqual(self.listed()["b"]["status"], "active")
+
+    def test_every_dead_pooled_connection_is_replaced_by_a_new_one(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+
+        def held(handler, request) -> None:
+            gate.wait(DEADLINE_S)
+            reply_default(handler, request)
+
+        self.upstream.push(held, held, held)
+        workers = [threading.Thread(target=self.post_message) for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        wait_for(lambda: len(self.upstream.messages()) == 3, what="three requests at once")
+        gate.set()
+        for worker in workers:
+            worker.join()
+        pooled = list(self.proxy.app.upstream.idle)
+        self.assertEqual(len(pooled), 3)
+        for connection in pooled:
+            connection.sock.shutdown(socket.SHUT_RDWR)  # as if the upstream had closed them all
+        self.assertEqual(self.post_message()[0], 200)
+
+    def test_refused_token_with_the_token_endpoint_down_fails_over_without_marking(self):
+        access, refresh = self.add_oauth("max")
+        self.upstream.oauth.access_tokens.discard(access)
+        self.upstream.oauth.failures.append((503, {"error": "temporarily_unavailable"}))
+        self.ok("pause", "a")
+        self.ok("pause", "b")
+        self.ok("pause", "c")
+        self.ok("config", "set", "lb_strategy", "round-robin")
+        self.ok("add", "spare", "--api-key", stdin="sk-ant-api03-spare\n")
+        for _ in range(2):
+            self.assertEqual(self.post_message()[0], 200)
+        self.assertIn(f"Bearer {access}",
+                      [request.headers["Authorization"] for request in self.upstream.messages()])
+        self.assertEqual(self.upstream.oauth.refresh_requests, 1)
+        account = self.listed()["max"]
+        self.assertEqual((account["status"], account["needsReauth"]), ("active", False))
+        self.assertEqual(self.stored("max").refresh_token, refresh)
+
+    def test_negative_chunk_size_is_refused(self):
+        reply = raw_http(self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
+                                          b"Transfer-Encoding: chunked\r\n\r\n-1\r\n" + b"x" * 1000)
+        self.assertIn(b" 400 ", reply.split(b"\r\n")[0])
+        self.assertEqual(self.upstream.messages(), [])
 
 
 class TestStrategies(RoutingTestCase):
