@@ -4282,7 +4282,7 @@ def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
-    """Route requests to an account again, clearing any rate-limit mark."""
+    """Route requests to an account again, clearing any rate-limit or needs_reauth mark."""
     return change_account(args, f"Resumed account {args.name}", **RESUMED)
 
 
@@ -4517,8 +4517,8 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--force", action="store_true", help="do not ask")
     account_command("pause", cmd_pause, "stop routing requests to an account")
     account_command("resume", cmd_resume,
-                    "route requests to an account again and clear its rate-limit mark",
-                    aliases=("unpause",))
+                    "route requests to an account again, clearing any rate-limit or "
+                    "needs_reauth mark", aliases=("unpause",))
     tier = command("tier", cmd_tier, "set an account's tier: its weight in the weighted strategy",
                    "python3 claudeflare.py tier work 20")
     tier.add_argument("name", help="the account's name")
