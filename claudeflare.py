@@ -11,14 +11,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 __all__ = [
-    "App", "ClaudeflareError", "ProxyHandler", "ProxyServer", "SETTINGS", "Settings",
-    "Upstream", "UpstreamError", "load_settings", "main", "make_server", "redact",
+    "Account", "App", "ClaudeflareError", "ClientKey", "OAuthClient", "PkceLogin",
+    "ProxyHandler", "ProxyServer", "RateLimit", "SETTINGS", "STRATEGIES", "Settings", "Store",
+    "TokenKeeper", "Upstream", "UpstreamError", "Usage", "UsageReader", "build_parser",
+    "conversation_key", "load_settings", "main", "make_server", "parse_rate_limit", "price_of",
+    "redact", "render_status_page",
 ]
 
 import argparse
 import base64
-import collections
 import bisect
+import collections
 import contextlib
 import dataclasses
 import datetime

@@ -3093,7 +3093,10 @@ def run_bench(argv: list[str]) -> int:
         upstream.stdin.close()
         upstream.wait(30)
         upstream.stdout.close()
-    bench_request_log(folder, int(1_000_000 * min(scale, 1.0)))
+    try:
+        bench_request_log(folder, int(1_000_000 * min(scale, 1.0)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 
