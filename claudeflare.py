@@ -44,8 +44,8 @@ import secrets
 import select
 import signal
 import sqlite3
-import string
 import socket
+import string
 import sys
 import tempfile
 import threading
@@ -160,7 +160,7 @@ def parse_strategy(text: str) -> str:
     """Read a load-balancing strategy name, one of STRATEGY_NAMES."""
     name = str(text).strip()
     if name not in STRATEGY_NAMES:
-        raise ValueError(f"Invalid strategy: {name} (valid: {', '.join(STRATEGY_NAMES)})")
+        raise ValueError(f"Invalid strategy: {name}; valid: {', '.join(STRATEGY_NAMES)}")
     return name
 
 
@@ -273,6 +273,10 @@ class ClaudeflareError(Exception):
     """An expected failure whose message tells the user what went wrong and what to do."""
 
 
+class NotFound(ClaudeflareError):
+    """The account or client key named does not exist."""
+
+
 class UpstreamError(Exception):
     """The upstream could not be reached or stopped answering; the message says how.
 
@@ -334,7 +338,7 @@ def ensure_private_dir(path: str) -> None:
 
 
 def create_private_file(path: str) -> None:
-    """Create an empty file with mode 0600 unless it exists, so no secret is ever world-readable."""
+    """Create an empty file with mode 0600 unless it exists: no secret is ever world-readable."""
     ensure_private_dir(os.path.dirname(os.path.abspath(path)))
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
 
@@ -373,10 +377,13 @@ def component_logger(component: str) -> logging.Logger:
 
 
 def record_fields(record: logging.LogRecord) -> tuple[str, str, str]:
-    """Return a record's level, component and redacted message."""
+    """Return a record's level, component and redacted message (with its traceback, if any)."""
     level = LEVEL_NAMES.get(record.levelname, record.levelname)
     component = record.name.rpartition(".")[2] if "." in record.name else "App"
-    return level, component, redact(record.getMessage())
+    message = record.getMessage()
+    if record.exc_info:
+        message += "\n" + logging.Formatter().formatException(record.exc_info)
+    return level, component, redact(message)
 
 
 class PrettyFormatter(logging.Formatter):
@@ -452,9 +459,7 @@ class LogSetup:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.listener = logging.handlers.QueueListener(self.queue, *handlers)
         self.handler = DeferredQueueHandler(self.queue)
-        numeric = logging.DEBUG if debug_console else getattr(logging, level.replace(
-            "WARN", "WARNING"))
-        log.setLevel(numeric)
+        log.setLevel(getattr(logging, level.replace("WARN", "WARNING")))
         log.addHandler(self.handler)
         log.propagate = False
         self.listener.start()
@@ -526,9 +531,7 @@ def validate_setting(key: str, raw: Any, origin: str) -> Any:
     try:
         return SETTINGS_BY_KEY[key].parse(raw)
     except ValueError as error:
-        if str(error).startswith("Invalid strategy"):
-            raise ClaudeflareError(f"{error} (from {origin})") from None
-        raise ClaudeflareError(f"Invalid value for {key} from {origin}: {error}") from None
+        raise ClaudeflareError(f"{error} (for {key}, from {origin})") from None
 
 
 class Settings:
@@ -625,7 +628,6 @@ def load_settings(config_path: str | None = None, flags: dict | None = None,
 MIN_SQLITE = (3, 24, 0)
 #: Seconds a connection waits for another writer (the server or a CLI command) before failing.
 BUSY_TIMEOUT_S = 30.0
-ACCOUNT_TYPES = ("oauth", "api_key")
 TIERS = (1, 5, 20)
 ACCOUNT_NAME_PATTERN = re.compile(r"[A-Za-z0-9 _\-@.+]{1,100}")
 
@@ -634,11 +636,21 @@ HOUR_MS = 3600 * 1000
 LATENCY_BUCKETS_MS = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000,
                       300000)
 LATENCY_COLUMNS = tuple(f"latency_le_{bound}" for bound in LATENCY_BUCKETS_MS) + ("latency_over",)
-#: SQL that counts request-log rows per latency bucket, in LATENCY_COLUMNS order.
-LATENCY_BUCKET_SUMS = tuple(
-    [f"COALESCE(SUM(response_time_ms > {low} AND response_time_ms <= {high}), 0)"
-     for low, high in zip((-1,) + LATENCY_BUCKETS_MS, LATENCY_BUCKETS_MS)]
-    + [f"COALESCE(SUM(response_time_ms > {LATENCY_BUCKETS_MS[-1]}), 0)"])
+#: What usage_hourly adds up per (hour, account, model, client key), and keeps the maximum of.
+ROLLUP_COUNTERS = ("requests", "failures", "input_tokens", "output_tokens",
+                   "cache_creation_tokens", "cache_read_tokens", "cost_usd", "unpriced",
+                   "latency_ms_total") + LATENCY_COLUMNS
+ROLLUP_COLUMNS = ROLLUP_COUNTERS + ("latency_ms_max",)
+#: The same figures summed over request-log rows, in ROLLUP_COLUMNS order.
+REQUEST_LOG_SUMS = (
+    "COUNT(*)", "SUM(1 - success)", "SUM(input_tokens)", "SUM(output_tokens)",
+    "SUM(cache_creation_tokens)", "SUM(cache_read_tokens)", "COALESCE(SUM(cost_usd), 0)",
+    "SUM(cost_usd IS NULL AND input_tokens + output_tokens > 0)",
+    "COALESCE(SUM(response_time_ms), 0)",
+    *[f"COALESCE(SUM(response_time_ms > {low} AND response_time_ms <= {high}), 0)"
+      for low, high in zip((-1,) + LATENCY_BUCKETS_MS, LATENCY_BUCKETS_MS)],
+    f"COALESCE(SUM(response_time_ms > {LATENCY_BUCKETS_MS[-1]}), 0)",
+    "COALESCE(MAX(response_time_ms), 0)")
 
 #: Schema history: migration N brings a database from user_version N-1 to N. Append, never edit.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -716,14 +728,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             latency_ms_max INTEGER NOT NULL DEFAULT 0,
             {", ".join(f"{column} INTEGER NOT NULL DEFAULT 0" for column in LATENCY_COLUMNS)},
             PRIMARY KEY (hour, account_name, model, client_key))""",
-        f"""INSERT INTO usage_hourly
+        f"""INSERT INTO usage_hourly (hour, account_name, model, client_key,
+                                      {", ".join(ROLLUP_COLUMNS)})
             SELECT timestamp / {HOUR_MS} * {HOUR_MS}, COALESCE(account_name, ''),
-                   COALESCE(model, ''), '', COUNT(*), SUM(1 - success), SUM(input_tokens),
-                   SUM(output_tokens), SUM(cache_creation_tokens), SUM(cache_read_tokens),
-                   COALESCE(SUM(cost_usd), 0),
-                   SUM(cost_usd IS NULL AND input_tokens + output_tokens > 0),
-                   COALESCE(SUM(response_time_ms), 0), COALESCE(MAX(response_time_ms), 0),
-                   {", ".join(LATENCY_BUCKET_SUMS)}
+                   COALESCE(model, ''), '', {", ".join(REQUEST_LOG_SUMS)}
             FROM requests GROUP BY 1, 2, 3""",
     ),
     (  # 4: client keys, stored only as salted hashes
@@ -818,6 +826,7 @@ class ClientKey:
 
     @staticmethod
     def digest(salt: str, key: str) -> str:
+        """Hash a key with its salt (keys are random and long: one SHA-256 is enough)."""
         return hashlib.sha256(f"{salt}:{key}".encode()).hexdigest()
 
     def matches(self, presented: str) -> bool:
@@ -858,7 +867,7 @@ class RequestRecord:
     conversation: str | None = None
     client_key: str | None = None
     #: What the answer's headers said of the account's limits (stored on the account).
-    limits: Any = None
+    limits: RateLimit | None = None
 
 
 REQUEST_COLUMNS = tuple(field.name for field in dataclasses.fields(RequestRecord)
@@ -882,11 +891,6 @@ COUNT_REQUEST = """UPDATE accounts SET
     utilization_7d = COALESCE(:utilization_7d, utilization_7d),
     reset_7d = COALESCE(:reset_7d, reset_7d)
     WHERE id = :id"""
-#: What usage_hourly adds up per (hour, account, model, client key).
-ROLLUP_COUNTERS = ("requests", "failures", "input_tokens", "output_tokens",
-                   "cache_creation_tokens", "cache_read_tokens", "cost_usd", "unpriced",
-                   "latency_ms_total") + LATENCY_COLUMNS
-ROLLUP_COLUMNS = ROLLUP_COUNTERS + ("latency_ms_max",)
 UPSERT_ROLLUP = (
     f"INSERT INTO usage_hourly (hour, account_name, model, client_key, "
     f"{', '.join(ROLLUP_COLUMNS)}) VALUES ({', '.join('?' * (4 + len(ROLLUP_COLUMNS)))}) "
@@ -936,8 +940,17 @@ def percentile_from_histogram(buckets: list[int], fraction: float) -> int | None
     return bounds[-1]
 
 
-#: The rate-limit fields COUNT_REQUEST stores when the answer carried them.
-LIMIT_FIELDS = ("status", "reset", "utilization_5h", "reset_5h", "utilization_7d", "reset_7d")
+#: The window fields COUNT_REQUEST stores when the answer carried them.
+WINDOW_FIELDS = ("utilization_5h", "reset_5h", "utilization_7d", "reset_7d")
+
+
+def count_parameters(record: RequestRecord, session_duration_ms: int) -> dict:
+    """Return COUNT_REQUEST's parameters for a record: its time and what its answer said."""
+    limits = record.limits
+    status, reset = limits.summary() if limits is not None else (None, None)
+    return {"now": record.timestamp, "window": session_duration_ms, "id": record.account_id,
+            "status": status, "reset": reset,
+            **{field: getattr(limits, field, None) for field in WINDOW_FIELDS}}
 
 
 #: An API key as it can travel in a header: printable ASCII without spaces.
@@ -1069,7 +1082,7 @@ class Store:
         with self.lock:
             row = self.db.execute(SELECT_ACCOUNT, (name,)).fetchone()
         if row is None:
-            raise ClaudeflareError(f"Account not found: {name}")
+            raise NotFound(f"Account not found: {name}")
         return Account(**row)
 
     def add_account(self, name: str, account_type: str, tier: int, **fields: Any) -> Account:
@@ -1093,14 +1106,14 @@ class Store:
             cursor = db.execute(f"UPDATE accounts SET {assignments} WHERE name = ?",
                                 (*fields.values(), name))
         if cursor.rowcount == 0:
-            raise ClaudeflareError(f"Account not found: {name}")
+            raise NotFound(f"Account not found: {name}")
         return self.account(name)
 
     def remove_account(self, name: str) -> None:
         """Delete an account; its request history stays, under its name."""
         with self.transaction() as db:
             if db.execute("DELETE FROM accounts WHERE name = ?", (name,)).rowcount == 0:
-                raise ClaudeflareError(f"Account not found: {name}")
+                raise NotFound(f"Account not found: {name}")
 
     def reset_stats(self) -> int:
         """Zero every account's request counters; return how many accounts there are."""
@@ -1133,9 +1146,10 @@ class Store:
         return key
 
     def remove_client_key(self, name: str) -> None:
+        """Delete a client key; clients using it are refused from the next request."""
         with self.transaction() as db:
             if db.execute("DELETE FROM client_keys WHERE name = ?", (name,)).rowcount == 0:
-                raise ClaudeflareError(f"Client key not found: {name}")
+                raise NotFound(f"Client key not found: {name}")
 
     # -- request log ---------------------------------------------------------------------------
 
@@ -1145,10 +1159,9 @@ class Store:
             db.executemany(INSERT_REQUEST, [
                 tuple(getattr(record, column) for column in REQUEST_COLUMNS)
                 for record in records])
-            db.executemany(COUNT_REQUEST, [
-                {"now": record.timestamp, "window": session_duration_ms, "id": record.account_id,
-                 **{field: getattr(record.limits, field, None) for field in LIMIT_FIELDS}}
-                for record in records if record.account_id is not None])
+            db.executemany(COUNT_REQUEST, [count_parameters(record, session_duration_ms)
+                                           for record in records
+                                           if record.account_id is not None])
             db.executemany(UPSERT_ROLLUP, rollup_rows(records))
 
     def clear_history(self) -> int:
@@ -1191,19 +1204,11 @@ class Store:
                 f"SELECT hour / ? * ? AS bucket, {ROLLUP_SUMS} FROM usage_hourly "
                 f"WHERE hour >= ? GROUP BY bucket ORDER BY bucket",
                 (bucket_ms, bucket_ms, since_ms // HOUR_MS * HOUR_MS))
-        return self.query(
-            "SELECT timestamp / ? * ? AS bucket, COUNT(*) AS requests, "
-            "SUM(1 - success) AS failures, SUM(input_tokens) AS input_tokens, "
-            "SUM(output_tokens) AS output_tokens, "
-            "SUM(cache_creation_tokens) AS cache_creation_tokens, "
-            "SUM(cache_read_tokens) AS cache_read_tokens, "
-            "COALESCE(SUM(cost_usd), 0) AS cost_usd, "
-            "COALESCE(SUM(response_time_ms), 0) AS latency_ms_total, "
-            "COALESCE(MAX(response_time_ms), 0) AS latency_ms_max, "
-            + ", ".join(f"{total} AS {column}"
-                        for total, column in zip(LATENCY_BUCKET_SUMS, LATENCY_COLUMNS))
-            + " FROM requests WHERE timestamp >= ? GROUP BY bucket ORDER BY bucket",
-            (bucket_ms, bucket_ms, since_ms))
+        sums = ", ".join(f"{total} AS {column}"
+                         for total, column in zip(REQUEST_LOG_SUMS, ROLLUP_COLUMNS))
+        return self.query(f"SELECT timestamp / ? * ? AS bucket, {sums} FROM requests "
+                          f"WHERE timestamp >= ? GROUP BY bucket ORDER BY bucket",
+                          (bucket_ms, bucket_ms, since_ms))
 
     def recent_requests(self, limit: int, failures_only: bool = False) -> list[sqlite3.Row]:
         """Return the latest request records, newest first."""
@@ -1261,6 +1266,7 @@ class BackgroundWriter:
         return done.wait(timeout)
 
     def run(self) -> None:
+        """Write batches until close(): each wait, drain what queued, one transaction."""
         while True:
             items = [self.queue.get()]
             # Sleep through the window instead of waking for every record: one wake-up and one
@@ -1294,7 +1300,7 @@ class BackgroundWriter:
                 if pruned:
                     component_logger("Store").info("Pruned %d request records older than %d "
                                                    "days", pruned, days)
-        except sqlite3.Error as error:
+        except (sqlite3.Error, ValueError, OverflowError) as error:
             component_logger("Store").error("Could not write %d request records: %s",
                                             len(batch), error)
 
@@ -1328,12 +1334,6 @@ class Headers:
             if candidate == name:
                 return self.pairs[index][1]
         return default
-
-    def __getitem__(self, name: str) -> str | None:
-        return self.get(name)
-
-    def __contains__(self, name: str) -> bool:
-        return name.lower() in self.names
 
     def get_all(self, name: str, default: Any = None) -> Any:
         name = name.lower()
@@ -1486,7 +1486,8 @@ def proxy_for(url: str, environ: Any = None) -> OutboundProxy | None:
     proxy = urllib.parse.urlsplit(proxy_url)
     authorization = None
     if proxy.username is not None:
-        pair = f"{urllib.parse.unquote(proxy.username)}:{urllib.parse.unquote(proxy.password or '')}"
+        user = urllib.parse.unquote(proxy.username)
+        pair = f"{user}:{urllib.parse.unquote(proxy.password or '')}"
         authorization = "Basic " + base64.b64encode(pair.encode()).decode()
     port = proxy.port or (443 if proxy.scheme == "https" else 80)
     return OutboundProxy(proxy.hostname or "", port, authorization,
@@ -1511,7 +1512,7 @@ class Upstream:
         self.pool_size = pool_size
         self.idle: list[http.client.HTTPConnection] = []
         self.lock = threading.Lock()
-        #: Connections opened so far, for the status page and the tests of reuse.
+        #: Connections opened so far (the debug log numbers them).
         self.opened = 0
         self.proxy = proxy_for(base_url)
         #: How failures name the far end: the upstream, and the proxy on the way if any.
@@ -1608,7 +1609,7 @@ class Upstream:
                 connection.close()
                 raise UpstreamError(f"Cannot send this request: a header value is not valid "
                                     f"HTTP ({error})", retry=False) from None
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as error:
+            except (ConnectionResetError, BrokenPipeError) as error:  # RemoteDisconnected too
                 connection.close()
                 if not (reused and attempt == 1):
                     raise UpstreamError(describe_network_error(error, self.where,
@@ -1873,6 +1874,7 @@ class SingleFlight:
         self.calls: dict[Any, SingleFlight.Call] = {}
 
     def run(self, key: Any, function: Callable[[], Any]) -> Any:
+        """Run function for key, or wait for the call already running for key and share it."""
         with self.lock:
             call = self.calls.get(key)
             leader = call is None
@@ -2078,7 +2080,9 @@ class BackgroundRefresher:
         """Refresh every account whose token expires within REFRESH_AHEAD_MS."""
         for account in self.accounts():
             account = self.keeper.with_unsaved(account)
-            if account.status(now) == "expired" and account.name not in self.reported_expired:
+            if account.status(now) != "expired":
+                self.reported_expired.discard(account.name)
+            elif account.name not in self.reported_expired:
                 self.reported_expired.add(account.name)
                 self.keeper.log.error("Token expired or missing for account: %s. Log in again: "
                                       "reauth %s", account.name, account.name)
@@ -2137,10 +2141,6 @@ class RateLimit:
         """Whether the account is (or a window of it is) refused until a reset."""
         return bool({self.status, self.status_5h, self.status_7d} & HARD_LIMIT_STATUSES)
 
-    @property
-    def soft(self) -> bool:
-        return bool({self.status, self.status_5h, self.status_7d} & SOFT_LIMIT_STATUSES)
-
     def window_reset(self) -> int | None:
         """Return when the exhausted window resets: the latest refused unified window, else
         the unified reset if the aggregate is refused, else an API-key limit at zero."""
@@ -2152,6 +2152,11 @@ class RateLimit:
         if self.status in HARD_LIMIT_STATUSES and self.reset:
             return self.reset
         return self.exhausted_reset
+
+    def summary(self) -> tuple[str | None, int | None]:
+        """Return the account's status and reset to show: the aggregate, else a window's."""
+        status = self.status or self.status_5h or self.status_7d
+        return status, self.window_reset() or self.reset or self.reset_5h or self.reset_7d
 
     def names_window(self) -> bool:
         """Whether the headers say which limit was hit (so the bench lasts until its reset)."""
@@ -2289,6 +2294,11 @@ def price_of(model: str | None) -> tuple[float, float] | None:
     return None
 
 
+def token_count(value: Any) -> bool:
+    """Tell whether a value is a token count SQLite can store (no bool, no huge number)."""
+    return type(value) is int and 0 <= value < 2 ** 63
+
+
 @dataclass
 class Usage:
     """Token counts of one answer, as the Messages API reports them."""
@@ -2310,10 +2320,10 @@ class Usage:
                             ("output_tokens", "output_tokens"),
                             ("cache_creation_input_tokens", "cache_creation_tokens"),
                             ("cache_read_input_tokens", "cache_read_tokens")):
-            if isinstance(usage.get(name), int):
+            if token_count(usage.get(name)):
                 setattr(self, field, usage[name])
         split = usage.get("cache_creation")
-        if isinstance(split, dict) and isinstance(split.get("ephemeral_1h_input_tokens"), int):
+        if isinstance(split, dict) and token_count(split.get("ephemeral_1h_input_tokens")):
             self.cache_creation_1h_tokens = split["ephemeral_1h_input_tokens"]
 
     def cost(self) -> float | None:
@@ -2347,6 +2357,7 @@ class UsageReader:
         self.overflow = False
 
     def feed(self, data: bytes) -> None:
+        """Take the next piece of the body, as it was sent to the client."""
         if self.overflow:
             return
         self.pending += data
@@ -2364,6 +2375,7 @@ class UsageReader:
             self.pending.clear()  # one event this large carries text, not usage
 
     def read_event(self, event: bytes) -> None:
+        """Decode one SSE event if it can carry usage (message_start, message_delta)."""
         if b"message_start" not in event and b"message_delta" not in event:
             return
         data = b"".join(line[5:].strip() for line in event.splitlines()
@@ -2405,6 +2417,7 @@ class Metrics:
         self.latency_sum_ms = 0
 
     def observe(self, records: list[RequestRecord]) -> None:
+        """Count a batch of written requests."""
         with self.lock:
             for record in records:
                 self.requests[record.account_name or "", str(record.status or 0)] += 1
@@ -2658,7 +2671,7 @@ def camel(name: str) -> str:
 def usage_json(row: Any) -> dict:
     """Describe summed usage (a usage_hourly or usage_series row; None for nothing)."""
     def value(column: str) -> Any:
-        return (row[column] if row is not None and column in row.keys() else None) or 0
+        return (row[column] if row is not None else None) or 0
 
     requests, failures = value("requests"), value("failures")
     buckets = [value(column) for column in LATENCY_COLUMNS]
@@ -2718,8 +2731,9 @@ class Answer:
     headers: list[tuple[str, str]]
     body: bytes
 
+    @functools.cached_property
     def error_message(self) -> str:
-        """Return the message of an Anthropic error body, or '' when it is not one."""
+        """The message of an Anthropic error body, or '' when it is not one."""
         try:
             error = json.loads(self.body).get("error")
         except (ValueError, AttributeError):
@@ -2743,7 +2757,7 @@ def failure_kind(answer: Answer, limit: RateLimit, has_account: bool) -> str:
     refused: the account itself is unusable. next: try another, no bench. client: the client's
     own mistake, passed through at once.
     """
-    message = answer.error_message().lower()
+    message = answer.error_message.lower()
     if answer.status == 429 or limit.hard:
         return "rate_limited"
     if answer.status >= 500 or answer.status == 408:
@@ -2799,7 +2813,6 @@ class App:
         self.settings = settings
         self.store = store
         self.metrics = Metrics()
-        self.writer = BackgroundWriter(store, settings, self.metrics.observe)
         #: The last log lines for /api/logs.
         self.recent_logs = RecentLines()
         log.addHandler(self.recent_logs)
@@ -2825,7 +2838,16 @@ class App:
         self.conversation_counts: dict[int, int] = {}
         #: account id -> how many windowless 429s in a row it got.
         self.cooldowns: dict[int, int] = {}
+        self.writer = BackgroundWriter(store, settings, self.after_write)
         self.refresher = BackgroundRefresher(self.tokens, self.accounts)
+
+    def after_write(self, records: list[RequestRecord]) -> None:
+        """Count written requests for /metrics, and re-read the accounts the batch changed.
+
+        Re-reading here, on the writer's thread, keeps that work off the request path.
+        """
+        self.metrics.observe(records)
+        self.snapshot()
 
     def accounts(self) -> list[Account]:
         """Return the accounts, re-read from the database whenever anyone changed it.
@@ -2871,7 +2893,7 @@ class App:
             self.idle.wait_for(lambda: not self.running, timeout)
             return self.running
 
-    def route(self, accounts: list[Account], conversation: str | None,
+    def accounts_to_try(self, accounts: list[Account], conversation: str | None,
               now: int) -> list[Account]:
         """Return the usable accounts in the order the strategy wants them tried."""
         settings = self.settings
@@ -2883,8 +2905,7 @@ class App:
             if binding and now - binding[1] >= settings.session_duration_ms:
                 binding = None
             context = RouteContext(self.turn, settings.session_duration_ms,
-                                   binding[0] if binding else None,
-                                   dict(self.conversation_counts))
+                                   binding[0] if binding else None, self.conversation_counts)
             ordered = order_accounts(accounts, settings.lb_strategy, context, now)
             if ordered:
                 self.count_use(ordered[0], now)
@@ -2918,16 +2939,16 @@ class App:
             account_id, _ = self.conversations.pop(key)
             self.conversation_counts[account_id] -= 1
 
-    def note_limits(self, account: Account, limit: RateLimit, now: int) -> None:
+    def note_limits(self, account: Account, limit: RateLimit) -> None:
         """Keep what a response said of its account's windows, for ordering (headroom, soft).
 
         The cached account changes at once; the writer stores it with the request's record.
         """
+        status, reset = limit.summary()
         with self.lock:
-            if limit.status is not None or limit.status_5h is not None:
-                account.rate_limit_status = limit.status or limit.status_5h or limit.status_7d
-                account.rate_limit_reset = limit.reset or limit.reset_5h
-            for field in ("utilization_5h", "reset_5h", "utilization_7d", "reset_7d"):
+            if status is not None:
+                account.rate_limit_status, account.rate_limit_reset = status, reset
+            for field in WINDOW_FIELDS:
                 if getattr(limit, field) is not None:
                     setattr(account, field, getattr(limit, field))
 
@@ -2942,11 +2963,11 @@ class App:
                 self.cooldowns[account.id] = streak + 1
                 wait = max(COOLDOWN_MS * 2 ** min(streak, 10), limit.retry_after_ms or 0)
                 until = now + min(wait, MAX_COOLDOWN_MS)
-        status = limit.status or limit.status_5h or limit.status_7d or "rate_limited"
+        status, reset = limit.summary()
+        status = status or "rate_limited"
         self.mark(account, rate_limited_until=until, rate_limit_status=status,
-                  rate_limit_reset=limit.window_reset() or limit.reset or until,
-                  **{field: getattr(limit, field) for field in (
-                      "utilization_5h", "reset_5h", "utilization_7d", "reset_7d")
+                  rate_limit_reset=reset or until,
+                  **{field: getattr(limit, field) for field in WINDOW_FIELDS
                      if getattr(limit, field) is not None})
         component_logger("Proxy").warning(
             "Account %s rate limited until %s (%s%s); moving on", account.name, iso_time(until),
@@ -3031,10 +3052,6 @@ class App:
                 "strategies": list(STRATEGY_NAMES), "configPath": settings.config.path,
                 "databasePath": self.store.path, "logDir": default_log_dir(),
                 "version": __version__}
-
-    def reset_stats(self) -> int:
-        """Zero the per-account counters (as `reset-stats` does)."""
-        return self.store.reset_stats()
 
     def close(self) -> None:
         """Write the queued request log, then release the upstream connections and database."""
@@ -3123,6 +3140,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = dispatch
 
     def route(self) -> None:
+        """Answer one request: refuse it while stopping, check host and key, then route it."""
         self.body_read = False
         self.key_name = self.key_header = None
         app = self.app
@@ -3148,8 +3166,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except BadRequest as error:
             self.send_json(error.status, {"error": str(error)})
         except ClaudeflareError as error:
-            status = 404 if str(error).startswith("Account not found") else 400
-            self.send_json(status, {"error": str(error)})
+            self.send_json(404 if isinstance(error, NotFound) else 400, {"error": str(error)})
 
     def answer_locally(self, path: str, query: dict[str, list[str]]) -> None:
         """Answer /health, the status page, /metrics and the JSON API."""
@@ -3206,7 +3223,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             component_logger("Config").info("Strategy set to %s through the API", strategy)
             return {"strategy": strategy}
         if path == "/api/stats/reset":
-            return {"reset": app.reset_stats()}
+            return {"reset": app.store.reset_stats()}
         name = urllib.parse.unquote(parts[3])
         account = app.store.update_account(name, **({"paused": 1} if parts[4] == "pause"
                                                     else RESUMED))
@@ -3427,7 +3444,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if accounts:
             record.conversation = conversation_key(self.headers, body)
         candidates: list[Account | None] = list(
-            app.route(accounts, record.conversation, record.timestamp))
+            app.accounts_to_try(accounts, record.conversation, record.timestamp))
         if not candidates and accounts:
             if self.all_limited(record, started):
                 return
@@ -3460,7 +3477,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if answer.status == 429:
             self.set_retry_after(answer, now_ms())
         self.send_answer(answer)
-        self.finish_record(record, started, answer.status, answer.error_message() or None)
+        self.finish_record(record, started, answer.status, answer.error_message or None)
 
     def all_limited(self, record: RequestRecord, started: float) -> bool:
         """Answer 429 when every account is rate-limited and the client has no credentials.
@@ -3507,7 +3524,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 response, connection, account = self.send_via(account, headers, body, now)
                 limit = parse_rate_limit(response.msg, now)
                 if account is not None:
-                    app.note_limits(account, limit, now)
+                    app.note_limits(account, limit)
                 if response.status < 400:
                     if account is not None and limit.hard:
                         app.mark_rate_limited(account, limit, now)
@@ -3526,13 +3543,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             else:
                 kind = failure_kind(answer, limit, account is not None)
                 tries.last_answer = answer
-                tries.last_error = f"{answer.status} {answer.error_message() or answer.reason}"
+                tries.last_error = f"{answer.status} {answer.error_message or answer.reason}"
                 if kind == "client":
                     record.failover_attempts = tries.count - 1
                     self.take_record(record, account, started, streaming=False)
                     self.send_answer(answer)
                     self.finish_record(record, started, answer.status,
-                                       answer.error_message() or None)
+                                       answer.error_message or None)
                     return True
                 proxy_log.warning("Request via %s got %s", name, tries.last_error)
                 if account is not None and kind == "rate_limited":
@@ -3596,7 +3613,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def read_answer(self, response: http.client.HTTPResponse,
                     connection: http.client.HTTPConnection) -> Answer:
         """Read a whole (small or error) answer, keeping the connection if it stays usable."""
-        body = self.discard(response, connection)
+        body = self.read_to_end(response, connection)
         headers = [(name, value) for name, value in forwardable_headers(response.msg)
                    if name.lower() != "content-length"]
         return Answer(response.status, response.reason, headers, body)
@@ -3622,7 +3639,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.command, self.path, with_credentials(headers, account), body,
             app.settings.request_timeout_s)
         if response.status == 401 and account is not None and account.type == "oauth":
-            self.discard(response, connection)
+            self.read_to_end(response, connection)
             component_logger("Proxy").warning("Upstream refused the token of account %s; "
                                               "refreshing it", account.name)
             refreshed = app.tokens.refresh(account, now)
@@ -3635,11 +3652,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 app.settings.request_timeout_s)
         return response, connection, account
 
-    def discard(self, response: http.client.HTTPResponse,
-                connection: http.client.HTTPConnection) -> bytes:
-        """Read an answer the client will not get, keeping the connection if it stays usable."""
+    def read_to_end(self, response: http.client.HTTPResponse,
+                    connection: http.client.HTTPConnection) -> bytes:
+        """Read an answer's whole body, keeping the connection if it stays usable."""
         try:
-            data = self.read_upstream(response, response.read)
+            data = self.read_upstream(response.read)
         except UpstreamError:
             connection.close()
             raise
@@ -3741,26 +3758,25 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
 
-    def read_upstream(self, response: http.client.HTTPResponse, read: Callable[..., bytes],
-                      *args: Any) -> bytes:
+    def read_upstream(self, read: Callable[..., bytes], *args: Any) -> bytes:
         """Read from the upstream, turning its failures into UpstreamError."""
         try:
             return read(*args)
         except (OSError, http.client.HTTPException) as error:
             raise UpstreamError(describe_network_error(
-                error, self.app.upstream.base_url, self.app.settings.request_timeout_s)) from None
+                error, self.app.upstream.where, self.app.settings.request_timeout_s)) from None
 
     def copy_body(self, response: http.client.HTTPResponse, write: Callable[[bytes], Any],
                   tap: Callable[[bytes], None]) -> None:
         """Copy a response body to the client as it arrives; `read1` never waits for more."""
         while True:
-            data = self.read_upstream(response, response.read1, RELAY_CHUNK_BYTES)
+            data = self.read_upstream(response.read1, RELAY_CHUNK_BYTES)
             if not data:
                 break
             write(data)
             tap(data)
         if response.length:
-            raise UpstreamError(f"ECONNRESET: {self.app.upstream.base_url} ended the body "
+            raise UpstreamError(f"ECONNRESET: {self.app.upstream.where} ended the body "
                                 f"{response.length} bytes short")
 
 
@@ -3911,6 +3927,7 @@ def window_cell(used: float | None, reset: int | None, now: int) -> str:
 
 
 def account_row(account: Account, now: int, session_duration_ms: int) -> str:
+    """Draw one account as a table row."""
     status = account.status(now)
     detail = ""
     if status == "rate_limited":
@@ -3954,6 +3971,7 @@ def hourly_chart(series: list[dict]) -> str:
 
 
 def request_row(row: dict, now: int) -> str:
+    """Draw one request record as a table row."""
     cost = "-" if row["costUsd"] is None else f"${row['costUsd']:.4f}"
     return (f"<tr><td>{escape(when_text(row['timestamp'], now))}</td>"
             f"<td>{escape(row['accountName'] or 'client credentials')}</td>"
@@ -3964,6 +3982,7 @@ def request_row(row: dict, now: int) -> str:
 
 
 def error_row(row: dict, now: int) -> str:
+    """Draw one failed request as a table row."""
     return (f"<tr><td>{escape(when_text(row['timestamp'], now))}</td>"
             f"<td>{escape(row['accountName'] or 'client credentials')}</td>"
             f"<td class=\"num\">{escape(row['status'])}</td>"
@@ -4063,9 +4082,6 @@ class ServerLock:
 
     def release(self) -> None:
         self.file.close()
-
-
-
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -4468,17 +4484,21 @@ def build_parser() -> argparse.ArgumentParser:
                f"  CLAUDEFLARE_DEBUG=1            DEBUG lines on the console too\n"
                f"  HTTPS_PROXY, HTTP_PROXY, NO_PROXY   outbound proxy\n")
     parser.add_argument("--version", action="version", version=f"claudeflare {__version__}")
-    parser.add_argument("--config", metavar="PATH",
-                        help="config.json to use (env CLAUDEFLARE_CONFIG_PATH)")
-    parser.add_argument("--db", metavar="PATH",
-                        help="database to use (env CLAUDEFLARE_DB_PATH)")
+    # --config and --db work before the command and after it alike.
+    paths = argparse.ArgumentParser(add_help=False)
+    for target in (parser, paths):
+        default = None if target is parser else argparse.SUPPRESS
+        target.add_argument("--config", metavar="PATH", default=default,
+                            help="config.json to use (env CLAUDEFLARE_CONFIG_PATH)")
+        target.add_argument("--db", metavar="PATH", default=default,
+                            help="database to use (env CLAUDEFLARE_DB_PATH)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
     def command(name: str, handler: Callable, summary: str, example: str,
                 aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
         sub = commands.add_parser(
-            name, help=summary, aliases=list(aliases), description=summary,
+            name, help=summary, aliases=list(aliases), description=summary, parents=[paths],
             epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.set_defaults(handler=handler)
         return sub
