@@ -6,8 +6,8 @@
   python3 test_claudeflare.py upstream            run the fake Anthropic API alone (prints its URL)
 
 A fake Anthropic upstream (FakeUpstream) speaks the wire format of anthropic-wire.md: JSON and SSE
-messages, rate-limit headers, the OAuth token endpoint, and scripted faults. Each test starts a real
-claudeflare server on 127.0.0.1 port 0 with its own temporary data folder.
+messages, rate-limit headers, the OAuth token endpoint, and scripted faults. Each test starts a
+real claudeflare server on 127.0.0.1 port 0 with its own temporary data folder.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ os.environ.update({
     "HOME": SANDBOX, "XDG_CONFIG_HOME": os.path.join(SANDBOX, "config"),
     "XDG_DATA_HOME": os.path.join(SANDBOX, "data"),
     "CLAUDEFLARE_LOG_DIR": os.path.join(SANDBOX, "logs"),
-    "CLAUDEFLARE_UPSTREAM_URL": "http://127.0.0.1:9", "CLAUDEFLARE_TOKEN_URL": "http://127.0.0.1:9",
+    "CLAUDEFLARE_UPSTREAM_URL": "http://127.0.0.1:9",
+    "CLAUDEFLARE_TOKEN_URL": "http://127.0.0.1:9",
 })
 for _name in ("PORT", "LB_STRATEGY", "CLIENT_ID", "RETRY_ATTEMPTS", "RETRY_DELAY_MS",
               "SESSION_DURATION_MS", "CLAUDEFLARE_DEBUG", "LOG_LEVEL", "LOG_FORMAT",
@@ -62,7 +63,7 @@ DEADLINE_S = 10.0
 
 
 class LogCapture(logging.Handler):
-    """Keeps what claudeflare logs during the tests, so tests can read it (and stderr stays clean)."""
+    """Keeps what claudeflare logs during the tests, for them to read (stderr stays clean)."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -246,8 +247,9 @@ def reply_default(handler: FakeHandler, request: Recorded) -> None:
         model = payload.get("model", "claude-sonnet-4-5")
         if payload.get("fake_stream_bytes"):
             handler.start_chunked()
+            delta = {"type": "text_delta", "text": "x" * 8000}
             event = sse("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                "delta": {"type": "text_delta", "text": "x" * 8000}})
+                                                "delta": delta})
             for _ in range(payload["fake_stream_bytes"] // len(event)):
                 handler.send_chunk(event)
             handler.end_chunked()
@@ -518,7 +520,8 @@ class Proxy:
         self.dir = tempfile.TemporaryDirectory(prefix="claudeflare-")
         self.config_path = os.path.join(self.dir.name, "config.json")
         self.db_path = os.path.join(self.dir.name, "claudeflare.db")
-        values = {"upstream_url": upstream_url, "oauth_token_url": upstream_url + "/v1/oauth/token"}
+        values = {"upstream_url": upstream_url,
+                  "oauth_token_url": upstream_url + "/v1/oauth/token"}
         values.update(settings)
         with open(self.config_path, "w") as out:
             json.dump(values, out)
@@ -685,7 +688,8 @@ class TestRelay(ProxyTestCase):
                              ("GET", "/v1beta"), ("GET", "/favicon.ico")):
             status, _, body = self.proxy.request(method, path, b"{}" if method == "POST" else None)
             self.assertEqual(status, 404, path)
-            self.assertEqual(json.loads(body), {"error": "Provider cannot handle this request path"})
+            self.assertEqual(json.loads(body),
+                             {"error": "Provider cannot handle this request path"})
         self.assertEqual(self.upstream.requests, [])
 
     def test_foreign_host_names_are_refused_on_loopback(self):
@@ -719,8 +723,9 @@ class TestRequestLimits(ProxyTestCase):
 
     def test_oversized_content_length_gets_413_without_sending_the_body(self):
         with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
-                         b"\r\nContent-Length: %d\r\n\r\n" % (claudeflare.MAX_BODY_BYTES + 1))
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                         % (claudeflare.MAX_BODY_BYTES + 1))
             reply = sock.makefile("rb")
             self.assertIn(b" 413 ", reply.readline())
             headers = http.client.parse_headers(reply)
@@ -734,8 +739,8 @@ class TestRequestLimits(ProxyTestCase):
     def test_client_still_sending_its_oversized_body_reads_the_413(self):
         size = claudeflare.MAX_BODY_BYTES + 1024 * 1024
         with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
-                         % size)
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Content-Length: %d\r\n\r\n" % size)
             with contextlib.suppress(OSError):
                 sock.sendall(b"x" * size)
             reply = sock.makefile("rb")
@@ -1507,7 +1512,8 @@ class TestTokenRefresh(ServerWithAccounts):
         self.assertEqual(statuses, [200] * 50)
         self.assertEqual(self.upstream.oauth.refresh_requests, 1)
         fresh = self.stored("work")
-        self.assertEqual({request.headers["Authorization"] for request in self.upstream.messages()},
+        self.assertEqual({request.headers["Authorization"]
+                          for request in self.upstream.messages()},
                          {f"Bearer {fresh.access_token}"})
 
     def test_rotated_refresh_token_is_stored_before_the_new_access_token_is_used(self):
@@ -1602,8 +1608,8 @@ class TestTokenRefresh(ServerWithAccounts):
         for _ in range(3):
             self.assertEqual(self.post_message()[0], 200)
         self.assertEqual(self.upstream.oauth.refresh_requests, 1)
-        self.assertEqual({request.headers["Authorization"] for request in self.upstream.messages()},
-                         {f"Bearer {access}"})
+        self.assertEqual({request.headers["Authorization"]
+                          for request in self.upstream.messages()}, {f"Bearer {access}"})
         account = self.stored("work")
         self.assertEqual((account.refresh_token, account.needs_reauth), (refresh, 0))
         self.assertIn("next try in 60s", CAPTURED_LOG.text())
@@ -2014,7 +2020,8 @@ class TestFailoverEdges(RoutingTestCase):
 
     def test_negative_chunk_size_is_refused(self):
         reply = raw_http(self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
-                                          b"Transfer-Encoding: chunked\r\n\r\n-1\r\n" + b"x" * 1000)
+                                          b"Transfer-Encoding: chunked\r\n\r\n-1\r\n"
+                         + b"x" * 1000)
         self.assertIn(b" 400 ", reply.split(b"\r\n")[0])
         self.assertEqual(self.upstream.messages(), [])
 
@@ -2097,7 +2104,8 @@ class TestStrategies(RoutingTestCase):
         app, now = self.proxy.app, claudeflare.now_ms()
         self.assertEqual(app.accounts_to_try(app.accounts(), "session:long", now)[0].name, home)
         later = now + app.settings.session_duration_ms + 1
-        firsts = {app.accounts_to_try(app.accounts(), "session:long", later)[0].name for _ in range(6)}
+        firsts = {app.accounts_to_try(app.accounts(), "session:long", later)[0].name
+                  for _ in range(6)}
         self.assertGreater(len(firsts), 1)  # no longer bound: it rotates like a new one
 
     def test_new_conversations_go_to_the_account_with_most_headroom(self):
@@ -2778,7 +2786,8 @@ class TestOutboundProxy(unittest.TestCase):
         refused = self.proxy_with(HTTP_PROXY=tunnel.url)
         status, _, body = refused.request("POST", "/v1/messages", b"{}")
         self.assertEqual(status, 503)
-        self.assertIn(f"Proxy {tunnel.url} refused to open a tunnel", json.loads(body)["lastError"])
+        self.assertIn(f"Proxy {tunnel.url} refused to open a tunnel",
+                      json.loads(body)["lastError"])
         self.assertIn("407", json.loads(body)["lastError"])
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -2877,7 +2886,7 @@ def run_fake_upstream() -> int:
 
 def bench_load(port: int, stream: bool, concurrency: int, total: int,
                time_limit: float) -> tuple[float, list[float]]:
-    """Send `total` requests over `concurrency` keep-alive connections; return (req/s, latencies)."""
+    """Send `total` requests over `concurrency` keep-alive connections: (req/s, latencies)."""
     body = BENCH_BODY.replace(b'"max_tokens"', b'"stream": %s, "max_tokens"'
                               % (b"true" if stream else b"false"))
     latencies: list[float] = []
