@@ -784,10 +784,13 @@ class Account:
             return "needs_reauth"
         if self.rate_limited_until and self.rate_limited_until > now:
             return "rate_limited"
-        if self.type == "oauth" and not self.refresh_token and not (
-                self.access_token and (self.expires_at or 0) > now):
+        if self.type == "oauth" and not self.refresh_token and not self.token_valid(now):
             return "expired"
         return "active"
+
+    def token_valid(self, now: int, margin_ms: int = 0) -> bool:
+        """Whether the access token is there and has at least margin_ms left."""
+        return bool(self.access_token) and (self.expires_at or 0) - now > margin_ms
 
     def session_count(self, now: int, session_duration_ms: int) -> int:
         """Return the requests of the current usage window (0 once the window has passed)."""
@@ -902,6 +905,11 @@ ROLLUP_SUMS = ", ".join([f"SUM({column}) AS {column}" for column in ROLLUP_COUNT
                         + ["MAX(latency_ms_max) AS latency_ms_max"])
 
 
+def hour_of(ms: int) -> int:
+    """Return the start of the hour a time falls in (usage_hourly's key)."""
+    return ms // HOUR_MS * HOUR_MS
+
+
 def latency_bucket(milliseconds: int | None) -> int:
     """Return the index of the histogram bucket a response time falls in."""
     return bisect.bisect_left(LATENCY_BUCKETS_MS, milliseconds or 0)
@@ -911,7 +919,7 @@ def rollup_rows(records: list[RequestRecord]) -> list[list]:
     """Add up a batch of records per hour, account, model and client key, for one upsert each."""
     rows: dict[tuple, list] = {}
     for record in records:
-        key = (record.timestamp // HOUR_MS * HOUR_MS, record.account_name or "",
+        key = (hour_of(record.timestamp), record.account_name or "",
                record.model or "", record.client_key or "")
         row = rows.setdefault(key, [0] * len(ROLLUP_COLUMNS))
         tokens = record.input_tokens + record.output_tokens
@@ -1174,7 +1182,7 @@ class Store:
         """Delete request records (and hourly totals) older than a time; return how many went."""
         with self.transaction(durable=False) as db:
             db.execute("DELETE FROM usage_hourly WHERE hour < ?",
-                       (older_than_ms // HOUR_MS * HOUR_MS,))
+                       (hour_of(older_than_ms),))
             return db.execute("DELETE FROM requests WHERE timestamp < ?",
                               (older_than_ms,)).rowcount
 
@@ -1191,7 +1199,7 @@ class Store:
         select = f"{group} AS name, " if group else ""
         grouping = f" GROUP BY {group} ORDER BY requests DESC" if group else ""
         return self.query(f"SELECT {select}{ROLLUP_SUMS} FROM usage_hourly WHERE hour >= ?"
-                          f"{grouping}", (since_ms // HOUR_MS * HOUR_MS,))
+                          f"{grouping}", (hour_of(since_ms),))
 
     def usage_series(self, since_ms: int, bucket_ms: int) -> list[sqlite3.Row]:
         """Return usage per time bucket from a time on.
@@ -1203,7 +1211,7 @@ class Store:
             return self.query(
                 f"SELECT hour / ? * ? AS bucket, {ROLLUP_SUMS} FROM usage_hourly "
                 f"WHERE hour >= ? GROUP BY bucket ORDER BY bucket",
-                (bucket_ms, bucket_ms, since_ms // HOUR_MS * HOUR_MS))
+                (bucket_ms, bucket_ms, hour_of(since_ms)))
         sums = ", ".join(f"{total} AS {column}"
                          for total, column in zip(REQUEST_LOG_SUMS, ROLLUP_COLUMNS))
         return self.query(f"SELECT timestamp / ? * ? AS bucket, {sums} FROM requests "
@@ -1977,7 +1985,7 @@ class TokenKeeper:
         if account.type != "oauth":
             return account
         account = self.with_unsaved(account)
-        if account.access_token and (account.expires_at or 0) - now >= REFRESH_BEFORE_USE_MS:
+        if account.token_valid(now, REFRESH_BEFORE_USE_MS):
             return account
         return self.refresh(account, now)
 
@@ -1986,7 +1994,7 @@ class TokenKeeper:
 
         Raise TokenUnavailable when no valid token can be had now.
         """
-        token_valid = bool(account.access_token) and (account.expires_at or 0) > now
+        token_valid = account.token_valid(now)
         if not account.refresh_token:
             if token_valid:
                 return account
@@ -2007,7 +2015,7 @@ class TokenKeeper:
             account = self.with_unsaved(self.store.account(seen.name))
         except ClaudeflareError:
             raise TokenUnavailable(f"Account {seen.name} was removed") from None
-        if account.access_token != seen.access_token and (account.expires_at or 0) > now:
+        if account.access_token != seen.access_token and account.token_valid(now):
             return account
         if account.needs_reauth:
             raise TokenUnavailable(f"Account {account.name} needs a new login: "
@@ -2027,7 +2035,7 @@ class TokenKeeper:
             wait = self.note_transient_failure(account.id, now)
             self.log.warning("Failed to refresh token for account %s: %s (next try in %ds)",
                              account.name, error, wait // 1000)
-            if account.access_token and (account.expires_at or 0) > now:
+            if account.token_valid(now):
                 return account
             raise TokenUnavailable(f"Token expired or missing for account: {account.name} "
                                    f"(refresh failed: {error})") from None
@@ -2208,10 +2216,27 @@ def parse_retry_after(headers: Any, now: int) -> int | None:
 
 
 def parse_float(value: str | None) -> float | None:
+    """Read a utilization, or None when it is not a number."""
     try:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+def parse_status(value: str) -> str:
+    """Read a window status: allowed, allowed_warning, rejected, ..."""
+    return value.strip().lower()
+
+
+#: anthropic-ratelimit-unified-<suffix> -> the RateLimit field it fills, and how to read it.
+UNIFIED_HEADERS = {
+    "status": ("status", parse_status), "reset": ("reset", parse_epoch),
+    "representative-claim": ("claim", str.strip),
+    "5h-status": ("status_5h", parse_status), "5h-reset": ("reset_5h", parse_epoch),
+    "5h-utilization": ("utilization_5h", parse_float),
+    "7d-status": ("status_7d", parse_status), "7d-reset": ("reset_7d", parse_epoch),
+    "7d-utilization": ("utilization_7d", parse_float),
+}
 
 
 def parse_rate_limit(headers: Any, now: int) -> RateLimit:
@@ -2220,31 +2245,17 @@ def parse_rate_limit(headers: Any, now: int) -> RateLimit:
     should_retry = headers.get("x-should-retry")
     if should_retry is not None:
         limit.should_retry = should_retry.strip().lower() == "true"
-    exhausted_resets = []
     for name, value in headers.items():
         name = name.lower()
-        if not name.startswith("anthropic-ratelimit-"):
-            continue
         if name.startswith(UNIFIED_PREFIX):
-            field = name[len(UNIFIED_PREFIX):].replace("-", "_")
-            if field in ("status", "5h_status", "7d_status"):
-                setattr(limit, "status" if field == "status" else f"status_{field[:2]}",
-                        value.strip().lower())
-            elif field in ("reset", "5h_reset", "7d_reset"):
-                setattr(limit, "reset" if field == "reset" else f"reset_{field[:2]}",
-                        parse_epoch(value))
-            elif field in ("5h_utilization", "7d_utilization"):
-                setattr(limit, f"utilization_{field[:2]}", parse_float(value))
-            elif field == "representative_claim":
-                limit.claim = value.strip()
-        elif name.endswith("-remaining") and value.strip() == "0":
-            family = name[len("anthropic-ratelimit-"):-len("-remaining")]
-            if family in API_LIMIT_FAMILIES:
-                reset = parse_epoch(headers.get(f"anthropic-ratelimit-{family}-reset") or "")
-                if reset:
-                    exhausted_resets.append(reset)
-    if exhausted_resets:
-        limit.exhausted_reset = max(exhausted_resets)
+            field, parse = UNIFIED_HEADERS.get(name[len(UNIFIED_PREFIX):], (None, None))
+            if field is not None:
+                setattr(limit, field, parse(value))
+    # API-key accounts: a limit at zero remaining resets at its -reset time.
+    exhausted = [parse_epoch(headers.get(f"anthropic-ratelimit-{family}-reset") or "")
+                 for family in API_LIMIT_FAMILIES
+                 if (headers.get(f"anthropic-ratelimit-{family}-remaining") or "").strip() == "0"]
+    limit.exhausted_reset = max(filter(None, exhausted), default=None)
     return limit
 
 
@@ -2698,16 +2709,18 @@ def request_json(row: Any) -> dict:
                             else row[column]) for column in row.keys()}
 
 
+def named_usage(rows: list[Any]) -> list[dict]:
+    """Describe usage grouped by account, model or client key ('' becomes null)."""
+    return [{"name": row["name"] or None, **usage_json(row)} for row in rows]
+
+
 def stats_report(store: Store, now: int) -> dict:
     """Return /api/stats (and `stats`): totals, the last 24 hours, breakdowns, recent errors."""
-    def breakdown(group: str) -> list[dict]:
-        return [{"name": row["name"] or None, **usage_json(row)}
-                for row in store.usage(0, group)]
-
     return {"totals": usage_json(store.usage()[0]),
             "last24h": usage_json(store.usage(now - 24 * HOUR_MS)[0]),
-            "accounts": breakdown("account_name"), "models": breakdown("model"),
-            "clientKeys": breakdown("client_key"),
+            "accounts": named_usage(store.usage(0, "account_name")),
+            "models": named_usage(store.usage(0, "model")),
+            "clientKeys": named_usage(store.usage(0, "client_key")),
             "recentErrors": [request_json(row)
                              for row in store.recent_requests(10, failures_only=True)]}
 
@@ -3024,20 +3037,22 @@ class App:
 
     # -- the JSON API --------------------------------------------------------------------------
 
+    def series(self, span: str, now: int) -> list[dict]:
+        """Return usage per bucket over a range, every bucket present (empty ones as zeros)."""
+        length, bucket = ANALYTICS_RANGES[span]
+        since = now - length
+        rows = {row["bucket"]: row for row in self.store.usage_series(since, bucket)}
+        return [{"time": start, **usage_json(rows.get(start))}
+                for start in range(since // bucket * bucket, now + 1, bucket)]
+
     def analytics(self, span: str, now: int) -> dict:
         """Return /api/analytics: a series in buckets that suit the range, and breakdowns."""
         length, bucket = ANALYTICS_RANGES[span]
         since = now - length
-        rows = {row["bucket"]: row for row in self.store.usage_series(since, bucket)}
-        series = []
-        for start in range(since // bucket * bucket, now + 1, bucket):
-            row = rows.get(start)
-            series.append({"time": start, **(usage_json(row) if row else usage_json(None))})
-        return {"range": span, "bucketMs": bucket, "since": since, "series": series,
-                "models": [{"name": row["name"] or None, **usage_json(row)}
-                           for row in self.store.usage(since, "model")],
-                "accounts": [{"name": row["name"] or None, **usage_json(row)}
-                             for row in self.store.usage(since, "account_name")]}
+        return {"range": span, "bucketMs": bucket, "since": since,
+                "series": self.series(span, now),
+                "models": named_usage(self.store.usage(since, "model")),
+                "accounts": named_usage(self.store.usage(since, "account_name"))}
 
     def accounts_json(self, now: int) -> list[dict]:
         """Return /api/accounts: everything `list` shows, never a credential."""
@@ -3061,6 +3076,17 @@ class App:
         self.upstream.close()
         self.oauth.close()
         self.store.close()
+
+
+def too_large_message(size: int) -> str:
+    """Explain a 413 to the client."""
+    return (f"Request body of {size} bytes or more is larger than the "
+            f"{MAX_BODY_BYTES // (1024 * 1024)} MB limit")
+
+
+def is_loopback(host: str) -> bool:
+    """Tell whether a host name or address is one only this machine can reach."""
+    return host in ("localhost", "::1") or host.startswith("127.") or host.endswith(".localhost")
 
 
 class ProxyServer(http.server.ThreadingHTTPServer):
@@ -3780,17 +3806,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                 f"{response.length} bytes short")
 
 
-def too_large_message(size: int) -> str:
-    """Explain a 413 to the client."""
-    return (f"Request body of {size} bytes or more is larger than the "
-            f"{MAX_BODY_BYTES // (1024 * 1024)} MB limit")
-
-
-def is_loopback(host: str) -> bool:
-    """Tell whether a host name or address is one only this machine can reach."""
-    return host in ("localhost", "::1") or host.startswith("127.") or host.endswith(".localhost")
-
-
 def make_server(settings: Settings, db_path: str) -> ProxyServer:
     """Build the listening server for the settings' host and port, on the database at db_path."""
     app = App(settings, Store(db_path))
@@ -3993,7 +4008,7 @@ def render_status_page(app: App, now: int) -> str:
     """Render the status page: health, accounts with real window use, 24 h totals, requests."""
     _, health = app.health()
     last_day = usage_json(app.store.usage(now - 24 * HOUR_MS)[0])
-    series = app.analytics("24h", now)["series"]
+    series = app.series("24h", now)
     recent = [request_json(row) for row in app.store.recent_requests(20)]
     errors = [request_json(row) for row in app.store.recent_requests(10, failures_only=True)]
     empty = '<tr><td colspan="9" class="muted">{}</td></tr>'
