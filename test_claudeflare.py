@@ -2960,7 +2960,8 @@ def start_bench_processes(folder: str):
     env = dict(os.environ, CLAUDEFLARE_UPSTREAM_URL=upstream_url,
                CLAUDEFLARE_CONFIG_PATH=os.path.join(folder, "config.json"),
                CLAUDEFLARE_DB_PATH=os.path.join(folder, "claudeflare.db"),
-               CLAUDEFLARE_LOG_DIR=os.path.join(folder, "logs"), LOG_LEVEL="WARN")
+               CLAUDEFLARE_LOG_DIR=os.path.join(folder, "logs"),
+               LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "INFO"))
     proxy = subprocess.Popen([sys.executable, os.path.join(HERE, "claudeflare.py"), "serve",
                               "--port", "0"], env=env, stdout=subprocess.PIPE, text=True)
     line = proxy.stdout.readline()
