@@ -496,7 +496,7 @@ class LogSetup:
             self.file.write("".join(chunk))
             self.file.flush()
         except OSError as error:
-            print(f"claudeflare: cannot write {self.path}: {error}", file=sys.stderr)
+            sys.stderr.write(f"claudeflare: cannot write {self.path}: {error}\n")
         if self.console is not None:
             self.console.write("".join(lines))
             self.console.flush()
