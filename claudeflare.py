@@ -2232,7 +2232,7 @@ def parse_epoch(value: str) -> int | None:
     try:
         return int(float(value) * 1000)
     except ValueError:
-        pass
+        pass  # not epoch seconds: an RFC 3339 time, then
     try:
         moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -2249,7 +2249,7 @@ def parse_retry_after(headers: Any, now: int) -> int | None:
         try:
             return max(0, int(float(value)))
         except ValueError:
-            pass
+            pass  # unreadable: fall back to retry-after
     value = headers.get("retry-after")
     if not value:
         return None
