@@ -591,6 +591,16 @@ class ProxyTestCase(unittest.TestCase):
                                   {"content-type": "application/json", **(headers or {})})
 
 
+def assert_all_accounts_failed(test: unittest.TestCase, status: int, body: bytes, attempts: int,
+                               cause: str) -> None:
+    """Check the guide's 503: every account tried, none answered, and why the last one failed."""
+    test.assertEqual(status, 503)
+    error = json.loads(body)
+    test.assertEqual(error["error"], "All accounts failed to proxy the request")
+    test.assertEqual(error["attempts"], attempts)
+    test.assertIn(cause, error["lastError"])
+
+
 def raw_http(port: int, data: bytes, timeout: float = DEADLINE_S) -> bytes:
     """Send raw bytes, return everything the server sends until it closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
@@ -851,11 +861,7 @@ class TestUpstreamConnections(ProxyTestCase):
         self.addCleanup(gate.set)
         self.upstream.push(hang(gate))
         status, _, body = self.post_message()
-        self.assertEqual(status, 503)
-        error = json.loads(body)
-        self.assertEqual(error["error"], "All accounts failed to proxy the request")
-        self.assertEqual(error["attempts"], 1)
-        self.assertIn("ETIMEDOUT", error["lastError"])
+        assert_all_accounts_failed(self, status, body, 1, "ETIMEDOUT")
 
     def test_upstream_silent_in_the_middle_of_a_stream_gives_an_error_event(self):
         gate = threading.Event()
@@ -884,11 +890,7 @@ class TestUnreachableUpstream(unittest.TestCase):
         proxy = Proxy(f"http://127.0.0.1:{closed_port}", retry_attempts=0)
         self.addCleanup(proxy.close)
         status, _, body = proxy.request("POST", "/v1/messages", b"{}")
-        self.assertEqual(status, 503)
-        error = json.loads(body)
-        self.assertEqual(error["error"], "All accounts failed to proxy the request")
-        self.assertEqual(error["attempts"], 1)
-        self.assertIn("ECONNREFUSED", error["lastError"])
+        assert_all_accounts_failed(self, status, body, 1, "ECONNREFUSED")
 
 
 ###############################################################################
@@ -1961,11 +1963,7 @@ class TestFailover(RoutingTestCase):
         for name in "abc":
             self.fault(name, *[drop_connection] * 3)
         status, _, body = self.post_message()
-        self.assertEqual(status, 503)
-        error = json.loads(body)
-        self.assertEqual(error["error"], "All accounts failed to proxy the request")
-        self.assertEqual(error["attempts"], 9)
-        self.assertIn("ECONNRESET", error["lastError"])
+        assert_all_accounts_failed(self, status, body, 9, "ECONNRESET")
 
     def test_every_account_overloaded_returns_the_last_529(self):
         for name in "abc":
