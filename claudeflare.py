@@ -3514,18 +3514,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.finish_record(record, started, error.status, str(error))
             self.discard_rest_of_request()
             return
-        app = self.app
+        app, proxy_log = self.app, component_logger("Proxy")
         if accounts:
             record.conversation = conversation_key(self.headers, body)
-        candidates: list[Account | None] = list(
-            app.accounts_to_try(accounts, record.conversation, record.timestamp))
+        candidates = app.accounts_to_try(accounts, record.conversation, record.timestamp)
         if not candidates and accounts:
             if self.all_limited(record, started):
                 return
-            component_logger("Proxy").warning("No active accounts available; forwarding with "
-                                              "the client's own credentials")
+            proxy_log.warning("No active accounts available; forwarding with the client's own "
+                              "credentials")
         headers = self.upstream_headers(body)
-        proxy_log = component_logger("Proxy")
         if proxy_log.isEnabledFor(logging.DEBUG):
             proxy_log.debug("%s %s: strategy %s, conversation %s, trying %s", self.command,
                             record.path, app.settings.lb_strategy, record.conversation,
@@ -3533,7 +3531,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                             "client credentials")
         tries = Tries()
         budget_s = app.settings.request_timeout_s
-        for account in candidates or [None]:
+        for account in candidates or [None]:  # None: the client's own credentials
             if tries.count and time.monotonic() - started > budget_s:
                 tries.last_error += f" (gave up after {budget_s:g}s, request_timeout_s)"
                 break
@@ -3542,8 +3540,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         record.failover_attempts = max(0, tries.count - 1)
         answer = tries.last_answer
         if answer is None:
-            component_logger("Proxy").error("%s after %d attempts: %s", ALL_ACCOUNTS_FAILED,
-                                            tries.count, tries.last_error)
+            proxy_log.error("%s after %d attempts: %s", ALL_ACCOUNTS_FAILED, tries.count,
+                            tries.last_error)
             self.send_json(503, {"error": ALL_ACCOUNTS_FAILED, "attempts": tries.count,
                                  "lastError": tries.last_error})
             self.finish_record(record, started, 503, f"{ALL_ACCOUNTS_FAILED}: {tries.last_error}")
