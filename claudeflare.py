@@ -33,10 +33,12 @@ import hmac
 import html
 import http.client
 import http.server
+import ipaddress
 import itertools
 import json
 import logging
 import logging.handlers
+import math
 import os
 import queue
 import re
@@ -70,6 +72,8 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 CONNECT_TIMEOUT_S = 10.0
 #: Seconds an idle client keep-alive connection may hold a thread before it is closed.
 CLIENT_IDLE_TIMEOUT_S = 120.0
+#: Seconds answers cut at shutdown get to tell their clients and be recorded.
+CUT_GRACE_S = 3.0
 #: Idle upstream connections kept for reuse; more concurrent requests open more, then close them.
 UPSTREAM_POOL_SIZE = 32
 #: Seconds to keep reading a request body the proxy refused, so the client sees the refusal.
@@ -101,42 +105,53 @@ def parse_port(text: str) -> int:
     return port
 
 
-def parse_count(text: str) -> int:
-    """Read a whole number that may be zero but not negative."""
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        raise ValueError(f"expected a whole number, not {text!r}") from None
-    if value < 0:
-        raise ValueError(f"must not be negative, not {value}")
-    return value
+def whole_number(minimum: int, maximum: int) -> Callable[[str], int]:
+    """Return a parser of whole numbers from minimum to maximum.
+
+    The bounds keep out values that validate but cannot work (a retention of 10**30 days
+    overflows SQLite, a timeout of 1e300 s overflows every wait).
+    """
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            raise ValueError(f"expected a whole number, not {text!r}") from None
+        if value < minimum:
+            raise ValueError(f"must not be negative, not {value}" if minimum == 0
+                             else f"must be {minimum} or more, not {value}")
+        if value > maximum:
+            raise ValueError(f"must be {maximum} or less, not {value}")
+        return value
+    return parse
 
 
-def parse_positive_int(text: str) -> int:
-    """Read a whole number greater than zero."""
-    value = parse_count(text)
-    if value == 0:
-        raise ValueError("must be greater than 0")
-    return value
+def number(minimum: float, maximum: float, inclusive: bool = False) -> Callable[[str], float]:
+    """Return a parser of finite numbers above minimum (or equal, if inclusive) to maximum."""
+    def parse(text: str) -> float:
+        try:
+            value = float(str(text).strip())
+        except ValueError:
+            raise ValueError(f"expected a number, not {text!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, not {text!r}")
+        if value < minimum or (value == minimum and not inclusive):
+            raise ValueError(f"must be {minimum:g} or more, not {value:g}" if inclusive
+                             else f"must be greater than {minimum:g}, not {value:g}")
+        if value > maximum:
+            raise ValueError(f"must be {maximum:g} or less, not {value:g}")
+        return int(value) if value.is_integer() else value
+    return parse
 
 
-def parse_positive_float(text: str) -> float:
-    """Read a number greater than zero."""
-    try:
-        value = float(str(text).strip())
-    except ValueError:
-        raise ValueError(f"expected a number, not {text!r}") from None
-    if not value > 0:
-        raise ValueError(f"must be greater than 0, not {value}")
-    return value
-
-
-def parse_backoff(text: str) -> float:
-    """Read a retry backoff multiplier: 1 keeps the delay fixed, 2 doubles it."""
-    value = parse_positive_float(text)
-    if value < 1:
-        raise ValueError(f"must be 1 or more, not {value}")
-    return value
+#: A whole number that may be zero (counts, delays in ms).
+parse_count = whole_number(0, 10 ** 9)
+#: A whole number greater than zero.
+parse_positive_int = whole_number(1, 10 ** 9)
+DAY_S = 24 * 3600
+#: Seconds for a timeout: more than 0, at most a day.
+parse_timeout = number(0, DAY_S)
+#: A retry backoff multiplier: 1 keeps the delay fixed, 2 doubles it.
+parse_backoff = number(1, 100, inclusive=True)
 
 
 def parse_url(text: str) -> str:
@@ -202,11 +217,13 @@ SETTINGS = (
             "how requests are spread over accounts: " + ", ".join(STRATEGY_NAMES)),
     Setting("client_id", "CLIENT_ID", "9d1c250a-e61b-44d9-88ed-5944d1962f5e", parse_text,
             "OAuth client id"),
-    Setting("retry_attempts", "RETRY_ATTEMPTS", 3, parse_count,
+    Setting("retry_attempts", "RETRY_ATTEMPTS", 3, whole_number(0, 100),
             "extra tries on the same account after a 5xx, 529 or network error"),
-    Setting("retry_delay_ms", "RETRY_DELAY_MS", 1000, parse_count, "first retry delay (ms)"),
+    Setting("retry_delay_ms", "RETRY_DELAY_MS", 1000, whole_number(0, 600_000),
+            "first retry delay (ms)"),
     Setting("retry_backoff", "RETRY_BACKOFF", 2, parse_backoff, "retry delay multiplier"),
-    Setting("session_duration_ms", "SESSION_DURATION_MS", 5 * 3600 * 1000, parse_positive_int,
+    Setting("session_duration_ms", "SESSION_DURATION_MS", 5 * 3600 * 1000,
+            whole_number(1, 30 * DAY_S * 1000),
             "how long a conversation sticks to its account (ms)"),
     Setting("upstream_url", "CLAUDEFLARE_UPSTREAM_URL", "https://api.anthropic.com", parse_url,
             "where /v1 requests are sent"),
@@ -214,12 +231,14 @@ SETTINGS = (
             "https://platform.claude.com/v1/oauth/token", parse_url, "OAuth token endpoint"),
     Setting("oauth_redirect_uri", "CLAUDEFLARE_REDIRECT_URI",
             "https://platform.claude.com/oauth/code/callback", parse_url, "OAuth redirect URI"),
-    Setting("request_timeout_s", "CLAUDEFLARE_REQUEST_TIMEOUT_S", 600, parse_positive_float,
+    Setting("request_timeout_s", "CLAUDEFLARE_REQUEST_TIMEOUT_S", 600, parse_timeout,
             "seconds the upstream may stay silent before the request fails"),
-    Setting("shutdown_timeout_s", "CLAUDEFLARE_SHUTDOWN_TIMEOUT_S", 30, parse_positive_float,
+    Setting("shutdown_timeout_s", "CLAUDEFLARE_SHUTDOWN_TIMEOUT_S", 30, parse_timeout,
             "seconds in-flight requests get to finish at shutdown"),
-    Setting("request_retention_days", "CLAUDEFLARE_RETENTION_DAYS", 30, parse_positive_int,
+    Setting("request_retention_days", "CLAUDEFLARE_RETENTION_DAYS", 30, whole_number(1, 36500),
             "days the request log is kept"),
+    Setting("max_connections", "CLAUDEFLARE_MAX_CONNECTIONS", 1000, whole_number(1, 100_000),
+            "client connections served at once; more get 503"),
     Setting("log_level", "LOG_LEVEL", "INFO", parse_log_level, "DEBUG, INFO, WARN or ERROR"),
     Setting("log_format", "LOG_FORMAT", "pretty", parse_log_format, "pretty or json"),
 )
@@ -312,18 +331,28 @@ def json_bytes(value: Any) -> bytes:
 
 
 #: What a credential looks like wherever it might leak: Anthropic keys and tokens, Bearer values,
-#: and the JSON fields that carry them.
+#: the JSON fields and headers that carry them, and query parameters named like them.
 SECRET_PATTERNS = (
     re.compile(r"(?:sk-ant-[A-Za-z0-9]+-|cfk-)[A-Za-z0-9_\-]+"),
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/\-]+=*"),
     re.compile(r'(?i)("(?:access_token|refresh_token|api_key|raw_key|code_verifier|code)"\s*:\s*")'
                r'[^"]+'),
     re.compile(r"(?i)((?:x-api-key|authorization)\s*[:=]\s*)\S+"),
+    re.compile(r"(?i)([?&](?:api[_-]?key|key|token|access_token|refresh_token|secret|password)=)"
+               r"[^&\s]+"),
 )
+#: A text without any of these holds no secret: one search instead of every substitution.
+SECRET_HINT = re.compile(r"(?i)sk-ant-|cfk-|bearer|access_token|refresh_token|api_key|api-key|"
+                         r"raw_key|code_verifier|\"code\"|authorization|key=|token=|secret=|"
+                         r"password=")
+#: Account credentials shorter than this are not masked verbatim (they would mask common words).
+MIN_SECRET_LENGTH = 8
 
 
 def redact(text: str) -> str:
     """Mask every credential in a text before it leaves through a log or an error message."""
+    if not SECRET_HINT.search(text):
+        return text
     text = SECRET_PATTERNS[0].sub("[REDACTED]", text)
     for pattern in SECRET_PATTERNS[1:]:
         text = pattern.sub(r"\1[REDACTED]", text)
@@ -524,40 +553,78 @@ class LogSetup:
 # Settings ####################################################################
 ###############################################################################
 
+#: The keys claudeflare 0.1 wrote into a new config.json, every one at its default. A file that
+#: holds them all came from that first run, not from the user: its defaults are dropped, so that
+#: `config list` tells defaults from choices and a default changed in a release reaches it.
+FIRST_RUN_KEYS = frozenset({
+    "port", "host", "lb_strategy", "client_id", "retry_attempts", "retry_delay_ms",
+    "retry_backoff", "session_duration_ms", "upstream_url", "oauth_token_url",
+    "oauth_redirect_uri", "request_timeout_s", "shutdown_timeout_s", "request_retention_days",
+    "log_level", "log_format",
+})
+
+
 class ConfigFile:
-    """config.json: read leniently (a corrupt file is kept aside), written atomically."""
+    """config.json: only what the user set, read leniently (a corrupt file is kept aside),
+    written atomically."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         #: Messages about a corrupt file, for the caller to log once logging is set up.
         self.problems: list[str] = []
 
-    def read(self, create: bool = True) -> dict:
-        """Return the file's settings, creating it with defaults on first run."""
+    def read(self, writable: bool = True) -> dict:
+        """Return the file's settings; on first run create it empty.
+
+        Unless writable, nothing is created, renamed or rewritten (a running server's reload,
+        `doctor`).
+        """
         try:
-            with open(self.path, encoding="utf-8") as source:
+            with open(self.path, encoding="utf-8-sig") as source:
                 text = source.read()
         except FileNotFoundError:
-            if not create:
-                return {}
-            defaults = {setting.key: setting.default for setting in SETTINGS}
-            self.write(defaults)
-            return defaults
+            if writable:
+                self.write({})
+            return {}
+        except OSError as error:
+            raise ClaudeflareError(
+                f"Cannot read config file {self.path}: {error.strerror or error}. Fix its "
+                f"permissions, or point --config or CLAUDEFLARE_CONFIG_PATH at a file.") from None
+        except ValueError as error:  # not UTF-8
+            return self.set_aside(error, writable)
         try:
             values = json.loads(text)
             if not isinstance(values, dict):
                 raise ValueError("the top level must be a JSON object")
         except ValueError as error:
-            kept = f"{self.path}.bad-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.replace(self.path, kept)
-            self.problems.append(f"Failed to parse config file {self.path}: {error}; kept it as "
-                                 f"{kept} and started with defaults")
-            return {}
+            return self.set_aside(error, writable)
+        if writable and FIRST_RUN_KEYS <= set(values):
+            chosen = {key: value for key, value in values.items()
+                      if key not in SETTINGS_BY_KEY or value != SETTINGS_BY_KEY[key].default}
+            if chosen != values:
+                self.write(chosen)
+                values = chosen
         return values
+
+    def set_aside(self, error: ValueError, writable: bool) -> dict:
+        """Keep a corrupt file as config.json.bad-<time> (when writable) and read no settings."""
+        if not writable:
+            self.problems.append(f"Failed to parse config file {self.path}: {error}")
+            return {}
+        kept = f"{self.path}.bad-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(self.path, kept)
+        self.problems.append(f"Failed to parse config file {self.path}: {error}; kept it as "
+                             f"{kept} and started with defaults")
+        return {}
 
     def write(self, values: dict) -> None:
         """Save settings atomically with mode 0600."""
-        write_private_file(self.path, json.dumps(values, indent=2) + "\n")
+        try:
+            write_private_file(self.path, json.dumps(values, indent=2) + "\n")
+        except OSError as error:
+            raise ClaudeflareError(
+                f"Cannot write config file {self.path}: {error.strerror or error}. Fix its "
+                f"permissions, or point --config or CLAUDEFLARE_CONFIG_PATH at a file.") from None
 
     def signature(self) -> tuple[int, int, int]:
         """Return what changes when the file is rewritten (a rename gives a new inode)."""
@@ -615,7 +682,11 @@ class Settings:
             if signature == self.file_signature:
                 return []
             self.file_signature = signature
-            fresh = self.config.read(create=False)
+            try:
+                fresh = self.config.read(writable=False)
+            except ClaudeflareError as error:
+                component_logger("Config").error("%s; keeping the settings in force", error)
+                return []
             for problem in self.config.problems:
                 component_logger("Config").error("%s", problem)
             self.config.problems.clear()
@@ -644,25 +715,34 @@ class Settings:
 
 
 def load_settings(config_path: str | None = None, flags: dict | None = None,
-                  environ: dict | None = None) -> Settings:
-    """Resolve every setting from flags, the environment, config.json and the defaults."""
+                  environ: dict | None = None, strict: bool = True,
+                  writable: bool = True) -> Settings:
+    """Resolve every setting from flags, the environment, config.json and the defaults.
+
+    Unless strict, an invalid value in the file is reported in config.problems and the default
+    used instead, so that commands such as `config set` can still repair the file.
+    """
     environ = os.environ if environ is None else environ
     config = ConfigFile(config_path or default_config_path())
-    file_values = config.read()
+    file_values = config.read(writable)
     values, sources = {}, {}
     for setting in SETTINGS:
         flag = (flags or {}).get(setting.key)
+        values[setting.key], sources[setting.key] = setting.default, "default"
         if flag is not None:
             values[setting.key], sources[setting.key] = flag, "flag"
         elif environ.get(setting.env):
             values[setting.key] = validate_setting(setting.key, environ[setting.env], setting.env)
             sources[setting.key] = "env"
         elif setting.key in file_values:
-            values[setting.key] = validate_setting(setting.key, file_values[setting.key],
-                                                   config.path)
-            sources[setting.key] = "config"
-        else:
-            values[setting.key], sources[setting.key] = setting.default, "default"
+            try:
+                values[setting.key] = validate_setting(setting.key, file_values[setting.key],
+                                                       config.path)
+                sources[setting.key] = "config"
+            except ClaudeflareError as error:
+                if strict:
+                    raise
+                config.problems.append(f"{error}; using the default, {setting.default}")
     if environ.get("CLAUDEFLARE_DEBUG") == "1":
         values["log_level"], sources["log_level"] = "DEBUG", "env"
     return Settings(config, values, sources, file_values)
@@ -675,7 +755,8 @@ def load_settings(config_path: str | None = None, flags: dict | None = None,
 #: The oldest SQLite with what the schema uses (UPSERT).
 MIN_SQLITE = (3, 24, 0)
 #: Seconds a connection waits for another writer (the server or a CLI command) before failing.
-BUSY_TIMEOUT_S = 30.0
+#: The server writes in batches of milliseconds, so only a foreign lock lasts longer.
+BUSY_TIMEOUT_S = 5.0
 TIERS = (1, 5, 20)
 ACCOUNT_NAME_PATTERN = re.compile(r"[A-Za-z0-9 _\-@.+]{1,100}")
 
@@ -1026,6 +1107,37 @@ def validate_account_name(name: str) -> str:
     return name
 
 
+def is_locked(error: sqlite3.Error) -> bool:
+    """Tell whether an SQLite error means another connection holds the database."""
+    return isinstance(error, sqlite3.OperationalError) and (
+        "locked" in str(error) or "busy" in str(error))
+
+
+def lock_holders(path: str) -> list[str]:
+    """Name the other processes that have the database open ("pid 42 sqlite3"), on Linux."""
+    wanted = {os.path.realpath(path + suffix) for suffix in ("", "-wal", "-shm")}
+    holders = []
+    with contextlib.suppress(OSError):
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            if int(pid) == os.getpid():
+                continue
+            with contextlib.suppress(OSError):
+                folder = f"/proc/{pid}/fd"
+                if any(os.readlink(os.path.join(folder, fd)) in wanted
+                       for fd in os.listdir(folder)):
+                    with open(f"/proc/{pid}/comm", encoding="utf-8") as comm:
+                        holders.append(f"pid {pid} {comm.read().strip()}")
+    return holders
+
+
+def locked_message(path: str) -> str:
+    """Say that the database is locked, by whom if that can be found, and what to do."""
+    holders = lock_holders(path)
+    return (f"The database {path} is locked by another process"
+            f"{' (' + ', '.join(holders) + ')' if holders else ''}; try again when it is done "
+            f"(a backup or an sqlite3 shell holding a transaction)")
+
+
 class Store:
     """The SQLite database of accounts and requests, shared by the server and CLI commands.
 
@@ -1033,26 +1145,33 @@ class Store:
     BEGIN IMMEDIATE transaction, so two processes never deadlock on a lock upgrade.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         self.path = path
+        self.busy_timeout_s = busy_timeout_s
         if sqlite3.sqlite_version_info < MIN_SQLITE:
             raise ClaudeflareError(
                 f"This Python's SQLite is {sqlite3.sqlite_version}; claudeflare needs "
                 f"{'.'.join(map(str, MIN_SQLITE))} or newer. Use a newer Python build.")
+        if os.path.isdir(path):
+            raise ClaudeflareError(f"Cannot use database {path}: it is a folder. Point --db or "
+                                   f"CLAUDEFLARE_DB_PATH at a file.")
         if not os.path.exists(path):
             create_private_file(path)
-        try:
-            self.db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                      check_same_thread=False)
-        except sqlite3.Error as error:
-            raise ClaudeflareError(f"Cannot open database {path}: {error}") from None
-        self.db.row_factory = sqlite3.Row
+        self.db = self.connect(busy_timeout_s)
         #: Guards the connection: the server's threads share it.
         self.lock = threading.RLock()
         try:
-            self.db.execute("PRAGMA journal_mode = WAL")
+            self.check_owner()
+            if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
-            self.migrate()
+            if self.db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                self.migrate()
+        except sqlite3.OperationalError as error:
+            self.db.close()
+            if is_locked(error):
+                raise ClaudeflareError(locked_message(path)) from None
+            raise ClaudeflareError(f"Cannot use database {path}: {error}") from None
         except sqlite3.DatabaseError as error:
             self.db.close()
             raise ClaudeflareError(f"Cannot use database {path}: {error}. Is it a claudeflare "
@@ -1063,15 +1182,33 @@ class Store:
             raise
         #: A second connection for the request path's reads: in WAL mode it never waits for a
         #: write in progress, and PRAGMA data_version on it sees every commit of self.db too.
-        self.reader = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                      check_same_thread=False)
-        self.reader.row_factory = sqlite3.Row
+        self.reader = self.connect(busy_timeout_s)
         self.read_lock = threading.Lock()
         #: A third one for the API and the status page, whose queries may take a while.
-        self.stats_reader = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                            check_same_thread=False)
-        self.stats_reader.row_factory = sqlite3.Row
+        self.stats_reader = self.connect(busy_timeout_s)
         self.stats_lock = threading.Lock()
+
+    def connect(self, busy_timeout_s: float) -> sqlite3.Connection:
+        """Open a connection in autocommit mode, shareable between threads (each has a lock)."""
+        try:
+            connection = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
+                                         check_same_thread=False)
+        except sqlite3.Error as error:
+            raise ClaudeflareError(f"Cannot open database {self.path}: {error}") from None
+        connection.row_factory = sqlite3.Row
+        return connection
+
+    def check_owner(self) -> None:
+        """Refuse, untouched, an SQLite file another program made (tables but no version)."""
+        if self.db.execute("PRAGMA user_version").fetchone()[0]:
+            return
+        tables = [row[0] for row in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name LIMIT 5")]
+        if tables:
+            raise ClaudeflareError(
+                f"{self.path} is another program's SQLite database (tables {', '.join(tables)}); "
+                f"claudeflare leaves it untouched. Point --db or CLAUDEFLARE_DB_PATH at "
+                f"claudeflare's own database, or at a new file.")
 
     def close(self) -> None:
         """Close the connections."""
@@ -1083,27 +1220,39 @@ class Store:
             self.db.close()
 
     @contextlib.contextmanager
-    def transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def transaction(self, durable: bool = True,
+                    wait_s: float | None = None) -> Iterator[sqlite3.Connection]:
         """Run a block as one immediate transaction: all of it is written, or none.
 
         A durable commit reaches the disk before it returns, so accounts and tokens survive a
         power cut; the request log (durable=False) may lose its last moments instead of paying
-        for a disk flush on every batch.
+        for a disk flush on every batch. wait_s bounds the wait for the database (and for
+        other threads of this process) below the connection's busy timeout.
         """
-        with self.lock:
+        if not self.lock.acquire(timeout=-1 if wait_s is None else wait_s):
+            raise sqlite3.OperationalError("database is locked (busy in this process)")
+        try:
+            if wait_s is not None:
+                self.db.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
             if durable:
                 self.db.execute("PRAGMA synchronous = FULL")
             try:
                 self.db.execute("BEGIN IMMEDIATE")
                 try:
                     yield self.db
+                    self.db.execute("COMMIT")
                 except BaseException:
-                    self.db.execute("ROLLBACK")
+                    if self.db.in_transaction:  # a failed COMMIT (disk full) leaves it open
+                        with contextlib.suppress(sqlite3.Error):
+                            self.db.execute("ROLLBACK")
                     raise
-                self.db.execute("COMMIT")
             finally:
                 if durable:
                     self.db.execute("PRAGMA synchronous = NORMAL")
+                if wait_s is not None:
+                    self.db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+        finally:
+            self.lock.release()
 
     def migrate(self) -> None:
         """Bring the schema up to SCHEMA_VERSION; refuse a database from a newer claudeflare."""
@@ -1135,8 +1284,8 @@ class Store:
 
     def account(self, name: str) -> Account:
         """Return one account by name, or fail with `Account not found: NAME`."""
-        with self.lock:
-            row = self.db.execute(SELECT_ACCOUNT, (name,)).fetchone()
+        with self.read_lock:
+            row = self.reader.execute(SELECT_ACCOUNT, (name,)).fetchone()
         if row is None:
             raise NotFound(f"Account not found: {name}")
         return Account(**row)
@@ -1155,10 +1304,10 @@ class Store:
                                    f"remove it first.") from None
         return self.account(name)
 
-    def update_account(self, name: str, **fields: Any) -> Account:
+    def update_account(self, name: str, wait_s: float | None = None, **fields: Any) -> Account:
         """Set some columns of one account in one transaction and return it."""
         assignments = ", ".join(f"{column} = ?" for column in fields)
-        with self.transaction() as db:
+        with self.transaction(wait_s=wait_s) as db:
             cursor = db.execute(f"UPDATE accounts SET {assignments} WHERE name = ?",
                                 (*fields.values(), name))
         if cursor.rowcount == 0:
@@ -1209,9 +1358,11 @@ class Store:
 
     # -- request log ---------------------------------------------------------------------------
 
-    def write_requests(self, records: list[RequestRecord], session_duration_ms: int) -> None:
-        """Log finished requests and count them against their accounts, in one transaction."""
-        with self.transaction(durable=False) as db:
+    def write_requests(self, records: list[RequestRecord], session_duration_ms: int,
+                       marks: dict[str, dict] | None = None) -> None:
+        """Log finished requests, count them against their accounts and store routing marks
+        (column=value per account name), in one transaction; durable when it holds marks."""
+        with self.transaction(durable=bool(marks)) as db:
             db.executemany(INSERT_REQUEST, [
                 tuple(getattr(record, column) for column in REQUEST_COLUMNS)
                 for record in records])
@@ -1219,6 +1370,9 @@ class Store:
                                            for record in records
                                            if record.account_id is not None])
             db.executemany(UPSERT_ROLLUP, rollup_rows(records))
+            for name, fields in (marks or {}).items():
+                db.execute(f"UPDATE accounts SET {', '.join(f'{column} = ?' for column in fields)}"
+                           f" WHERE name = ?", (*fields.values(), name))
 
     def clear_history(self) -> int:
         """Delete the request log and its hourly totals; return how many records went."""
@@ -1288,25 +1442,42 @@ class Store:
 #: How long the writer gathers records before one transaction writes them all.
 WRITE_BATCH_WINDOW_S = 0.05
 WRITE_BATCH_MAX = 1000
+#: Records kept in memory while the database cannot take them (locked, disk full); past this,
+#: the oldest go.
+MAX_UNWRITTEN_RECORDS = 100_000
+#: After a failed write, wait this long before the next try, doubling up to the maximum.
+WRITE_RETRY_S = 0.5
+WRITE_RETRY_MAX_S = 10.0
 
 
 class BackgroundWriter:
-    """The one thread that writes the request log and account counters, off the request path.
+    """The one thread that writes the request log, account counters and routing marks.
 
-    Records queue up while a batch is being written, so under load each transaction carries
-    many of them.
+    Nothing on a request's path waits for the database. Records queue up while a batch is
+    being written, so under load each transaction carries many of them. What the database
+    refuses (locked by another process, disk full) stays in memory and is written when it
+    takes it again.
     """
 
     STOP = object()
 
     def __init__(self, store: Store, settings: Settings,
-                 on_written: Callable[[list[RequestRecord]], None] = lambda records: None) -> None:
+                 on_written: Callable[[list[RequestRecord], dict[str, dict]], None]
+                 = lambda records, marks: None) -> None:
         self.store = store
         self.settings = settings
         self.on_written = on_written
         self.pruned_at = 0
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.urgent = threading.Event()
+        #: What the database refused so far, oldest first, and account name -> marks.
+        self.unwritten: list[RequestRecord] = []
+        self.unwritten_marks: dict[str, dict] = {}
+        self.failing_since: float | None = None
+        self.retry_wait = WRITE_RETRY_S
+        self.retry_at = 0.0
+        self.dropped = 0
+        self.log = component_logger("Store")
         self.thread = threading.Thread(target=self.run, name="claudeflare-writer", daemon=True)
         self.thread.start()
 
@@ -1314,8 +1485,12 @@ class BackgroundWriter:
         """Queue a finished request for writing."""
         self.queue.put(record)
 
-    def flush(self, timeout: float = BUSY_TIMEOUT_S) -> bool:
-        """Wait until everything queued so far is written."""
+    def mark(self, name: str, fields: dict) -> None:
+        """Queue a change to an account's routing state (rate limits, needs_reauth)."""
+        self.queue.put((name, fields))
+
+    def flush(self, timeout: float = BUSY_TIMEOUT_S * 2) -> bool:
+        """Wait until everything queued so far is written (or found unwritable)."""
         done = threading.Event()
         self.queue.put(done)
         self.urgent.set()
@@ -1324,47 +1499,95 @@ class BackgroundWriter:
     def run(self) -> None:
         """Write batches until close(): each wait, drain what queued, one transaction."""
         while True:
-            items = [self.queue.get()]
+            waiting = bool(self.unwritten or self.unwritten_marks)
+            try:
+                items = [self.queue.get(timeout=max(0.0, self.retry_at - time.monotonic())
+                                        if waiting else None)]
+            except queue.Empty:
+                items = []
             # Sleep through the window instead of waking for every record: one wake-up and one
             # transaction per batch. flush() and close() cut the wait short.
-            self.urgent.wait(WRITE_BATCH_WINDOW_S)
-            self.urgent.clear()
+            if items:
+                self.urgent.wait(WRITE_BATCH_WINDOW_S)
+                self.urgent.clear()
             while len(items) < WRITE_BATCH_MAX:
                 try:
                     items.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            batch = [item for item in items if isinstance(item, RequestRecord)]
-            if batch:
-                self.write(batch)
+            asked = False
+            for item in items:
+                if isinstance(item, RequestRecord):
+                    self.unwritten.append(item)
+                elif isinstance(item, tuple):
+                    self.unwritten_marks.setdefault(item[0], {}).update(item[1])
+                else:
+                    asked = True  # flush() or close(): try now, even while failing
+            if (self.unwritten or self.unwritten_marks) and (
+                    self.failing_since is None or asked or time.monotonic() >= self.retry_at):
+                self.write()
             for item in items:
                 if item is self.STOP:
                     return
                 if isinstance(item, threading.Event):
                     item.set()
 
-    def write(self, batch: list[RequestRecord]) -> None:
-        """Write one batch, and prune past the retention once an hour; never raise."""
+    def write(self) -> None:
+        """Write what is waiting, and prune past the retention once an hour; never raise."""
+        batch, marks = self.unwritten, self.unwritten_marks
         try:
-            self.store.write_requests(batch, self.settings.session_duration_ms)
-            self.on_written(batch)
-            now = now_ms()
-            if now - self.pruned_at >= HOUR_MS:
-                self.pruned_at = now
-                days = self.settings.request_retention_days
-                pruned = self.store.prune_requests(now - days * 24 * HOUR_MS)
-                if pruned:
-                    component_logger("Store").info("Pruned %d request records older than %d "
-                                                   "days", pruned, days)
+            self.store.write_requests(batch, self.settings.session_duration_ms, marks)
         except (sqlite3.Error, ValueError, OverflowError) as error:
-            component_logger("Store").error("Could not write %d request records: %s",
-                                            len(batch), error)
+            self.keep_unwritten(error)
+            return
+        self.unwritten, self.unwritten_marks = [], {}
+        if self.failing_since is not None:
+            self.log.info("The database takes writes again: wrote %d request records held "
+                          "for %.0fs", len(batch), time.monotonic() - self.failing_since)
+            self.failing_since, self.retry_wait = None, WRITE_RETRY_S
+        self.on_written(batch, marks)
+        now = now_ms()
+        if now - self.pruned_at >= HOUR_MS:
+            self.pruned_at = now
+            days = self.settings.request_retention_days
+            try:
+                pruned = self.store.prune_requests(now - days * 24 * HOUR_MS)
+            except sqlite3.Error as error:
+                self.log.error("Could not prune old request records: %s", error)
+                return
+            if pruned:
+                self.log.info("Pruned %d request records older than %d days", pruned, days)
+
+    def keep_unwritten(self, error: Exception) -> None:
+        """Hold what the database refused, within bounds, and say so once per episode."""
+        if not isinstance(error, sqlite3.OperationalError):
+            # A value the database can never take: retrying would block the log for good.
+            self.log.error("Could not write %d request records: %s; dropped them",
+                           len(self.unwritten), error)
+            self.unwritten, self.unwritten_marks = [], {}
+            return
+        if len(self.unwritten) > MAX_UNWRITTEN_RECORDS:
+            excess = len(self.unwritten) - MAX_UNWRITTEN_RECORDS
+            del self.unwritten[:excess]
+            self.dropped += excess
+            self.log.error("Dropped the %d oldest unwritten request records (%d so far): the "
+                           "database has refused writes for too long", excess, self.dropped)
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            self.log.error("Could not write %d request records: %s; keeping them in memory and "
+                           "retrying", len(self.unwritten), error)
+        else:
+            self.retry_wait = min(self.retry_wait * 2, WRITE_RETRY_MAX_S)
+        self.retry_at = time.monotonic() + self.retry_wait
 
     def close(self) -> None:
         """Write what is queued, then stop the thread."""
         self.queue.put(self.STOP)
         self.urgent.set()
         self.thread.join()
+        if self.unwritten or self.unwritten_marks:
+            self.log.error("Stopped with %d request records the database would not take",
+                           len(self.unwritten))
 
 
 ###############################################################################
@@ -1726,6 +1949,8 @@ REFRESH_RETRY_MS = 60 * 1000
 REFRESH_RETRY_MAX_MS = 30 * 60 * 1000
 #: Seconds the token endpoint gets to answer.
 TOKEN_TIMEOUT_S = 30.0
+#: Seconds a refreshed pair may wait for the database before it is kept in memory instead.
+TOKEN_SAVE_WAIT_S = 0.5
 #: How often the background refresher looks for tokens to renew.
 REFRESHER_INTERVAL_S = 1.0
 
@@ -1793,6 +2018,8 @@ class Tokens:
     expires_at: int
     email: str | None = None
     organization: str | None = None
+    #: How long the access token lives from when it was issued, in ms.
+    lifetime_ms: int = 3_600_000
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -1842,12 +2069,14 @@ def tokens_from(answer: dict, previous_refresh_token: str | None = None) -> Toke
     if not isinstance(access_token, str) or not access_token:
         raise TokenEndpointDown("the token endpoint answered without an access_token")
     expires_in = answer.get("expires_in")
-    lifetime_ms = int(expires_in * 1000) if isinstance(expires_in, (int, float)) else 3_600_000
+    lifetime_ms = (int(expires_in * 1000) if type(expires_in) in (int, float)
+                   and 0 < expires_in <= 366 * DAY_S else 3_600_000)
     account, organization = answer.get("account") or {}, answer.get("organization") or {}
     return Tokens(access_token, answer.get("refresh_token") or previous_refresh_token,
                   now_ms() + lifetime_ms,
                   account.get("email_address") if isinstance(account, dict) else None,
-                  organization.get("name") if isinstance(organization, dict) else None)
+                  organization.get("name") if isinstance(organization, dict) else None,
+                  lifetime_ms)
 
 
 class OAuthClient:
@@ -1962,15 +2191,20 @@ class TokenKeeper:
     token is handed to anyone.
     """
 
-    def __init__(self, store: Store, oauth: OAuthClient) -> None:
+    def __init__(self, store: Store, oauth: OAuthClient,
+                 mark: Callable[..., None]) -> None:
         self.store = store
         self.oauth = oauth
+        #: Stores a routing mark on an account without making the caller wait (App.mark).
+        self.mark = mark
         self.flights = SingleFlight()
         self.lock = threading.Lock()
         #: account id -> (no refresh before this time, the next wait), after transient failures.
         self.backoff: dict[int, tuple[int, int]] = {}
         #: account name -> tokens the database refused to store; used and retried until saved.
         self.unsaved: dict[str, Tokens] = {}
+        #: account id -> how long its current access token lives (known once refreshed here).
+        self.lifetimes: dict[int, int] = {}
         self.log = component_logger("OAuth")
 
     def with_unsaved(self, account: Account) -> Account:
@@ -1983,16 +2217,29 @@ class TokenKeeper:
                                    refresh_token=tokens.refresh_token,
                                    expires_at=tokens.expires_at)
 
-    def save(self, account: Account, tokens: Tokens) -> Account:
-        """Commit a new token pair before anyone uses it.
+    def margin(self, account: Account, standard_ms: int) -> int:
+        """Return how early to renew a token: standard_ms, or half the life of a short one.
 
-        Should the database refuse (disk full, locked too long), the pair is the only live
-        one: keep it in memory, use it, and retry saving, rather than lose the account.
+        A token that lives 10 minutes is always within 15 minutes of expiry; renewing it at
+        half its life renews it once per lifetime instead of on every look.
+        """
+        with self.lock:
+            lifetime = self.lifetimes.get(account.id)
+        return standard_ms if lifetime is None else min(standard_ms, lifetime // 2)
+
+    def save(self, account: Account, tokens: Tokens) -> Account:
+        """Commit a new token pair before anyone uses it, if the database lets us at once.
+
+        Should the database refuse or keep us waiting (locked by another process, disk full),
+        the pair is the only live one: keep it in memory, use it, and retry saving in the
+        background, rather than lose the account or hold up the request.
         """
         try:
             updated = self.store.update_account(
-                account.name, access_token=tokens.access_token,
+                account.name, wait_s=TOKEN_SAVE_WAIT_S, access_token=tokens.access_token,
                 refresh_token=tokens.refresh_token, expires_at=tokens.expires_at)
+        except NotFound:
+            raise TokenUnavailable(f"Account {account.name} was removed") from None
         except sqlite3.Error as error:
             with self.lock:
                 self.unsaved[account.name] = tokens
@@ -2033,7 +2280,7 @@ class TokenKeeper:
         if account.type != "oauth":
             return account
         account = self.with_unsaved(account)
-        if account.token_valid(now, REFRESH_BEFORE_USE_MS):
+        if account.token_valid(now, self.margin(account, REFRESH_BEFORE_USE_MS)):
             return account
         return self.refresh(account, now)
 
@@ -2072,11 +2319,8 @@ class TokenKeeper:
             tokens = self.oauth.refresh(account.refresh_token or "")
         except TokenRejected as error:
             self.log.error("Failed to refresh token for account %s: %s", account.name, error)
-            try:
-                self.store.update_account(account.name, needs_reauth=1,
-                                          reauth_reason=f"refresh refused: {error}"[:300])
-            except (sqlite3.Error, ClaudeflareError) as failure:
-                self.log.error("Could not mark account %s: %s", account.name, failure)
+            self.mark(account, needs_reauth=1,
+                      reauth_reason=redact(f"refresh refused: {error}")[:300])
             raise TokenUnavailable(f"Failed to refresh token for account {account.name}: "
                                    f"{error}. Log in again: reauth {account.name}") from None
         except TokenEndpointDown as error:
@@ -2087,6 +2331,8 @@ class TokenKeeper:
                 return account
             raise TokenUnavailable(f"Token expired or missing for account: {account.name} "
                                    f"(refresh failed: {error})") from None
+        with self.lock:
+            self.lifetimes[account.id] = tokens.lifetime_ms
         updated = self.save(account, tokens)
         with self.lock:
             self.backoff.pop(account.id, None)
@@ -2108,7 +2354,7 @@ class TokenKeeper:
             retry_at = self.backoff.get(account.id, (0, 0))[0]
         return (account.type == "oauth" and bool(account.refresh_token)
                 and not account.needs_reauth and retry_at <= now
-                and (account.expires_at or 0) - now < REFRESH_AHEAD_MS)
+                and (account.expires_at or 0) - now < self.margin(account, REFRESH_AHEAD_MS))
 
 
 class BackgroundRefresher:
@@ -2687,7 +2933,7 @@ class BadRequest(Exception):
 def query_limit(query: dict[str, list[str]], default: int, maximum: int) -> int:
     """Read the `limit` query parameter: a whole number from 1 to maximum."""
     text = (query.get("limit") or [str(default)])[-1]
-    if not text.isdigit() or not 1 <= int(text) <= maximum:
+    if not re.fullmatch(r"[0-9]{1,7}", text) or not 1 <= int(text) <= maximum:
         raise BadRequest(f"Invalid limit: {text} (valid: a whole number from 1 to {maximum})")
     return int(text)
 
@@ -2862,6 +3108,19 @@ def with_credentials(headers: list[tuple[str, str]],
     return kept
 
 
+#: Anthropic credentials and client keys as they appear in a body.
+CREDENTIAL_BYTES = re.compile(rb"(?:sk-ant-[A-Za-z0-9]+-|cfk-)[A-Za-z0-9_\-]+")
+
+
+def scrub_credentials(body: bytes, account: Account) -> bytes:
+    """Mask an account's credentials (and any Anthropic key) in an error body the upstream
+    echoes, before it reaches a client that must never learn them."""
+    for secret in (account.api_key, account.access_token, account.refresh_token):
+        if secret and len(secret) >= MIN_SECRET_LENGTH:
+            body = body.replace(secret.encode("latin-1", "replace"), b"[REDACTED]")
+    return CREDENTIAL_BYTES.sub(b"[REDACTED]", body)
+
+
 def user_agent_product(user_agent: str | None) -> str | None:
     """Return the first product of a User-Agent, such as claude-cli/2.1.3."""
     return user_agent.split()[0][:100] if user_agent and user_agent.strip() else None
@@ -2879,18 +3138,24 @@ class App:
         log.addHandler(self.recent_logs)
         self.upstream = Upstream(settings.upstream_url)
         self.oauth = OAuthClient(settings)
-        self.tokens = TokenKeeper(store, self.oauth)
+        self.tokens = TokenKeeper(store, self.oauth, self.mark)
         self.started = time.monotonic()
         #: Guards the account cache and the routing state.
         self.lock = threading.Lock()
         self.cached_accounts: list[Account] = []
         self.cached_keys: list[ClientKey] = []
         self.cached_version: int | None = None
-        #: Requests in flight, and the condition shutdown waits on until there are none.
-        self.running = 0
+        #: account name -> routing marks not yet in the database; they outlive re-reads.
+        self.pending_marks: dict[str, dict] = {}
+        #: The accounts' credentials, masked in whatever the upstream echoes (see scrub).
+        self.secrets: tuple[str, ...] = ()
+        #: Requests in flight (their handlers), and the condition shutdown waits on.
+        self.handlers: set = set()
         self.idle = threading.Condition()
         #: Set once shutdown begins: requests that still arrive are turned away.
         self.stopping = False
+        #: Set when shutdown_timeout_s ran out and the streams still running are cut.
+        self.cutting = False
         self.id_prefix = f"{now_ms():x}{secrets.token_hex(3)}"
         self.request_numbers = itertools.count(1)
         self.turn = 0
@@ -2902,12 +3167,26 @@ class App:
         self.writer = BackgroundWriter(store, settings, self.after_write)
         self.refresher = BackgroundRefresher(self.tokens, self.accounts)
 
-    def after_write(self, records: list[RequestRecord]) -> None:
+    @property
+    def running(self) -> int:
+        """How many requests are in flight."""
+        return len(self.handlers)
+
+    def after_write(self, records: list[RequestRecord], marks: dict[str, dict]) -> None:
         """Count written requests for /metrics, and re-read the accounts the batch changed.
 
+        Marks now in the database leave the overlay, unless a newer one replaced them.
         Re-reading here, on the writer's thread, keeps that work off the request path.
         """
         self.metrics.observe(records)
+        with self.lock:
+            for name, fields in marks.items():
+                pending = self.pending_marks.get(name, {})
+                for field, value in fields.items():
+                    if field in pending and pending[field] == value:
+                        del pending[field]
+                if not pending:
+                    self.pending_marks.pop(name, None)
         self.snapshot()
 
     def accounts(self) -> list[Account]:
@@ -2926,33 +3205,63 @@ class App:
         version = self.store.data_version()
         with self.lock:
             if version != self.cached_version:
-                self.cached_accounts = self.store.accounts()
+                accounts = self.store.accounts()
+                for account in accounts:
+                    for field, value in self.pending_marks.get(account.name, {}).items():
+                        setattr(account, field, value)
+                self.cached_accounts = accounts
                 self.cached_keys = self.store.client_keys()
                 self.cached_version = version
+                self.secrets = tuple(secret for account in accounts for secret in (
+                    account.api_key, account.access_token, account.refresh_token)
+                    if secret and len(secret) >= MIN_SECRET_LENGTH)
             return self.cached_accounts, self.cached_keys
+
+    def scrub(self, text: str) -> str:
+        """Redact a text from outside (an upstream error, a path) before it is stored or shown:
+        every credential pattern, and every account credential verbatim."""
+        text = redact(text)
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "[REDACTED]")
+        return text
 
     def new_request_id(self) -> str:
         """Return a unique request id: this run's random prefix and a counter."""
         return f"{self.id_prefix}-{next(self.request_numbers)}"
 
     @contextlib.contextmanager
-    def in_flight(self) -> Iterator[None]:
+    def in_flight(self, handler: Any) -> Iterator[None]:
         """Count a request as in flight while it runs, so shutdown can wait for it."""
         with self.idle:
-            self.running += 1
+            self.handlers.add(handler)
         try:
             yield
         finally:
             with self.idle:
-                self.running -= 1
-                if not self.running:
+                self.handlers.discard(handler)
+                if not self.handlers:
                     self.idle.notify_all()
 
     def drain(self, timeout: float) -> int:
         """Wait until no request is in flight (at most timeout s); return how many still are."""
         with self.idle:
-            self.idle.wait_for(lambda: not self.running, timeout)
-            return self.running
+            self.idle.wait_for(lambda: not self.handlers, timeout)
+            return len(self.handlers)
+
+    def cut_streams(self) -> int:
+        """End the answers still being relayed once shutdown_timeout_s has run out.
+
+        Closing their upstream side makes each relay stop, send its client an SSE error event
+        and record the request as cut; return how many were cut.
+        """
+        self.cutting = True
+        with self.idle:
+            relaying = [handler.relaying for handler in self.handlers if handler.relaying]
+        for connection in relaying:
+            with contextlib.suppress(OSError, AttributeError):
+                connection.sock.shutdown(socket.SHUT_RDWR)
+        return len(relaying)
 
     def accounts_to_try(self, accounts: list[Account], conversation: str | None,
               now: int) -> list[Account]:
@@ -3042,19 +3351,23 @@ class App:
                 self.cooldowns.pop(account.id, None)
 
     def mark(self, account: Account, **fields: Any) -> None:
-        """Store a routing mark on an account; a failure to store it must not fail the request.
+        """Put a routing mark on an account now; the writer stores it behind the request.
 
-        The request moves on to the next account either way; a mark that could not be stored
-        (database locked too long, account removed meanwhile) is only logged.
+        Routing sees it at once, in the cached account and in an overlay that outlives
+        re-reads until the mark is in the database: a request never waits for the database,
+        which another process may hold locked.
         """
-        try:
-            self.store.update_account(account.name, **fields)
-        except (sqlite3.Error, ClaudeflareError) as error:
-            component_logger("Store").error("Could not mark account %s: %s", account.name,
-                                            error)
+        with self.lock:
+            for cached in [account] + [cached for cached in self.cached_accounts
+                                       if cached.name == account.name]:
+                for field, value in fields.items():
+                    setattr(cached, field, value)
+            self.pending_marks.setdefault(account.name, {}).update(fields)
+        self.writer.mark(account.name, fields)
 
     def mark_needs_attention(self, account: Account, reason: str) -> None:
         """Stop using an account the upstream refuses for good (banned, not allowed, bad key)."""
+        reason = self.scrub(reason)
         self.mark(account, needs_reauth=1, reauth_reason=reason[:300])
         component_logger("Proxy").error("Account %s needs attention and is skipped: %s",
                                         account.name, reason)
@@ -3133,20 +3446,142 @@ def too_large_message(size: int) -> str:
 
 
 def is_loopback(host: str) -> bool:
-    """Tell whether a host name or address is one only this machine can reach."""
-    return host in ("localhost", "::1") or host.startswith("127.") or host.endswith(".localhost")
+    """Tell whether a host name or address is one only this machine can reach.
+
+    Only localhost, names under .localhost and loopback addresses count: a name that merely
+    starts with "127." (127.0.0.1.evil.example) belongs to whoever owns its domain.
+    """
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_dot_segments(path: str) -> str:
+    """Resolve . and .. path segments (percent-encoded ones too) as the upstream would.
+
+    Raise ValueError for a segment that hides a slash or a backslash, so that no path can
+    reach a different place upstream from the one it was routed as.
+    """
+    if "." not in path and "%" not in path and "\\" not in path:
+        return path
+    segments = path.split("/")[1:]
+    resolved: list[str] = []
+    for index, segment in enumerate(segments):
+        decoded = urllib.parse.unquote(segment)
+        if "/" in decoded or "\\" in decoded:
+            raise ValueError(f"The path segment {segment!r} hides a slash or a backslash; "
+                             f"send the path without it")
+        if decoded not in (".", ".."):
+            resolved.append(segment)
+            continue
+        if decoded == ".." and resolved:
+            resolved.pop()
+        if index == len(segments) - 1:
+            resolved.append("")
+    return "/" + "/".join(resolved)
+
+
+#: What RFC 9110 allows in a method or a header name.
+HTTP_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: A request target in origin form: a path (and query) of visible ASCII characters.
+ORIGIN_FORM = re.compile(rb"/[!-~]*")
+HTTP_VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
+#: Bytes no request line or header may hold once lines end in LF: controls but HTAB (a bare
+#: CR, NUL, ...). Bytes from 0x80 are obs-text, allowed in values.
+FORBIDDEN_HEAD_BYTES = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
+CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+#: Methods the proxy relays (and the local endpoints answer); others get 501.
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+#: The request line and headers together may be at most this large.
+MAX_HEAD_BYTES = 256 * 1024
+
+
+def head_end(data: bytes, start: int = 0) -> int:
+    """Return where the header block ends (just past its blank line) in data, or -1."""
+    ends = [index + size for index, size in ((data.find(b"\n\r\n", start), 3),
+                                             (data.find(b"\n\n", start), 2)) if index >= 0]
+    return min(ends) if ends else -1
+
+
+class RequestRefused(Exception):
+    """A client request that is not valid HTTP/1.1: answered with status and closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ProxyServer(http.server.ThreadingHTTPServer):
-    """The one listening socket: proxy, API and status page, a thread per client connection."""
+    """The one listening socket: proxy, API and status page, a thread per client connection.
+
+    At most max_connections clients are served at once; one more is answered 503 at once, so a
+    flood of idle or slow clients cannot take a thread each without end.
+    """
 
     daemon_threads = True
     #: The default backlog of 5 drops connections in a burst of parallel clients.
     request_queue_size = 1024
+    #: Seconds a request line and its headers may take to arrive, from their first byte: a
+    #: client trickling them cannot hold a thread past this.
+    head_deadline_s = 30.0
 
     def __init__(self, address: tuple[str, int], app: App) -> None:
         self.app = app
+        self.connections = 0
+        self.connections_lock = threading.Lock()
+        self.turned_away = 0
         super().__init__(address, ProxyHandler)
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        with self.connections_lock:
+            full = self.connections >= self.app.settings.max_connections
+            if not full:
+                self.connections += 1
+        if full:
+            self.turn_away(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError as error:  # no thread could be started
+            self.connection_done()
+            component_logger("Server").error("Cannot serve a connection: %s", error)
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connection_done()
+
+    def connection_done(self) -> None:
+        with self.connections_lock:
+            self.connections -= 1
+
+    def turn_away(self, request: socket.socket) -> None:
+        """Answer 503 on a connection past max_connections and close it, from the accept loop.
+
+        The answer is small enough for the socket's buffer, so this never blocks.
+        """
+        limit = self.app.settings.max_connections
+        body = json_bytes(anthropic_error(
+            "overloaded_error", f"claudeflare is serving {limit} connections (max_connections); "
+                                f"try again shortly"))
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            request.send(head.encode() + body)
+            request.recv(65536)  # what the client sent: closing with it unread would reset
+        self.shutdown_request(request)
+        self.turned_away += 1
+        if self.turned_away in (1, 10, 100) or self.turned_away % 1000 == 0:
+            component_logger("Server").warning(
+                "Turned away %d connections so far: max_connections (%d) are being served",
+                self.turned_away, limit)
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
@@ -3162,43 +3597,186 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.app: App = self.server.app
         self.body_read = False
+        #: The upstream connection whose answer is being relayed, for shutdown to cut.
+        self.relaying: http.client.HTTPConnection | None = None
 
     def log_message(self, format: str, *args: Any) -> None:
         component_logger("Server").debug("%s - " + format, self.address_string(), *args)
 
-    def parse_request(self) -> bool:
-        """Parse the request line and headers of an HTTP/1.x request into Headers.
+    # -- reading a request's head ---------------------------------------------------------------
 
-        Anything unusual (HTTP/0.9, a version from the future) goes to http.server's own parser.
+    def handle_one_request(self) -> None:
+        """Read one request's line and headers, check them (RFC 9112), and answer it.
+
+        Waiting for a request may take the idle timeout; once its first byte is in, the line
+        and headers must all arrive within head_deadline_s.
         """
-        words = self.raw_requestline.rstrip(b"\r\n").split()
-        if len(words) != 3 or words[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
-            return super().parse_request()
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        self.command, self.path, self.request_version = (word.decode("iso-8859-1")
-                                                         for word in words)
+        self.close_connection = True
+        self.command, self.path, self.request_version = "", "", "HTTP/1.1"
+        self.headers = Headers([])
+        self.body_read = False
+        try:
+            head = self.read_head()
+            if head is None:
+                return
+            self.parse_head(head)
+        except RequestRefused as refusal:
+            component_logger("Server").debug("Refused a request from %s: %d %s",
+                                             self.client_address[0], refusal.status, refusal)
+            with contextlib.suppress(OSError):
+                self.send_json(refusal.status, anthropic_error(
+                    "not_found_error" if refusal.status == 404 else "invalid_request_error",
+                    str(refusal)))
+            self.close_connection = True
+            return
+        except (ConnectionError, socket.timeout, TimeoutError):
+            self.close_connection = True
+            return
+        if self.command not in METHODS:
+            self.close_connection = True
+            self.send_json(501, anthropic_error("invalid_request_error",
+                                                f"Method {self.command} is not supported"))
+            return
+        if self.headers.get("Expect", "").lower() == "100-continue" and \
+                self.request_version == "HTTP/1.1":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.dispatch()
+
+    def read_head(self) -> bytes | None:
+        """Return the request line and headers, or None when the client closed the connection.
+
+        Each read waits at most for what is left of the deadline, so a client sending a byte a
+        second still runs out of time.
+        """
+        data = self.rfile.peek()  # waits up to the idle timeout for a request to begin
+        end = head_end(data)
+        if end >= 0 and data[:1] not in (b"\r", b"\n"):
+            return self.rfile.read(end)
+        deadline = time.monotonic() + self.server.head_deadline_s
+        head = bytearray()
+        try:
+            while True:
+                if not data:
+                    return None
+                if not head:  # blank lines before a request line are skipped (RFC 9112)
+                    blank = len(data) - len(data.lstrip(b"\r\n"))
+                    self.rfile.read(blank)
+                    data = data[blank:]
+                start = max(0, len(head) - 2)
+                head += data
+                end = head_end(head, start)
+                if end >= 0:
+                    self.rfile.read(end - (len(head) - len(data)))
+                    return bytes(head[:end])
+                self.rfile.read(len(data))
+                if len(head) > MAX_HEAD_BYTES:
+                    raise RequestRefused(431, f"The request line and headers are larger than "
+                                              f"{MAX_HEAD_BYTES // 1024} KB")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RequestRefused(408, f"The request line and headers took longer than "
+                                              f"{self.server.head_deadline_s:g}s to arrive")
+                self.connection.settimeout(remaining)
+                try:
+                    data = self.rfile.peek()
+                except (socket.timeout, TimeoutError):
+                    raise RequestRefused(408, f"The request line and headers took longer than "
+                                              f"{self.server.head_deadline_s:g}s to arrive"
+                                         ) from None
+        finally:
+            self.connection.settimeout(self.timeout)
+
+    def parse_head(self, head: bytes) -> None:
+        """Parse and check a request line and its headers; raise RequestRefused if invalid."""
+        lines = head.split(b"\n")[:-2]
+        request_line = lines[0].rstrip(b"\r")
+        self.raw_requestline = lines[0] + b"\n"
+        self.requestline = request_line.decode("latin-1")
+        words = request_line.split()
+        if len(words) != 3:
+            raise RequestRefused(400, "Malformed request line: expected METHOD /path HTTP/1.1")
+        method, target, version = words
+        match = HTTP_VERSION.fullmatch(version)
+        if match is None:
+            raise RequestRefused(400, "Malformed request line: expected METHOD /path HTTP/1.1")
+        if match.group(1) != b"1":
+            raise RequestRefused(505, f"HTTP version {version.decode('latin-1')} is not "
+                                      f"supported on this port; use HTTP/1.1")
+        if not HTTP_TOKEN.fullmatch(method):
+            raise RequestRefused(400, "Malformed request line: the method is not a token")
+        if not ORIGIN_FORM.fullmatch(target):
+            raise RequestRefused(400, "The request target must be a path of visible ASCII "
+                                      "characters (percent-encode anything else)")
+        self.command = method.decode("ascii")
+        self.path = target.decode("ascii")
         if self.path.startswith("//"):
             self.path = "/" + self.path.lstrip("/")
-        try:
-            self.headers = read_header_block(self.rfile)
-        except http.client.LineTooLong:
-            self.close_connection = True
-            self.send_error(431, "Request header fields too large")
-            return False
+        self.request_version = "HTTP/1.0" if version == b"HTTP/1.0" else "HTTP/1.1"
+        self.headers = self.parse_header_lines(lines[1:])
+        self.check_framing()
         connection = self.headers.get("Connection", "").lower()
         self.close_connection = ("close" in connection
                                  or (self.request_version == "HTTP/1.0"
                                      and "keep-alive" not in connection))
-        if self.headers.get("Expect", "").lower() == "100-continue" and \
-                self.request_version == "HTTP/1.1":
-            return self.handle_expect_100()
-        return True
+
+    @staticmethod
+    def parse_header_lines(lines: list[bytes]) -> Headers:
+        """Read header lines: names must be tokens, values free of control characters."""
+        if len(lines) > MAX_HEADER_LINES:
+            raise RequestRefused(431, f"More than {MAX_HEADER_LINES} header lines")
+        pairs: list[tuple[str, str]] = []
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > MAX_HEADER_LINE_BYTES:
+                raise RequestRefused(431, "A header line is longer than 64 KB")
+            if FORBIDDEN_HEAD_BYTES.search(line):
+                raise RequestRefused(400, "A header holds a control character (a bare CR, "
+                                          "NUL, ...), which HTTP does not allow")
+            if line[:1] in (b" ", b"\t") and pairs:  # obsolete line folding: join with a space
+                name, value = pairs[-1]
+                pairs[-1] = (name, value + " " + line.strip(b" \t").decode("latin-1"))
+                continue
+            name, colon, value = line.partition(b":")
+            if not colon or not HTTP_TOKEN.fullmatch(name):
+                shown = name.decode("latin-1")[:40]
+                raise RequestRefused(400, f"Invalid header name {shown!r}: a header name is a "
+                                          f"token (letters, digits, -) followed by a colon")
+            pairs.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
+        return Headers(pairs)
+
+    def check_framing(self) -> None:
+        """Refuse a body whose length is ambiguous (RFC 9112 section 6): smuggling lives there."""
+        lengths = {length.strip() for value in self.headers.get_all("Content-Length", [])
+                   for length in value.split(",")}
+        codings = [coding.strip().lower()
+                   for value in self.headers.get_all("Transfer-Encoding", [])
+                   for coding in value.split(",") if coding.strip()]
+        if len(lengths) > 1:
+            raise RequestRefused(400, "Conflicting Content-Length headers")
+        if lengths and not CONTENT_LENGTH.fullmatch(next(iter(lengths))):
+            raise RequestRefused(400, f"Invalid Content-Length header: {next(iter(lengths))!r}")
+        if self.headers.get("Transfer-Encoding") is not None:
+            if lengths:
+                raise RequestRefused(400, "Both Transfer-Encoding and Content-Length: send one")
+            if self.request_version == "HTTP/1.0":
+                raise RequestRefused(400, "Transfer-Encoding is not allowed in HTTP/1.0")
+            if codings != ["chunked"]:
+                raise RequestRefused(501, f"Transfer-Encoding {', '.join(codings) or '(empty)'}"
+                                          f" is not supported: send chunked or Content-Length")
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """Answer an error in JSON with a status line, whatever asks for it."""
+        self.close_connection = True
+        self.send_json(code, anthropic_error("invalid_request_error",
+                                             message or http.client.responses.get(code, "")))
 
     # -- dispatch ------------------------------------------------------------------------------
 
     def dispatch(self) -> None:
         """Route one request by its path; the one catch-all for unexpected errors is here."""
-        with self.app.in_flight():
+        with self.app.in_flight(self):
             try:
                 self.route()
             except (ConnectionError, socket.timeout, TimeoutError):
@@ -3211,11 +3789,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     self.send_json(500, anthropic_error("api_error", "claudeflare failed "
                                                         "unexpectedly; see its log"))
 
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = dispatch
-
     def route(self) -> None:
-        """Answer one request: refuse it while stopping, check host and key, then route it."""
-        self.body_read = False
+        """Answer one request: refuse it while stopping, check path, host, key and site, then
+        route it."""
         self.key_name = self.key_header = None
         app = self.app
         if app.stopping:
@@ -3225,14 +3801,34 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         for key in app.settings.reload_if_changed():
             component_logger("Config").info("Applied %s = %s from %s", key,
                                             app.settings.values[key], app.settings.config.path)
-        path, _, query = self.path.partition("?")
+        raw_path, question, query = self.path.partition("?")
+        try:
+            path = resolve_dot_segments(raw_path)
+        except ValueError as error:
+            self.send_json(400, anthropic_error("invalid_request_error", str(error)))
+            return
         proxied = path == "/v1" or path.startswith("/v1/")
+        if not proxied and (raw_path == "/v1" or raw_path.startswith("/v1/")):
+            self.send_json(400, anthropic_error(
+                "invalid_request_error", f"The path {redact(raw_path)!r} leaves /v1/ once its "
+                                         f"dot segments are resolved; only /v1/ is proxied"))
+            return
+        self.target = path + question + query
         accounts, keys = app.snapshot()
         if not keys and not self.host_allowed():
+            return
+        if self.command == "OPTIONS" and self.headers.get("Access-Control-Request-Method"):
+            self.send_json(403, {"error": "claudeflare does not let web pages of other sites "
+                                          "call it (no CORS)"})
             return
         if path != "/health" and not self.authenticate(keys, proxied):
             return
         if proxied:
+            if self.key_name is None and self.cross_site():
+                self.send_json(403, anthropic_error(
+                    "permission_error", "A web page of another site may not use claudeflare's "
+                                        "accounts: cross-site request refused"))
+                return
             self.proxy(accounts)
             return
         try:
@@ -3241,6 +3837,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(error.status, {"error": str(error)})
         except ClaudeflareError as error:
             self.send_json(404 if isinstance(error, NotFound) else 400, {"error": str(error)})
+        except sqlite3.OperationalError as error:
+            if not is_locked(error):
+                raise
+            self.send_json(503, {"error": locked_message(app.store.path)})
 
     def answer_locally(self, path: str, query: dict[str, list[str]]) -> None:
         """Answer /health, the status page, /metrics and the JSON API."""
@@ -3379,16 +3979,25 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 return
             yield "authorization", decoded.partition(":")[2]
 
+    def cross_site(self) -> bool:
+        """Tell whether a browser marks the request as sent by a page of another site.
+
+        Browsers send Sec-Fetch-Site and Origin; API clients (SDKs, Claude Code, curl) send
+        neither. An Origin of "null" (a sandboxed page) is foreign too.
+        """
+        site = (self.headers.get("Sec-Fetch-Site") or "").lower()
+        if site and site not in ("same-origin", "none"):
+            return True
+        origin = self.headers.get("Origin")
+        return origin is not None and (urllib.parse.urlsplit(origin).netloc.lower()
+                                       != (self.headers.get("Host") or "").lower())
+
     def refuse_cross_site(self) -> None:
         """Refuse a state change a web page of another site asks for (CSRF).
 
-        Browsers send Origin and Sec-Fetch-Site; a plain form cannot send a JSON content type.
+        A plain form cannot send a JSON content type, so one is required too.
         """
-        site = self.headers.get("Sec-Fetch-Site")
-        origin = self.headers.get("Origin")
-        host = self.headers.get("Host") or ""
-        if (site and site not in ("same-origin", "none")) or (
-                origin and urllib.parse.urlsplit(origin).netloc != host):
+        if self.cross_site():
             raise BadRequest("Cross-site requests may not change claudeflare", 403)
         if not (self.headers.get("Content-Type") or "").lower().startswith("application/json"):
             raise BadRequest("Send the request with Content-Type: application/json", 415)
@@ -3431,8 +4040,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             body = self.read_chunked_body()
         else:
-            text = self.headers.get("Content-Length", "0").strip() or "0"
-            if not text.isdigit():
+            text = self.headers.get("Content-Length", "0").split(",")[0].strip() or "0"
+            if not CONTENT_LENGTH.fullmatch(text):
                 raise RequestBodyError(400, "invalid_request_error",
                                        f"Invalid Content-Length header: {text!r}")
             length = int(text)
@@ -3504,7 +4113,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         started = time.monotonic()
         record = RequestRecord(id=self.app.new_request_id(), timestamp=now_ms(),
                                method=self.command,
-                               path=self.path[:1000], client_key=self.key_name,
+                               path=self.target[:1000], client_key=self.key_name,
                                user_agent=user_agent_product(self.headers.get("User-Agent")))
         try:
             body = self.read_body()
@@ -3540,11 +4149,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         record.failover_attempts = max(0, tries.count - 1)
         answer = tries.last_answer
         if answer is None:
+            last_error = app.scrub(tries.last_error)
             proxy_log.error("%s after %d attempts: %s", ALL_ACCOUNTS_FAILED, tries.count,
-                            tries.last_error)
+                            last_error)
             self.send_json(503, {"error": ALL_ACCOUNTS_FAILED, "attempts": tries.count,
-                                 "lastError": tries.last_error})
-            self.finish_record(record, started, 503, f"{ALL_ACCOUNTS_FAILED}: {tries.last_error}")
+                                 "lastError": last_error})
+            self.finish_record(record, started, 503, f"{ALL_ACCOUNTS_FAILED}: {last_error}")
             return
         if answer.status == 429:
             self.set_retry_after(answer, now_ms())
@@ -3603,6 +4213,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     self.deliver(response, connection, account, limit, record, tries, started)
                     return True
                 answer = self.read_answer(response, connection)
+                if account is not None:
+                    answer.body = scrub_credentials(answer.body, account)
             except TokenUnavailable as error:
                 tries.last_error = str(error)
                 proxy_log.warning("Skipping account %s: %s", name, error)
@@ -3708,7 +4320,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if account is not None:
             account = app.tokens.fresh(account, now)
         response, connection = app.upstream.send(
-            self.command, self.path, with_credentials(headers, account), body,
+            self.command, self.target, with_credentials(headers, account), body,
             app.settings.request_timeout_s)
         if response.status == 401 and account is not None and account.type == "oauth":
             self.read_to_end(response, connection)
@@ -3720,7 +4332,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                        f"{account.name} and no new one can be had right now")
             account = refreshed
             response, connection = app.upstream.send(
-                self.command, self.path, with_credentials(headers, account), body,
+                self.command, self.target, with_credentials(headers, account), body,
                 app.settings.request_timeout_s)
         return response, connection, account
 
@@ -3740,8 +4352,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """Complete a request's record (usage and cost too) and hand it to the writer."""
         record.status = status
         record.success = status < 400 and error is None
-        record.error = error if error is not None else (
+        record.error = self.app.scrub(error)[:2000] if error is not None else (
             None if status < 400 else http.client.responses.get(status, "Error"))
+        record.path = self.app.scrub(record.path)
         record.response_time_ms = int((time.monotonic() - started) * 1000)
         if usage is not None:
             record.model = usage.model
@@ -3767,6 +4380,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         headers = [(name, value) for name, value in forwardable_headers(response.msg)
                    if name.lower() != "content-length"]
         status, reason = response.status, response.reason
+        self.relaying = connection
         try:
             if self.command == "HEAD" or status in (204, 304) or status < 200:
                 length = response.getheader("Content-Length")
@@ -3788,10 +4402,20 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except UpstreamError as error:
             self.close_connection = True
             connection.close()
+            if self.app.cutting:
+                component_logger("Proxy").warning("%s", self.cut_message())
+                return self.cut_message()
             component_logger("Proxy").warning("Upstream failed during the response: %s", error)
             return f"Upstream failed during the response: {error}"
+        finally:
+            self.relaying = None
         upstream.release(connection, response)
         return None
+
+    def cut_message(self) -> str:
+        """Say that shutdown cut this answer short."""
+        return (f"Cut at shutdown: shutdown_timeout_s "
+                f"({self.app.settings.shutdown_timeout_s:g}s) ran out before the answer ended")
 
     def relay_unsized(self, response: http.client.HTTPResponse, status: int, reason: str,
                       headers: list[tuple[str, str]], tap: Callable[[bytes], None]) -> None:
@@ -3822,7 +4446,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if "text/event-stream" not in (response.getheader("Content-Type") or ""):
                 raise
             separator = b"" if tail.endswith(b"\n\n") else b"\n\n"
-            write(separator + sse_error_event(f"Upstream stream failed: {error}"))
+            write(separator + sse_error_event(self.cut_message() if self.app.cutting
+                                              else f"Upstream stream failed: {error}"))
             self.close_connection = True
             if chunked:
                 self.wfile.write(b"0\r\n\r\n")
@@ -4200,6 +4825,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         server_log.info("Shutting down: waiting up to %gs for %d requests in flight",
                         settings.shutdown_timeout_s, app.running)
         unfinished = app.drain(settings.shutdown_timeout_s)
+        if unfinished:
+            cut = app.cut_streams()
+            server_log.warning("shutdown_timeout_s ran out with %d requests in flight; cut %d "
+                               "answers short", unfinished, cut)
+            unfinished = app.drain(CUT_GRACE_S)
         if unfinished:
             server_log.warning("Stopped waiting with %d requests still in flight", unfinished)
         app.close()
@@ -4656,7 +5286,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"keys {args.action} needs a NAME")
     flags = {key: getattr(args, key, None) for key in ("host", "port")}
     try:
-        settings = load_settings(args.config, flags)
+        settings = load_settings(args.config, flags, strict=args.command == "serve")
         if args.command != "serve":
             for problem in settings.config.problems:
                 print(f"claudeflare: warning: {problem}", file=sys.stderr)
@@ -4665,7 +5295,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"claudeflare: error: {error}", file=sys.stderr)
         return 1
     except sqlite3.Error as error:
-        print(f"claudeflare: error: database {args.db or default_db_path()}: {error}",
+        path = args.db or default_db_path()
+        print(f"claudeflare: error: {locked_message(path) if is_locked(error) else f'database {path}: {error}'}",
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:

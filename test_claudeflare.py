@@ -960,8 +960,9 @@ class TestSettings(CliTestCase):
         os.unlink(self.config_path)
         settings = claudeflare.load_settings(self.config_path, {}, {})
         self.assertEqual((settings.lb_strategy, settings.port), ("session", 8080))
+        self.assertEqual(settings.sources["port"], "default")
         with open(self.config_path) as written:
-            self.assertEqual(json.load(written)["port"], 8080)
+            self.assertEqual(json.load(written), {})  # a new config holds only what is set
 
     #: Two valid values for every setting, neither the default: one for the file, one for the
     #: environment.
@@ -975,7 +976,7 @@ class TestSettings(CliTestCase):
         "oauth_redirect_uri": ("http://file.test/r", "http://env.test/r"),
         "request_timeout_s": ("11", "12"), "shutdown_timeout_s": ("13", "14"),
         "request_retention_days": ("7", "8"), "log_level": ("WARN", "ERROR"),
-        "log_format": ("json", "pretty"),
+        "log_format": ("json", "pretty"), "max_connections": ("50", "60"),
     }
 
     def test_every_setting_follows_the_precedence(self):
@@ -994,7 +995,7 @@ class TestSettings(CliTestCase):
                 os.unlink(self.config_path)
                 loaded = claudeflare.load_settings(self.config_path, {}, {})
                 self.assertEqual((loaded.values[setting.key], loaded.sources[setting.key]),
-                                 (setting.default, "config"))
+                                 (setting.default, "default"))
 
     def test_environment_overrides_the_file_in_a_real_process(self):
         self.ok("config", "set", "port", "7001")
@@ -1222,6 +1223,7 @@ class ServerWithAccounts(ProxyTestCase):
         return access, refresh
 
     def stored(self, name: str):
+        self.proxy.settle()  # routing marks are written behind the request, like its record
         store = claudeflare.Store(self.proxy.db_path)
         try:
             return store.account(name)
@@ -1238,6 +1240,7 @@ class ServerWithAccounts(ProxyTestCase):
                 for request in self.upstream.requests[first:]]
 
     def listed(self) -> dict:
+        self.proxy.settle()  # routing marks are written behind the request, like its record
         return {account["name"]: account for account in json.loads(self.ok("list", "--json"))}
 
 
@@ -1527,7 +1530,11 @@ class TestTokenRefresh(ServerWithAccounts):
             if request.path == "/v1/messages" and token:
                 pair = [refresh for refresh, access in self.upstream.oauth.refresh_tokens.items()
                         if access == token]
-                checks.append(self.stored("work").refresh_token in pair)
+                store = claudeflare.Store(self.proxy.db_path)  # what is on disk right now
+                try:
+                    checks.append(store.account("work").refresh_token in pair)
+                finally:
+                    store.close()
 
         self.upstream.observer = observe
         self.assertEqual(self.post_message()[0], 200)
