@@ -3672,12 +3672,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 if len(head) > MAX_HEAD_BYTES:
                     raise RequestRefused(431, f"The request line and headers are larger than "
                                               f"{MAX_HEAD_BYTES // 1024} KB")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RequestRefused(408, f"The request line and headers took longer than "
-                                              f"{self.server.head_deadline_s:g}s to arrive")
-                self.connection.settimeout(remaining)
                 try:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    self.connection.settimeout(remaining)
                     data = self.rfile.peek()
                 except (socket.timeout, TimeoutError):
                     raise RequestRefused(408, f"The request line and headers took longer than "
@@ -3816,10 +3815,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.target = path + question + query
         accounts, keys = app.snapshot()
         if not keys and not self.host_allowed():
-            return
-        if self.command == "OPTIONS" and self.headers.get("Access-Control-Request-Method"):
-            self.send_json(403, {"error": "claudeflare does not let web pages of other sites "
-                                          "call it (no CORS)"})
             return
         if path != "/health" and not self.authenticate(keys, proxied):
             return

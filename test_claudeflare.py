@@ -779,6 +779,177 @@ class TestRequestLimits(ProxyTestCase):
         self.assertIn(b"invalid_request_error", reply)
 
 
+def raw_answer(port: int, data: bytes, timeout: float = DEADLINE_S) -> tuple[int, dict, dict]:
+    """Send raw bytes; return the status, headers and JSON body of the answer (then closed)."""
+    reply = raw_http(port, data, timeout)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+class TestHostileRequests(ProxyTestCase):
+    """Web pages, broken clients and smugglers get a clear 4xx, and no account is used."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.proxy.app.store.add_account("work", "api_key", 1, api_key="sk-ant-api03-work")
+
+    def test_names_that_only_begin_with_127_are_not_loopback(self):
+        for host in ("127.0.0.1.evil.example", "127.evil.example", "127.0.0.1.nip.io:8080"):
+            status, _, body = self.proxy.request("GET", "/api/accounts", headers={"Host": host})
+            self.assertEqual(status, 403, host)
+            self.assertNotIn(b"work", body)
+            self.assertEqual(self.proxy.request("POST", "/v1/messages", b"{}",
+                                                {"Host": host})[0], 403, host)
+            origin = f"http://{host}"
+            self.assertEqual(self.proxy.request("POST", "/api/accounts/work/pause", b"{}", {
+                "Host": host, "Origin": origin, "Content-Type": "application/json"})[0], 403)
+        self.assertEqual(self.upstream.requests, [])
+        self.assertFalse(self.proxy.app.store.account("work").paused)
+        for host in ("127.0.0.1", "127.1.2.3:80", "[::1]", "localhost", "app.localhost:1"):
+            self.assertEqual(self.proxy.request("GET", "/api/accounts",
+                                                headers={"Host": host})[0], 200, host)
+
+    def test_cross_site_requests_to_v1_are_refused_before_any_account_is_used(self):
+        page = {"Content-Type": "text/plain", "anthropic-version": "2023-06-01"}
+        for browser in ({"Origin": "https://evil.example"}, {"Origin": "null"},
+                        {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
+            status, headers, body = self.proxy.request("POST", "/v1/messages", b"{}",
+                                                       {**page, **browser})
+            self.assertEqual(status, 403, browser)
+            self.assertEqual(json.loads(body)["error"]["type"], "permission_error")
+            self.assertIsNone(headers["Access-Control-Allow-Origin"])
+        status, headers, _ = self.proxy.request("OPTIONS", "/v1/messages", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-api-key"})
+        self.assertEqual(status, 403)
+        self.assertIsNone(headers["Access-Control-Allow-Origin"])
+        self.assertEqual(self.upstream.requests, [])
+        own = {"Origin": self.proxy.url, "Sec-Fetch-Site": "same-origin"}
+        for client in ({}, own):  # API clients send neither header; the page itself is fine
+            self.assertEqual(self.proxy.request("POST", "/v1/messages", b"{}", client)[0], 200)
+        self.assertEqual(len(self.upstream.requests), 2)
+
+    def test_cross_site_request_with_a_client_key_is_served(self):
+        key = self.proxy.app.store.add_client_key("page")
+        status, _, _ = self.proxy.request("POST", "/v1/messages", b"{}", {
+            "Origin": "https://tool.example", "x-api-key": key})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.upstream.requests[0].headers["x-api-key"], "sk-ant-api03-work")
+
+    def test_paths_that_leave_v1_are_refused(self):
+        for path in ("/v1/../api/oauth/claude_cli/create_api_key",
+                     "/v1/%2e%2e/api/oauth/claude_cli/create_api_key",
+                     "/v1/%2E%2E/%2e%2e/x", "/v1/./../api/stats", "/v1/..",
+                     "/v1/messages/%2e%2e%2f%2e%2e%2fapi", "/v1/a%5c..%5c..%5capi"):
+            status, _, body = raw_answer(self.proxy.port, f"POST {path} HTTP/1.1\r\n"
+                                         f"Host: localhost\r\nContent-Length: 2\r\n\r\n{{}}"
+                                         .encode())
+            self.assertEqual(status, 400, path)
+            self.assertEqual(body["error"]["type"], "invalid_request_error")
+        self.assertEqual(self.upstream.requests, [])
+        status, _, _ = raw_answer(self.proxy.port, b"POST /v1/./x/../messages?beta=true "
+                                  b"HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n"
+                                  b"Connection: close\r\n\r\n{}")
+        self.assertEqual(status, 200)
+        self.assertEqual(self.upstream.requests[0].target, "/v1/messages?beta=true")
+
+    def test_invalid_header_names_and_values_are_refused_and_the_pool_stays_in_step(self):
+        for header in (b"Bad Name: x", b"Name : x", b"(x): y", b"NoColon", b"X-A: a\rb",
+                       b"X-A: a\x00b", b"X-A: a\x7fb"):
+            status, headers, body = raw_answer(
+                self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
+                + header + b"\r\nContent-Length: 2\r\n\r\n{}")
+            self.assertEqual((status, headers["Connection"]), (400, "close"), header)
+            self.assertEqual(body["error"]["type"], "invalid_request_error")
+        self.assertEqual(self.upstream.requests, [])
+        for _ in range(3):
+            self.assertEqual(self.proxy.request("POST", "/v1/messages", b"{}")[0], 200)
+        self.assertEqual([r.headers["x-api-key"] for r in self.upstream.requests],
+                         ["sk-ant-api03-work"] * 3)
+        self.assertEqual(self.upstream.connections, 1)  # one pooled connection, still in step
+        self.assertEqual(self.proxy.app.store.account("work").needs_reauth, 0)
+
+    def test_ambiguous_framing_is_refused_with_the_rfc_status(self):
+        cases = {
+            b"Content-Length: 2\r\nContent-Length: 3\r\n": 400,
+            b"Content-Length: 2, 3\r\n": 400,
+            b"Transfer-Encoding: gzip\r\n": 501,
+            b"Transfer-Encoding: gzip, chunked\r\n": 501,
+            b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n": 400,
+            "Content-Length: \u0662\r\n".encode(): 400,
+            b"Content-Length: -2\r\n": 400,
+        }
+        for headers, expected in cases.items():
+            status, answer_headers, body = raw_answer(
+                self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
+                + headers + b"\r\n{}")
+            self.assertEqual(status, expected, headers)
+            self.assertEqual(answer_headers["Connection"], "close")
+            self.assertIn("message", body["error"])
+        for line, expected in ((b"GET /v1/models HTTP/2.0", 505), (b"GET /v1/models HTTP/0.9", 505),
+                               (b"GET /v1/models", 400), (b"\x16\x03\x01\x02\x00", 400),
+                               (b"GET /v1/models HTTP/1.1 extra", 400),
+                               (b"G(T /v1/models HTTP/1.1", 400), (b"BREW /v1/models HTTP/1.1", 501)):
+            status, _, body = raw_answer(self.proxy.port, line + b"\r\nHost: localhost\r\n\r\n")
+            self.assertEqual(status, expected, line)
+            self.assertEqual(body["type"], "error")
+        status, _, body = raw_answer(self.proxy.port, "GET /api/requests?limit=\u0661\u0662 "
+                                     "HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                                     .encode())
+        self.assertEqual(status, 400)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_client_mistakes_get_400_at_once_without_trying_accounts(self):
+        status, _, body = raw_answer(self.proxy.port, "POST /v1/messages/caf\u00e9 HTTP/1.1\r\n"
+                                     "Host: localhost\r\nContent-Length: 2\r\n\r\n{}"
+                                     .encode())
+        self.assertEqual(status, 400)
+        self.assertIn("visible ASCII", body["error"]["message"])
+        status, _, body = raw_answer(self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: "
+                                     b"localhost\r\nanthropic-beta: a\rb\r\nContent-Length: "
+                                     b"2\r\n\r\n{}")
+        self.assertEqual(status, 400)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_headers_trickled_past_the_deadline_get_408_and_free_the_thread(self):
+        self.proxy.server.head_deadline_s = 0.5
+        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
+            started = time.monotonic()
+            sock.sendall(b"GET /health HTTP/1.1\r\n")
+            reply = b""
+            for _ in range(40):
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"X")
+                ready, _, _ = select.select([sock], [], [], 0.1)
+                if ready:
+                    reply = sock.recv(65536)
+                    break
+            elapsed = time.monotonic() - started
+        self.assertIn(b" 408 ", reply.split(b"\r\n")[0])
+        self.assertIn(b"Connection: close", reply)
+        self.assertLess(elapsed, 2.0)
+        self.assertGreater(elapsed, 0.4)
+
+    def test_connections_past_max_connections_get_503_and_the_others_are_served(self):
+        self.proxy.app.settings.values["max_connections"] = 3
+        held = [self.proxy.connect() for _ in range(3)]
+        for connection in held:
+            self.addCleanup(connection.close)
+            connection.connect()
+        wait_for(lambda: self.proxy.server.connections == 3, what="three connections served")
+        status, headers, body = raw_answer(self.proxy.port, b"GET /health HTTP/1.1\r\n"
+                                           b"Host: localhost\r\n\r\n")
+        self.assertEqual((status, headers["Connection"]), (503, "close"))
+        self.assertIn("max_connections", body["error"]["message"])
+        held[0].request("POST", "/v1/messages", b"{}")
+        self.assertEqual(held[0].getresponse().status, 200)  # a held connection still works
+        held[1].close()
+        wait_for(lambda: self.proxy.server.connections == 2, what="a connection to end")
+        self.assertEqual(self.proxy.request("GET", "/health")[0], 200)
+
+
 class TestStreaming(ProxyTestCase):
     """SSE events reach the client the moment they arrive."""
 
@@ -1055,6 +1226,84 @@ class TestSettings(CliTestCase):
                 self.assertEqual(os.stat(full).st_mode & 0o777, 0o600, path)
         for folder in ("data", "config", "logs"):
             self.assertEqual(os.stat(os.path.join(nested, folder)).st_mode & 0o777, 0o700)
+
+
+class TestSettingsThatCannotWork(CliTestCase):
+    """Values and files that could never work are refused when loaded, in one line."""
+
+    def test_non_finite_and_huge_numbers_are_refused(self):
+        for key, value in (("request_timeout_s", "inf"), ("request_timeout_s", "nan"),
+                           ("shutdown_timeout_s", "1e300"), ("request_timeout_s", "-1"),
+                           ("request_retention_days", str(10 ** 30)),
+                           ("session_duration_ms", str(10 ** 20)), ("retry_backoff", "inf"),
+                           ("max_connections", "0")):
+            self.fails(f"(for {key}, from the command line)", "config", "set", key, value)
+            with open(self.config_path, "w") as out:
+                json.dump({key: value}, out)
+            with self.assertRaises(claudeflare.ClaudeflareError, msg=value):
+                claudeflare.load_settings(self.config_path, {}, {})
+            os.unlink(self.config_path)
+        env = dict(os.environ, CLAUDEFLARE_REQUEST_TIMEOUT_S="inf")
+        done = subprocess.run([sys.executable, os.path.join(HERE, "claudeflare.py"), "--config",
+                               self.config_path, "--db", self.db_path, "serve", "--port", "0"],
+                              env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("must be a finite number", done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+
+    def test_a_config_path_that_is_a_folder_gets_one_line(self):
+        os.mkdir(self.config_path)
+        self.fails(f"Cannot read config file {self.config_path}", "list")
+        self.fails(f"Cannot read config file {self.config_path}", "config", "set", "port", "1")
+
+    def test_a_config_saved_with_a_bom_is_read(self):
+        with open(self.config_path, "w", encoding="utf-8-sig") as out:
+            json.dump({"lb_strategy": "headroom"}, out)
+        code, out, err = self.cli("config", "get", "lb_strategy")
+        self.assertEqual((code, out.strip(), err), (0, "headroom", ""))
+        self.assertEqual([name for name in os.listdir(self.folder) if ".bad-" in name], [])
+
+    def test_config_set_repairs_a_config_whose_other_values_are_invalid(self):
+        with open(self.config_path, "w") as out:
+            json.dump({"retry_attempts": -5, "lb_strategy": "fastest"}, out)
+        code, _, err = self.cli("config", "set", "retry_attempts", "2")
+        self.assertEqual(code, 0, err)
+        self.assertIn("Invalid strategy: fastest", err)  # still reported, as a warning
+        self.ok("config", "set", "lb_strategy", "weighted")
+        code, _, err = self.cli("config", "list")
+        self.assertEqual((code, err), (0, ""))
+        with open(self.config_path) as written:
+            self.assertEqual(json.load(written), {"retry_attempts": 2, "lb_strategy": "weighted"})
+
+    def test_another_programs_database_is_refused_untouched(self):
+        foreign = sqlite3.connect(self.db_path)
+        foreign.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+        foreign.execute("INSERT INTO notes (text) VALUES ('mine')")
+        foreign.commit()
+        foreign.close()
+        with open(self.db_path, "rb") as before:
+            content = before.read()
+        err = self.fails("another program's SQLite database (tables notes)", "list")
+        self.assertIn("untouched", err)
+        with open(self.db_path, "rb") as after:
+            self.assertEqual(after.read(), content)
+        self.assertFalse(os.path.exists(self.db_path + "-wal"))
+
+    def test_config_holds_only_what_the_user_set(self):
+        self.ok("list")
+        with open(self.config_path) as written:
+            self.assertEqual(json.load(written), {})
+        listing = self.ok("config", "list")
+        self.assertRegex(listing, r"lb_strategy\s+session\s+default")
+        legacy = {key: claudeflare.SETTINGS_BY_KEY[key].default
+                  for key in claudeflare.FIRST_RUN_KEYS}
+        legacy["port"] = 9090
+        with open(self.config_path, "w") as out:
+            json.dump(legacy, out)
+        self.assertRegex(self.ok("config", "list"), r"port\s+9090\s+config")
+        with open(self.config_path) as written:
+            self.assertEqual(json.load(written), {"port": 9090})
+        self.assertRegex(self.ok("config", "list"), r"retry_attempts\s+3\s+default")
 
 
 class TestAccountCommands(CliTestCase):
