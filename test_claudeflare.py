@@ -377,6 +377,8 @@ class FakeOAuth:
         self.failures: collections.deque = collections.deque()
         self.delay = 0.0
         self.expires_in = 28800
+        #: False: a refresh answers without a refresh_token, and the old one stays live.
+        self.rotates = True
         self.serial = 0
 
     def authorize(self, url: str) -> str:
@@ -435,7 +437,12 @@ class FakeOAuth:
             if live is None:
                 return handler.send_whole(400, b'{"error":"invalid_grant","error_description":'
                                                b'"Refresh token not found or invalid"}')
-            return handler.send_whole(200, json.dumps(self.token_answer()).encode())
+            answer = self.token_answer()
+            if not self.rotates:
+                with self.lock:
+                    del self.refresh_tokens[answer.pop("refresh_token")]
+                    self.refresh_tokens[payload["refresh_token"]] = answer["access_token"]
+            return handler.send_whole(200, json.dumps(answer).encode())
         handler.send_whole(400, b'{"error":"unsupported_grant_type"}')
 
     def create_api_key(self, handler: "FakeHandler", request: "Recorded") -> None:
@@ -516,7 +523,7 @@ class FakeUpstream:
 class Proxy:
     """A real claudeflare server on port 0 with its own temporary config, database and logs."""
 
-    def __init__(self, upstream_url: str, **settings) -> None:
+    def __init__(self, upstream_url: str, environ: dict | None = None, **settings) -> None:
         self.dir = tempfile.TemporaryDirectory(prefix="claudeflare-")
         self.config_path = os.path.join(self.dir.name, "config.json")
         self.db_path = os.path.join(self.dir.name, "claudeflare.db")
@@ -526,7 +533,7 @@ class Proxy:
         with open(self.config_path, "w") as out:
             json.dump(values, out)
         loaded = claudeflare.load_settings(self.config_path, {"host": "127.0.0.1", "port": 0},
-                                           environ={})
+                                           environ=environ or {})
         self.server = claudeflare.make_server(loaded, self.db_path)
         self.app = self.server.app
         self.port = self.server.server_address[1]
@@ -686,12 +693,22 @@ class TestRelay(ProxyTestCase):
     def test_client_connection_is_kept_alive_across_requests(self):
         connection = self.proxy.connect()
         self.addCleanup(connection.close)
-        for _ in range(5):
-            connection.request("GET", "/v1/models")
-            self.assertEqual(connection.getresponse().read()[:1], b"{")
-        connection.request("GET", "/health")
-        self.assertEqual(connection.getresponse().status, 200)
-        self.assertEqual(len(self.upstream.requests), 5)
+        client_ports = set()
+        for method, path, body in (("GET", "/v1/models", None),
+                                   ("POST", "/v1/messages", b'{"model":"claude-sonnet-4-5"}'),
+                                   ("POST", "/v1/messages", b'{"stream":true}'),
+                                   ("GET", "/v1/models", None), ("GET", "/health", None),
+                                   ("GET", "/api/stats", None)):
+            connection.request(method, path, body=body)
+            response = connection.getresponse()
+            self.assertEqual(response.status, 200, path)
+            self.assertTrue(response.read(), path)
+            # http.client reconnects silently after `Connection: close`: its own port shows
+            # whether the requests really share one connection.
+            self.assertIsNotNone(connection.sock, f"{method} {path} closed the connection")
+            client_ports.add(connection.sock.getsockname()[1])
+        self.assertEqual(len(client_ports), 1)
+        self.assertEqual(len(self.upstream.requests), 4)
 
     def test_other_paths_get_provider_error(self):
         for method, path in (("GET", "/v2/messages"), ("POST", "/api/unknown"),
@@ -794,7 +811,8 @@ class TestStreaming(ProxyTestCase):
         response = connection.getresponse()
         self.assertEqual(response.getheader("Content-Type"), "text/event-stream")
         first = response.read1(65536)  # a proxy holding the event back times out here
-        self.assertTrue(self.upstream.holding.is_set())
+        # The fake marks itself holding just after it sent the first event: wait for the mark.
+        self.assertTrue(self.upstream.holding.wait(DEADLINE_S))
         self.assertFalse(gate.is_set())
         self.assertEqual(first, events[0])
         gate.set()
