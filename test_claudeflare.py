@@ -874,6 +874,21 @@ class TestUpstreamConnections(ProxyTestCase):
         self.assertEqual(status, 200, body)
         self.assertEqual(self.upstream.connections, 2)
 
+    def test_request_meeting_a_connection_the_upstream_dropped_is_sent_again_once(self):
+        self.assertEqual(self.post_message()[0], 200)  # connection 1 now waits in the pool
+        # Connection 1 looks alive when it is taken, then closes on the request it carries:
+        # as when the upstream's idle timeout fires just as the proxy sends.
+        self.upstream.push(drop_connection)
+        status, _, body = self.post_message()
+        self.assertEqual(status, 200, body)  # retry_attempts is 0: only the resend can do this
+        dropped, resent = self.upstream.requests[1:]
+        self.assertEqual((dropped.connection, resent.connection), (1, 2))
+        self.assertEqual(dropped.body, resent.body)
+        self.upstream.push(drop_connection, drop_connection)
+        status, _, body = self.post_message()
+        assert_all_accounts_failed(self, status, body, 1, "ECONNRESET")
+        self.assertEqual(len(self.upstream.requests), 5)  # sent again once, not twice
+
     def test_upstream_that_hangs_times_out_with_a_clear_error(self):
         gate = threading.Event()
         self.addCleanup(gate.set)
