@@ -1630,6 +1630,36 @@ class TestTokenRefresh(ServerWithAccounts):
         health = json.loads(self.proxy.request("GET", "/health")[2])
         self.assertEqual((health["status"], health["accounts"]["needs_reauth"]), ("degraded", 1))
 
+    def test_token_endpoint_401_marks_needs_reauth_and_traffic_moves_on(self):
+        self.add_oauth("max", expires_in_ms=-1000)
+        self.add_key("spare")
+        self.upstream.oauth.failures.append(
+            (401, {"error": "invalid_client", "error_description": "Client authentication "
+                                                                    "failed"}))
+        wait_for(lambda: self.listed()["max"]["status"] == "needs_reauth",
+                 what="the refresh to be refused")
+        for _ in range(3):
+            self.assertEqual(self.post_message()[0], 200)
+        self.assertEqual([request.headers["x-api-key"] for request in self.upstream.messages()],
+                         ["sk-ant-api03-spare"] * 3)
+        self.assertEqual(self.upstream.oauth.refresh_requests, 1)
+        self.assertIn("invalid_client", self.listed()["max"]["reauthReason"])
+        self.assertIn("Failed to refresh token for account max: Unauthorized",
+                      CAPTURED_LOG.text())
+
+    def test_refresh_answer_without_a_refresh_token_keeps_the_old_one(self):
+        _, refresh = self.add_oauth("work", expires_in_ms=-1000)
+        self.upstream.oauth.rotates = False
+        self.assertEqual(self.post_message()[0], 200)
+        account = self.stored("work")
+        self.assertEqual(account.refresh_token, refresh)
+        self.assertEqual(self.upstream.messages()[0].headers["Authorization"],
+                         f"Bearer {account.access_token}")
+        self.proxy.app.store.update_account("work", expires_at=claudeflare.now_ms() - 1000)
+        self.assertEqual(self.post_message()[0], 200)  # the kept token refreshes again
+        self.assertEqual(self.upstream.oauth.refresh_requests, 2)
+        self.assertEqual(self.listed()["work"]["status"], "active")
+
     def test_upstream_401_refreshes_once_and_retries_on_the_same_account(self):
         access, _ = self.add_oauth("work")
         self.upstream.oauth.access_tokens.discard(access)
