@@ -15,6 +15,7 @@ import atexit
 import base64
 import collections
 import contextlib
+import email.utils
 import hashlib
 import re
 import select
@@ -1976,6 +1977,82 @@ class TestFailover(RoutingTestCase):
                     later = claudeflare.now_ms() + (until - now) + 1
                     self.assertIn("a", [a.name for a in self.proxy.app.accounts_to_try(
                         self.proxy.app.accounts(), None, later)])
+
+    def benched_for(self, headers) -> float:
+        """Let b, tried first, answer 429 with these headers; return how long it is benched (s).
+
+        c serves the request at once; b's mark is read as `list` shows it.
+        """
+        self.fault("b", reply_error(429, "rate_limit_error", "limited", headers))
+        started = time.monotonic()
+        self.assertEqual(self.post_message()[0], 200)  # turn 1 starts at b
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual([self.key_of(r) for r in self.upstream.messages()], ["b", "c"])
+        account = self.listed()["b"]
+        self.assertEqual(account["status"], "rate_limited")
+        return (account["rateLimitedUntil"] - claudeflare.now_ms()) / 1000
+
+    def test_both_windows_refused_bench_the_account_until_the_later_reset(self):
+        now = int(time.time())
+        self.assertAlmostEqual(self.benched_for([
+            ("anthropic-ratelimit-unified-status", "rejected"),
+            ("anthropic-ratelimit-unified-reset", str(now + 3600)),
+            ("anthropic-ratelimit-unified-7d-status", "rejected"),
+            ("anthropic-ratelimit-unified-7d-reset", str(now + 3 * 86400)),
+            ("anthropic-ratelimit-unified-5h-status", "rejected"),
+            ("anthropic-ratelimit-unified-5h-reset", str(now + 3600)),
+            ("retry-after", "3600")]), 3 * 86400, delta=5)
+
+    def test_a_reset_already_past_falls_back_to_retry_after(self):
+        self.assertAlmostEqual(self.benched_for([
+            ("anthropic-ratelimit-unified-5h-status", "rejected"),
+            ("anthropic-ratelimit-unified-5h-reset", str(int(time.time()) - 60)),
+            ("retry-after", "120")]), 120, delta=5)
+
+    def test_a_reset_already_past_without_retry_after_benches_a_minute(self):
+        self.assertAlmostEqual(self.benched_for([
+            ("anthropic-ratelimit-unified-status", "rejected"),
+            ("anthropic-ratelimit-unified-reset", str(int(time.time()) - 60))]), 60, delta=5)
+
+    def test_retry_after_as_an_http_date_sets_the_bench(self):
+        self.assertAlmostEqual(self.benched_for([
+            ("anthropic-ratelimit-unified-status", "rejected"),
+            ("retry-after", email.utils.formatdate(time.time() + 600, usegmt=True))]),
+            600, delta=5)
+
+    def test_408_is_retried_on_the_same_account(self):
+        self.fault("b", reply_error(408, "timeout_error", "Request timed out"))
+        status, _, body = self.post_message()
+        self.assertEqual(status, 200, body)
+        self.assertEqual([self.key_of(r) for r in self.upstream.messages()], ["b", "b"])
+
+    def test_5xx_saying_not_to_retry_goes_to_the_next_account(self):
+        self.fault("b", *[reply_error(500, "api_error", "boom", [("x-should-retry", "false")])]
+                   * 3)
+        status, _, body = self.post_message()
+        self.assertEqual(status, 200, body)
+        self.assertEqual([self.key_of(r) for r in self.upstream.messages()], ["b", "c"])
+        self.assertEqual(self.listed()["b"]["status"], "active")
+
+    def test_retry_after_beyond_thirty_seconds_goes_to_the_next_account_at_once(self):
+        self.fault("b", *[reply_error(529, "overloaded_error", "Overloaded",
+                                      [("retry-after", "45")])] * 3)
+        started = time.monotonic()
+        status, _, body = self.post_message()
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(status, 200, body)
+        self.assertEqual([self.key_of(r) for r in self.upstream.messages()], ["b", "c"])
+        self.assertEqual(self.listed()["b"]["status"], "active")
+
+    def test_401_on_an_api_key_account_moves_on_and_marks_the_account(self):
+        self.fault("b", reply_error(401, "authentication_error", "invalid x-api-key"))
+        status, _, body = self.post_message()
+        self.assertEqual(status, 200, body)
+        self.assertEqual([self.key_of(r) for r in self.upstream.messages()], ["b", "c"])
+        account = self.listed()["b"]
+        self.assertEqual(account["status"], "needs_reauth")
+        self.assertIn("invalid x-api-key", account["reauthReason"])
+        self.assertNotIn("b", self.served_by(3))
 
     def test_every_dead_pooled_connection_is_replaced_by_a_new_one(self):
         gate = threading.Event()
