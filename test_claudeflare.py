@@ -2283,12 +2283,44 @@ class TestStrategies(RoutingTestCase):
         self.assertGreater(len(firsts), 1)  # no longer bound: it rotates like a new one
 
     def test_new_conversations_go_to_the_account_with_most_headroom(self):
-        for name, used in (("a", 0.85), ("b", 0.15), ("c", 0.55)):
+        for name, used in (("a", 0.55), ("b", 0.85), ("c", 0.15)):
             self.fault(name, reply_json(200, message_body(), unified_headers("allowed", 3600,
                                                                              used, 0.1)))
         self.distribution(3)
         self.ok("config", "set", "lb_strategy", "session")
-        self.assertEqual(self.distribution(1, {"X-Claude-Code-Session-Id": "fresh"}), {"b": 1})
+        # Three turns: the rotation starts at b, then c, then a; headroom picks c each time.
+        for conversation in ("fresh-1", "fresh-2", "fresh-3"):
+            self.assertEqual(self.distribution(1, {"X-Claude-Code-Session-Id": conversation}),
+                             {"c": 1}, conversation)
+
+    def test_close_headroom_does_not_pile_new_conversations_on_one_account(self):
+        for name, used in (("a", 0.12), ("b", 0.14), ("c", 0.9)):
+            self.fault(name, reply_json(200, message_body(), unified_headers("allowed", 3600,
+                                                                             used, 0.1)))
+        self.distribution(3)
+        self.ok("config", "set", "lb_strategy", "session")
+        split = collections.Counter()
+        for index in range(4):
+            split += self.distribution(1, {"X-Claude-Code-Session-Id": f"new-{index}"})
+        self.assertEqual(set(split), {"a", "b"})  # 12% and 14% count as the same headroom
+
+    def test_weighted_failover_tries_the_rest_by_tier_after_the_scheduled_account(self):
+        tiers = {"a": 1, "b": 5, "c": 20}
+        self.ok("tier", "b", "5")
+        self.ok("tier", "c", "20")
+        self.ok("config", "set", "lb_strategy", "weighted")
+        orders = []
+        for _ in range(11):  # the schedule's first picks include all three by turn 11
+            for name in "abc":
+                self.fault(name, reply_error(400, "invalid_request_error", "This request would "
+                                             "use extra usage, which is not enabled."))
+            first = len(self.upstream.messages())
+            self.assertEqual(self.post_message()[0], 400)
+            orders.append([self.key_of(r) for r in self.upstream.messages()[first:]])
+        self.assertEqual({order[0] for order in orders}, {"a", "b", "c"})
+        for order in orders:
+            rest = sorted(set(tiers) - {order[0]}, key=lambda name: -tiers[name])
+            self.assertEqual(order, [order[0]] + rest)
 
     def test_metadata_user_id_keeps_a_conversation_together(self):
         self.ok("config", "set", "lb_strategy", "session")
