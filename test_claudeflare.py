@@ -2425,6 +2425,50 @@ class TestUsage(ServerWithAccounts):
         self.assertAlmostEqual(record["costUsd"], (321 * 1 + 40 * 5) / 1e6)
         self.assertGreater(record["tokensPerSecond"], 0)
 
+    def test_stream_with_crlf_line_endings_is_read_for_usage(self):
+        events = [event.replace(b"\n", b"\r\n") for event in
+                  message_events("claude-haiku-4-5", words=["a"] * 3, input_tokens=77)]
+        self.upstream.push(reply_stream_split(events, piece=5))
+        status, _, body = self.post_message(stream=True)
+        self.assertEqual((status, body), (200, b"".join(events)))
+        record = self.last_record()
+        self.assertEqual((record["model"], record["inputTokens"], record["outputTokens"]),
+                         ("claude-haiku-4-5", 77, 3))
+
+    #: Every row of the price table: model ids -> USD per million input and output tokens.
+    PRICES = (
+        (("claude-opus-4-5", "claude-opus-4-5-20251101", "claude-opus-4-6", "claude-opus-5"),
+         5, 25),
+        (("claude-opus-4-20250514", "claude-opus-4-1", "claude-opus-4-1-20250805"), 15, 75),
+        (("claude-3-7-sonnet-20250219", "claude-sonnet-4-20250514", "claude-sonnet-4-5",
+          "claude-sonnet-4-5-20250929", "claude-sonnet-5"), 3, 15),
+        (("claude-haiku-4-5", "claude-haiku-4-5-20251001"), 1, 5),
+        (("claude-3-5-haiku-20241022", "claude-3-5-haiku-latest"), 0.80, 4),
+        (("claude-3-haiku-20240307",), 0.25, 1.25),
+    )
+
+    def test_every_price_table_row_and_cache_multiplier(self):
+        usage = {"input_tokens": 1000, "output_tokens": 100, "cache_creation_input_tokens": 300,
+                 "cache_read_input_tokens": 2000,
+                 "cache_creation": {"ephemeral_5m_input_tokens": 200,
+                                    "ephemeral_1h_input_tokens": 100}}
+        expected = {}
+        for models, input_price, output_price in self.PRICES:
+            for model in models:
+                self.upstream.push(reply_json(200, message_body(model, usage=usage)))
+                self.assertEqual(self.post_message()[0], 200)
+                # input, output, 5-minute writes at 1.25x, 1-hour writes at 2x, reads at 0.1x
+                expected[model] = (1000 * input_price + 100 * output_price
+                                   + 200 * input_price * 1.25 + 100 * input_price * 2
+                                   + 2000 * input_price * 0.1) / 1e6
+        self.proxy.settle()
+        records = json.loads(self.proxy.request("GET", "/api/requests?limit=100")[2])
+        costs = {record["model"]: record["costUsd"] for record in records}
+        self.assertEqual(set(costs), set(expected))
+        for model, cost in expected.items():
+            self.assertIsNotNone(costs[model], f"{model} is unpriced")
+            self.assertAlmostEqual(costs[model], cost, places=12, msg=model)
+
     def test_stream_that_ends_early_keeps_what_it_reported(self):
         events = message_events("claude-sonnet-4-5", words=["a"] * 5, input_tokens=50)
         self.upstream.push(reply_stream_split(events, piece=11, stop_after=4))
@@ -2447,19 +2491,29 @@ class TestUsage(ServerWithAccounts):
         finally:
             store.close()
 
-    def test_old_records_are_pruned_past_the_retention(self):
-        store = self.proxy.app.store
-        old = claudeflare.now_ms() - 31 * 86400 * 1000
+    def kept_after_pruning(self, proxy: Proxy, ages_in_days: dict) -> set:
+        """Log records of these ages, let the server prune; return the ids still kept."""
+        store, now = proxy.app.store, claudeflare.now_ms()
         store.write_requests([claudeflare.RequestRecord(
-            id="old", timestamp=old, method="POST", path="/v1/messages", status=200,
-            success=True, response_time_ms=10)], 1000)
-        self.post_message()
-        self.proxy.settle()
-        ids = [row[0] for row in store.query("SELECT id FROM requests")]
-        self.assertNotIn("old", ids)
-        self.assertEqual(len(ids), 1)
+            id=name, timestamp=now - days * 86400 * 1000, method="POST", path="/v1/messages",
+            status=200, success=True, response_time_ms=10)
+            for name, days in ages_in_days.items()], 1000)
+        self.assertEqual(proxy.request("POST", "/v1/messages", b"{}")[0], 200)
+        proxy.settle()
+        return {row[0] for row in store.query("SELECT id FROM requests")} & set(ages_in_days)
+
+    def test_old_records_are_pruned_past_the_retention(self):
+        self.assertEqual(self.kept_after_pruning(self.proxy, {"29 days": 29, "31 days": 31}),
+                         {"29 days"})
+        store, old = self.proxy.app.store, claudeflare.now_ms() - 31 * 86400 * 1000
         self.assertEqual(store.query("SELECT COUNT(*) FROM usage_hourly WHERE hour < ?",
                                      (old + 86400 * 1000,))[0][0], 0)
+        self.assertEqual(store.query("SELECT COUNT(*) FROM usage_hourly")[0][0], 2)
+
+    def test_retention_follows_the_setting_in_days(self):
+        proxy = Proxy(self.upstream.url, request_retention_days=7)
+        self.addCleanup(proxy.close)
+        self.assertEqual(self.kept_after_pruning(proxy, {"6 days": 6, "8 days": 8}), {"6 days"})
 
 
 def assert_cross_site_refused(test: ServerWithAccounts, auth: dict) -> None:
