@@ -2659,6 +2659,22 @@ class TestApi(ServerWithAccounts):
             self.assertIn(line, text.splitlines())
         self.assertIn("# TYPE claudeflare_request_duration_seconds histogram", text)
 
+    def test_metrics_show_the_cost_and_each_window_utilization(self):
+        self.upstream.push(reply_json(200, message_body(), unified_headers("allowed", 3600, 0.42,
+                                                                           0.93)))
+        self.assertEqual(self.post_message()[0], 200)
+        served = self.upstream.messages()[-1].headers["x-api-key"].replace("sk-ant-api03-", "")
+        self.proxy.settle()
+        lines = self.get("/metrics")[1].splitlines()
+        # five priced answers of 12 input and 5 output tokens of claude-sonnet-4-5 at $3/$15
+        self.assertIn("claudeflare_cost_usd_total 0.000555", lines)
+        self.assertIn(f'claudeflare_account_utilization{{account="{served}",window="5h"}} 0.42',
+                      lines)
+        self.assertIn(f'claudeflare_account_utilization{{account="{served}",window="7d"}} 0.93',
+                      lines)
+        self.assertEqual(len([line for line in lines
+                              if line.startswith("claudeflare_account_utilization{")]), 2)
+
     def test_status_page_parses_and_shows_every_account(self):
         self.ok("add", "zephyr-pool", "--api-key", stdin="sk-ant-api03-zephyr\n")
         self.proxy.app.mark_needs_attention(self.proxy.app.store.account("b"),
