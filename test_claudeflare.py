@@ -2756,6 +2756,102 @@ class TestSecrets(ServerWithAccounts):
                 self.assertNotIn(secret[-16:], text)
 
 
+    def test_redact_masks_every_secret_form(self):
+        prefixed = ("sk-ant-api03-Ab_c-1XyZ", "sk-ant-oat01-Ab_c-2XyZ", "sk-ant-ort01-Ab_c-3XyZ",
+                    "cfk-Ab_c-4XyZ")
+        for secret in prefixed:
+            for text in (
+                    f"[2026-01-20T10:30:45.123Z] WARN: [Proxy] Request via work got 401 invalid "
+                    f"token {secret}",
+                    f'refresh refused: Bad Request: {{"error": "invalid_grant", "token": '
+                    f'"{secret}"}}',
+                    f"POST /v1/messages?beta=true&key={secret}&x=1"):
+                masked = claudeflare.redact(text)
+                self.assertNotIn(secret[-6:], masked, text)
+                self.assertEqual(masked, text.replace(secret, "[REDACTED]"))
+        for text, expected in (
+                ("x-api-key: opaque-key-1", "x-api-key: [REDACTED]"),
+                ("POST /v1/messages?x-api-key=opaque-key-2",
+                 "POST /v1/messages?x-api-key=[REDACTED]"),
+                ("upstream said: bearer opaque/token+4= then",
+                 "upstream said: bearer [REDACTED] then"),
+                ('{"access_token": "opaque-5", "expires_in": 60}',
+                 '{"access_token": "[REDACTED]", "expires_in": 60}'),
+                ('{"refresh_token":"opaque-6"}', '{"refresh_token":"[REDACTED]"}'),
+                ('{"api_key": "opaque-7"}', '{"api_key": "[REDACTED]"}'),
+                ('{"raw_key": "opaque-8"}', '{"raw_key": "[REDACTED]"}'),
+                ('{"code_verifier": "opaque-9"}', '{"code_verifier": "[REDACTED]"}'),
+                ('{"code": "opaque-10"}', '{"code": "[REDACTED]"}')):
+            self.assertEqual(claudeflare.redact(text), expected)
+        masked = claudeflare.redact("Authorization: Bearer opaque.token~3")
+        self.assertTrue(masked.startswith("Authorization: [REDACTED]"), masked)
+        self.assertNotIn("opaque", masked)
+        plain = "Request completed for work: 200 in 12ms (claude-sonnet-4-5, session abc-123)"
+        self.assertEqual(claudeflare.redact(plain), plain)
+
+    # Bug: redact() masks only the first word of an Authorization value (the scheme "Basic"
+    # of "Authorization: Basic dXNl..."), and no header value quoted as JSON
+    # ('"x-api-key": "..."'): those credentials pass through.
+    @unittest.expectedFailure
+    def test_redact_masks_authorization_values_of_any_scheme_and_quoting(self):
+        for text, secret in (("Authorization: Basic dXNlcjpjZmstc2VjcmV0", "dXNlcjpjZmstc2VjcmV0"),
+                             ("Proxy-Authorization: Basic dXNlcjpwYXNz", "dXNlcjpwYXNz"),
+                             ('{"x-api-key": "opaque-json-key"}', "opaque-json-key"),
+                             ('{"Authorization": "Basic dXNlcjpwYXNz"}', "dXNlcjpwYXNz")):
+            self.assertNotIn(secret, claudeflare.redact(text), text)
+
+    def send_secrets_from_outside(self) -> None:
+        """Send a request whose query string and upstream error carry secrets; spare serves it."""
+        self.add_key("keyed")
+        self.add_key("spare")
+        self.upstream.push(reply_error(401, "authentication_error",
+                                       "invalid credentials sk-ant-oat01-EchoedByUpstream"))
+        self.assertEqual(self.post_message(
+            path="/v1/messages?beta=true&key=sk-ant-api03-InTheQuery")[0], 200)
+        self.upstream.push(reply_error(400, "invalid_request_error",
+                                       "unexpected field near sk-ant-ort01-EchoedAgain"))
+        self.assertEqual(self.post_message()[0], 400)
+        self.proxy.settle()
+
+    SECRETS_FROM_OUTSIDE = ("EchoedByUpstream", "InTheQuery", "EchoedAgain")
+
+    def test_secrets_that_reach_a_log_line_are_masked(self):
+        self.send_secrets_from_outside()
+        logged = CAPTURED_LOG.text() + "\n".join(json.loads(self.proxy.request(
+            "GET", "/api/logs?limit=1000")[2]))
+        # The lines that carried them are there, masked: the check below is not vacuous.
+        self.assertIn("POST /v1/messages?beta=true&key=[REDACTED]: strategy", logged)
+        self.assertIn("needs attention and is skipped: 401 invalid credentials [REDACTED]",
+                      logged)
+        for secret in self.SECRETS_FROM_OUTSIDE:
+            self.assertNotIn(secret, logged)
+
+    def shown_after_secrets_from_outside(self) -> list:
+        """Send secrets from outside; return what `list`, `requests`, the API and page show."""
+        self.send_secrets_from_outside()
+        shown = [self.ok("list", "--json"), self.ok("requests"), self.ok("stats", "--json")]
+        return shown + [self.proxy.request("GET", path)[2].decode()
+                        for path in ("/api/accounts", "/api/requests", "/api/stats", "/")]
+
+    # Bug: only log lines go through redact(). An upstream error message is stored as it came,
+    # as the account's reauth_reason (App.mark_needs_attention) and the request's error
+    # (ProxyHandler.finish_record); `list`, the API and the status page show it.
+    @unittest.expectedFailure
+    def test_a_secret_in_an_upstream_error_is_masked_where_it_is_stored(self):
+        shown = "\n".join(self.shown_after_secrets_from_outside())
+        for secret in ("EchoedByUpstream", "EchoedAgain"):
+            self.assertNotIn(secret, shown)
+        self.assertIn("401 invalid credentials [REDACTED]", shown)
+
+    # Bug: the request log stores the path with its query string unmasked (RequestRecord.path
+    # in ProxyHandler.proxy); /api/requests and `requests` show it.
+    @unittest.expectedFailure
+    def test_a_secret_in_the_query_string_is_masked_in_the_request_log(self):
+        shown = "\n".join(self.shown_after_secrets_from_outside())
+        self.assertNotIn("InTheQuery", shown)
+        self.assertIn("/v1/messages?beta=true&key=[REDACTED]", shown)
+
+
 ###############################################################################
 # Operations and security #####################################################
 ###############################################################################
