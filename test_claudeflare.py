@@ -3043,7 +3043,12 @@ class TestShutdown(ServeTestCase):
         wait_for(lambda: self.upstream.requests, what="the request to reach the upstream")
         server.process.send_signal(signal.SIGTERM)
         wait_for(lambda: "Shutting down" in server.log(), what="shutdown to begin")
-        self.assertNotEqual(server.stop(signal.SIGINT), 0)
+        server.process.send_signal(signal.SIGINT)  # the second Ctrl+C
+        try:
+            code = server.process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            self.fail("a second Ctrl+C did not end the server within a second")
+        self.assertNotEqual(code, 0)
         gate.set()
 
     def test_second_server_on_the_same_database_is_refused(self):
@@ -3229,6 +3234,19 @@ class TestClientKeys(ServerWithAccounts):
 
     def test_cross_site_changes_are_refused(self):
         assert_cross_site_refused(self, {"x-api-key": self.key})
+
+    def test_without_usable_accounts_the_client_key_stays_behind(self):
+        self.ok("pause", "account")
+        for headers, own in (
+                ({"x-api-key": self.key, "Authorization": "Bearer sk-ant-api03-own"},
+                 ("Authorization", "Bearer sk-ant-api03-own")),
+                ({"Authorization": f"Bearer {self.key}", "x-api-key": "sk-ant-api03-own"},
+                 ("x-api-key", "sk-ant-api03-own"))):
+            self.assertEqual(self.post_message(headers=headers)[0], 200)
+            seen = self.upstream.messages()[-1].headers
+            self.assertEqual(seen[own[0]], own[1])
+            self.assertNotIn(self.key, str(seen.items()))
+        self.assertIn("No active accounts available", CAPTURED_LOG.text())
 
     def test_removing_the_last_key_opens_the_proxy_again(self):
         self.ok("keys", "remove", "laptop")
