@@ -415,8 +415,11 @@ class FakeOAuth:
             with self.lock:
                 self.refresh_requests += 1
             time.sleep(self.delay)
-        if self.failures:
-            status, body = self.failures.popleft()
+        if self.failures:  # (status, JSON body), or an action such as drop_connection
+            failure = self.failures.popleft()
+            if callable(failure):
+                return failure(handler, request)
+            status, body = failure
             handler.send_whole(status, json.dumps(body).encode())
             return
         if payload.get("grant_type") == "authorization_code":
@@ -1332,6 +1335,22 @@ class TestUsingAccounts(ServerWithAccounts):
         self.assertIsNone(seen["x-api-key"])
         self.assertEqual(seen["anthropic-beta"], "tools-2024,cache-x,oauth-2025-04-20")
 
+    def test_oauth_beta_is_added_once_and_only_for_oauth_accounts(self):
+        self.add_oauth("max")
+        self.add_key("keyed")
+        for _ in range(2):  # round-robin: one request on each account
+            self.assertEqual(self.post_message(headers={
+                "anthropic-beta": "oauth-2025-04-20,tools-2024"})[0], 200)
+        betas = {("oauth" if request.headers["Authorization"] else "api_key"):
+                 request.headers["anthropic-beta"] for request in self.upstream.messages()}
+        self.assertEqual(betas, {"oauth": "oauth-2025-04-20,tools-2024",
+                                 "api_key": "oauth-2025-04-20,tools-2024"})
+        self.assertEqual(self.post_message(headers={"anthropic-beta": "tools-2024"})[0], 200)
+        self.assertEqual(self.post_message(headers={"anthropic-beta": "tools-2024"})[0], 200)
+        self.assertEqual(sorted(request.headers["anthropic-beta"]
+                                for request in self.upstream.messages()[2:]),
+                         ["tools-2024", "tools-2024,oauth-2025-04-20"])
+
     def test_requests_rotate_over_accounts_and_are_counted(self):
         self.add_key("a")
         self.add_key("b")
@@ -1364,6 +1383,17 @@ class TestUsingAccounts(ServerWithAccounts):
         self.assertEqual(json.loads(self.proxy.request("GET", "/health")[2])["strategy"],
                          "weighted")
         self.assertIn("Failed to parse config file", CAPTURED_LOG.text())
+
+    def test_config_set_request_timeout_reaches_the_running_server(self):
+        self.ok("config", "set", "retry_attempts", "0")
+        self.ok("config", "set", "request_timeout_s", "0.3")
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.upstream.push(hang(gate))
+        started = time.monotonic()
+        status, _, body = self.post_message()
+        self.assertLess(time.monotonic() - started, 5)
+        assert_all_accounts_failed(self, status, body, 1, "sent nothing for 0.3s")
 
     def test_without_usable_accounts_the_client_credentials_pass(self):
         self.add_key("a")
