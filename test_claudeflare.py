@@ -1717,6 +1717,43 @@ class TestTokenRefresh(ServerWithAccounts):
                          ("needs_reauth", True))
         self.assertIn("invalid_grant", accounts["max"]["reauthReason"])
 
+    def test_upstream_401_that_a_refresh_does_not_cure_marks_needs_reauth(self):
+        access, _ = self.add_oauth("max")
+        refused = reply_error(401, "authentication_error", "OAuth token revoked")
+        self.upstream.push(refused, refused)
+        status, _, body = self.post_message()
+        self.assertEqual(status, 401, body)  # the only account: its answer comes back
+        tokens = [request.headers["Authorization"] for request in self.upstream.messages()]
+        self.assertEqual(tokens, [f"Bearer {access}",
+                                  f"Bearer {self.stored('max').access_token}"])
+        self.assertEqual(self.upstream.oauth.refresh_requests, 1)
+        account = self.listed()["max"]
+        self.assertEqual(account["status"], "needs_reauth")
+        self.assertIn("OAuth token revoked", account["reauthReason"])
+
+    def test_a_refresh_that_loses_its_connection_is_not_sent_again(self):
+        _, first = self.add_oauth("work", expires_in_ms=60_000)
+        self.assertEqual(self.post_message()[0], 200)
+        wait_for(lambda: self.stored("work").refresh_token != first, what="the first refresh")
+        kept = self.stored("work")
+        self.proxy.app.store.update_account("work", expires_at=claudeflare.now_ms() + 60_000)
+        # A resent refresh could spend a refresh token the endpoint already rotated.
+        self.upstream.oauth.failures.append(drop_connection)
+        self.assertEqual(self.post_message()[0], 200)
+        wait_for(lambda: "Failed to refresh token for account work" in CAPTURED_LOG.text() or
+                 CAPTURED_LOG.text().count("Refreshed token for account work") > 1,
+                 what="the second refresh to end")
+        self.assertEqual(self.upstream.oauth.refresh_requests, 2)
+        self.assertEqual(self.stored("work").refresh_token, kept.refresh_token)
+        self.assertIn("ECONNRESET", CAPTURED_LOG.text())
+
+    def test_background_renewal_starts_fifteen_minutes_before_expiry(self):
+        self.add_oauth("soon", expires_in_ms=14 * 60_000)
+        self.add_oauth("later", expires_in_ms=16 * 60_000)
+        now = claudeflare.now_ms()
+        self.assertEqual([self.proxy.app.tokens.due(self.stored(name), now)
+                          for name in ("soon", "later")], [True, False])
+
     def test_refresh_backoff_starts_at_a_minute_and_doubles(self):
         keeper = self.proxy.app.tokens
         waits = [keeper.note_transient_failure(99, 0) for _ in range(7)]
@@ -2050,6 +2087,18 @@ class TestFailover(RoutingTestCase):
             ("retry-after", email.utils.formatdate(time.time() + 600, usegmt=True))]),
             600, delta=5)
 
+    def test_api_key_limit_at_zero_benches_the_account_until_its_reset(self):
+        reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 7200))
+        self.assertAlmostEqual(self.benched_for([
+            ("anthropic-ratelimit-requests-limit", "50"),
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            ("anthropic-ratelimit-requests-reset", reset),
+            ("anthropic-ratelimit-tokens-remaining", "20000"), ("retry-after", "20")]),
+            7200, delta=5)
+
+    def test_429_naming_no_window_cools_down_for_its_retry_after(self):
+        self.assertAlmostEqual(self.benched_for([("retry-after", "120")]), 120, delta=5)
+
     def test_408_is_retried_on_the_same_account(self):
         self.fault("b", reply_error(408, "timeout_error", "Request timed out"))
         status, _, body = self.post_message()
@@ -2257,6 +2306,16 @@ class TestStrategies(RoutingTestCase):
         self.assertEqual(self.distribution(3), {"b": 3})
         self.assertEqual(self.distribution(6), {"b": 3, "c": 3})
 
+    def test_least_requests_counts_only_the_current_window(self):
+        store = self.proxy.app.store
+        now = claudeflare.now_ms()
+        window = self.proxy.app.settings.session_duration_ms
+        store.update_account("a", session_requests=50, session_start=now - window - 60_000)
+        store.update_account("b", session_requests=3, session_start=now)
+        store.update_account("c", session_requests=3, session_start=now)
+        self.ok("config", "set", "lb_strategy", "least-requests")
+        self.assertEqual(self.distribution(3), {"a": 3})  # a's 50 belong to a past window
+
     def test_session_sticks_spreads_and_moves(self):
         self.ok("config", "set", "lb_strategy", "session")
         first = self.distribution(5, {"X-Claude-Code-Session-Id": "conv-1"})
@@ -2422,6 +2481,13 @@ class TestUsage(ServerWithAccounts):
         self.assertAlmostEqual(record["costUsd"], 0.021)
         self.assertEqual((record["accountName"], record["success"], record["streaming"]),
                          ("work", True, False))
+
+    def test_record_keeps_the_client_product_and_the_conversation(self):
+        self.post_message(headers={"User-Agent": "claude-cli/2.1.3 (external, cli)",
+                                   "X-Claude-Code-Session-Id": "conv-42"})
+        record = self.last_record()
+        self.assertEqual((record["userAgent"], record["conversation"]),
+                         ("claude-cli/2.1.3", "session:conv-42"))
 
     def test_one_hour_cache_writes_cost_twice_the_input_price(self):
         self.upstream.push(reply_json(200, message_body("claude-opus-4-5", usage={
@@ -3277,6 +3343,14 @@ class TestClientKeys(ServerWithAccounts):
             self.assertEqual(seen[own[0]], own[1])
             self.assertNotIn(self.key, str(seen.items()))
         self.assertIn("No active accounts available", CAPTURED_LOG.text())
+
+    def test_with_client_keys_any_host_name_is_answered(self):
+        for path in ("/v1/messages", "/api/stats"):
+            status, _, _ = self.proxy.request("POST" if path == "/v1/messages" else "GET", path,
+                                              b"{}" if path == "/v1/messages" else None,
+                                              {"Host": "proxy.corp.example",
+                                               "x-api-key": self.key})
+            self.assertEqual(status, 200, path)
 
     def test_removing_the_last_key_opens_the_proxy_again(self):
         self.ok("keys", "remove", "laptop")
