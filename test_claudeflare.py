@@ -1754,6 +1754,17 @@ class TestTokenRefresh(ServerWithAccounts):
         self.assertEqual([self.proxy.app.tokens.due(self.stored(name), now)
                           for name in ("soon", "later")], [True, False])
 
+    def test_refresh_asks_with_the_configured_client_id(self):
+        self.proxy.stop()  # client_id is read at start
+        self.proxy = Proxy(self.upstream.url, client_id="my-client-id")
+        self.addCleanup(self.proxy.close)
+        _, refresh = self.add_oauth("work", expires_in_ms=-1000)
+        self.assertEqual(self.post_message()[0], 200)
+        asked = [request.json() for request in self.upstream.requests
+                 if request.path == "/v1/oauth/token"]
+        self.assertEqual(asked[:1], [{"grant_type": "refresh_token", "refresh_token": refresh,
+                                      "client_id": "my-client-id"}])
+
     def test_refresh_backoff_starts_at_a_minute_and_doubles(self):
         keeper = self.proxy.app.tokens
         waits = [keeper.note_transient_failure(99, 0) for _ in range(7)]
@@ -2213,6 +2224,17 @@ class TestFailover(RoutingTestCase):
         self.assertEqual(status, 200)
         self.assertEqual(self.upstream.messages()[-1].headers["x-api-key"], "client-own")
         self.assertIn("No active accounts available", CAPTURED_LOG.text())
+
+    def test_retry_after_counts_only_accounts_that_come_back_by_themselves(self):
+        now = claudeflare.now_ms()
+        store = self.proxy.app.store
+        store.update_account("a", paused=1, rate_limited_until=now + 60_000)
+        store.update_account("b", needs_reauth=1, rate_limited_until=now + 120_000)
+        store.update_account("c", rate_limited_until=now + 3_600_000)
+        status, headers, _ = self.post_message()
+        self.assertEqual(status, 429)
+        self.assertAlmostEqual(int(headers["retry-after"]), 3600, delta=5)
+        self.assertEqual(self.upstream.messages(), [])
 
     def test_every_account_failing_without_an_answer_gives_503(self):
         for name in "abc":
@@ -2699,6 +2721,14 @@ class TestApi(ServerWithAccounts):
         status, lines = self.get("/api/logs?limit=5")
         self.assertTrue(lines and len(lines) <= 5)
         self.assertRegex(lines[-1], r"^\[\d{4}-\d\d-\d\dT[\d:.]+Z\] [A-Z]+: \[\w+\] ")
+
+    def test_request_log_lists_fifty_unless_asked_for_more(self):
+        now = claudeflare.now_ms()
+        self.proxy.app.store.write_requests([claudeflare.RequestRecord(
+            id=f"r{index}", timestamp=now - index, method="POST", path="/v1/messages",
+            status=200, success=True, response_time_ms=1) for index in range(60)], 1000)
+        self.assertEqual(len(self.get("/api/requests")[1]), 50)
+        self.assertEqual(len(self.get("/api/requests?limit=1000")[1]), 65)
 
     def test_analytics_for_every_range(self):
         for span, buckets in (("1h", 61), ("6h", 73), ("24h", 25), ("7d", 29), ("30d", 31)):
