@@ -15,6 +15,7 @@ import atexit
 import base64
 import collections
 import contextlib
+import email.utils
 import hashlib
 import re
 import select
@@ -377,6 +378,8 @@ class FakeOAuth:
         self.failures: collections.deque = collections.deque()
         self.delay = 0.0
         self.expires_in = 28800
+        #: False: a refresh answers without a refresh_token, and the old one stays live.
+        self.rotates = True
         self.serial = 0
 
     def authorize(self, url: str) -> str:
@@ -412,8 +415,11 @@ class FakeOAuth:
             with self.lock:
                 self.refresh_requests += 1
             time.sleep(self.delay)
-        if self.failures:
-            status, body = self.failures.popleft()
+        if self.failures:  # (status, JSON body), or an action such as drop_connection
+            failure = self.failures.popleft()
+            if callable(failure):
+                return failure(handler, request)
+            status, body = failure
             handler.send_whole(status, json.dumps(body).encode())
             return
         if payload.get("grant_type") == "authorization_code":
@@ -435,7 +441,12 @@ class FakeOAuth:
             if live is None:
                 return handler.send_whole(400, b'{"error":"invalid_grant","error_description":'
                                                b'"Refresh token not found or invalid"}')
-            return handler.send_whole(200, json.dumps(self.token_answer()).encode())
+            answer = self.token_answer()
+            if not self.rotates:
+                with self.lock:
+                    del self.refresh_tokens[answer.pop("refresh_token")]
+                    self.refresh_tokens[payload["refresh_token"]] = answer["access_token"]
+            return handler.send_whole(200, json.dumps(answer).encode())
         handler.send_whole(400, b'{"error":"unsupported_grant_type"}')
 
     def create_api_key(self, handler: "FakeHandler", request: "Recorded") -> None:
@@ -516,7 +527,7 @@ class FakeUpstream:
 class Proxy:
     """A real claudeflare server on port 0 with its own temporary config, database and logs."""
 
-    def __init__(self, upstream_url: str, **settings) -> None:
+    def __init__(self, upstream_url: str, environ: dict | None = None, **settings) -> None:
         self.dir = tempfile.TemporaryDirectory(prefix="claudeflare-")
         self.config_path = os.path.join(self.dir.name, "config.json")
         self.db_path = os.path.join(self.dir.name, "claudeflare.db")
@@ -526,7 +537,7 @@ class Proxy:
         with open(self.config_path, "w") as out:
             json.dump(values, out)
         loaded = claudeflare.load_settings(self.config_path, {"host": "127.0.0.1", "port": 0},
-                                           environ={})
+                                           environ=environ or {})
         self.server = claudeflare.make_server(loaded, self.db_path)
         self.app = self.server.app
         self.port = self.server.server_address[1]
@@ -686,12 +697,22 @@ class TestRelay(ProxyTestCase):
     def test_client_connection_is_kept_alive_across_requests(self):
         connection = self.proxy.connect()
         self.addCleanup(connection.close)
-        for _ in range(5):
-            connection.request("GET", "/v1/models")
-            self.assertEqual(connection.getresponse().read()[:1], b"{")
-        connection.request("GET", "/health")
-        self.assertEqual(connection.getresponse().status, 200)
-        self.assertEqual(len(self.upstream.requests), 5)
+        client_ports = set()
+        for method, path, body in (("GET", "/v1/models", None),
+                                   ("POST", "/v1/messages", b'{"model":"claude-sonnet-4-5"}'),
+                                   ("POST", "/v1/messages", b'{"stream":true}'),
+                                   ("GET", "/v1/models", None), ("GET", "/health", None),
+                                   ("GET", "/api/stats", None)):
+            connection.request(method, path, body=body)
+            response = connection.getresponse()
+            self.assertEqual(response.status, 200, path)
+            self.assertTrue(response.read(), path)
+            # http.client reconnects silently after `Connection: close`: its own port shows
+            # whether the requests really share one connection.
+            self.assertIsNotNone(connection.sock, f"{method} {path} closed the connection")
+            client_ports.add(connection.sock.getsockname()[1])
+        self.assertEqual(len(client_ports), 1)
+        self.assertEqual(len(self.upstream.requests), 4)
 
     def test_other_paths_get_provider_error(self):
         for method, path in (("GET", "/v2/messages"), ("POST", "/api/unknown"),
@@ -965,7 +986,8 @@ class TestStreaming(ProxyTestCase):
         response = connection.getresponse()
         self.assertEqual(response.getheader("Content-Type"), "text/event-stream")
         first = response.read1(65536)  # a proxy holding the event back times out here
-        self.assertTrue(self.upstream.holding.is_set())
+        # The fake marks itself holding just after it sent the first event: wait for the mark.
+        self.assertTrue(self.upstream.holding.wait(DEADLINE_S))
         self.assertFalse(gate.is_set())
         self.assertEqual(first, events[0])
         gate.set()
@@ -1026,6 +1048,21 @@ class TestUpstreamConnections(ProxyTestCase):
         status, _, body = self.post_message()
         self.assertEqual(status, 200, body)
         self.assertEqual(self.upstream.connections, 2)
+
+    def test_request_meeting_a_connection_the_upstream_dropped_is_sent_again_once(self):
+        self.assertEqual(self.post_message()[0], 200)  # connection 1 now waits in the pool
+        # Connection 1 looks alive when it is taken, then closes on the request it carries:
+        # as when the upstream's idle timeout fires just as the proxy sends.
+        self.upstream.push(drop_connection)
+        status, _, body = self.post_message()
+        self.assertEqual(status, 200, body)  # retry_attempts is 0: only the resend can do this
+        dropped, resent = self.upstream.requests[1:]
+        self.assertEqual((dropped.connection, resent.connection), (1, 2))
+        self.assertEqual(dropped.body, resent.body)
+        self.upstream.push(drop_connection, drop_connection)
+        status, _, body = self.post_message()
+        assert_all_accounts_failed(self, status, body, 1, "ECONNRESET")
+        self.assertEqual(len(self.upstream.requests), 5)  # sent again once, not twice
 
     def test_upstream_that_hangs_times_out_with_a_clear_error(self):
         gate = threading.Event()
@@ -1176,6 +1213,42 @@ class TestSettings(CliTestCase):
                               env=env, capture_output=True, text=True, timeout=60)
         self.assertEqual(done.stdout.strip(), "7002", done.stderr)
         self.assertEqual(self.ok("config", "get", "port").strip(), "7001")
+
+    def reloaded_after_config_set(self, environ: dict, before=None) -> dict:
+        """Run a server with this environment, `config set retry_attempts 5`, return its config.
+
+        `before(proxy)` runs first, while the server runs.
+        """
+        proxy = Proxy("http://127.0.0.1:9", environ, lb_strategy="weighted", retry_attempts=2)
+        self.addCleanup(proxy.close)
+        if before is not None:
+            before(proxy)
+        code, _, err = run_cli("--config", proxy.config_path, "--db", proxy.db_path, "config",
+                               "set", "retry_attempts", "5")
+        self.assertEqual(code, 0, err)
+        return json.loads(proxy.request("GET", "/api/config")[2])
+
+    def test_environment_keeps_winning_when_the_server_reloads_the_file(self):
+        config = self.reloaded_after_config_set({"LB_STRATEGY": "headroom"})
+        self.assertEqual(config["settings"]["retryAttempts"], 5)  # the file was read again
+        self.assertEqual((config["settings"]["lbStrategy"], config["sources"]["lbStrategy"]),
+                         ("headroom", "env"))
+
+    # Bug: after config.json was found corrupt while the server ran, `config set` writes a
+    # new file holding every default, and Settings.reload_if_changed applies each of them as
+    # "changed", over the environment's values.
+    @unittest.expectedFailure
+    def test_environment_keeps_winning_after_a_corrupt_file_is_replaced(self):
+        def corrupt(proxy: Proxy) -> None:
+            with open(proxy.config_path, "w") as out:
+                out.write("{broken")
+            self.assertEqual(proxy.request("GET", "/health")[0], 200)  # the server saw it
+
+        config = self.reloaded_after_config_set({"LB_STRATEGY": "headroom"}, corrupt)
+        self.assertIn("Failed to parse config file", CAPTURED_LOG.text())
+        self.assertEqual(config["settings"]["retryAttempts"], 5)
+        self.assertEqual((config["settings"]["lbStrategy"], config["sources"]["lbStrategy"]),
+                         ("headroom", "env"))
 
     def test_invalid_values_are_refused_with_the_valid_ones(self):
         err = self.fails("Invalid strategy: fastest", "config", "set", "lb_strategy", "fastest")
@@ -1514,6 +1587,22 @@ class TestUsingAccounts(ServerWithAccounts):
         self.assertIsNone(seen["x-api-key"])
         self.assertEqual(seen["anthropic-beta"], "tools-2024,cache-x,oauth-2025-04-20")
 
+    def test_oauth_beta_is_added_once_and_only_for_oauth_accounts(self):
+        self.add_oauth("max")
+        self.add_key("keyed")
+        for _ in range(2):  # round-robin: one request on each account
+            self.assertEqual(self.post_message(headers={
+                "anthropic-beta": "oauth-2025-04-20,tools-2024"})[0], 200)
+        betas = {("oauth" if request.headers["Authorization"] else "api_key"):
+                 request.headers["anthropic-beta"] for request in self.upstream.messages()}
+        self.assertEqual(betas, {"oauth": "oauth-2025-04-20,tools-2024",
+                                 "api_key": "oauth-2025-04-20,tools-2024"})
+        self.assertEqual(self.post_message(headers={"anthropic-beta": "tools-2024"})[0], 200)
+        self.assertEqual(self.post_message(headers={"anthropic-beta": "tools-2024"})[0], 200)
+        self.assertEqual(sorted(request.headers["anthropic-beta"]
+                                for request in self.upstream.messages()[2:]),
+                         ["tools-2024", "tools-2024,oauth-2025-04-20"])
+
     def test_requests_rotate_over_accounts_and_are_counted(self):
         self.add_key("a")
         self.add_key("b")
@@ -1546,6 +1635,17 @@ class TestUsingAccounts(ServerWithAccounts):
         self.assertEqual(json.loads(self.proxy.request("GET", "/health")[2])["strategy"],
                          "weighted")
         self.assertIn("Failed to parse config file", CAPTURED_LOG.text())
+
+    def test_config_set_request_timeout_reaches_the_running_server(self):
+        self.ok("config", "set", "retry_attempts", "0")
+        self.ok("config", "set", "request_timeout_s", "0.3")
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.upstream.push(hang(gate))
+        started = time.monotonic()
+        status, _, body = self.post_message()
+        self.assertLess(time.monotonic() - started, 5)
+        assert_all_accounts_failed(self, status, body, 1, "sent nothing for 0.3s")
 
     def test_without_usable_accounts_the_client_credentials_pass(self):
         self.add_key("a")
@@ -1817,6 +1917,36 @@ class TestTokenRefresh(ServerWithAccounts):
         health = json.loads(self.proxy.request("GET", "/health")[2])
         self.assertEqual((health["status"], health["accounts"]["needs_reauth"]), ("degraded", 1))
 
+    def test_token_endpoint_401_marks_needs_reauth_and_traffic_moves_on(self):
+        self.add_oauth("max", expires_in_ms=-1000)
+        self.add_key("spare")
+        self.upstream.oauth.failures.append(
+            (401, {"error": "invalid_client", "error_description": "Client authentication "
+                                                                    "failed"}))
+        wait_for(lambda: self.listed()["max"]["status"] == "needs_reauth",
+                 what="the refresh to be refused")
+        for _ in range(3):
+            self.assertEqual(self.post_message()[0], 200)
+        self.assertEqual([request.headers["x-api-key"] for request in self.upstream.messages()],
+                         ["sk-ant-api03-spare"] * 3)
+        self.assertEqual(self.upstream.oauth.refresh_requests, 1)
+        self.assertIn("invalid_client", self.listed()["max"]["reauthReason"])
+        self.assertIn("Failed to refresh token for account max: Unauthorized",
+                      CAPTURED_LOG.text())
+
+    def test_refresh_answer_without_a_refresh_token_keeps_the_old_one(self):
+        _, refresh = self.add_oauth("work", expires_in_ms=-1000)
+        self.upstream.oauth.rotates = False
+        self.assertEqual(self.post_message()[0], 200)
+        account = self.stored("work")
+        self.assertEqual(account.refresh_token, refresh)
+        self.assertEqual(self.upstream.messages()[0].headers["Authorization"],
+                         f"Bearer {account.access_token}")
+        self.proxy.app.store.update_account("work", expires_at=claudeflare.now_ms() - 1000)
+        self.assertEqual(self.post_message()[0], 200)  # the kept token refreshes again
+        self.assertEqual(self.upstream.oauth.refresh_requests, 2)
+        self.assertEqual(self.listed()["work"]["status"], "active")
+
     def test_upstream_401_refreshes_once_and_retries_on_the_same_account(self):
         access, _ = self.add_oauth("work")
         self.upstream.oauth.access_tokens.discard(access)
@@ -1842,6 +1972,54 @@ class TestTokenRefresh(ServerWithAccounts):
         self.assertEqual((accounts["max"]["status"], accounts["max"]["needsReauth"]),
                          ("needs_reauth", True))
         self.assertIn("invalid_grant", accounts["max"]["reauthReason"])
+
+    def test_upstream_401_that_a_refresh_does_not_cure_marks_needs_reauth(self):
+        access, _ = self.add_oauth("max")
+        refused = reply_error(401, "authentication_error", "OAuth token revoked")
+        self.upstream.push(refused, refused)
+        status, _, body = self.post_message()
+        self.assertEqual(status, 401, body)  # the only account: its answer comes back
+        tokens = [request.headers["Authorization"] for request in self.upstream.messages()]
+        self.assertEqual(tokens, [f"Bearer {access}",
+                                  f"Bearer {self.stored('max').access_token}"])
+        self.assertEqual(self.upstream.oauth.refresh_requests, 1)
+        account = self.listed()["max"]
+        self.assertEqual(account["status"], "needs_reauth")
+        self.assertIn("OAuth token revoked", account["reauthReason"])
+
+    def test_a_refresh_that_loses_its_connection_is_not_sent_again(self):
+        _, first = self.add_oauth("work", expires_in_ms=60_000)
+        self.assertEqual(self.post_message()[0], 200)
+        wait_for(lambda: self.stored("work").refresh_token != first, what="the first refresh")
+        kept = self.stored("work")
+        self.proxy.app.store.update_account("work", expires_at=claudeflare.now_ms() + 60_000)
+        # A resent refresh could spend a refresh token the endpoint already rotated.
+        self.upstream.oauth.failures.append(drop_connection)
+        self.assertEqual(self.post_message()[0], 200)
+        wait_for(lambda: "Failed to refresh token for account work" in CAPTURED_LOG.text() or
+                 CAPTURED_LOG.text().count("Refreshed token for account work") > 1,
+                 what="the second refresh to end")
+        self.assertEqual(self.upstream.oauth.refresh_requests, 2)
+        self.assertEqual(self.stored("work").refresh_token, kept.refresh_token)
+        self.assertIn("ECONNRESET", CAPTURED_LOG.text())
+
+    def test_background_renewal_starts_fifteen_minutes_before_expiry(self):
+        self.add_oauth("soon", expires_in_ms=14 * 60_000)
+        self.add_oauth("later", expires_in_ms=16 * 60_000)
+        now = claudeflare.now_ms()
+        self.assertEqual([self.proxy.app.tokens.due(self.stored(name), now)
+                          for name in ("soon", "later")], [True, False])
+
+    def test_refresh_asks_with_the_configured_client_id(self):
+        self.proxy.stop()  # client_id is read at start
+        self.proxy = Proxy(self.upstream.url, client_id="my-client-id")
+        self.addCleanup(self.proxy.close)
+        _, refresh = self.add_oauth("work", expires_in_ms=-1000)
+        self.assertEqual(self.post_message()[0], 200)
+        asked = [request.json() for request in self.upstream.requests
+                 if request.path == "/v1/oauth/token"]
+        self.assertEqual(asked[:1], [{"grant_type": "refresh_token", "refresh_token": refresh,
+                                      "client_id": "my-client-id"}])
 
     def test_refresh_backoff_starts_at_a_minute_and_doubles(self):
         keeper = self.proxy.app.tokens
@@ -2134,6 +2312,94 @@ class TestFailover(RoutingTestCase):
                     self.assertIn("a", [a.name for a in self.proxy.app.accounts_to_try(
                         self.proxy.app.accounts(), None, later)])
 
+    def benched_for(self, headers) -> float:
+        """Let b, tried first, answer 429 with these headers; return how long it is benched (s).
+
+        c serves the request at once; b's mark is read as `list` shows it.
+        """
+        self.fault("b", reply_error(429, "rate_limit_error", "limited", headers))
+        started = time.monotonic()
+        self.assertEqual(self.post_message()[0], 200)  # turn 1 starts at b
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual([self.key_of(r) for r in self.upstream.messages()], ["b", "c"])
+        account = self.listed()["b"]
+        self.assertEqual(account["status"], "rate_limited")
+        return (account["rateLimitedUntil"] - claudeflare.now_ms()) / 1000
+
+    def test_both_windows_refused_bench_the_account_until_the_later_reset(self):
+        now = int(time.time())
+        self.assertAlmostEqual(self.benched_for([
+            ("anthropic-ratelimit-unified-status", "rejected"),
+            ("anthropic-ratelimit-unified-reset", str(now + 3600)),
+            ("anthropic-ratelimit-unified-7d-status", "rejected"),
+            ("anthropic-ratelimit-unified-7d-reset", str(now + 3 * 86400)),
+            ("anthropic-ratelimit-unified-5h-status", "rejected"),
+            ("anthropic-ratelimit-unified-5h-reset", str(now + 3600)),
+            ("retry-after", "3600")]), 3 * 86400, delta=5)
+
+    def test_a_reset_already_past_falls_back_to_retry_after(self):
+        self.assertAlmostEqual(self.benched_for([
+            ("anthropic-ratelimit-unified-5h-status", "rejected"),
+            ("anthropic-ratelimit-unified-5h-reset", str(int(time.time()) - 60)),
+            ("retry-after", "120")]), 120, delta=5)
+
+    def test_a_reset_already_past_without_retry_after_benches_a_minute(self):
+        self.assertAlmostEqual(self.benched_for([
+            ("anthropic-ratelimit-unified-status", "rejected"),
+            ("anthropic-ratelimit-unified-reset", str(int(time.time()) - 60))]), 60, delta=5)
+
+    def test_retry_after_as_an_http_date_sets_the_bench(self):
+        self.assertAlmostEqual(self.benched_for([
+            ("anthropic-ratelimit-unified-status", "rejected"),
+            ("retry-after", email.utils.formatdate(time.time() + 600, usegmt=True))]),
+            600, delta=5)
+
+    def test_api_key_limit_at_zero_benches_the_account_until_its_reset(self):
+        reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 7200))
+        self.assertAlmostEqual(self.benched_for([
+            ("anthropic-ratelimit-requests-limit", "50"),
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            ("anthropic-ratelimit-requests-reset", reset),
+            ("anthropic-ratelimit-tokens-remaining", "20000"), ("retry-after", "20")]),
+            7200, delta=5)
+
+    def test_429_naming_no_window_cools_down_for_its_retry_after(self):
+        self.assertAlmostEqual(self.benched_for([("retry-after", "120")]), 120, delta=5)
+
+    def test_408_is_retried_on_the_same_account(self):
+        self.fault("b", reply_error(408, "timeout_error", "Request timed out"))
+        status, _, body = self.post_message()
+        self.assertEqual(status, 200, body)
+        self.assertEqual([self.key_of(r) for r in self.upstream.messages()], ["b", "b"])
+
+    def test_5xx_saying_not_to_retry_goes_to_the_next_account(self):
+        self.fault("b", *[reply_error(500, "api_error", "boom", [("x-should-retry", "false")])]
+                   * 3)
+        status, _, body = self.post_message()
+        self.assertEqual(status, 200, body)
+        self.assertEqual([self.key_of(r) for r in self.upstream.messages()], ["b", "c"])
+        self.assertEqual(self.listed()["b"]["status"], "active")
+
+    def test_retry_after_beyond_thirty_seconds_goes_to_the_next_account_at_once(self):
+        self.fault("b", *[reply_error(529, "overloaded_error", "Overloaded",
+                                      [("retry-after", "45")])] * 3)
+        started = time.monotonic()
+        status, _, body = self.post_message()
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(status, 200, body)
+        self.assertEqual([self.key_of(r) for r in self.upstream.messages()], ["b", "c"])
+        self.assertEqual(self.listed()["b"]["status"], "active")
+
+    def test_401_on_an_api_key_account_moves_on_and_marks_the_account(self):
+        self.fault("b", reply_error(401, "authentication_error", "invalid x-api-key"))
+        status, _, body = self.post_message()
+        self.assertEqual(status, 200, body)
+        self.assertEqual([self.key_of(r) for r in self.upstream.messages()], ["b", "c"])
+        account = self.listed()["b"]
+        self.assertEqual(account["status"], "needs_reauth")
+        self.assertIn("invalid x-api-key", account["reauthReason"])
+        self.assertNotIn("b", self.served_by(3))
+
     def test_every_dead_pooled_connection_is_replaced_by_a_new_one(self):
         gate = threading.Event()
         self.addCleanup(gate.set)
@@ -2214,6 +2480,17 @@ class TestFailover(RoutingTestCase):
         self.assertEqual(status, 200)
         self.assertEqual(self.upstream.messages()[-1].headers["x-api-key"], "client-own")
         self.assertIn("No active accounts available", CAPTURED_LOG.text())
+
+    def test_retry_after_counts_only_accounts_that_come_back_by_themselves(self):
+        now = claudeflare.now_ms()
+        store = self.proxy.app.store
+        store.update_account("a", paused=1, rate_limited_until=now + 60_000)
+        store.update_account("b", needs_reauth=1, rate_limited_until=now + 120_000)
+        store.update_account("c", rate_limited_until=now + 3_600_000)
+        status, headers, _ = self.post_message()
+        self.assertEqual(status, 429)
+        self.assertAlmostEqual(int(headers["retry-after"]), 3600, delta=5)
+        self.assertEqual(self.upstream.messages(), [])
 
     def test_every_account_failing_without_an_answer_gives_503(self):
         for name in "abc":
@@ -2307,6 +2584,16 @@ class TestStrategies(RoutingTestCase):
         self.assertEqual(self.distribution(3), {"b": 3})
         self.assertEqual(self.distribution(6), {"b": 3, "c": 3})
 
+    def test_least_requests_counts_only_the_current_window(self):
+        store = self.proxy.app.store
+        now = claudeflare.now_ms()
+        window = self.proxy.app.settings.session_duration_ms
+        store.update_account("a", session_requests=50, session_start=now - window - 60_000)
+        store.update_account("b", session_requests=3, session_start=now)
+        store.update_account("c", session_requests=3, session_start=now)
+        self.ok("config", "set", "lb_strategy", "least-requests")
+        self.assertEqual(self.distribution(3), {"a": 3})  # a's 50 belong to a past window
+
     def test_session_sticks_spreads_and_moves(self):
         self.ok("config", "set", "lb_strategy", "session")
         first = self.distribution(5, {"X-Claude-Code-Session-Id": "conv-1"})
@@ -2363,12 +2650,44 @@ class TestStrategies(RoutingTestCase):
         self.assertGreater(len(firsts), 1)  # no longer bound: it rotates like a new one
 
     def test_new_conversations_go_to_the_account_with_most_headroom(self):
-        for name, used in (("a", 0.85), ("b", 0.15), ("c", 0.55)):
+        for name, used in (("a", 0.55), ("b", 0.85), ("c", 0.15)):
             self.fault(name, reply_json(200, message_body(), unified_headers("allowed", 3600,
                                                                              used, 0.1)))
         self.distribution(3)
         self.ok("config", "set", "lb_strategy", "session")
-        self.assertEqual(self.distribution(1, {"X-Claude-Code-Session-Id": "fresh"}), {"b": 1})
+        # Three turns: the rotation starts at b, then c, then a; headroom picks c each time.
+        for conversation in ("fresh-1", "fresh-2", "fresh-3"):
+            self.assertEqual(self.distribution(1, {"X-Claude-Code-Session-Id": conversation}),
+                             {"c": 1}, conversation)
+
+    def test_close_headroom_does_not_pile_new_conversations_on_one_account(self):
+        for name, used in (("a", 0.12), ("b", 0.14), ("c", 0.9)):
+            self.fault(name, reply_json(200, message_body(), unified_headers("allowed", 3600,
+                                                                             used, 0.1)))
+        self.distribution(3)
+        self.ok("config", "set", "lb_strategy", "session")
+        split = collections.Counter()
+        for index in range(4):
+            split += self.distribution(1, {"X-Claude-Code-Session-Id": f"new-{index}"})
+        self.assertEqual(set(split), {"a", "b"})  # 12% and 14% count as the same headroom
+
+    def test_weighted_failover_tries_the_rest_by_tier_after_the_scheduled_account(self):
+        tiers = {"a": 1, "b": 5, "c": 20}
+        self.ok("tier", "b", "5")
+        self.ok("tier", "c", "20")
+        self.ok("config", "set", "lb_strategy", "weighted")
+        orders = []
+        for _ in range(11):  # the schedule's first picks include all three by turn 11
+            for name in "abc":
+                self.fault(name, reply_error(400, "invalid_request_error", "This request would "
+                                             "use extra usage, which is not enabled."))
+            first = len(self.upstream.messages())
+            self.assertEqual(self.post_message()[0], 400)
+            orders.append([self.key_of(r) for r in self.upstream.messages()[first:]])
+        self.assertEqual({order[0] for order in orders}, {"a", "b", "c"})
+        for order in orders:
+            rest = sorted(set(tiers) - {order[0]}, key=lambda name: -tiers[name])
+            self.assertEqual(order, [order[0]] + rest)
 
     def test_metadata_user_id_keeps_a_conversation_together(self):
         self.ok("config", "set", "lb_strategy", "session")
@@ -2441,6 +2760,13 @@ class TestUsage(ServerWithAccounts):
         self.assertEqual((record["accountName"], record["success"], record["streaming"]),
                          ("work", True, False))
 
+    def test_record_keeps_the_client_product_and_the_conversation(self):
+        self.post_message(headers={"User-Agent": "claude-cli/2.1.3 (external, cli)",
+                                   "X-Claude-Code-Session-Id": "conv-42"})
+        record = self.last_record()
+        self.assertEqual((record["userAgent"], record["conversation"]),
+                         ("claude-cli/2.1.3", "session:conv-42"))
+
     def test_one_hour_cache_writes_cost_twice_the_input_price(self):
         self.upstream.push(reply_json(200, message_body("claude-opus-4-5", usage={
             "input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 3000,
@@ -2473,6 +2799,50 @@ class TestUsage(ServerWithAccounts):
         self.assertAlmostEqual(record["costUsd"], (321 * 1 + 40 * 5) / 1e6)
         self.assertGreater(record["tokensPerSecond"], 0)
 
+    def test_stream_with_crlf_line_endings_is_read_for_usage(self):
+        events = [event.replace(b"\n", b"\r\n") for event in
+                  message_events("claude-haiku-4-5", words=["a"] * 3, input_tokens=77)]
+        self.upstream.push(reply_stream_split(events, piece=5))
+        status, _, body = self.post_message(stream=True)
+        self.assertEqual((status, body), (200, b"".join(events)))
+        record = self.last_record()
+        self.assertEqual((record["model"], record["inputTokens"], record["outputTokens"]),
+                         ("claude-haiku-4-5", 77, 3))
+
+    #: Every row of the price table: model ids -> USD per million input and output tokens.
+    PRICES = (
+        (("claude-opus-4-5", "claude-opus-4-5-20251101", "claude-opus-4-6", "claude-opus-5"),
+         5, 25),
+        (("claude-opus-4-20250514", "claude-opus-4-1", "claude-opus-4-1-20250805"), 15, 75),
+        (("claude-3-7-sonnet-20250219", "claude-sonnet-4-20250514", "claude-sonnet-4-5",
+          "claude-sonnet-4-5-20250929", "claude-sonnet-5"), 3, 15),
+        (("claude-haiku-4-5", "claude-haiku-4-5-20251001"), 1, 5),
+        (("claude-3-5-haiku-20241022", "claude-3-5-haiku-latest"), 0.80, 4),
+        (("claude-3-haiku-20240307",), 0.25, 1.25),
+    )
+
+    def test_every_price_table_row_and_cache_multiplier(self):
+        usage = {"input_tokens": 1000, "output_tokens": 100, "cache_creation_input_tokens": 300,
+                 "cache_read_input_tokens": 2000,
+                 "cache_creation": {"ephemeral_5m_input_tokens": 200,
+                                    "ephemeral_1h_input_tokens": 100}}
+        expected = {}
+        for models, input_price, output_price in self.PRICES:
+            for model in models:
+                self.upstream.push(reply_json(200, message_body(model, usage=usage)))
+                self.assertEqual(self.post_message()[0], 200)
+                # input, output, 5-minute writes at 1.25x, 1-hour writes at 2x, reads at 0.1x
+                expected[model] = (1000 * input_price + 100 * output_price
+                                   + 200 * input_price * 1.25 + 100 * input_price * 2
+                                   + 2000 * input_price * 0.1) / 1e6
+        self.proxy.settle()
+        records = json.loads(self.proxy.request("GET", "/api/requests?limit=100")[2])
+        costs = {record["model"]: record["costUsd"] for record in records}
+        self.assertEqual(set(costs), set(expected))
+        for model, cost in expected.items():
+            self.assertIsNotNone(costs[model], f"{model} is unpriced")
+            self.assertAlmostEqual(costs[model], cost, places=12, msg=model)
+
     def test_stream_that_ends_early_keeps_what_it_reported(self):
         events = message_events("claude-sonnet-4-5", words=["a"] * 5, input_tokens=50)
         self.upstream.push(reply_stream_split(events, piece=11, stop_after=4))
@@ -2495,19 +2865,29 @@ class TestUsage(ServerWithAccounts):
         finally:
             store.close()
 
-    def test_old_records_are_pruned_past_the_retention(self):
-        store = self.proxy.app.store
-        old = claudeflare.now_ms() - 31 * 86400 * 1000
+    def kept_after_pruning(self, proxy: Proxy, ages_in_days: dict) -> set:
+        """Log records of these ages, let the server prune; return the ids still kept."""
+        store, now = proxy.app.store, claudeflare.now_ms()
         store.write_requests([claudeflare.RequestRecord(
-            id="old", timestamp=old, method="POST", path="/v1/messages", status=200,
-            success=True, response_time_ms=10)], 1000)
-        self.post_message()
-        self.proxy.settle()
-        ids = [row[0] for row in store.query("SELECT id FROM requests")]
-        self.assertNotIn("old", ids)
-        self.assertEqual(len(ids), 1)
+            id=name, timestamp=now - days * 86400 * 1000, method="POST", path="/v1/messages",
+            status=200, success=True, response_time_ms=10)
+            for name, days in ages_in_days.items()], 1000)
+        self.assertEqual(proxy.request("POST", "/v1/messages", b"{}")[0], 200)
+        proxy.settle()
+        return {row[0] for row in store.query("SELECT id FROM requests")} & set(ages_in_days)
+
+    def test_old_records_are_pruned_past_the_retention(self):
+        self.assertEqual(self.kept_after_pruning(self.proxy, {"29 days": 29, "31 days": 31}),
+                         {"29 days"})
+        store, old = self.proxy.app.store, claudeflare.now_ms() - 31 * 86400 * 1000
         self.assertEqual(store.query("SELECT COUNT(*) FROM usage_hourly WHERE hour < ?",
                                      (old + 86400 * 1000,))[0][0], 0)
+        self.assertEqual(store.query("SELECT COUNT(*) FROM usage_hourly")[0][0], 2)
+
+    def test_retention_follows_the_setting_in_days(self):
+        proxy = Proxy(self.upstream.url, request_retention_days=7)
+        self.addCleanup(proxy.close)
+        self.assertEqual(self.kept_after_pruning(proxy, {"6 days": 6, "8 days": 8}), {"6 days"})
 
 
 def assert_cross_site_refused(test: ServerWithAccounts, auth: dict) -> None:
@@ -2598,6 +2978,14 @@ class TestApi(ServerWithAccounts):
         self.assertTrue(lines and len(lines) <= 5)
         self.assertRegex(lines[-1], r"^\[\d{4}-\d\d-\d\dT[\d:.]+Z\] [A-Z]+: \[\w+\] ")
 
+    def test_request_log_lists_fifty_unless_asked_for_more(self):
+        now = claudeflare.now_ms()
+        self.proxy.app.store.write_requests([claudeflare.RequestRecord(
+            id=f"r{index}", timestamp=now - index, method="POST", path="/v1/messages",
+            status=200, success=True, response_time_ms=1) for index in range(60)], 1000)
+        self.assertEqual(len(self.get("/api/requests")[1]), 50)
+        self.assertEqual(len(self.get("/api/requests?limit=1000")[1]), 65)
+
     def test_analytics_for_every_range(self):
         for span, buckets in (("1h", 61), ("6h", 73), ("24h", 25), ("7d", 29), ("30d", 31)):
             status, analytics = self.get(f"/api/analytics?range={span}")
@@ -2652,6 +3040,22 @@ class TestApi(ServerWithAccounts):
                      'claudeflare_account_status{account="a",status="active"} 1'):
             self.assertIn(line, text.splitlines())
         self.assertIn("# TYPE claudeflare_request_duration_seconds histogram", text)
+
+    def test_metrics_show_the_cost_and_each_window_utilization(self):
+        self.upstream.push(reply_json(200, message_body(), unified_headers("allowed", 3600, 0.42,
+                                                                           0.93)))
+        self.assertEqual(self.post_message()[0], 200)
+        served = self.upstream.messages()[-1].headers["x-api-key"].replace("sk-ant-api03-", "")
+        self.proxy.settle()
+        lines = self.get("/metrics")[1].splitlines()
+        # five priced answers of 12 input and 5 output tokens of claude-sonnet-4-5 at $3/$15
+        self.assertIn("claudeflare_cost_usd_total 0.000555", lines)
+        self.assertIn(f'claudeflare_account_utilization{{account="{served}",window="5h"}} 0.42',
+                      lines)
+        self.assertIn(f'claudeflare_account_utilization{{account="{served}",window="7d"}} 0.93',
+                      lines)
+        self.assertEqual(len([line for line in lines
+                              if line.startswith("claudeflare_account_utilization{")]), 2)
 
     def test_status_page_parses_and_shows_every_account(self):
         self.ok("add", "zephyr-pool", "--api-key", stdin="sk-ant-api03-zephyr\n")
@@ -2732,6 +3136,102 @@ class TestSecrets(ServerWithAccounts):
             for text in seen:
                 self.assertNotIn(secret, text)
                 self.assertNotIn(secret[-16:], text)
+
+
+    def test_redact_masks_every_secret_form(self):
+        prefixed = ("sk-ant-api03-Ab_c-1XyZ", "sk-ant-oat01-Ab_c-2XyZ", "sk-ant-ort01-Ab_c-3XyZ",
+                    "cfk-Ab_c-4XyZ")
+        for secret in prefixed:
+            for text in (
+                    f"[2026-01-20T10:30:45.123Z] WARN: [Proxy] Request via work got 401 invalid "
+                    f"token {secret}",
+                    f'refresh refused: Bad Request: {{"error": "invalid_grant", "token": '
+                    f'"{secret}"}}',
+                    f"POST /v1/messages?beta=true&key={secret}&x=1"):
+                masked = claudeflare.redact(text)
+                self.assertNotIn(secret[-6:], masked, text)
+                self.assertEqual(masked, text.replace(secret, "[REDACTED]"))
+        for text, expected in (
+                ("x-api-key: opaque-key-1", "x-api-key: [REDACTED]"),
+                ("POST /v1/messages?x-api-key=opaque-key-2",
+                 "POST /v1/messages?x-api-key=[REDACTED]"),
+                ("upstream said: bearer opaque/token+4= then",
+                 "upstream said: bearer [REDACTED] then"),
+                ('{"access_token": "opaque-5", "expires_in": 60}',
+                 '{"access_token": "[REDACTED]", "expires_in": 60}'),
+                ('{"refresh_token":"opaque-6"}', '{"refresh_token":"[REDACTED]"}'),
+                ('{"api_key": "opaque-7"}', '{"api_key": "[REDACTED]"}'),
+                ('{"raw_key": "opaque-8"}', '{"raw_key": "[REDACTED]"}'),
+                ('{"code_verifier": "opaque-9"}', '{"code_verifier": "[REDACTED]"}'),
+                ('{"code": "opaque-10"}', '{"code": "[REDACTED]"}')):
+            self.assertEqual(claudeflare.redact(text), expected)
+        masked = claudeflare.redact("Authorization: Bearer opaque.token~3")
+        self.assertTrue(masked.startswith("Authorization: [REDACTED]"), masked)
+        self.assertNotIn("opaque", masked)
+        plain = "Request completed for work: 200 in 12ms (claude-sonnet-4-5, session abc-123)"
+        self.assertEqual(claudeflare.redact(plain), plain)
+
+    # Bug: redact() masks only the first word of an Authorization value (the scheme "Basic"
+    # of "Authorization: Basic dXNl..."), and no header value quoted as JSON
+    # ('"x-api-key": "..."'): those credentials pass through.
+    @unittest.expectedFailure
+    def test_redact_masks_authorization_values_of_any_scheme_and_quoting(self):
+        for text, secret in (("Authorization: Basic dXNlcjpjZmstc2VjcmV0", "dXNlcjpjZmstc2VjcmV0"),
+                             ("Proxy-Authorization: Basic dXNlcjpwYXNz", "dXNlcjpwYXNz"),
+                             ('{"x-api-key": "opaque-json-key"}', "opaque-json-key"),
+                             ('{"Authorization": "Basic dXNlcjpwYXNz"}', "dXNlcjpwYXNz")):
+            self.assertNotIn(secret, claudeflare.redact(text), text)
+
+    def send_secrets_from_outside(self) -> None:
+        """Send a request whose query string and upstream error carry secrets; spare serves it."""
+        self.add_key("keyed")
+        self.add_key("spare")
+        self.upstream.push(reply_error(401, "authentication_error",
+                                       "invalid credentials sk-ant-oat01-EchoedByUpstream"))
+        self.assertEqual(self.post_message(
+            path="/v1/messages?beta=true&key=sk-ant-api03-InTheQuery")[0], 200)
+        self.upstream.push(reply_error(400, "invalid_request_error",
+                                       "unexpected field near sk-ant-ort01-EchoedAgain"))
+        self.assertEqual(self.post_message()[0], 400)
+        self.proxy.settle()
+
+    SECRETS_FROM_OUTSIDE = ("EchoedByUpstream", "InTheQuery", "EchoedAgain")
+
+    def test_secrets_that_reach_a_log_line_are_masked(self):
+        self.send_secrets_from_outside()
+        logged = CAPTURED_LOG.text() + "\n".join(json.loads(self.proxy.request(
+            "GET", "/api/logs?limit=1000")[2]))
+        # The lines that carried them are there, masked: the check below is not vacuous.
+        self.assertIn("POST /v1/messages?beta=true&key=[REDACTED]: strategy", logged)
+        self.assertIn("needs attention and is skipped: 401 invalid credentials [REDACTED]",
+                      logged)
+        for secret in self.SECRETS_FROM_OUTSIDE:
+            self.assertNotIn(secret, logged)
+
+    def shown_after_secrets_from_outside(self) -> list:
+        """Send secrets from outside; return what `list`, `requests`, the API and page show."""
+        self.send_secrets_from_outside()
+        shown = [self.ok("list", "--json"), self.ok("requests"), self.ok("stats", "--json")]
+        return shown + [self.proxy.request("GET", path)[2].decode()
+                        for path in ("/api/accounts", "/api/requests", "/api/stats", "/")]
+
+    # Bug: only log lines go through redact(). An upstream error message is stored as it came,
+    # as the account's reauth_reason (App.mark_needs_attention) and the request's error
+    # (ProxyHandler.finish_record); `list`, the API and the status page show it.
+    @unittest.expectedFailure
+    def test_a_secret_in_an_upstream_error_is_masked_where_it_is_stored(self):
+        shown = "\n".join(self.shown_after_secrets_from_outside())
+        for secret in ("EchoedByUpstream", "EchoedAgain"):
+            self.assertNotIn(secret, shown)
+        self.assertIn("401 invalid credentials [REDACTED]", shown)
+
+    # Bug: the request log stores the path with its query string unmasked (RequestRecord.path
+    # in ProxyHandler.proxy); /api/requests and `requests` show it.
+    @unittest.expectedFailure
+    def test_a_secret_in_the_query_string_is_masked_in_the_request_log(self):
+        shown = "\n".join(self.shown_after_secrets_from_outside())
+        self.assertNotIn("InTheQuery", shown)
+        self.assertIn("/v1/messages?beta=true&key=[REDACTED]", shown)
 
 
 ###############################################################################
@@ -2925,7 +3425,12 @@ class TestShutdown(ServeTestCase):
         wait_for(lambda: self.upstream.requests, what="the request to reach the upstream")
         server.process.send_signal(signal.SIGTERM)
         wait_for(lambda: "Shutting down" in server.log(), what="shutdown to begin")
-        self.assertNotEqual(server.stop(signal.SIGINT), 0)
+        server.process.send_signal(signal.SIGINT)  # the second Ctrl+C
+        try:
+            code = server.process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            self.fail("a second Ctrl+C did not end the server within a second")
+        self.assertNotEqual(code, 0)
         gate.set()
 
     def test_second_server_on_the_same_database_is_refused(self):
@@ -3111,6 +3616,27 @@ class TestClientKeys(ServerWithAccounts):
 
     def test_cross_site_changes_are_refused(self):
         assert_cross_site_refused(self, {"x-api-key": self.key})
+
+    def test_without_usable_accounts_the_client_key_stays_behind(self):
+        self.ok("pause", "account")
+        for headers, own in (
+                ({"x-api-key": self.key, "Authorization": "Bearer sk-ant-api03-own"},
+                 ("Authorization", "Bearer sk-ant-api03-own")),
+                ({"Authorization": f"Bearer {self.key}", "x-api-key": "sk-ant-api03-own"},
+                 ("x-api-key", "sk-ant-api03-own"))):
+            self.assertEqual(self.post_message(headers=headers)[0], 200)
+            seen = self.upstream.messages()[-1].headers
+            self.assertEqual(seen[own[0]], own[1])
+            self.assertNotIn(self.key, str(seen.items()))
+        self.assertIn("No active accounts available", CAPTURED_LOG.text())
+
+    def test_with_client_keys_any_host_name_is_answered(self):
+        for path in ("/v1/messages", "/api/stats"):
+            status, _, _ = self.proxy.request("POST" if path == "/v1/messages" else "GET", path,
+                                              b"{}" if path == "/v1/messages" else None,
+                                              {"Host": "proxy.corp.example",
+                                               "x-api-key": self.key})
+            self.assertEqual(status, 200, path)
 
     def test_removing_the_last_key_opens_the_proxy_again(self):
         self.ok("keys", "remove", "laptop")
