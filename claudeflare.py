@@ -337,9 +337,9 @@ SECRET_PATTERNS = (
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/\-]+=*"),
     re.compile(r'(?i)("(?:access_token|refresh_token|api_key|raw_key|code_verifier|code)"\s*:\s*")'
                r'[^"]+'),
-    re.compile(r"(?i)((?:x-api-key|authorization)\s*[:=]\s*)\S+"),
+    re.compile(r'(?i)((?:x-api-key|(?:proxy-)?authorization)"?\s*[:=]\s*"?)[^"\r\n]+'),
     re.compile(r"(?i)([?&](?:api[_-]?key|key|token|access_token|refresh_token|secret|password)=)"
-               r"[^&\s]+"),
+               r"(?!\[REDACTED\])[^&\s\"']+"),
 )
 #: A text without any of these holds no secret: one search instead of every substitution.
 SECRET_HINT = re.compile(r"(?i)sk-ant-|cfk-|bearer|access_token|refresh_token|api_key|api-key|"
