@@ -756,7 +756,7 @@ def load_settings(config_path: str | None = None, flags: dict | None = None,
 MIN_SQLITE = (3, 24, 0)
 #: Seconds a connection waits for another writer (the server or a CLI command) before failing.
 #: The server writes in batches of milliseconds, so only a foreign lock lasts longer.
-BUSY_TIMEOUT_S = 5.0
+BUSY_TIMEOUT_S = 3.0
 TIERS = (1, 5, 20)
 ACCOUNT_NAME_PATTERN = re.compile(r"[A-Za-z0-9 _\-@.+]{1,100}")
 

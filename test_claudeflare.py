@@ -1738,6 +1738,110 @@ class TestUsingAccounts(ServerWithAccounts):
         self.assertIn("Backup target exists", err)
 
 
+class DatabaseHolder:
+    """Another process that opens the database and holds its write lock, as an sqlite3 shell
+    in a transaction (or a backup tool) would."""
+
+    def __init__(self, path: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "import sqlite3, sys\n"
+             "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+             "db.execute('BEGIN IMMEDIATE')\nprint('held', flush=True)\nsys.stdin.read()\n"
+             "db.execute('ROLLBACK')\n", path],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout.readline().strip() == "held"
+
+    def release(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(DEADLINE_S)
+            self.process.stdout.close()
+
+
+class TestLockedDatabase(ServerWithAccounts):
+    """Another process holding the database never holds up a request, nor loses a write."""
+
+    def hold(self) -> DatabaseHolder:
+        holder = DatabaseHolder(self.proxy.db_path)
+        self.addCleanup(holder.release)
+        return holder
+
+    def timed_post(self) -> tuple[int, float]:
+        started = time.monotonic()
+        status = self.post_message()[0]
+        return status, time.monotonic() - started
+
+    def test_refresh_and_rate_limit_marks_do_not_wait_for_a_locked_database(self):
+        access, refresh = self.add_oauth("max", expires_in_ms=-1000)
+        self.add_key("limited")
+        self.add_key("spare")
+        self.ok("config", "set", "lb_strategy", "round-robin")
+        self.upstream.push_for("sk-ant-api03-limited", reply_error(
+            429, "rate_limit_error", "limited", unified_headers("rejected", 3600)))
+        holder = self.hold()
+        for _ in range(3):  # round-robin: one request starts at each account
+            status, elapsed = self.timed_post()
+            self.assertEqual(status, 200)
+            self.assertLess(elapsed, 2.0)
+        self.assertEqual(self.upstream.oauth.refresh_requests, 1)
+        seen = [request.headers["Authorization"] for request in self.upstream.messages()]
+        fresh = next(token for token in seen if token and token != f"Bearer {access}")
+        for _ in range(3):  # the refreshed token and the bench hold while nothing is written
+            self.assertEqual(self.post_message()[0], 200)
+        self.assertEqual([r.headers["x-api-key"] for r in self.upstream.messages()
+                          ].count("sk-ant-api03-limited"), 1)
+        self.assertEqual(self.upstream.oauth.refresh_requests, 1)
+        self.assertIn("keeping it in memory", CAPTURED_LOG.text())
+        holder.release()
+        wait_for(lambda: f"Bearer {self.stored('max').access_token}" == fresh,
+                 what="the refreshed pair to be saved")
+        self.assertEqual(self.listed()["limited"]["status"], "rate_limited")
+        self.assertEqual(self.proxy.app.store.query("SELECT COUNT(*) FROM requests")[0][0], 6)
+
+    def test_reading_commands_work_and_writing_commands_say_who_holds_the_lock(self):
+        self.add_key("work")
+        self.assertEqual(self.post_message()[0], 200)
+        self.proxy.settle()
+        holder = self.hold()
+        self.assertIn("work", self.ok("list"))
+        self.assertIn("1 requests", self.ok("stats"))
+        started = time.monotonic()
+        code, _, err = self.cli("pause", "work")
+        self.assertLess(time.monotonic() - started, 8)
+        self.assertEqual(code, 1)
+        self.assertIn("is locked by another process", err)
+        self.assertIn(f"pid {holder.process.pid}", err)
+        self.assertIn("try again", err)
+        self.assertNotIn("Is it a claudeflare database", err)
+        status, _, body = self.proxy.request("POST", "/api/accounts/work/pause", b"{}",
+                                             {"Content-Type": "application/json"})
+        self.assertEqual(status, 503)
+        self.assertIn("locked by another process", json.loads(body)["error"])
+        holder.release()
+        self.ok("pause", "work")
+
+    def test_records_that_meet_a_full_disk_are_kept_and_written_when_space_returns(self):
+        self.add_key("work")
+        store = self.proxy.app.store
+        with store.lock:
+            pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+            store.db.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full from now on
+        sent = 0
+        while self.proxy.app.writer.failing_since is None:
+            self.assertEqual(self.post_message()[0], 200)
+            sent += 1
+            self.proxy.settle()
+            self.assertLess(sent, 500)
+        written = store.query("SELECT COUNT(*) FROM requests")[0][0]
+        self.assertLess(written, sent)
+        self.assertIn("keeping them in memory", CAPTURED_LOG.text())
+        with store.lock:
+            store.db.execute("PRAGMA max_page_count = 1073741823")  # space again
+        wait_for(lambda: store.query("SELECT COUNT(*) FROM requests")[0][0] == sent,
+                 what="the kept records to be written")
+        self.assertEqual(self.stored("work").request_count, sent)
+
+
 ###############################################################################
 # OAuth #######################################################################
 ###############################################################################
@@ -2045,6 +2149,38 @@ class TestTokenRefresh(ServerWithAccounts):
         account = self.stored("work")
         self.assertEqual((account.refresh_token, account.needs_reauth), (refresh, 0))
         self.assertIn("next try in 60s", CAPTURED_LOG.text())
+
+    def test_removing_an_account_during_its_refresh_moves_the_request_on(self):
+        self.add_oauth("leaving", expires_in_ms=-1000)
+        self.add_key("spare")
+        # The session strategy tries the account with the most headroom first: "leaving".
+        self.proxy.app.store.update_account("spare", utilization_5h=0.9,
+                                            reset_5h=claudeflare.now_ms() + 3_600_000)
+        self.upstream.oauth.delay = 0.5
+        results = []
+        worker = threading.Thread(target=lambda: results.append(self.post_message()))
+        worker.start()
+        wait_for(lambda: self.upstream.oauth.refresh_requests, what="the refresh to start")
+        self.ok("remove", "leaving", "--force")
+        worker.join()
+        status, _, body = results[0]
+        self.assertEqual(status, 200, body)
+        self.assertEqual([request.headers["x-api-key"] for request in self.upstream.messages()],
+                         ["sk-ant-api03-spare"])
+        self.assertNotIn("Unexpected error", CAPTURED_LOG.text())
+        self.assertIn("Account leaving was removed", CAPTURED_LOG.text())
+        self.assertEqual(list(self.listed()), ["spare"])
+
+    def test_short_lived_tokens_are_renewed_once_per_lifetime(self):
+        self.upstream.oauth.expires_in = 120  # every new token lives two minutes
+        access, _ = self.add_oauth("brief", expires_in_ms=10 * 60_000)
+        wait_for(lambda: self.upstream.oauth.refresh_requests == 1, what="the first renewal")
+        time.sleep(2.2)  # two turns of the background refresher, once a second each
+        self.assertEqual(self.upstream.oauth.refresh_requests, 1)
+        for _ in range(3):
+            self.assertEqual(self.post_message()[0], 200)
+        self.assertEqual(self.upstream.oauth.refresh_requests, 1)
+        self.assertNotEqual(self.stored("brief").access_token, access)
 
     def test_expired_token_without_refresh_token_is_reported(self):
         self.add_oauth("stale", expires_in_ms=-1000, refresh_token=None)
@@ -3104,6 +3240,31 @@ class TestApi(ServerWithAccounts):
 
 
 class TestSecrets(ServerWithAccounts):
+    def test_account_credentials_echoed_by_the_upstream_never_reach_the_client(self):
+        self.ok("add", "odd", "--api-key", stdin="custom-key-0123456789\n")
+        self.upstream.push(reply_error(400, "invalid_request_error",
+                                       "header x-api-key custom-key-0123456789 is malformed"))
+        status, _, body = self.post_message()
+        self.assertEqual(status, 400)
+        self.assertNotIn(b"custom-key-0123456789", body)
+        self.assertIn("[REDACTED]", json.loads(body)["error"]["message"])
+        self.proxy.settle()
+        self.assertNotIn("custom-key-0123456789", self.ok("requests"))
+
+    def test_a_refresh_token_the_token_endpoint_echoes_is_masked_in_the_503_and_the_account(
+            self):
+        _, refresh = self.add_oauth("max", expires_in_ms=-1000)
+        self.upstream.oauth.failures.append((400, {
+            "error": "invalid_grant", "error_description": f"refresh token {refresh} is revoked"}))
+        status, _, body = self.post_message()
+        self.assertEqual(status, 503)
+        self.assertIn("revoked", json.loads(body)["lastError"])
+        account = self.listed()["max"]
+        self.assertIn("revoked", account["reauthReason"])
+        shown = body.decode() + json.dumps(account) + self.ok("requests") + self.ok("list")
+        self.assertNotIn(refresh, shown)
+        self.assertNotIn(refresh[-12:], shown)
+
     def test_no_secret_reaches_the_api_the_page_or_the_log(self):
         self.add_key("keyed")
         access, refresh = self.add_oauth("subscription", expires_in_ms=60_000)
@@ -3393,6 +3554,36 @@ class TestShutdown(ServeTestCase):
             store.close()
         self.assertEqual([tuple(row) for row in rows], [(200, 1, 2)])
         self.assertIn("Server stopped", server.log())
+
+    def test_a_stream_cut_at_the_shutdown_timeout_ends_with_an_error_event_and_is_recorded(
+            self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        events = message_events()
+        self.upstream.push(reply_stream(events, hold_after=2, gate=gate))
+        server = self.serve(CLAUDEFLARE_SHUTDOWN_TIMEOUT_S="0.5")
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=DEADLINE_S)
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/messages", body=b'{"stream": true}')
+        response = connection.getresponse()
+        received = response.read1(65536)
+        wait_for(lambda: self.upstream.holding.is_set(), what="the stream to be held")
+        server.process.send_signal(signal.SIGTERM)
+        received += response.read()  # ends cleanly: no IncompleteRead
+        self.assertTrue(received.startswith(b"".join(events[:2])))
+        self.assertIn(b"event: error", received)
+        self.assertIn(b"Cut at shutdown", received)
+        self.assertEqual(server.stop(None), 0)
+        store = claudeflare.Store(server.db_path)
+        try:
+            rows = store.query("SELECT status, success, error, input_tokens FROM requests")
+        finally:
+            store.close()
+        self.assertEqual(len(rows), 1)
+        self.assertEqual((rows[0]["status"], rows[0]["success"], rows[0]["input_tokens"]),
+                         (200, 0, 12))
+        self.assertIn("Cut at shutdown: shutdown_timeout_s (0.5s) ran out", rows[0]["error"])
+        self.assertIn("cut 1 answers short", server.log())
 
     def test_a_second_signal_exits_at_once(self):
         gate = threading.Event()
