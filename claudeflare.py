@@ -939,7 +939,8 @@ def account_json(account: Account, now: int, session_duration_ms: int) -> dict:
         "sessionStart": account.session_start, "tokenExpiresAt": account.expires_at,
         "rateLimitStatus": account.rate_limit_status, "rateLimitReset": account.rate_limit_reset,
         "rateLimitedUntil": account.rate_limited_until,
-        "needsReauth": bool(account.needs_reauth), "reauthReason": account.reauth_reason,
+        "needsReauth": bool(account.needs_reauth),
+        "reauthReason": account.reauth_reason and redact(account.reauth_reason),
         "utilization5h": account.utilization_5h, "reset5h": account.reset_5h,
         "utilization7d": account.utilization_7d, "reset7d": account.reset_7d,
         "createdAt": account.created_at, "lastUsed": account.last_used,
@@ -2997,10 +2998,23 @@ def min_known(estimate: int | None, ceiling: int) -> int | None:
     return estimate if estimate is None else min(estimate, ceiling)
 
 
+#: Request-log columns shown as booleans, and those that came from outside (masked again when
+#: shown, for records an older claudeflare stored unmasked).
+BOOLEAN_COLUMNS = frozenset({"success", "streaming"})
+OUTSIDE_COLUMNS = frozenset({"path", "error"})
+
+
 def request_json(row: Any) -> dict:
     """Describe one request record for the API."""
-    return {camel(column): (bool(row[column]) if column in ("success", "streaming")
-                            else row[column]) for column in row.keys()}
+    described = {}
+    for column in row.keys():
+        value = row[column]
+        if column in BOOLEAN_COLUMNS:
+            value = bool(value)
+        elif column in OUTSIDE_COLUMNS and value:
+            value = redact(value)
+        described[camel(column)] = value
+    return described
 
 
 def named_usage(rows: list[Any]) -> list[dict]:
@@ -4614,7 +4628,7 @@ def account_row(account: Account, now: int, session_duration_ms: int) -> str:
     if status == "rate_limited":
         detail = f" until {when_text(account.rate_limited_until, now)}"
     elif status == "needs_reauth":
-        detail = f": {account.reauth_reason or ''}"
+        detail = f": {redact(account.reauth_reason or '')}"
     expires = when_text(account.expires_at, now) if account.type == "oauth" else "-"
     return (f"<tr><td><b>{escape(account.name)}</b><br><span class=\"muted\">"
             f"{escape(account.email or '')}</span></td><td>{escape(account.type)}</td>"
@@ -4921,7 +4935,7 @@ def status_text(account: Account, now: int) -> str:
     if status == "rate_limited":
         return f"rate_limited until {short_time(account.rate_limited_until, now)}"
     if status == "needs_reauth" and account.reauth_reason:
-        return f"needs_reauth ({account.reauth_reason[:60]})"
+        return f"needs_reauth ({redact(account.reauth_reason)[:60]})"
     return status
 
 
