@@ -5305,8 +5305,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except sqlite3.Error as error:
         path = args.db or default_db_path()
-        print(f"claudeflare: error: {locked_message(path) if is_locked(error) else f'database {path}: {error}'}",
-              file=sys.stderr)
+        problem = locked_message(path) if is_locked(error) else f"database {path}: {error}"
+        print(f"claudeflare: error: {problem}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

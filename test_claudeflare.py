@@ -909,10 +909,12 @@ class TestHostileRequests(ProxyTestCase):
             self.assertEqual(status, expected, headers)
             self.assertEqual(answer_headers["Connection"], "close")
             self.assertIn("message", body["error"])
-        for line, expected in ((b"GET /v1/models HTTP/2.0", 505), (b"GET /v1/models HTTP/0.9", 505),
-                               (b"GET /v1/models", 400), (b"\x16\x03\x01\x02\x00", 400),
+        for line, expected in ((b"GET /v1/models HTTP/2.0", 505),
+                               (b"GET /v1/models HTTP/0.9", 505), (b"GET /v1/models", 400),
+                               (b"\x16\x03\x01\x02\x00", 400),
                                (b"GET /v1/models HTTP/1.1 extra", 400),
-                               (b"G(T /v1/models HTTP/1.1", 400), (b"BREW /v1/models HTTP/1.1", 501)):
+                               (b"G(T /v1/models HTTP/1.1", 400),
+                               (b"BREW /v1/models HTTP/1.1", 501)):
             status, _, body = raw_answer(self.proxy.port, line + b"\r\nHost: localhost\r\n\r\n")
             self.assertEqual(status, expected, line)
             self.assertEqual(body["type"], "error")
@@ -1998,9 +2000,8 @@ class TestTokenRefresh(ServerWithAccounts):
         wait_for(lambda: "Refreshed token for account work" in CAPTURED_LOG.text(),
                  what="the refresh to be logged")
 
-    def test_invalid_grant_marks_needs_reauth_and_traffic_moves_on(self):
-        self.add_oauth("broken", expires_in_ms=-1000, refresh_token="sk-ant-ort01-revoked")
-        self.add_key("spare")
+    def assert_refused_refresh_marks_needs_reauth(self, reason: str, logged: str) -> None:
+        """The account whose refresh the token endpoint refused is marked; spare serves."""
         wait_for(lambda: self.listed()["broken"]["status"] == "needs_reauth",
                  what="the refresh to be refused")
         for _ in range(3):
@@ -2010,29 +2011,25 @@ class TestTokenRefresh(ServerWithAccounts):
         self.assertEqual(self.upstream.oauth.refresh_requests, 1)
         listed = self.listed()["broken"]
         self.assertEqual(listed["status"], "needs_reauth")
-        self.assertIn("invalid_grant", listed["reauthReason"])
+        self.assertIn(reason, listed["reauthReason"])
         self.assertIn("needs_reauth", self.ok("list"))
-        self.assertIn("Failed to refresh token for account broken: Bad Request",
+        self.assertIn(f"Failed to refresh token for account broken: {logged}",
                       CAPTURED_LOG.text())
         health = json.loads(self.proxy.request("GET", "/health")[2])
         self.assertEqual((health["status"], health["accounts"]["needs_reauth"]), ("degraded", 1))
 
+    def test_invalid_grant_marks_needs_reauth_and_traffic_moves_on(self):
+        self.add_oauth("broken", expires_in_ms=-1000, refresh_token="sk-ant-ort01-revoked")
+        self.add_key("spare")
+        self.assert_refused_refresh_marks_needs_reauth("invalid_grant", "Bad Request")
+
     def test_token_endpoint_401_marks_needs_reauth_and_traffic_moves_on(self):
-        self.add_oauth("max", expires_in_ms=-1000)
+        self.add_oauth("broken", expires_in_ms=-1000)
         self.add_key("spare")
         self.upstream.oauth.failures.append(
             (401, {"error": "invalid_client", "error_description": "Client authentication "
                                                                     "failed"}))
-        wait_for(lambda: self.listed()["max"]["status"] == "needs_reauth",
-                 what="the refresh to be refused")
-        for _ in range(3):
-            self.assertEqual(self.post_message()[0], 200)
-        self.assertEqual([request.headers["x-api-key"] for request in self.upstream.messages()],
-                         ["sk-ant-api03-spare"] * 3)
-        self.assertEqual(self.upstream.oauth.refresh_requests, 1)
-        self.assertIn("invalid_client", self.listed()["max"]["reauthReason"])
-        self.assertIn("Failed to refresh token for account max: Unauthorized",
-                      CAPTURED_LOG.text())
+        self.assert_refused_refresh_marks_needs_reauth("invalid_client", "Unauthorized")
 
     def test_refresh_answer_without_a_refresh_token_keeps_the_old_one(self):
         _, refresh = self.add_oauth("work", expires_in_ms=-1000)
