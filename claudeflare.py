@@ -14,8 +14,8 @@ __all__ = [
     "Account", "App", "ClaudeflareError", "ClientKey", "OAuthClient", "PkceLogin",
     "ProxyHandler", "ProxyServer", "RateLimit", "SETTINGS", "STRATEGIES", "Settings", "Store",
     "TokenKeeper", "Upstream", "UpstreamError", "Usage", "UsageReader", "build_parser",
-    "conversation_key", "load_settings", "main", "make_server", "parse_rate_limit", "price_of",
-    "redact", "render_status_page",
+    "conversation_key", "load_settings", "main", "make_server", "parse_rate_limit",
+    "price_of", "redact", "render_status_page", "server_tls_context",
 ]
 
 import argparse
@@ -45,6 +45,7 @@ import select
 import signal
 import sqlite3
 import socket
+import ssl
 import string
 import sys
 import tempfile
@@ -156,6 +157,12 @@ def parse_text(text: str) -> str:
     return value
 
 
+def parse_path(text: str) -> str:
+    """Read a file path, made absolute so that a service started elsewhere finds it; "" is none."""
+    value = str(text or "").strip()
+    return os.path.abspath(os.path.expanduser(value)) if value else ""
+
+
 def parse_strategy(text: str) -> str:
     """Read a load-balancing strategy name, one of STRATEGY_NAMES."""
     name = str(text).strip()
@@ -198,6 +205,10 @@ STRATEGY_NAMES = ("session", "round-robin", "weighted", "least-requests", "headr
 SETTINGS = (
     Setting("port", "PORT", 8080, parse_port, "port the proxy listens on"),
     Setting("host", "CLAUDEFLARE_HOST", "127.0.0.1", parse_text, "address the proxy binds"),
+    Setting("tls_cert", "CLAUDEFLARE_TLS_CERT", "", parse_path,
+            "PEM certificate (chain) to serve HTTPS with; none: plain HTTP"),
+    Setting("tls_key", "CLAUDEFLARE_TLS_KEY", "", parse_path,
+            "PEM private key of tls_cert (unencrypted)"),
     Setting("lb_strategy", "LB_STRATEGY", "session", parse_strategy,
             "how requests are spread over accounts: " + ", ".join(STRATEGY_NAMES)),
     Setting("client_id", "CLIENT_ID", "9d1c250a-e61b-44d9-88ed-5944d1962f5e", parse_text,
@@ -2673,6 +2684,73 @@ def conversation_key(headers: Any, body: bytes) -> str | None:
 
 
 ###############################################################################
+# TLS #########################################################################
+###############################################################################
+
+#: Seconds a client gets to complete its TLS handshake.
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+
+
+def server_tls_context(cert: str, key: str) -> ssl.SSLContext | None:
+    """Return the context that serves HTTPS (TLS 1.2 or newer), or None for plain HTTP.
+
+    Every problem with the files surfaces here, at start, as one line, rather than later in
+    each client's failed handshake.
+    """
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise ClaudeflareError("tls_cert and tls_key go together: give both (serve --tls-cert "
+                               "FILE --tls-key FILE) for HTTPS, or neither for plain HTTP")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cert)
+    except ssl.SSLError as error:
+        raise ClaudeflareError(f"The TLS certificate {cert} is not a PEM certificate "
+                               f"({error.reason or error}). Make one as the README shows "
+                               f"(openssl req -x509 ... or mkcert).") from None
+    except OSError as error:
+        raise ClaudeflareError(f"Cannot read the TLS certificate {cert}: "
+                               f"{error.strerror or error}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        # An encrypted key gets an empty password and fails, instead of OpenSSL asking for one
+        # on a terminal that a service does not have.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as error:
+        if error.reason == "KEY_VALUES_MISMATCH":
+            raise ClaudeflareError(f"The TLS key {key} does not belong to the certificate "
+                                   f"{cert}: give the key the certificate was made with") from None
+        raise ClaudeflareError(f"The TLS key {key} is not an unencrypted PEM private key "
+                               f"({error.reason or error}). Decrypt it: openssl pkey -in "
+                               f"{key} -out plain-key.pem") from None
+    except OSError as error:
+        raise ClaudeflareError(f"Cannot read the TLS key {key}: "
+                               f"{error.strerror or error}") from None
+    return context
+
+
+def tls_handshake(connection: ssl.SSLSocket, address: Any) -> bool:
+    """Complete a client's TLS handshake; on failure log why and return False.
+
+    It runs on the connection's own thread with its own deadline, never on the accepting
+    thread, so a client that connects and stays silent holds up nobody else.
+    """
+    timeout = connection.gettimeout()
+    connection.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+    try:
+        connection.do_handshake()
+    except OSError as error:
+        plain = "HTTP_REQUEST" in str(error)
+        component_logger("Server").info("TLS handshake with %s failed: %s%s", address[0], error,
+                                        " (it spoke plain HTTP: give it an https:// URL)"
+                                        if plain else "")
+        return False
+    connection.settimeout(timeout)
+    return True
+
+
+###############################################################################
 # Proxy handler & server ######################################################
 ###############################################################################
 
@@ -3147,6 +3225,12 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], app: App) -> None:
         self.app = app
         super().__init__(address, ProxyHandler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Serve one connection, on its own thread; an HTTPS one after its TLS handshake."""
+        if isinstance(request, ssl.SSLSocket) and not tls_handshake(request, client_address):
+            return
+        super().finish_request(request, client_address)
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
@@ -3854,14 +3938,20 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
 def make_server(settings: Settings, db_path: str) -> ProxyServer:
     """Build the listening server for the settings' host and port, on the database at db_path."""
+    tls = server_tls_context(settings.tls_cert, settings.tls_key)
     app = App(settings, Store(db_path))
     try:
-        return ProxyServer((settings.host, settings.port), app)
+        server = ProxyServer((settings.host, settings.port), app)
     except OSError as error:
         app.close()
         raise ClaudeflareError(f"Cannot listen on {settings.host}:{settings.port}: "
                                f"{error.strerror or error}. Is another server running there? "
                                f"Choose another port with --port or PORT.") from None
+    if tls is not None:
+        # Accepting only wraps the socket; the handshake waits for the connection's thread.
+        server.socket = tls.wrap_socket(server.socket, server_side=True,
+                                        do_handshake_on_connect=False)
+    return server
 
 
 ###############################################################################
@@ -4134,11 +4224,11 @@ class ServerLock:
                 f"Another claudeflare server is already running on {db_path} ({holder}). Stop "
                 f"it first, or start this one with another --db.") from None
 
-    def note(self, host: str, port: int) -> None:
-        """Write who holds the lock, for the message a second server shows."""
+    def note(self, host: str, port: int, scheme: str = "http") -> None:
+        """Write who holds the lock, for the message a second server shows (and `doctor`)."""
         self.file.seek(0)
         self.file.truncate()
-        self.file.write(f"pid {os.getpid()}, port {port}, http://{host}:{port}\n")
+        self.file.write(f"pid {os.getpid()}, port {port}, {scheme}://{host}:{port}\n")
         self.file.flush()
 
     def release(self) -> None:
@@ -4172,7 +4262,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         raise
     app = server.app
     host, port = server.server_address[:2]
-    lock.note(host, port)
+    scheme = "https" if settings.tls_cert else "http"
+    lock.note(host, port, scheme)
     stop = threading.Event()
 
     def request_stop(signum: int, frame: Any) -> None:
@@ -4183,15 +4274,16 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    server_log.info("claudeflare %s listening on http://%s:%d (upstream %s, database %s, log %s)",
-                    __version__, host, port, settings.upstream_url, app.store.path, logs.path)
+    server_log.info("claudeflare %s listening on %s://%s:%d (upstream %s, database %s, log %s)",
+                    __version__, scheme, host, port, settings.upstream_url, app.store.path,
+                    logs.path)
     if not is_loopback(host) and not app.client_keys():
         warning = (f"Listening on {host}, reachable from other machines, with no client keys: "
                    f"anyone who can reach port {port} can use your accounts. Create a key "
                    f"(python3 claudeflare.py keys add NAME) or bind 127.0.0.1.")
         server_log.warning("%s", warning)
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
-    print(f"claudeflare {__version__} listening on http://{host}:{port}", flush=True)
+    print(f"claudeflare {__version__} listening on {scheme}://{host}:{port}", flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
@@ -4533,7 +4625,8 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """Build the command-line parser: global options, then one subcommand per action."""
     settings_help = "\n".join(f"  {setting.env:<31}{setting.key}: {setting.help} "
-                              f"(default {setting.default})" for setting in SETTINGS)
+                              f"(default {str(setting.default) or 'none'})"
+                              for setting in SETTINGS)
     parser = argparse.ArgumentParser(
         prog="claudeflare.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -4570,12 +4663,21 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("name", help="the account's name")
         return sub
 
+    def server_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--host", type=argument(parse_text),
+                         help="address to bind (default 127.0.0.1)")
+        sub.add_argument("--port", type=argument(parse_port),
+                         help="port to listen on (default 8080)")
+        sub.add_argument("--tls-cert", metavar="FILE", type=argument(parse_path),
+                         help="serve HTTPS with this PEM certificate (with --tls-key)")
+        sub.add_argument("--tls-key", metavar="FILE", type=argument(parse_path),
+                         help="the certificate's unencrypted PEM private key")
+
     serve = command("serve", cmd_serve, "run the proxy, the API and the status page",
-                    "python3 claudeflare.py serve --port 8080")
-    serve.add_argument("--host", type=argument(parse_text),
-                       help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=argument(parse_port),
-                       help="port to listen on (default 8080)")
+                    "python3 claudeflare.py serve --port 8080\n"
+                    "  python3 claudeflare.py serve --host 0.0.0.0 --tls-cert cert.pem "
+                    "--tls-key key.pem")
+    server_options(serve)
 
     add = command("add", cmd_add, "add an account: OAuth login, or an API key read from stdin",
                   "python3 claudeflare.py add work\n"
@@ -4654,7 +4756,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"config {args.action} needs a KEY")
     if args.command == "keys" and args.action in ("add", "remove") and not args.name:
         parser.error(f"keys {args.action} needs a NAME")
-    flags = {key: getattr(args, key, None) for key in ("host", "port")}
+    flags = {key: getattr(args, key, None) for key in ("host", "port", "tls_cert", "tls_key")}
     try:
         settings = load_settings(args.config, flags)
         if args.command != "serve":

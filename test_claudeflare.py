@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import sqlite3
+import ssl
 import statistics
 import subprocess
 import sys
@@ -975,7 +976,8 @@ class TestSettings(CliTestCase):
         "oauth_redirect_uri": ("http://file.test/r", "http://env.test/r"),
         "request_timeout_s": ("11", "12"), "shutdown_timeout_s": ("13", "14"),
         "request_retention_days": ("7", "8"), "log_level": ("WARN", "ERROR"),
-        "log_format": ("json", "pretty"),
+        "log_format": ("json", "pretty"), "tls_cert": ("/file/cert.pem", "/env/cert.pem"),
+        "tls_key": ("/file/key.pem", "/env/key.pem"),
     }
 
     def test_every_setting_follows_the_precedence(self):
@@ -2861,6 +2863,104 @@ class TestClientKeys(ServerWithAccounts):
         self.assertEqual(self.post_message()[0], 200)
         code, _, err = self.cli("keys", "remove", "laptop")
         self.assertIn("Client key not found: laptop", err)
+
+
+###############################################################################
+# TLS #########################################################################
+###############################################################################
+
+#: A self-signed certificate for localhost and 127.0.0.1, valid from 2000 to 2100, its key, and
+#: a key of another certificate.
+TEST_CERT = """-----BEGIN CERTIFICATE-----
+MIIBjDCCATKgAwIBAgIBATAKBggqhkjOPQQDAjAUMRIwEAYDVQQDDAlsb2NhbGhv
+c3QwIBcNMDAwMTAxMDAwMDAwWhgPMjEwMDAxMDEwMDAwMDBaMBQxEjAQBgNVBAMM
+CWxvY2FsaG9zdDBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABMLxUqMgOEv2YIeg
+Xezl1uTN2DVRPd7l5JgcBE+pPXKAnMcHYbI11kjJB1+yABl27rqotB/34MfzEkgM
+mbCPIzWjczBxMBoGA1UdEQQTMBGCCWxvY2FsaG9zdIcEfwAAATAPBgNVHRMBAf8E
+BTADAQH/MA4GA1UdDwEB/wQEAwIChDATBgNVHSUEDDAKBggrBgEFBQcDATAdBgNV
+HQ4EFgQU01YBU8dVv4e41e8MSKmMf6cdRj0wCgYIKoZIzj0EAwIDSAAwRQIhAIsM
+G58QCxJ3WPsWOARCldk0rRfCFb1ru5RRF/8COWwDAiAKhtcDfBDoOGyqg/fB5lj7
+XVsu4BtmUPC/mES8F5pC1Q==
+-----END CERTIFICATE-----
+"""
+TEST_KEY = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg5MvWQ2+tq3UOyLnS
+EVbBAaAyTC2KXI+DBo46rDmdsgehRANCAATC8VKjIDhL9mCHoF3s5dbkzdg1UT3e
+5eSYHARPqT1ygJzHB2GyNdZIyQdfsgAZdu66qLQf9+DH8xJIDJmwjyM1
+-----END PRIVATE KEY-----
+"""
+OTHER_KEY = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgjpazTAcn5ACO1GlH
+7MDHNHaHky55XnntrGUnwDjp38ehRANCAAQBbvL7s5QKvPqLMHbK7us+o6S3L06h
+QFMdYUfzBgAGV5kdDX46cB1XxURCWNe0/HUWClDfmnEnH6cQMXwUfJuy
+-----END PRIVATE KEY-----
+"""
+
+
+def write_pem_files(folder: str) -> tuple[str, str, str]:
+    """Write the test certificate, its key and the other key; return their paths."""
+    paths = []
+    for name, text in (("cert.pem", TEST_CERT), ("key.pem", TEST_KEY), ("other.pem", OTHER_KEY)):
+        paths.append(os.path.join(folder, name))
+        with open(paths[-1], "w") as out:
+            out.write(text)
+    return paths[0], paths[1], paths[2]
+
+
+class TestTLS(ServeTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.cert, self.key, self.other_key = write_pem_files(self.folder)
+        self.trust = ssl.create_default_context(cafile=self.cert)
+
+    def https(self, port: int, method: str, path: str, body=None, host: str = "127.0.0.1"):
+        connection = http.client.HTTPSConnection(host, port, timeout=DEADLINE_S,
+                                                 context=self.trust)
+        try:
+            connection.request(method, path, body=body)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def test_health_and_v1_requests_over_https(self):
+        proxy = Proxy(self.upstream.url, tls_cert=self.cert, tls_key=self.key)
+        self.addCleanup(proxy.close)
+        status, body = self.https(proxy.port, "GET", "/health", host="localhost")
+        self.assertEqual((status, json.loads(body)["status"]), (200, "ok"))
+        status, body = self.https(proxy.port, "POST", "/v1/messages",
+                                  json.dumps({"model": "claude-sonnet-4-5"}).encode())
+        self.assertEqual((status, json.loads(body)["id"]), (200, "msg_fake"))
+        self.assertEqual(len(self.upstream.messages()), 1)
+
+    def test_plain_http_and_silent_clients_hold_up_nobody(self):
+        proxy = Proxy(self.upstream.url, tls_cert=self.cert, tls_key=self.key)
+        self.addCleanup(proxy.close)
+        silent = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE_S)
+        self.addCleanup(silent.close)
+        self.assertEqual(raw_http(proxy.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+                         b"")
+        self.assertEqual(self.https(proxy.port, "GET", "/health")[0], 200)
+        wait_for(lambda: "spoke plain HTTP: give it an https:// URL" in CAPTURED_LOG.text(),
+                 what="the failed handshake to be logged")
+
+    def test_a_wrong_or_missing_key_is_refused_at_start(self):
+        env = dict(os.environ, CLAUDEFLARE_CONFIG_PATH=os.path.join(self.folder, "config.json"),
+                   CLAUDEFLARE_DB_PATH=os.path.join(self.folder, "claudeflare.db"))
+        for args, expected in (
+                (("--tls-key", self.other_key),
+                 f"claudeflare: error: The TLS key {self.other_key} does not belong to the "
+                 f"certificate {self.cert}"),
+                ((), "claudeflare: error: tls_cert and tls_key go together")):
+            with self.subTest(args=args):
+                done = subprocess.run(
+                    [sys.executable, os.path.join(HERE, "claudeflare.py"), "serve", "--port", "0",
+                     "--tls-cert", self.cert, *args],
+                    env=env, capture_output=True, text=True, timeout=DEADLINE_S * 3)
+                self.assertEqual(done.returncode, 1)
+                self.assertTrue(done.stderr.startswith(expected), done.stderr)
+                self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
+                self.assertEqual(done.stdout, "")
 
 
 ###############################################################################
