@@ -15,6 +15,7 @@ import atexit
 import base64
 import collections
 import contextlib
+import email.utils
 import hashlib
 import re
 import select
@@ -1154,7 +1155,7 @@ class TestAccountCommands(CliTestCase):
     def test_every_command_has_help_with_an_example(self):
         for command in ("serve", "add", "list", "remove", "pause", "resume", "unpause", "tier",
                         "reauth", "keys", "config", "clear-history", "reset-stats", "stats",
-                        "requests", "health", "backup"):
+                        "requests", "health", "backup", "doctor"):
             code, out, _ = self.cli(command, "--help")
             self.assertEqual(code, 0, command)
             self.assertIn("example:", out, command)
@@ -2866,7 +2867,7 @@ class TestClientKeys(ServerWithAccounts):
 
 
 ###############################################################################
-# TLS #########################################################################
+# TLS and doctor ##############################################################
 ###############################################################################
 
 #: A self-signed certificate for localhost and 127.0.0.1, valid from 2000 to 2100, its key, and
@@ -2907,6 +2908,13 @@ def write_pem_files(folder: str) -> tuple[str, str, str]:
     return paths[0], paths[1], paths[2]
 
 
+def free_port() -> int:
+    """Return a port nothing listens on (it was free a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class TestTLS(ServeTestCase):
     def setUp(self) -> None:
         super().setUp()
@@ -2932,6 +2940,9 @@ class TestTLS(ServeTestCase):
                                   json.dumps({"model": "claude-sonnet-4-5"}).encode())
         self.assertEqual((status, json.loads(body)["id"]), (200, "msg_fake"))
         self.assertEqual(len(self.upstream.messages()), 1)
+        code, out, err = run_cli("--config", proxy.config_path, "--db", proxy.db_path, "health",
+                                 "--url", f"https://127.0.0.1:{proxy.port}")
+        self.assertEqual((code, out.split(":")[0]), (0, "ok"), err)
 
     def test_plain_http_and_silent_clients_hold_up_nobody(self):
         proxy = Proxy(self.upstream.url, tls_cert=self.cert, tls_key=self.key)
@@ -2943,6 +2954,20 @@ class TestTLS(ServeTestCase):
         self.assertEqual(self.https(proxy.port, "GET", "/health")[0], 200)
         wait_for(lambda: "spoke plain HTTP: give it an https:// URL" in CAPTURED_LOG.text(),
                  what="the failed handshake to be logged")
+
+    def test_served_with_tls_the_server_says_https_and_doctor_reaches_it(self):
+        server = self.serve("--tls-cert", self.cert, "--tls-key", self.key)
+        self.assertEqual(self.https(server.port, "GET", "/health")[0], 200)
+        with open(server.db_path + ".lock") as lock:
+            self.assertIn(f"https://127.0.0.1:{server.port}", lock.read())
+        env = {"CLAUDEFLARE_TLS_CERT": self.cert, "CLAUDEFLARE_TLS_KEY": self.key,
+               "PORT": str(server.port), "CLAUDEFLARE_UPSTREAM_URL": self.upstream.url}
+        with unittest.mock.patch.dict(os.environ, env):
+            code, out, _ = run_cli("--config", os.path.join(self.folder, "config.json"),
+                                   "--db", server.db_path, "doctor")
+        self.assertIn(f"ok    server: pid {server.process.pid} answers at "
+                      f"https://127.0.0.1:{server.port}/health: ok", out)
+        self.assertIn(f"ok    tls: serves HTTPS with {self.cert}", out)
 
     def test_a_wrong_or_missing_key_is_refused_at_start(self):
         env = dict(os.environ, CLAUDEFLARE_CONFIG_PATH=os.path.join(self.folder, "config.json"),
@@ -2961,6 +2986,187 @@ class TestTLS(ServeTestCase):
                 self.assertTrue(done.stderr.startswith(expected), done.stderr)
                 self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
                 self.assertEqual(done.stdout, "")
+
+
+class TestDoctor(ServeTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.config_path = os.path.join(self.folder, "config.json")
+        self.db_path = os.path.join(self.folder, "claudeflare.db")
+        self.env = {"CLAUDEFLARE_UPSTREAM_URL": self.upstream.url,
+                    "CLAUDEFLARE_TOKEN_URL": self.upstream.url + "/v1/oauth/token",
+                    "CLAUDEFLARE_LOG_DIR": os.path.join(self.folder, "logs"), "PORT": "0"}
+
+    def doctor(self, *args: str, **env: str) -> tuple[int, str]:
+        """Run doctor in this process; return its exit status and output (stderr must be empty)."""
+        with unittest.mock.patch.dict(os.environ, {**self.env, **env}):
+            code, out, err = run_cli("--config", self.config_path, "--db", self.db_path,
+                                     "doctor", *args)
+        self.assertEqual(err, "")
+        return code, out
+
+    def store(self) -> claudeflare.Store:
+        store = claudeflare.Store(self.db_path)
+        self.addCleanup(store.close)
+        return store
+
+    def answer_with_date(self, offset_s: float = 0) -> None:
+        """Have the upstream's next answer (the doctor's probe) carry a Date header."""
+        date = email.utils.formatdate(time.time() + offset_s, usegmt=True)
+        self.upstream.push(reply_json(200, {"data": []}, [("Date", date)]))
+
+    def test_healthy_setup_passes_every_check(self):
+        self.cli("add", "work", "--api-key", stdin="sk-ant-api03-doctorsecret\n")
+        access, refresh = self.upstream.oauth.issue()
+        self.store().add_account("max", "oauth", 5, access_token=access, refresh_token=refresh,
+                                 expires_at=claudeflare.now_ms() + 3_600_000)
+        server = self.serve()
+        self.answer_with_date()
+        code, out = self.doctor(PORT=str(server.port))
+        self.assertEqual(code, 0, out)
+        lines = out.splitlines()
+        for line in lines[:-1]:
+            self.assertTrue(line.startswith("ok    "), line)
+        self.assertRegex(lines[-1], r"^\d+ ok, 0 warn, 0 FAIL$")
+        for expected in (
+                f"ok    server: pid {server.process.pid} answers at "
+                f"http://127.0.0.1:{server.port}/health: ok (2 of 2 accounts active",
+                f"ok    port: 127.0.0.1:{server.port} is this database's server",
+                f"ok    database: {self.db_path}: schema {claudeflare.SCHEMA_VERSION}, "
+                f"integrity ok, mode 0600; accounts: 2, client keys: 0",
+                "ok    account work: active (api_key, tier 1)",
+                "ok    account max: active (oauth, tier 5), token valid for 59m",
+                "ok    accounts: 2 of 2 can serve",
+                f"ok    upstream: {self.upstream.url}/v1/models: resolved in ",
+                "ok    clock: within ",
+                f"ok    token endpoint: {self.upstream.url}/v1/oauth/token: resolved in ",
+                f"ok    config: {self.config_path} is valid"):
+            self.assertIn("\n" + expected, "\n" + out)
+        for secret in ("doctorsecret", access, refresh):
+            self.assertNotIn(secret, out)
+        self.answer_with_date()
+        code, out = self.doctor("--json", PORT=str(server.port))
+        report = json.loads(out)
+        self.assertEqual((code, report["ok"]), (0, True))
+        self.assertEqual({check["status"] for check in report["checks"]}, {"ok"})
+
+    def test_upstream_down_fails_and_names_the_proxy_when_it_is_the_cause(self):
+        dead = f"http://127.0.0.1:{free_port()}"
+        code, out = self.doctor(CLAUDEFLARE_UPSTREAM_URL=dead)
+        self.assertEqual(code, 1)
+        self.assertIn(f"\nFAIL  upstream: ECONNREFUSED: {dead} refused the connection; fix: "
+                      f"check the network and upstream_url\n", out)
+        self.assertIn("\nok    token endpoint: ", out)
+        code, out = self.doctor(HTTP_PROXY=dead)
+        self.assertEqual(code, 1)
+        self.assertIn(f"\nFAIL  upstream: Proxy ECONNREFUSED: {dead} refused the connection; "
+                      f"fix: check HTTPS_PROXY (HTTP_PROXY for http:// URLs), its credentials "
+                      f"and NO_PROXY\n", out)
+        tunnel = ConnectProxy()
+        self.addCleanup(tunnel.close)
+        self.answer_with_date()
+        code, out = self.doctor(HTTP_PROXY=tunnel.url)
+        self.assertIn(f"\nok    upstream: {self.upstream.url}/v1/models via proxy {tunnel.url}: "
+                      f"resolved in ", out)
+        self.assertEqual(len(tunnel.tunnels), 2)
+
+    def test_every_account_state_gets_its_line(self):
+        now = claudeflare.now_ms()
+        store = self.store()
+        store.add_account("lost", "oauth", 1, access_token="sk-ant-oat01-lostsecret",
+                          refresh_token="sk-ant-ort01-lostrefresh", expires_at=now + 3_600_000,
+                          needs_reauth=1, reauth_reason="refresh refused: Bad Request: Refresh "
+                          "token not found or invalid (invalid_grant)")
+        store.add_account("old", "oauth", 1, access_token="sk-ant-oat01-oldsecret",
+                          expires_at=now - 1000)
+        store.add_account("busy", "api_key", 1, api_key="sk-ant-api03-busysecret",
+                          rate_limited_until=now + 7_200_000, rate_limit_status="rejected")
+        store.add_account("off", "api_key", 1, api_key="sk-ant-api03-offsecret", paused=1)
+        code, out = self.doctor()
+        self.assertEqual(code, 1)
+        for expected in (
+                "FAIL  account lost: needs_reauth (refresh refused: Bad Request: Refresh token "
+                "not found or invalid (invalid_grant)); fix: log it in again: python3 "
+                "claudeflare.py reauth lost",
+                "FAIL  account old: Token expired or missing for account: old (and no refresh "
+                "token); fix: log it in again: python3 claudeflare.py reauth old",
+                f"warn  account busy: rate_limited until "
+                f"{claudeflare.iso_time(now + 7_200_000)} (in 1h 59m, rejected); fix: nothing: "
+                f"other accounts serve; it comes back then (python3 claudeflare.py resume busy "
+                f"to try now)",
+                "warn  account off: paused: no request goes to it; fix: python3 claudeflare.py "
+                "resume off",
+                "FAIL  accounts: No active accounts available: every account is paused, "
+                "rate-limited or needs a login; fix: python3 claudeflare.py list; resume NAME; "
+                "or add an account"):
+            self.assertIn("\n" + expected + "\n", out)
+        self.assertNotIn("secret", out)
+        self.assertNotIn("lostrefresh", out)
+
+    def test_corrupt_config_fails_and_stays_as_it_was(self):
+        with open(self.config_path, "w") as out:
+            out.write('{"port": 7001,')
+        code, out = self.doctor()
+        self.assertEqual(code, 1)
+        self.assertRegex(out, rf"\nFAIL  config: Failed to parse config file "
+                              rf"{re.escape(self.config_path)}: .+; fix: fix the JSON \(jq \. ")
+        self.assertEqual(sorted(os.listdir(self.folder)), ["config.json"])
+        with open(self.config_path) as kept:
+            self.assertEqual(kept.read(), '{"port": 7001,')
+        with open(self.config_path, "w") as out:
+            json.dump({"lb_strategy": "fastest", "retry_attempts": -1}, out)
+        code, out = self.doctor(LB_STRATEGY="")
+        self.assertEqual(code, 1)
+        self.assertIn("\nFAIL  config: Invalid strategy: fastest; valid: session, round-robin, "
+                      "weighted, least-requests, headroom (for lb_strategy, from "
+                      f"{self.config_path}); fix: python3 claudeflare.py config set lb_strategy "
+                      f"VALUE\n", out)
+        self.assertIn("\nFAIL  config: must not be negative, not -1 (for retry_attempts", out)
+        self.assertIn("\nok    upstream: ", out)
+
+    def test_port_taken_by_another_program_fails(self):
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            port = other.getsockname()[1]
+            code, out = self.doctor(PORT=str(port))
+        self.assertEqual(code, 1)
+        self.assertIn(f"\nFAIL  port: 127.0.0.1:{port} is taken by another program; fix: serve "
+                      f"--port {port + 1} (or PORT), or stop the program that uses it (lsof -i "
+                      f":{port})\n", out)
+
+    def test_clock_skew_fails_past_five_minutes(self):
+        self.answer_with_date(offset_s=-600)
+        code, out = self.doctor()
+        self.assertEqual(code, 1)
+        self.assertRegex(out, r"\nFAIL  clock: this machine's clock is 10m ahead of the "
+                              r"upstream's: .+; fix: turn on network time \(NTP\)")
+
+    def test_last_log_errors_are_shown_redacted(self):
+        os.makedirs(os.path.join(self.folder, "logs"))
+        with open(os.path.join(self.folder, "logs", "app.log"), "w") as log:
+            for number in range(5):
+                log.write(f"[2024-01-20T10:30:4{number}.123Z] ERROR: [Proxy] failure {number} "
+                          f"x-api-key: sk-ant-api03-leaked{number}\n")
+                log.write("[2024-01-20T10:30:45.123Z] INFO: [Proxy] Request completed\n")
+        code, out = self.doctor()
+        shown = [line for line in out.splitlines() if line.startswith("warn  log: ")]
+        self.assertEqual([line.split("failure ")[1][0] for line in shown], ["2", "3", "4"])
+        self.assertNotIn("leaked", out)
+        self.assertIn("[REDACTED]", shown[0])
+
+    def test_doctor_creates_and_changes_nothing(self):
+        def snapshot() -> dict:
+            return {name: os.stat(os.path.join(self.folder, name)).st_mtime_ns
+                    for name in os.listdir(self.folder)}
+
+        self.doctor()
+        self.assertEqual(snapshot(), {})
+        self.cli("add", "work", "--api-key", stdin="sk-ant-api03-doctor\n")
+        before = snapshot()
+        self.assertEqual(sorted(before), ["claudeflare.db", "config.json"])
+        self.doctor()
+        self.assertEqual(snapshot(), before)
 
 
 ###############################################################################
