@@ -14,8 +14,9 @@ __all__ = [
     "Account", "App", "Check", "ClaudeflareError", "ClientKey", "OAuthClient", "PkceLogin",
     "ProxyHandler", "ProxyServer", "RateLimit", "SETTINGS", "STRATEGIES", "Settings", "Store",
     "TokenKeeper", "Upstream", "UpstreamError", "Usage", "UsageReader", "build_parser",
-    "conversation_key", "load_settings", "main", "make_server", "parse_rate_limit",
-    "price_of", "redact", "render_status_page", "run_doctor", "server_tls_context",
+    "conversation_key", "launchd_plist", "load_settings", "main", "make_server",
+    "parse_rate_limit", "price_of", "redact", "render_status_page", "run_doctor",
+    "server_tls_context", "service_plan", "systemd_unit",
 ]
 
 import argparse
@@ -39,15 +40,19 @@ import json
 import logging
 import logging.handlers
 import os
+import plistlib
 import queue
 import re
 import secrets
 import select
+import shlex
+import shutil
 import signal
 import sqlite3
 import socket
 import ssl
 import string
+import subprocess
 import sys
 import tempfile
 import threading
@@ -4714,6 +4719,121 @@ def run_doctor(config_path: str, db_path: str, flags: dict, now: int) -> list[Ch
 
 
 ###############################################################################
+# Service #####################################################################
+###############################################################################
+
+SERVICE_NAME = "claudeflare"
+LAUNCHD_LABEL = "local.claudeflare"
+SERVICE_SYSTEMS = ("systemd", "launchd")
+#: What the service reaches the network through, as the shell that installs it does.
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY",
+                   "no_proxy")
+#: Seconds a service manager waits past shutdown_timeout_s before it kills the server.
+STOP_GRACE_S = 15
+
+
+@dataclass
+class ServicePlan:
+    """What a service runs: a command line and its environment, and how long a stop may take."""
+
+    command: list[str]
+    environment: dict[str, str]
+    stop_timeout_s: int
+
+
+def service_plan(settings: Settings, config_path: str, db_path: str) -> ServicePlan:
+    """Return how a service runs `serve` as this command line would.
+
+    The same Python and this very file, absolute paths, and every setting that came from a flag
+    or the environment (the config file is read by the service itself, changes included).
+    """
+    command = [sys.executable, os.path.abspath(__file__), "serve",
+               "--config", os.path.abspath(config_path), "--db", os.path.abspath(db_path)]
+    environment = {"CLAUDEFLARE_LOG_DIR": os.path.abspath(default_log_dir())}
+    for setting in SETTINGS:
+        if settings.sources[setting.key] in ("flag", "env"):
+            environment[setting.env] = str(settings.values[setting.key])
+    for name in PROXY_VARIABLES:
+        if os.environ.get(name):
+            environment[name] = os.environ[name]
+    return ServicePlan(command, environment, int(settings.shutdown_timeout_s) + STOP_GRACE_S)
+
+
+def default_service_system(platform: str) -> str | None:
+    """Return the per-user service manager of a platform (as sys.platform names it), if any."""
+    if platform.startswith("linux"):
+        return "systemd"
+    return "launchd" if platform == "darwin" else None
+
+
+def service_path(system: str) -> str:
+    """Return where the unit (systemd) or the agent's plist (launchd) of this user goes."""
+    home = os.path.expanduser("~")
+    if system == "systemd":
+        base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+        return os.path.join(base, "systemd", "user", SERVICE_NAME + ".service")
+    return os.path.join(home, "Library", "LaunchAgents", LAUNCHD_LABEL + ".plist")
+
+
+def systemd_word(text: str, expand: bool = True) -> str:
+    """Write one word of a unit file line: % (and in commands $) doubled, quoted if needed."""
+    text = text.replace("%", "%%")
+    if expand:
+        text = text.replace("$", "$$")
+    if text and not re.search(r"[\s\"'\\;]", text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def systemd_unit(plan: ServicePlan) -> str:
+    """Return the systemd user unit that runs the plan and restarts it when it fails."""
+    lines = [
+        "# Written by: python3 claudeflare.py service install",
+        "[Unit]",
+        "Description=claudeflare: Claude API proxy over a pool of accounts",
+        "",
+        "[Service]",
+        "Type=simple",
+        "ExecStart=" + " ".join(systemd_word(word) for word in plan.command),
+        *[f"Environment={systemd_word(f'{name}={value}', expand=False)}"
+          for name, value in plan.environment.items()],
+        "Restart=on-failure",
+        "RestartSec=5",
+        f"TimeoutStopSec={plan.stop_timeout_s}",
+        "",
+        "[Install]",
+        "WantedBy=default.target",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def launchd_plist(plan: ServicePlan) -> str:
+    """Return the launchd agent that runs the plan at login and restarts it when it fails."""
+    return plistlib.dumps({
+        "Label": LAUNCHD_LABEL,
+        "ProgramArguments": plan.command,
+        "EnvironmentVariables": plan.environment,
+        "RunAtLoad": True,
+        # Restart after a failure, not after a clean stop.
+        "KeepAlive": {"SuccessfulExit": False},
+        "ThrottleInterval": 5,
+        "ExitTimeOut": plan.stop_timeout_s,
+    }, sort_keys=False).decode()
+
+
+def task_scheduler_command(action: str, plan: ServicePlan) -> str:
+    """Return the schtasks command that does on Windows what `service ACTION` does elsewhere."""
+    if action == "install":
+        words = ["schtasks", "/Create", "/TN", SERVICE_NAME, "/SC", "ONLOGON", "/TR",
+                 subprocess.list2cmdline(plan.command), "/F"]
+    elif action == "uninstall":
+        words = ["schtasks", "/Delete", "/TN", SERVICE_NAME, "/F"]
+    else:
+        words = ["schtasks", "/Query", "/TN", SERVICE_NAME]
+    return subprocess.list2cmdline(words)
+
+
+###############################################################################
 # CLI #########################################################################
 ###############################################################################
 
@@ -5178,6 +5298,87 @@ def cmd_doctor(args: argparse.Namespace, flags: dict) -> int:
     return 1 if counts["fail"] else 0
 
 
+def run_service_command(command: list[str], check: bool = True) -> int:
+    """Run systemctl or launchctl with its output on the terminal; return its exit status."""
+    print("$ " + shlex.join(command), flush=True)
+    code = subprocess.run(command).returncode
+    if check and code != 0:
+        raise ClaudeflareError(f"{shlex.join(command)} failed (exit status {code})")
+    return code
+
+
+def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
+    """Install, remove or show the per-user service that runs `serve` and restarts it."""
+    plan = service_plan(settings, args.config or default_config_path(),
+                        args.db or default_db_path())
+    system = args.system or default_service_system(sys.platform)
+    if sys.platform == "win32" and not args.print or system is None:
+        if sys.platform == "win32":
+            raise ClaudeflareError(
+                f"Windows has no systemd or launchd; use Task Scheduler: "
+                f"{task_scheduler_command(args.action, plan)} (settings from flags and the "
+                f"environment do not reach it: put them in the config file with config set)")
+        raise ClaudeflareError(
+            f"No per-user service manager claudeflare knows on {sys.platform}: write a unit "
+            f"with service install --print --system systemd (or launchd) and adapt it, or "
+            f"start serve from this system's init")
+    if args.print and args.action != "install":
+        raise ClaudeflareError("--print writes what service install would install; use it "
+                               "with install")
+    if args.action == "install":
+        server_tls_context(settings.tls_cert, settings.tls_key)  # a bad file stops us here
+    if args.print:
+        print(systemd_unit(plan) if system == "systemd" else launchd_plist(plan), end="")
+        return 0
+    tool = "systemctl" if system == "systemd" else "launchctl"
+    if shutil.which(tool) is None:
+        raise ClaudeflareError(
+            f"{tool} not found: this system does not run {system}. Write the file with service "
+            f"install --print and hand it to the service manager it has, or start serve "
+            f"another way")
+    path = service_path(system)
+    unit = SERVICE_NAME + ".service"
+    target = f"gui/{os.getuid()}" if system == "launchd" else ""
+    if args.action == "install":
+        write_private_file(path, systemd_unit(plan) if system == "systemd"
+                           else launchd_plist(plan))
+        print(f"Wrote {path}")
+        if system == "systemd":
+            run_service_command(["systemctl", "--user", "daemon-reload"])
+            run_service_command(["systemctl", "--user", "enable", unit])
+            run_service_command(["systemctl", "--user", "restart", unit])
+        else:
+            run_service_command(["launchctl", "bootout", f"{target}/{LAUNCHD_LABEL}"],
+                                check=False)
+            run_service_command(["launchctl", "bootstrap", target, path])
+        print(f"claudeflare runs as a {system} service at "
+              f"{local_url(settings.host, settings.port, bool(settings.tls_cert))}; check it "
+              f"with: python3 claudeflare.py doctor")
+        if system == "systemd":
+            print(f"To keep it running while you are logged out: loginctl enable-linger "
+                  f"{getpass.getuser()}")
+        return 0
+    if not os.path.exists(path):
+        raise ClaudeflareError(f"claudeflare is not installed as a {system} service ({path} "
+                               f"does not exist). Install it: python3 claudeflare.py service "
+                               f"install")
+    if args.action == "status":
+        print(f"Installed: {path}")
+        command = (["systemctl", "--user", "status", "--no-pager", unit] if system == "systemd"
+                   else ["launchctl", "print", f"{target}/{LAUNCHD_LABEL}"])
+        return 0 if run_service_command(command, check=False) == 0 else 1
+    if system == "systemd":
+        run_service_command(["systemctl", "--user", "disable", "--now", unit])
+    else:
+        run_service_command(["launchctl", "bootout", f"{target}/{LAUNCHD_LABEL}"],
+                            check=False)
+    os.unlink(path)
+    if system == "systemd":
+        run_service_command(["systemctl", "--user", "daemon-reload"])
+    print(f"Stopped claudeflare and removed {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the command-line parser: global options, then one subcommand per action."""
     settings_help = "\n".join(f"  {setting.env:<31}{setting.key}: {setting.help} "
@@ -5301,6 +5502,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "check the setup, the accounts and the network, and say how to fix what "
                      "fails; changes nothing", "python3 claudeflare.py doctor")
     doctor.add_argument("--json", action="store_true", help="print JSON for scripts")
+    service = command("service", cmd_service,
+                      "run serve as a per-user service that starts at login and restarts on "
+                      "failure (systemd or launchd)",
+                      "python3 claudeflare.py service install --port 8080\n"
+                      "  python3 claudeflare.py service install --print --system launchd")
+    service.add_argument("action", choices=("install", "uninstall", "status"))
+    service.add_argument("--print", action="store_true",
+                         help="write the unit or plist to stdout and install nothing")
+    service.add_argument("--system", choices=SERVICE_SYSTEMS,
+                         help="the service manager (default: this system's)")
+    server_options(service)
     return parser
 
 

@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import plistlib
 import socket
 import sqlite3
 import ssl
@@ -1155,7 +1156,7 @@ class TestAccountCommands(CliTestCase):
     def test_every_command_has_help_with_an_example(self):
         for command in ("serve", "add", "list", "remove", "pause", "resume", "unpause", "tier",
                         "reauth", "keys", "config", "clear-history", "reset-stats", "stats",
-                        "requests", "health", "backup", "doctor"):
+                        "requests", "health", "backup", "doctor", "service"):
             code, out, _ = self.cli(command, "--help")
             self.assertEqual(code, 0, command)
             self.assertIn("example:", out, command)
@@ -2867,7 +2868,7 @@ class TestClientKeys(ServerWithAccounts):
 
 
 ###############################################################################
-# TLS and doctor ##############################################################
+# TLS, doctor and service #####################################################
 ###############################################################################
 
 #: A self-signed certificate for localhost and 127.0.0.1, valid from 2000 to 2100, its key, and
@@ -3167,6 +3168,51 @@ class TestDoctor(ServeTestCase):
         self.assertEqual(sorted(before), ["claudeflare.db", "config.json"])
         self.doctor()
         self.assertEqual(snapshot(), before)
+
+
+class TestService(CliTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.config_path = os.path.join(self.folder, "my %data", "config.json")
+        self.command = [sys.executable, os.path.join(HERE, "claudeflare.py"), "serve",
+                        "--config", self.config_path, "--db", self.db_path]
+
+    def test_systemd_unit_runs_serve_with_the_settings_of_this_command_line(self):
+        with unittest.mock.patch.dict(os.environ, {"LB_STRATEGY": "weighted"}):
+            unit = self.ok("service", "install", "--print", "--system", "systemd", "--port",
+                           "8123")
+        lines = unit.splitlines()
+        self.assertIn(f'ExecStart={self.command[0]} {self.command[1]} serve --config '
+                      f'"{self.folder}/my %%data/config.json" --db {self.db_path}', lines)
+        for expected in ('Environment=PORT=8123', 'Environment=LB_STRATEGY=weighted',
+                         'Environment=CLAUDEFLARE_UPSTREAM_URL=http://127.0.0.1:9',
+                         f'Environment=CLAUDEFLARE_LOG_DIR={os.environ["CLAUDEFLARE_LOG_DIR"]}',
+                         "Restart=on-failure", "TimeoutStopSec=45", "[Install]",
+                         "WantedBy=default.target"):
+            self.assertIn(expected, lines)
+        self.assertNotIn("lb_strategy", unit.lower().replace("lb_strategy=", ""))
+        self.assertFalse(os.path.exists(claudeflare.service_path("systemd")))
+
+    def test_launchd_plist_runs_serve_and_restarts_it_after_a_failure(self):
+        plist = plistlib.loads(self.ok("service", "install", "--print", "--system", "launchd",
+                                       "--host", "0.0.0.0").encode())
+        self.assertEqual(plist["Label"], "local.claudeflare")
+        self.assertEqual(plist["ProgramArguments"], self.command)
+        self.assertEqual(plist["EnvironmentVariables"]["CLAUDEFLARE_HOST"], "0.0.0.0")
+        self.assertNotIn("PORT", plist["EnvironmentVariables"])
+        self.assertEqual((plist["RunAtLoad"], plist["KeepAlive"]),
+                         (True, {"SuccessfulExit": False}))
+        self.assertFalse(os.path.exists(claudeflare.service_path("launchd")))
+
+    def test_this_systems_manager_is_the_default(self):
+        if sys.platform not in ("linux", "darwin"):
+            self.skipTest("no per-user service manager claudeflare knows here")
+        printed = self.ok("service", "install", "--print")
+        self.assertIn("[Service]" if sys.platform == "linux" else "<plist", printed)
+
+    def test_print_goes_with_install(self):
+        self.fails("--print writes what service install would install", "service", "status",
+                   "--print")
 
 
 ###############################################################################
