@@ -11,11 +11,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 __all__ = [
-    "Account", "App", "ClaudeflareError", "ClientKey", "OAuthClient", "PkceLogin",
+    "Account", "App", "Check", "ClaudeflareError", "ClientKey", "OAuthClient", "PkceLogin",
     "ProxyHandler", "ProxyServer", "RateLimit", "SETTINGS", "STRATEGIES", "Settings", "Store",
     "TokenKeeper", "Upstream", "UpstreamError", "Usage", "UsageReader", "build_parser",
-    "conversation_key", "load_settings", "main", "make_server", "parse_rate_limit", "price_of",
-    "redact", "render_status_page",
+    "conversation_key", "launchd_plist", "load_settings", "main", "make_server",
+    "parse_rate_limit", "price_of", "redact", "render_status_page", "run_doctor",
+    "server_tls_context", "service_plan", "systemd_unit",
 ]
 
 import argparse
@@ -26,6 +27,7 @@ import contextlib
 import dataclasses
 import datetime
 import email.utils
+import errno
 import functools
 import getpass
 import hashlib
@@ -40,14 +42,19 @@ import logging
 import logging.handlers
 import math
 import os
+import plistlib
 import queue
 import re
 import secrets
 import select
+import shlex
+import shutil
 import signal
 import sqlite3
 import socket
+import ssl
 import string
+import subprocess
 import sys
 import tempfile
 import threading
@@ -171,6 +178,12 @@ def parse_text(text: str) -> str:
     return value
 
 
+def parse_path(text: str) -> str:
+    """Read a file path, made absolute so that a service started elsewhere finds it; "" is none."""
+    value = str(text or "").strip()
+    return os.path.abspath(os.path.expanduser(value)) if value else ""
+
+
 def parse_strategy(text: str) -> str:
     """Read a load-balancing strategy name, one of STRATEGY_NAMES."""
     name = str(text).strip()
@@ -213,6 +226,10 @@ STRATEGY_NAMES = ("session", "round-robin", "weighted", "least-requests", "headr
 SETTINGS = (
     Setting("port", "PORT", 8080, parse_port, "port the proxy listens on"),
     Setting("host", "CLAUDEFLARE_HOST", "127.0.0.1", parse_text, "address the proxy binds"),
+    Setting("tls_cert", "CLAUDEFLARE_TLS_CERT", "", parse_path,
+            "PEM certificate (chain) to serve HTTPS with; none: plain HTTP"),
+    Setting("tls_key", "CLAUDEFLARE_TLS_KEY", "", parse_path,
+            "PEM private key of tls_cert (unencrypted)"),
     Setting("lb_strategy", "LB_STRATEGY", "session", parse_strategy,
             "how requests are spread over accounts: " + ", ".join(STRATEGY_NAMES)),
     Setting("client_id", "CLIENT_ID", "9d1c250a-e61b-44d9-88ed-5944d1962f5e", parse_text,
@@ -716,15 +733,16 @@ class Settings:
 
 def load_settings(config_path: str | None = None, flags: dict | None = None,
                   environ: dict | None = None, strict: bool = True,
-                  writable: bool = True) -> Settings:
+                  config: ConfigFile | None = None) -> Settings:
     """Resolve every setting from flags, the environment, config.json and the defaults.
 
     Unless strict, an invalid value in the file is reported in config.problems and the default
-    used instead, so that commands such as `config set` can still repair the file.
+    used instead, so that commands such as `config set` can still repair the file. `config`
+    replaces the file at config_path (the doctor passes one that never writes).
     """
     environ = os.environ if environ is None else environ
-    config = ConfigFile(config_path or default_config_path())
-    file_values = config.read(writable)
+    config = config or ConfigFile(config_path or default_config_path())
+    file_values = config.read()
     values, sources = {}, {}
     for setting in SETTINGS:
         flag = (flags or {}).get(setting.key)
@@ -1781,7 +1799,8 @@ class Upstream:
     wait here for the next request; beyond `pool_size` idle ones, extras are closed.
     """
 
-    def __init__(self, base_url: str, pool_size: int = UPSTREAM_POOL_SIZE) -> None:
+    def __init__(self, base_url: str, pool_size: int = UPSTREAM_POOL_SIZE,
+                 context: ssl.SSLContext | None = None) -> None:
         parts = urllib.parse.urlsplit(base_url)
         self.base_url = base_url
         self.https = parts.scheme == "https"
@@ -1797,13 +1816,16 @@ class Upstream:
         self.proxy = proxy_for(base_url)
         #: How failures name the far end: the upstream, and the proxy on the way if any.
         self.where = base_url + (f" via proxy {self.proxy.display}" if self.proxy else "")
+        #: How https connections verify the far end; None: the system's trusted CAs.
+        self.tls = {"context": context} if self.https and context is not None else {}
 
     def new_connection(self) -> http.client.HTTPConnection:
         """Return an unconnected connection (through the proxy's tunnel, if there is one)."""
         kind = UpstreamTLSConnection if self.https else UpstreamConnection
         if self.proxy is None:
-            return kind(self.host, self.port, timeout=CONNECT_TIMEOUT_S)
-        connection = kind(self.proxy.host, self.proxy.port, timeout=CONNECT_TIMEOUT_S)
+            return kind(self.host, self.port, timeout=CONNECT_TIMEOUT_S, **self.tls)
+        connection = kind(self.proxy.host, self.proxy.port, timeout=CONNECT_TIMEOUT_S,
+                          **self.tls)
         headers = {"Proxy-Authorization": self.proxy.authorization} if self.proxy.authorization \
             else None
         connection.set_tunnel(self.host, self.port, headers)
@@ -2920,6 +2942,101 @@ def conversation_key(headers: Any, body: bytes) -> str | None:
 
 
 ###############################################################################
+# TLS #########################################################################
+###############################################################################
+
+#: Seconds a client gets to complete its TLS handshake.
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+#: Let a trusted certificate anchor a chain even when it is no root (a mkcert leaf). Python
+#: names the OpenSSL flag from 3.10 on; 3.9 needs its value.
+VERIFY_PARTIAL_CHAIN = getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0x80000)
+
+
+def server_tls_context(cert: str, key: str) -> ssl.SSLContext | None:
+    """Return the context that serves HTTPS (TLS 1.2 or newer), or None for plain HTTP.
+
+    Every problem with the files surfaces here, at start, as one line, rather than later in
+    each client's failed handshake.
+    """
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise ClaudeflareError("tls_cert and tls_key go together: give both (serve --tls-cert "
+                               "FILE --tls-key FILE) for HTTPS, or neither for plain HTTP")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cert)
+    except ssl.SSLError as error:
+        raise ClaudeflareError(f"The TLS certificate {cert} is not a PEM certificate "
+                               f"({error.reason or error}). Make one as the README shows "
+                               f"(openssl req -x509 ... or mkcert).") from None
+    except OSError as error:
+        raise ClaudeflareError(f"Cannot read the TLS certificate {cert}: "
+                               f"{error.strerror or error}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        # An encrypted key gets an empty password and fails, instead of OpenSSL asking for one
+        # on a terminal that a service does not have.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as error:
+        if error.reason == "KEY_VALUES_MISMATCH":
+            raise ClaudeflareError(f"The TLS key {key} does not belong to the certificate "
+                                   f"{cert}: give the key the certificate was made with") from None
+        raise ClaudeflareError(f"The TLS key {key} is not an unencrypted PEM private key "
+                               f"({error.reason or error}). Decrypt it: openssl pkey -in "
+                               f"{key} -out plain-key.pem") from None
+    except OSError as error:
+        raise ClaudeflareError(f"Cannot read the TLS key {key}: "
+                               f"{error.strerror or error}") from None
+    return context
+
+
+def tls_handshake(connection: ssl.SSLSocket, address: Any) -> bool:
+    """Complete a client's TLS handshake; on failure log why and return False.
+
+    It runs on the connection's own thread with its own deadline, never on the accepting
+    thread, so a client that connects and stays silent holds up nobody else.
+    """
+    timeout = connection.gettimeout()
+    connection.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+    try:
+        connection.do_handshake()
+    except OSError as error:
+        plain = "HTTP_REQUEST" in str(error)
+        component_logger("Server").info("TLS handshake with %s failed: %s%s", address[0], error,
+                                        " (it spoke plain HTTP: give it an https:// URL)"
+                                        if plain else "")
+        return False
+    connection.settimeout(timeout)
+    return True
+
+
+def pinned_tls_context(cert: str) -> ssl.SSLContext | None:
+    """Return a client context trusting exactly this certificate; None if it cannot be read.
+
+    `health` and `doctor` ask this machine's own server, which serves that very file: trusting
+    it alone, whatever name the server is reached by, is stricter than the system's CAs and
+    works for a self-signed certificate too.
+    """
+    try:
+        context = ssl.create_default_context(cafile=cert)
+    except OSError:
+        return None
+    context.check_hostname = False
+    context.verify_flags |= VERIFY_PARTIAL_CHAIN
+    return context
+
+
+def local_url(host: str, port: int, tls: bool) -> str:
+    """Return the URL at which this machine reaches a server bound to host and port."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if tls else 'http'}://{host}:{port}"
+
+
+###############################################################################
 # Proxy handler & server ######################################################
 ###############################################################################
 
@@ -3596,6 +3713,12 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             component_logger("Server").warning(
                 "Turned away %d connections so far: max_connections (%d) are being served",
                 self.turned_away, limit)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Serve one connection, on its own thread; an HTTPS one after its TLS handshake."""
+        if isinstance(request, ssl.SSLSocket) and not tls_handshake(request, client_address):
+            return
+        super().finish_request(request, client_address)
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
@@ -4488,14 +4611,20 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
 def make_server(settings: Settings, db_path: str) -> ProxyServer:
     """Build the listening server for the settings' host and port, on the database at db_path."""
+    tls = server_tls_context(settings.tls_cert, settings.tls_key)
     app = App(settings, Store(db_path))
     try:
-        return ProxyServer((settings.host, settings.port), app)
+        server = ProxyServer((settings.host, settings.port), app)
     except OSError as error:
         app.close()
         raise ClaudeflareError(f"Cannot listen on {settings.host}:{settings.port}: "
                                f"{error.strerror or error}. Is another server running there? "
                                f"Choose another port with --port or PORT.") from None
+    if tls is not None:
+        # Accepting only wraps the socket; the handshake waits for the connection's thread.
+        server.socket = tls.wrap_socket(server.socket, server_side=True,
+                                        do_handshake_on_connect=False)
+    return server
 
 
 ###############################################################################
@@ -4712,6 +4841,631 @@ def render_status_page(app: App, now: int) -> str:
 
 
 ###############################################################################
+# Doctor ######################################################################
+###############################################################################
+
+#: The oldest Python claudeflare runs on.
+MIN_PYTHON = (3, 9)
+#: Seconds each probe (the upstream, the token endpoint, the server's /health) may take.
+DOCTOR_TIMEOUT_S = 10.0
+#: Clock skew against the upstream's Date header worth a warning, and a failure: tokens are
+#: renewed five minutes before they expire, and rate-limit resets come in the upstream's time.
+CLOCK_SKEW_WARN_MS = 60 * 1000
+CLOCK_SKEW_FAIL_MS = REFRESH_BEFORE_USE_MS
+#: How much of the end of app.log is searched for ERROR lines, and how many are shown.
+LOG_TAIL_BYTES = 256 * 1024
+LOG_ERRORS_SHOWN = 3
+#: Account statuses that can serve requests (overage: on extra usage, as the setting allows).
+SERVING_STATUSES = ("active", "overage")
+#: What the server's lock file says while it runs: see ServerLock.note.
+LOCK_HOLDER = re.compile(r"pid (\d+), port (\d+), (https?)://(.*):\d+$")
+#: The guide's fixes, where several checks share one.
+FIX_PROXY = "check HTTPS_PROXY (HTTP_PROXY for http:// URLs), its credentials and NO_PROXY"
+FIX_REAUTH = "log it in again: python3 claudeflare.py reauth {name}"
+
+
+@dataclass
+class Check:
+    """One finding of `doctor`: ok, warn or fail, what was seen, and what to do about it."""
+
+    status: str
+    name: str
+    message: str
+    fix: str = ""
+
+
+def server_lock_path(db_path: str) -> str:
+    """Return the file whose OS lock says a server runs on the database at db_path."""
+    return db_path + ".lock"
+
+
+def server_lock_holder(db_path: str) -> str | None:
+    """Return what the server holding the database's lock wrote in it, or None if none does.
+
+    The file is opened read-only, never created, and any lock taken to test it is let go
+    at once: a server starting meanwhile is not held up.
+    """
+    try:
+        lock = open(server_lock_path(db_path), encoding="utf-8")
+    except OSError:
+        return None
+    with lock:
+        try:
+            if fcntl is not None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+            else:
+                lock.seek(1 << 20)
+                msvcrt.locking(lock.fileno(), msvcrt.LK_NBRLCK, 1)
+                lock.seek(1 << 20)
+                msvcrt.locking(lock.fileno(), msvcrt.LK_UNLCK, 1)
+        except OSError:
+            lock.seek(0)
+            return lock.read().strip() or "starting up"
+    return None
+
+
+class ConfigSnapshot(ConfigFile):
+    """config.json's values, read once: settings resolve without creating or moving the file."""
+
+    def __init__(self, path: str, values: dict) -> None:
+        super().__init__(path)
+        self.values = values
+
+    def read(self, writable: bool = True) -> dict:
+        return dict(self.values)
+
+
+def ask_health(url: str, context: ssl.SSLContext | None) -> dict:
+    """GET a server's /health and return its JSON; a ClaudeflareError says why that failed."""
+    origin, prefix = split_url(url)
+    client = Upstream(origin, context=context)
+    try:
+        response, connection = client.send("GET", prefix.rstrip("/") + "/health",
+                                           [("Host", client.host_header)], b"",
+                                           DOCTOR_TIMEOUT_S)
+        body = response.read()
+        connection.close()
+    except (UpstreamError, OSError, http.client.HTTPException) as error:
+        hint = ("Set tls_cert to the server's certificate to trust it"
+                if "CERTIFICATE_VERIFY_FAILED" in str(error)
+                else "Is the server running (python3 claudeflare.py serve)?")
+        raise ClaudeflareError(f"No answer from {url}: {error}. {hint}") from None
+    finally:
+        client.close()
+    try:
+        health = json.loads(body)
+        if not isinstance(health["status"], str) or not isinstance(health["accounts"], dict):
+            raise ValueError("not claudeflare's shape")
+    except (ValueError, KeyError, TypeError):
+        raise ClaudeflareError(f"{url}/health did not answer like claudeflare") from None
+    return health
+
+
+def health_context(settings: Settings | None) -> ssl.SSLContext | None:
+    """Return how to verify this machine's own HTTPS server: pinned to its certificate."""
+    return pinned_tls_context(settings.tls_cert) if settings and settings.tls_cert else None
+
+
+def check_runtime() -> Check:
+    """Check the Python and SQLite versions against what claudeflare needs."""
+    versions = (f"Python {'.'.join(map(str, sys.version_info[:3]))}, "
+                f"SQLite {sqlite3.sqlite_version}")
+    if sys.version_info < MIN_PYTHON or sqlite3.sqlite_version_info < MIN_SQLITE:
+        return Check("fail", "python", f"{versions}: claudeflare needs Python "
+                     f"{'.'.join(map(str, MIN_PYTHON))} and SQLite "
+                     f"{'.'.join(map(str, MIN_SQLITE))} or newer", "use a newer Python build")
+    return Check("ok", "python", versions)
+
+
+def check_config(path: str) -> tuple[list[Check], dict]:
+    """Read config.json as it is, without creating or moving it; return checks, valid values."""
+    try:
+        with open(path, encoding="utf-8") as source:
+            text = source.read()
+    except FileNotFoundError:
+        return [Check("ok", "config", f"{path} does not exist yet: the defaults apply")], {}
+    except OSError as error:
+        return [Check("fail", "config", f"Cannot read config file {path}: "
+                      f"{error.strerror or error}",
+                      f"make it readable (chmod 600 {path}) or point --config elsewhere")], {}
+    try:
+        values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError("the top level must be a JSON object")
+    except ValueError as error:
+        return [Check("fail", "config", f"Failed to parse config file {path}: {error}",
+                      f"fix the JSON (jq . {path} shows where) or delete the file to start on "
+                      f"the defaults; a server would set it aside as config.json.bad-<time>")], {}
+    checks, valid = [], {}
+    for key, raw in values.items():
+        if key not in SETTINGS_BY_KEY:
+            checks.append(Check("warn", "config", f"unknown key {key} in {path} is ignored",
+                                f"known keys: {', '.join(SETTINGS_BY_KEY)}"))
+            continue
+        try:
+            validate_setting(key, raw, path)
+        except ClaudeflareError as error:
+            checks.append(Check("fail", "config", str(error),
+                                f"python3 claudeflare.py config set {key} VALUE"))
+            continue
+        valid[key] = raw
+    if not checks:
+        checks.append(Check("ok", "config", f"{path} is valid ({len(values)} keys)"))
+    return checks, valid
+
+
+def check_environment() -> tuple[list[Check], dict]:
+    """Check every setting given by an environment variable; return checks, the valid ones."""
+    checks, environ = [], dict(os.environ)
+    for setting in SETTINGS:
+        if environ.get(setting.env):
+            try:
+                validate_setting(setting.key, environ[setting.env], setting.env)
+            except ClaudeflareError as error:
+                checks.append(Check("fail", "environment", str(error),
+                                    f"fix or unset {setting.env}"))
+                del environ[setting.env]
+    return checks, environ
+
+
+def check_settings(settings: Settings) -> list[Check]:
+    """Say which settings are not the defaults and where each comes from; check TLS files."""
+    origins = {"flag": "flag", "config": "config file"}
+    changed = [f"{setting.key}={settings.values[setting.key]} "
+               f"({origins.get(settings.sources[setting.key], 'env ' + setting.env)})"
+               for setting in SETTINGS if settings.sources[setting.key] in ("flag", "env")
+               or settings.values[setting.key] != setting.default]
+    checks = [Check("ok", "settings", "; ".join(changed) + "; the rest are defaults"
+                    if changed else "all defaults")]
+    try:
+        if server_tls_context(settings.tls_cert, settings.tls_key) is not None:
+            checks.append(Check("ok", "tls", f"serves HTTPS with {settings.tls_cert}"))
+    except ClaudeflareError as error:
+        checks.append(Check("fail", "tls", str(error),
+                            "see the README's HTTPS section to make a certificate"))
+    return checks
+
+
+def open_read_only(path: str) -> sqlite3.Connection:
+    """Open a database for reading only, creating nothing, not even its -wal and -shm files.
+
+    Without a -wal file nobody has the database open, so all of it is in the main file and
+    it can be read as immutable, the one way SQLite reads WAL databases without making them.
+    """
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    if not os.path.exists(path + "-wal"):
+        uri += "&immutable=1"
+    connection = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
+    connection.row_factory = sqlite3.Row
+    return connection
+
+
+def check_database(path: str) -> tuple[list[Check], list[Account] | None, int]:
+    """Check the database read-only: schema, integrity, file modes; return its accounts too.
+
+    Returns the checks, the accounts (None when they cannot be read) and the client key count.
+    """
+    if not os.path.exists(path):
+        return [Check("ok", "database", f"{path} does not exist yet: the first command "
+                      f"creates it")], [], 0
+    checks = []
+    try:
+        db = open_read_only(path)
+    except sqlite3.Error as error:
+        return [Check("fail", "database", f"Cannot open database {path}: {error}",
+                      "make it readable by this user, or point --db elsewhere")], None, 0
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            return [Check("fail", "database", f"Database {path} has schema version {version}, "
+                          f"newer than this claudeflare {__version__} understands "
+                          f"({SCHEMA_VERSION})", "run the newer claudeflare.py that wrote it, "
+                          "or point --db at another database")], None, 0
+        problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            checks.append(Check("fail", "database", f"{path} failed its integrity check: "
+                                f"{'; '.join(problems[:3])}", "restore a backup "
+                                "(python3 claudeflare.py backup makes them)"))
+        if version < SCHEMA_VERSION:
+            checks.append(Check("ok", "database", f"{path} has schema version {version}; the "
+                                f"next command or server upgrades it to {SCHEMA_VERSION}"))
+            accounts, keys = None, 0
+        else:
+            accounts = [Account(**row) for row in db.execute(SELECT_ACCOUNTS)]
+            keys = db.execute("SELECT COUNT(*) FROM client_keys").fetchone()[0]
+    except sqlite3.DatabaseError as error:
+        return [Check("fail", "database", f"Cannot use database {path}: {error}. Is it a "
+                      f"claudeflare database?", "point --db or CLAUDEFLARE_DB_PATH at the "
+                      "right file")], None, 0
+    finally:
+        db.close()
+    for name in (path, path + "-wal"):
+        mode = os.stat(name).st_mode & 0o777 if os.path.exists(name) else 0o600
+        if os.name != "nt" and mode & 0o077:
+            checks.append(Check("fail", "database", f"{name} has mode {mode:04o}: others may "
+                                f"read the tokens and keys in it", f"chmod 600 {name}"))
+    if not checks:
+        checks.append(Check("ok", "database", f"{path}: schema {version}, integrity ok, "
+                            f"mode 0600; accounts: {len(accounts or [])}, client keys: {keys}"))
+    return checks, accounts, keys
+
+
+def check_server(db_path: str, settings: Settings | None) -> tuple[Check, int | None]:
+    """Check whether a server runs on the database and answers; return it and its port."""
+    holder = server_lock_holder(db_path)
+    if holder is None:
+        return Check("warn", "server", f"no claudeflare server is running on {db_path}",
+                     "start one: python3 claudeflare.py serve (or keep one running: "
+                     "python3 claudeflare.py service install)"), None
+    match = LOCK_HOLDER.search(holder)
+    if match is None:
+        return Check("warn", "server", f"a server is starting on {db_path} ({holder})"), None
+    pid, port, scheme, host = match.group(1), int(match.group(2)), match.group(3), match.group(4)
+    url = local_url(host, port, scheme == "https")
+    try:
+        health = ask_health(url, health_context(settings))
+    except ClaudeflareError as error:
+        return Check("fail", "server", f"pid {pid} holds {db_path}, but: {error}",
+                     "see its log; stop it and start it again"), port
+    counts = health["accounts"]
+    state = {"ok": "ok", "degraded": "warn"}.get(health["status"], "fail")
+    return Check(state, "server", f"pid {pid} answers at {url}/health: {health['status']} "
+                 f"({counts.get('active', 0)} of {counts.get('total', 0)} accounts active, up "
+                 f"{duration_text(health.get('uptime', 0))})"), port
+
+
+def check_port(host: str, port: int, server_port: int | None) -> Check:
+    """Check that the configured port is this database's server's, or free to listen on."""
+    if port == 0:
+        return Check("ok", "port", "0: the system picks a free port at each start")
+    if port == server_port:
+        return Check("ok", "port", f"{host}:{port} is this database's server")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        if os.name != "nt":
+            # As the server binds: a port whose last connections linger in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return Check("fail", "port", f"{host}:{port} is taken by another program",
+                             f"serve --port {port + 1} (or PORT), or stop the program that "
+                             f"uses it (lsof -i :{port})")
+            return Check("fail", "port", f"Cannot listen on {host}:{port}: "
+                         f"{error.strerror or error}",
+                         "set host to an address of this machine, and port to 1024 or above")
+    return Check("ok", "port", f"{host}:{port} is free")
+
+
+def check_access(host: str, tls: bool, keys: int) -> list[Check]:
+    """Warn when other machines can reach the server without a key, or see keys in clear."""
+    if is_loopback(host):
+        return []
+    if not keys:
+        return [Check("warn", "access", f"{host} is reachable from other machines and there "
+                      f"are no client keys: anyone who can reach it can use your accounts",
+                      "python3 claudeflare.py keys add NAME, or bind 127.0.0.1")]
+    if not tls:
+        return [Check("warn", "access", f"{host} is reachable from other machines over plain "
+                      f"HTTP: client keys cross the network readable",
+                      "serve HTTPS: set tls_cert and tls_key (see the README)")]
+    return [Check("ok", "access", f"{host}: HTTPS, with {keys} client keys")]
+
+
+def check_account(account: Account, now: int, server_running: bool) -> Check:
+    """Describe one account's state: usable, or what stops it and how to fix that."""
+    status = account.status(now)
+    name = f"account {account.name}"
+    if status == "needs_reauth":
+        reason = account.reauth_reason or "no reason recorded"
+        fix = (f"Anthropic disabled that organization: python3 claudeflare.py remove "
+               f"{account.name}" if "organization has been disabled" in reason.lower()
+               else FIX_REAUTH.format(name=account.name))
+        return Check("fail", name, f"needs_reauth ({reason})", fix)
+    if status == "expired":
+        return Check("fail", name, f"Token expired or missing for account: {account.name} "
+                     f"(and no refresh token)", FIX_REAUTH.format(name=account.name))
+    if status == "rate_limited":
+        return Check("warn", name, f"rate_limited until {iso_time(account.rate_limited_until)} "
+                     f"({when_text(account.rate_limited_until, now)}, "
+                     f"{account.rate_limit_status or 'no status'})",
+                     f"nothing: other accounts serve; it comes back then (python3 "
+                     f"claudeflare.py resume {account.name} to try now)")
+    if status == "paused":
+        return Check("warn", name, "paused: no request goes to it",
+                     f"python3 claudeflare.py resume {account.name}")
+    if status == "overage":
+        return Check("warn", name, "overage: serving on extra usage, billed beyond the plan")
+    if status != "active":
+        return Check("warn", name, status, "python3 claudeflare.py list")
+    kind = f"{account.type}, tier {account.account_tier}"
+    if account.type != "oauth":
+        return Check("ok", name, f"active ({kind})")
+    left = (account.expires_at or 0) - now
+    if left >= REFRESH_AHEAD_MS:
+        return Check("ok", name, f"active ({kind}), token valid for {duration_text(left)}")
+    when = f"expired {when_text(account.expires_at, now)}" if left <= 0 else \
+        f"expires {when_text(account.expires_at, now)}"
+    if not server_running:
+        return Check("ok", name, f"active ({kind}), token {when}: refreshed on its next use")
+    return Check("warn", name, f"active ({kind}), token {when} though a running server "
+                 f"renews tokens 15 minutes ahead: refreshing is failing",
+                 "look for 'Failed to refresh token' in the log; reauth if it says refused")
+
+
+def check_pool(accounts: list[Account], now: int) -> Check:
+    """Check that some account can serve requests."""
+    if not accounts:
+        return Check("warn", "accounts", "none: requests go upstream with each client's own "
+                     "credentials", "add one: python3 claudeflare.py add NAME")
+    serving = [account for account in accounts if account.status(now) in SERVING_STATUSES]
+    if not serving:
+        return Check("fail", "accounts", "No active accounts available: every account is "
+                     "paused, rate-limited or needs a login",
+                     "python3 claudeflare.py list; resume NAME; or add an account")
+    return Check("ok", "accounts", f"{len(serving)} of {len(accounts)} can serve")
+
+
+def probe(url: str, method: str, body: bytes) -> tuple[int, Any, str]:
+    """Send one request that changes nothing; return the status, the headers and what it took.
+
+    A failure raises UpstreamError in the guide's words, naming the outbound proxy when the
+    proxy is what failed.
+    """
+    origin, target = split_url(url)
+    client = Upstream(origin, pool_size=0)
+    proxy = client.proxy
+    host, port = (proxy.host, proxy.port) if proxy else (client.host, client.port)
+    started = time.monotonic()
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as error:
+        raise UpstreamError(("Proxy " if proxy else "") + describe_network_error(
+            error, proxy.display if proxy else origin, DOCTOR_TIMEOUT_S)) from None
+    resolved = time.monotonic()
+    headers = [("Host", client.host_header), ("anthropic-version", "2023-06-01")]
+    if body:
+        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    response, connection = client.send(method, target, headers, body, DOCTOR_TIMEOUT_S)
+    answered = time.monotonic()
+    response.close()
+    connection.close()
+    via = f" via proxy {proxy.display}" if proxy else ""
+    return response.status, response.headers, (
+        f"{url}{via}: resolved in {(resolved - started) * 1000:.0f} ms, answered "
+        f"{response.status} in {(answered - resolved) * 1000:.0f} ms")
+
+
+def check_endpoint(name: str, url: str, method: str, body: bytes,
+                   fix: str) -> tuple[Check, Any]:
+    """Check that an endpoint resolves and answers; return the check and the answer's headers."""
+    try:
+        status, headers, what = probe(url, method, body)
+    except UpstreamError as error:
+        message = str(error)
+        return Check("fail", name, message,
+                     FIX_PROXY if message.startswith("Proxy ") else fix), None
+    return Check("ok" if status < 500 else "warn", name, what), headers
+
+
+def check_clock(date: str | None, local_ms: int) -> Check:
+    """Compare this machine's clock with the upstream's Date header (OAuth expiry relies on it)."""
+    try:
+        upstream_ms = int(email.utils.parsedate_to_datetime(date or "").timestamp() * 1000)
+    except (TypeError, ValueError):
+        return Check("warn", "clock", "not checked: the upstream's answer had no readable Date "
+                     "header")
+    skew = local_ms - upstream_ms
+    text = f"{duration_text(abs(skew))} {'ahead of' if skew > 0 else 'behind'} the upstream's"
+    if abs(skew) < CLOCK_SKEW_WARN_MS:
+        return Check("ok", "clock", f"within {duration_text(abs(skew))} of the upstream's "
+                     f"(its Date header counts whole seconds)")
+    return Check("fail" if abs(skew) >= CLOCK_SKEW_FAIL_MS else "warn", "clock",
+                 f"this machine's clock is {text}: token expiry and rate-limit resets are "
+                 f"judged by it", "turn on network time (NTP) on this machine")
+
+
+def size_text(size: int) -> str:
+    """Say a file size briefly: 512 B, 12.3 KB, 4.5 MB."""
+    for unit in ("B", "KB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} MB"
+
+
+def log_error_lines(path: str) -> list[str]:
+    """Return the ERROR lines near the end of a log file, pretty or JSON, oldest first."""
+    try:
+        with open(path, "rb") as source:
+            size = source.seek(0, os.SEEK_END)
+            source.seek(max(0, size - LOG_TAIL_BYTES))
+            lines = source.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    if size > LOG_TAIL_BYTES:
+        lines = lines[1:]
+    return [line for line in lines
+            if re.match(r"\[[^\]]*\] ERROR: ", line) or '"level": "ERROR"' in line]
+
+
+def check_logs(log_dir: str) -> list[Check]:
+    """Check the log folder is writable, say how big app.log is, and show its last errors."""
+    path = os.path.join(log_dir, LOG_FILE_NAME)
+    existing = log_dir
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    fix = "fix its permissions, or set CLAUDEFLARE_LOG_DIR to a folder this user can write"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        checks = [Check("fail", "logs", f"cannot write in {existing}", fix)]
+    elif existing != log_dir:
+        checks = [Check("ok", "logs", f"{log_dir} does not exist yet: serve creates it")]
+    elif not os.path.exists(path):
+        checks = [Check("ok", "logs", f"{log_dir} is writable; no {LOG_FILE_NAME} yet")]
+    elif not os.access(path, os.W_OK):
+        checks = [Check("fail", "logs", f"cannot write {path}", fix)]
+    else:
+        checks = [Check("ok", "logs", f"{path}: {size_text(os.path.getsize(path))} (rotates "
+                        f"at {LOG_ROTATE_BYTES // (1024 * 1024)} MB)")]
+    checks += [Check("warn", "log", line[:300])
+               for line in log_error_lines(path)[-LOG_ERRORS_SHOWN:]]
+    return checks
+
+
+def run_doctor(config_path: str, db_path: str, flags: dict, now: int) -> list[Check]:
+    """Run the troubleshooting guide's checks in its order, changing nothing anywhere."""
+    checks = [check_runtime()]
+    config_checks, file_values = check_config(config_path)
+    environment_checks, environ = check_environment()
+    checks += config_checks + environment_checks
+    try:
+        settings = load_settings(config_path, flags, environ,
+                                 config=ConfigSnapshot(config_path, file_values))
+    except ClaudeflareError as error:
+        settings = None
+        checks.append(Check("fail", "settings", str(error)))
+    if settings is not None:
+        checks += check_settings(settings)
+    database_checks, accounts, keys = check_database(db_path)
+    checks += database_checks
+    server, server_port = check_server(db_path, settings)
+    checks.append(server)
+    if settings is not None:
+        checks.append(check_port(settings.host, settings.port, server_port))
+        checks += check_access(settings.host, bool(settings.tls_cert), keys)
+    if accounts is not None:
+        checks += [check_account(account, now, server_port is not None) for account in accounts]
+        checks.append(check_pool(accounts, now))
+    if settings is not None:
+        sent = now_ms()
+        upstream, headers = check_endpoint(
+            "upstream", settings.upstream_url + "/v1/models", "GET", b"",
+            "check the network and upstream_url")
+        checks.append(upstream)
+        if headers is not None:
+            checks.append(check_clock(headers.get("date"), (sent + now_ms()) // 2))
+        checks.append(check_endpoint("token endpoint", settings.oauth_token_url, "POST", b"{}",
+                                     "check the network and oauth_token_url")[0])
+    return checks + check_logs(default_log_dir())
+
+
+###############################################################################
+# Service #####################################################################
+###############################################################################
+
+SERVICE_NAME = "claudeflare"
+LAUNCHD_LABEL = "local.claudeflare"
+SERVICE_SYSTEMS = ("systemd", "launchd")
+#: What the service reaches the network through, as the shell that installs it does.
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY",
+                   "no_proxy")
+#: Seconds a service manager waits past shutdown_timeout_s before it kills the server.
+STOP_GRACE_S = 15
+
+
+@dataclass
+class ServicePlan:
+    """What a service runs: a command line and its environment, and how long a stop may take."""
+
+    command: list[str]
+    environment: dict[str, str]
+    stop_timeout_s: int
+
+
+def service_plan(settings: Settings, config_path: str, db_path: str) -> ServicePlan:
+    """Return how a service runs `serve` as this command line would.
+
+    The same Python and this very file, absolute paths, and every setting that came from a flag
+    or the environment (the config file is read by the service itself, changes included).
+    """
+    command = [sys.executable, os.path.abspath(__file__), "serve",
+               "--config", os.path.abspath(config_path), "--db", os.path.abspath(db_path)]
+    environment = {"CLAUDEFLARE_LOG_DIR": os.path.abspath(default_log_dir())}
+    for setting in SETTINGS:
+        if settings.sources[setting.key] in ("flag", "env"):
+            environment[setting.env] = str(settings.values[setting.key])
+    for name in PROXY_VARIABLES:
+        if os.environ.get(name):
+            environment[name] = os.environ[name]
+    return ServicePlan(command, environment, int(settings.shutdown_timeout_s) + STOP_GRACE_S)
+
+
+def default_service_system(platform: str) -> str | None:
+    """Return the per-user service manager of a platform (as sys.platform names it), if any."""
+    if platform.startswith("linux"):
+        return "systemd"
+    return "launchd" if platform == "darwin" else None
+
+
+def service_path(system: str) -> str:
+    """Return where the unit (systemd) or the agent's plist (launchd) of this user goes."""
+    home = os.path.expanduser("~")
+    if system == "systemd":
+        base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+        return os.path.join(base, "systemd", "user", SERVICE_NAME + ".service")
+    return os.path.join(home, "Library", "LaunchAgents", LAUNCHD_LABEL + ".plist")
+
+
+def systemd_word(text: str, expand: bool = True) -> str:
+    """Write one word of a unit file line: % (and in commands $) doubled, quoted if needed."""
+    text = text.replace("%", "%%")
+    if expand:
+        text = text.replace("$", "$$")
+    if text and not re.search(r"[\s\"'\\;]", text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def systemd_unit(plan: ServicePlan) -> str:
+    """Return the systemd user unit that runs the plan and restarts it when it fails."""
+    lines = [
+        "# Written by: python3 claudeflare.py service install",
+        "[Unit]",
+        "Description=claudeflare: Claude API proxy over a pool of accounts",
+        "",
+        "[Service]",
+        "Type=simple",
+        "ExecStart=" + " ".join(systemd_word(word) for word in plan.command),
+        *[f"Environment={systemd_word(f'{name}={value}', expand=False)}"
+          for name, value in plan.environment.items()],
+        "Restart=on-failure",
+        "RestartSec=5",
+        f"TimeoutStopSec={plan.stop_timeout_s}",
+        "",
+        "[Install]",
+        "WantedBy=default.target",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def launchd_plist(plan: ServicePlan) -> str:
+    """Return the launchd agent that runs the plan at login and restarts it when it fails."""
+    return plistlib.dumps({
+        "Label": LAUNCHD_LABEL,
+        "ProgramArguments": plan.command,
+        "EnvironmentVariables": plan.environment,
+        "RunAtLoad": True,
+        # Restart after a failure, not after a clean stop.
+        "KeepAlive": {"SuccessfulExit": False},
+        "ThrottleInterval": 5,
+        "ExitTimeOut": plan.stop_timeout_s,
+    }, sort_keys=False).decode()
+
+
+def task_scheduler_command(action: str, plan: ServicePlan) -> str:
+    """Return the schtasks command that does on Windows what `service ACTION` does elsewhere."""
+    if action == "install":
+        words = ["schtasks", "/Create", "/TN", SERVICE_NAME, "/SC", "ONLOGON", "/TR",
+                 subprocess.list2cmdline(plan.command), "/F"]
+    elif action == "uninstall":
+        words = ["schtasks", "/Delete", "/TN", SERVICE_NAME, "/F"]
+    else:
+        words = ["schtasks", "/Query", "/TN", SERVICE_NAME]
+    return subprocess.list2cmdline(words)
+
+
+###############################################################################
 # CLI #########################################################################
 ###############################################################################
 
@@ -4749,7 +5503,7 @@ class ServerLock:
     """
 
     def __init__(self, db_path: str) -> None:
-        self.path = db_path + ".lock"
+        self.path = server_lock_path(db_path)
         create_private_file(self.path)
         self.file = open(self.path, "r+", encoding="utf-8")
         try:
@@ -4768,11 +5522,11 @@ class ServerLock:
                 f"Another claudeflare server is already running on {db_path} ({holder}). Stop "
                 f"it first, or start this one with another --db.") from None
 
-    def note(self, host: str, port: int) -> None:
-        """Write who holds the lock, for the message a second server shows."""
+    def note(self, host: str, port: int, scheme: str = "http") -> None:
+        """Write who holds the lock, for the message a second server shows (and `doctor`)."""
         self.file.seek(0)
         self.file.truncate()
-        self.file.write(f"pid {os.getpid()}, port {port}, http://{host}:{port}\n")
+        self.file.write(f"pid {os.getpid()}, port {port}, {scheme}://{host}:{port}\n")
         self.file.flush()
 
     def release(self) -> None:
@@ -4806,7 +5560,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         raise
     app = server.app
     host, port = server.server_address[:2]
-    lock.note(host, port)
+    scheme = "https" if settings.tls_cert else "http"
+    lock.note(host, port, scheme)
     stop = threading.Event()
 
     def request_stop(signum: int, frame: Any) -> None:
@@ -4817,15 +5572,16 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    server_log.info("claudeflare %s listening on http://%s:%d (upstream %s, database %s, log %s)",
-                    __version__, host, port, settings.upstream_url, app.store.path, logs.path)
+    server_log.info("claudeflare %s listening on %s://%s:%d (upstream %s, database %s, log %s)",
+                    __version__, scheme, host, port, settings.upstream_url, app.store.path,
+                    logs.path)
     if not is_loopback(host) and not app.client_keys():
         warning = (f"Listening on {host}, reachable from other machines, with no client keys: "
                    f"anyone who can reach port {port} can use your accounts. Create a key "
                    f"(python3 claudeflare.py keys add NAME) or bind 127.0.0.1.")
         server_log.warning("%s", warning)
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
-    print(f"claudeflare {__version__} listening on http://{host}:{port}", flush=True)
+    print(f"claudeflare {__version__} listening on {scheme}://{host}:{port}", flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
@@ -5145,34 +5901,126 @@ def cmd_requests(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     """Ask a running server for /health; exit 0 only when it says ok."""
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    url = args.url or f"http://{host}:{settings.port}"
-    origin, prefix = split_url(url)
-    client = Upstream(origin)
-    try:
-        response, connection = client.send("GET", prefix.rstrip("/") + "/health",
-                                           [("Host", client.host_header)], b"", 10.0)
-        body = response.read()
-        connection.close()
-    except (UpstreamError, OSError, http.client.HTTPException) as error:
-        raise ClaudeflareError(f"No answer from {url}: {error}. Is the server running "
-                               f"(python3 claudeflare.py serve)?") from None
-    finally:
-        client.close()
-    try:
-        health = json.loads(body)
-        status, counts = health["status"], health["accounts"]
-    except (ValueError, KeyError, TypeError):
-        raise ClaudeflareError(f"{url}/health did not answer like claudeflare") from None
+    url = args.url or local_url(settings.host, settings.port, bool(settings.tls_cert))
+    health = ask_health(url, health_context(settings))
+    status, counts = health["status"], health["accounts"]
     print(f"{status}: {counts.get('active', 0)} of {counts.get('total', 0)} accounts active, "
           f"strategy {health.get('strategy')}, up {duration_text(health.get('uptime', 0))}")
     return 0 if status == "ok" else 1
 
 
+#: How `doctor` labels each kind of finding.
+DOCTOR_LABELS = {"ok": "ok", "warn": "warn", "fail": "FAIL"}
+
+
+def cmd_doctor(args: argparse.Namespace, flags: dict) -> int:
+    """Run the troubleshooting guide's checks, one line each; exit 1 when any failed.
+
+    It takes the flags rather than loaded settings: loading creates config.json and stops at
+    the first bad value, while the doctor changes nothing and reports every problem it finds.
+    """
+    checks = run_doctor(args.config or default_config_path(), args.db or default_db_path(),
+                        flags, now_ms())
+    counts = collections.Counter(check.status for check in checks)
+    if args.json:
+        print(redact(json.dumps({"ok": not counts["fail"],
+                                 "checks": [dataclasses.asdict(check) for check in checks]},
+                                indent=2)))
+    else:
+        for check in checks:
+            fix = f"; fix: {check.fix}" if check.fix else ""
+            print(redact(f"{DOCTOR_LABELS[check.status]:<4}  {check.name}: {check.message}"
+                         f"{fix}"))
+        print(f"{counts['ok']} ok, {counts['warn']} warn, {counts['fail']} FAIL")
+    return 1 if counts["fail"] else 0
+
+
+def run_service_command(command: list[str], check: bool = True) -> int:
+    """Run systemctl or launchctl with its output on the terminal; return its exit status."""
+    print("$ " + shlex.join(command), flush=True)
+    code = subprocess.run(command).returncode
+    if check and code != 0:
+        raise ClaudeflareError(f"{shlex.join(command)} failed (exit status {code})")
+    return code
+
+
+def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
+    """Install, remove or show the per-user service that runs `serve` and restarts it."""
+    plan = service_plan(settings, args.config or default_config_path(),
+                        args.db or default_db_path())
+    system = args.system or default_service_system(sys.platform)
+    if sys.platform == "win32" and not args.print or system is None:
+        if sys.platform == "win32":
+            raise ClaudeflareError(
+                f"Windows has no systemd or launchd; use Task Scheduler: "
+                f"{task_scheduler_command(args.action, plan)} (settings from flags and the "
+                f"environment do not reach it: put them in the config file with config set)")
+        raise ClaudeflareError(
+            f"No per-user service manager claudeflare knows on {sys.platform}: write a unit "
+            f"with service install --print --system systemd (or launchd) and adapt it, or "
+            f"start serve from this system's init")
+    if args.print and args.action != "install":
+        raise ClaudeflareError("--print writes what service install would install; use it "
+                               "with install")
+    if args.action == "install":
+        server_tls_context(settings.tls_cert, settings.tls_key)  # a bad file stops us here
+    if args.print:
+        print(systemd_unit(plan) if system == "systemd" else launchd_plist(plan), end="")
+        return 0
+    tool = "systemctl" if system == "systemd" else "launchctl"
+    if shutil.which(tool) is None:
+        raise ClaudeflareError(
+            f"{tool} not found: this system does not run {system}. Write the file with service "
+            f"install --print and hand it to the service manager it has, or start serve "
+            f"another way")
+    path = service_path(system)
+    unit = SERVICE_NAME + ".service"
+    target = f"gui/{os.getuid()}" if system == "launchd" else ""
+    if args.action == "install":
+        write_private_file(path, systemd_unit(plan) if system == "systemd"
+                           else launchd_plist(plan))
+        print(f"Wrote {path}")
+        if system == "systemd":
+            run_service_command(["systemctl", "--user", "daemon-reload"])
+            run_service_command(["systemctl", "--user", "enable", unit])
+            run_service_command(["systemctl", "--user", "restart", unit])
+        else:
+            run_service_command(["launchctl", "bootout", f"{target}/{LAUNCHD_LABEL}"],
+                                check=False)
+            run_service_command(["launchctl", "bootstrap", target, path])
+        print(f"claudeflare runs as a {system} service at "
+              f"{local_url(settings.host, settings.port, bool(settings.tls_cert))}; check it "
+              f"with: python3 claudeflare.py doctor")
+        if system == "systemd":
+            print(f"To keep it running while you are logged out: loginctl enable-linger "
+                  f"{getpass.getuser()}")
+        return 0
+    if not os.path.exists(path):
+        raise ClaudeflareError(f"claudeflare is not installed as a {system} service ({path} "
+                               f"does not exist). Install it: python3 claudeflare.py service "
+                               f"install")
+    if args.action == "status":
+        print(f"Installed: {path}")
+        command = (["systemctl", "--user", "status", "--no-pager", unit] if system == "systemd"
+                   else ["launchctl", "print", f"{target}/{LAUNCHD_LABEL}"])
+        return 0 if run_service_command(command, check=False) == 0 else 1
+    if system == "systemd":
+        run_service_command(["systemctl", "--user", "disable", "--now", unit])
+    else:
+        run_service_command(["launchctl", "bootout", f"{target}/{LAUNCHD_LABEL}"],
+                            check=False)
+    os.unlink(path)
+    if system == "systemd":
+        run_service_command(["systemctl", "--user", "daemon-reload"])
+    print(f"Stopped claudeflare and removed {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the command-line parser: global options, then one subcommand per action."""
     settings_help = "\n".join(f"  {setting.env:<31}{setting.key}: {setting.help} "
-                              f"(default {setting.default})" for setting in SETTINGS)
+                              f"(default {str(setting.default) or 'none'})"
+                              for setting in SETTINGS)
     parser = argparse.ArgumentParser(
         prog="claudeflare.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -5209,12 +6057,21 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("name", help="the account's name")
         return sub
 
+    def server_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--host", type=argument(parse_text),
+                         help="address to bind (default 127.0.0.1)")
+        sub.add_argument("--port", type=argument(parse_port),
+                         help="port to listen on (default 8080)")
+        sub.add_argument("--tls-cert", metavar="FILE", type=argument(parse_path),
+                         help="serve HTTPS with this PEM certificate (with --tls-key)")
+        sub.add_argument("--tls-key", metavar="FILE", type=argument(parse_path),
+                         help="the certificate's unencrypted PEM private key")
+
     serve = command("serve", cmd_serve, "run the proxy, the API and the status page",
-                    "python3 claudeflare.py serve --port 8080")
-    serve.add_argument("--host", type=argument(parse_text),
-                       help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=argument(parse_port),
-                       help="port to listen on (default 8080)")
+                    "python3 claudeflare.py serve --port 8080\n"
+                    "  python3 claudeflare.py serve --host 0.0.0.0 --tls-cert cert.pem "
+                    "--tls-key key.pem")
+    server_options(serve)
 
     add = command("add", cmd_add, "add an account: OAuth login, or an API key read from stdin",
                   "python3 claudeflare.py add work\n"
@@ -5278,6 +6135,21 @@ def build_parser() -> argparse.ArgumentParser:
                      "copy the database consistently, even while the server runs",
                      "python3 claudeflare.py backup ~/claudeflare-backup.db")
     backup.add_argument("path", help="the new file to write")
+    doctor = command("doctor", cmd_doctor,
+                     "check the setup, the accounts and the network, and say how to fix what "
+                     "fails; changes nothing", "python3 claudeflare.py doctor")
+    doctor.add_argument("--json", action="store_true", help="print JSON for scripts")
+    service = command("service", cmd_service,
+                      "run serve as a per-user service that starts at login and restarts on "
+                      "failure (systemd or launchd)",
+                      "python3 claudeflare.py service install --port 8080\n"
+                      "  python3 claudeflare.py service install --print --system launchd")
+    service.add_argument("action", choices=("install", "uninstall", "status"))
+    service.add_argument("--print", action="store_true",
+                         help="write the unit or plist to stdout and install nothing")
+    service.add_argument("--system", choices=SERVICE_SYSTEMS,
+                         help="the service manager (default: this system's)")
+    server_options(service)
     return parser
 
 
@@ -5293,8 +6165,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"config {args.action} needs a KEY")
     if args.command == "keys" and args.action in ("add", "remove") and not args.name:
         parser.error(f"keys {args.action} needs a NAME")
-    flags = {key: getattr(args, key, None) for key in ("host", "port")}
+    flags = {key: getattr(args, key, None) for key in ("host", "port", "tls_cert", "tls_key")}
     try:
+        if args.command == "doctor":
+            return cmd_doctor(args, flags)
         settings = load_settings(args.config, flags, strict=args.command == "serve")
         if args.command != "serve":
             for problem in settings.config.problems:

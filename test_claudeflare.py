@@ -28,8 +28,10 @@ import io
 import json
 import logging
 import os
+import plistlib
 import socket
 import sqlite3
+import ssl
 import statistics
 import subprocess
 import sys
@@ -1187,6 +1189,8 @@ class TestSettings(CliTestCase):
         "request_timeout_s": ("11", "12"), "shutdown_timeout_s": ("13", "14"),
         "request_retention_days": ("7", "8"), "log_level": ("WARN", "ERROR"),
         "log_format": ("json", "pretty"), "max_connections": ("50", "60"),
+        "tls_cert": ("/file/cert.pem", "/env/cert.pem"),
+        "tls_key": ("/file/key.pem", "/env/key.pem"),
     }
 
     def test_every_setting_follows_the_precedence(self):
@@ -1473,7 +1477,7 @@ class TestAccountCommands(CliTestCase):
     def test_every_command_has_help_with_an_example(self):
         for command in ("serve", "add", "list", "remove", "pause", "resume", "unpause", "tier",
                         "reauth", "keys", "config", "clear-history", "reset-stats", "stats",
-                        "requests", "health", "backup"):
+                        "requests", "health", "backup", "doctor", "service"):
             code, out, _ = self.cli(command, "--help")
             self.assertEqual(code, 0, command)
             self.assertIn("example:", out, command)
@@ -3816,6 +3820,355 @@ class TestClientKeys(ServerWithAccounts):
         self.assertEqual(self.post_message()[0], 200)
         code, _, err = self.cli("keys", "remove", "laptop")
         self.assertIn("Client key not found: laptop", err)
+
+
+###############################################################################
+# TLS, doctor and service #####################################################
+###############################################################################
+
+#: A self-signed certificate for localhost and 127.0.0.1, valid from 2000 to 2100, its key, and
+#: a key of another certificate.
+TEST_CERT = """-----BEGIN CERTIFICATE-----
+MIIBjDCCATKgAwIBAgIBATAKBggqhkjOPQQDAjAUMRIwEAYDVQQDDAlsb2NhbGhv
+c3QwIBcNMDAwMTAxMDAwMDAwWhgPMjEwMDAxMDEwMDAwMDBaMBQxEjAQBgNVBAMM
+CWxvY2FsaG9zdDBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABMLxUqMgOEv2YIeg
+Xezl1uTN2DVRPd7l5JgcBE+pPXKAnMcHYbI11kjJB1+yABl27rqotB/34MfzEkgM
+mbCPIzWjczBxMBoGA1UdEQQTMBGCCWxvY2FsaG9zdIcEfwAAATAPBgNVHRMBAf8E
+BTADAQH/MA4GA1UdDwEB/wQEAwIChDATBgNVHSUEDDAKBggrBgEFBQcDATAdBgNV
+HQ4EFgQU01YBU8dVv4e41e8MSKmMf6cdRj0wCgYIKoZIzj0EAwIDSAAwRQIhAIsM
+G58QCxJ3WPsWOARCldk0rRfCFb1ru5RRF/8COWwDAiAKhtcDfBDoOGyqg/fB5lj7
+XVsu4BtmUPC/mES8F5pC1Q==
+-----END CERTIFICATE-----
+"""
+TEST_KEY = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg5MvWQ2+tq3UOyLnS
+EVbBAaAyTC2KXI+DBo46rDmdsgehRANCAATC8VKjIDhL9mCHoF3s5dbkzdg1UT3e
+5eSYHARPqT1ygJzHB2GyNdZIyQdfsgAZdu66qLQf9+DH8xJIDJmwjyM1
+-----END PRIVATE KEY-----
+"""
+OTHER_KEY = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgjpazTAcn5ACO1GlH
+7MDHNHaHky55XnntrGUnwDjp38ehRANCAAQBbvL7s5QKvPqLMHbK7us+o6S3L06h
+QFMdYUfzBgAGV5kdDX46cB1XxURCWNe0/HUWClDfmnEnH6cQMXwUfJuy
+-----END PRIVATE KEY-----
+"""
+
+
+def write_pem_files(folder: str) -> tuple[str, str, str]:
+    """Write the test certificate, its key and the other key; return their paths."""
+    paths = []
+    for name, text in (("cert.pem", TEST_CERT), ("key.pem", TEST_KEY), ("other.pem", OTHER_KEY)):
+        paths.append(os.path.join(folder, name))
+        with open(paths[-1], "w") as out:
+            out.write(text)
+    return paths[0], paths[1], paths[2]
+
+
+def free_port() -> int:
+    """Return a port nothing listens on (it was free a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class TestTLS(ServeTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.cert, self.key, self.other_key = write_pem_files(self.folder)
+        self.trust = ssl.create_default_context(cafile=self.cert)
+
+    def https(self, port: int, method: str, path: str, body=None, host: str = "127.0.0.1"):
+        connection = http.client.HTTPSConnection(host, port, timeout=DEADLINE_S,
+                                                 context=self.trust)
+        try:
+            connection.request(method, path, body=body)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def test_health_and_v1_requests_over_https(self):
+        proxy = Proxy(self.upstream.url, tls_cert=self.cert, tls_key=self.key)
+        self.addCleanup(proxy.close)
+        status, body = self.https(proxy.port, "GET", "/health", host="localhost")
+        self.assertEqual((status, json.loads(body)["status"]), (200, "ok"))
+        status, body = self.https(proxy.port, "POST", "/v1/messages",
+                                  json.dumps({"model": "claude-sonnet-4-5"}).encode())
+        self.assertEqual((status, json.loads(body)["id"]), (200, "msg_fake"))
+        self.assertEqual(len(self.upstream.messages()), 1)
+        code, out, err = run_cli("--config", proxy.config_path, "--db", proxy.db_path, "health",
+                                 "--url", f"https://127.0.0.1:{proxy.port}")
+        self.assertEqual((code, out.split(":")[0]), (0, "ok"), err)
+
+    def test_plain_http_and_silent_clients_hold_up_nobody(self):
+        proxy = Proxy(self.upstream.url, tls_cert=self.cert, tls_key=self.key)
+        self.addCleanup(proxy.close)
+        silent = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE_S)
+        self.addCleanup(silent.close)
+        self.assertEqual(raw_http(proxy.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+                         b"")
+        self.assertEqual(self.https(proxy.port, "GET", "/health")[0], 200)
+        wait_for(lambda: "spoke plain HTTP: give it an https:// URL" in CAPTURED_LOG.text(),
+                 what="the failed handshake to be logged")
+
+    def test_served_with_tls_the_server_says_https_and_doctor_reaches_it(self):
+        server = self.serve("--tls-cert", self.cert, "--tls-key", self.key)
+        self.assertEqual(self.https(server.port, "GET", "/health")[0], 200)
+        with open(server.db_path + ".lock") as lock:
+            self.assertIn(f"https://127.0.0.1:{server.port}", lock.read())
+        env = {"CLAUDEFLARE_TLS_CERT": self.cert, "CLAUDEFLARE_TLS_KEY": self.key,
+               "PORT": str(server.port), "CLAUDEFLARE_UPSTREAM_URL": self.upstream.url}
+        with unittest.mock.patch.dict(os.environ, env):
+            code, out, _ = run_cli("--config", os.path.join(self.folder, "config.json"),
+                                   "--db", server.db_path, "doctor")
+        self.assertIn(f"ok    server: pid {server.process.pid} answers at "
+                      f"https://127.0.0.1:{server.port}/health: ok", out)
+        self.assertIn(f"ok    tls: serves HTTPS with {self.cert}", out)
+
+    def test_a_wrong_or_missing_key_is_refused_at_start(self):
+        env = dict(os.environ, CLAUDEFLARE_CONFIG_PATH=os.path.join(self.folder, "config.json"),
+                   CLAUDEFLARE_DB_PATH=os.path.join(self.folder, "claudeflare.db"))
+        for args, expected in (
+                (("--tls-key", self.other_key),
+                 f"claudeflare: error: The TLS key {self.other_key} does not belong to the "
+                 f"certificate {self.cert}"),
+                ((), "claudeflare: error: tls_cert and tls_key go together")):
+            with self.subTest(args=args):
+                done = subprocess.run(
+                    [sys.executable, os.path.join(HERE, "claudeflare.py"), "serve", "--port", "0",
+                     "--tls-cert", self.cert, *args],
+                    env=env, capture_output=True, text=True, timeout=DEADLINE_S * 3)
+                self.assertEqual(done.returncode, 1)
+                self.assertTrue(done.stderr.startswith(expected), done.stderr)
+                self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
+                self.assertEqual(done.stdout, "")
+
+
+class TestDoctor(ServeTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.config_path = os.path.join(self.folder, "config.json")
+        self.db_path = os.path.join(self.folder, "claudeflare.db")
+        self.env = {"CLAUDEFLARE_UPSTREAM_URL": self.upstream.url,
+                    "CLAUDEFLARE_TOKEN_URL": self.upstream.url + "/v1/oauth/token",
+                    "CLAUDEFLARE_LOG_DIR": os.path.join(self.folder, "logs"), "PORT": "0"}
+
+    def doctor(self, *args: str, **env: str) -> tuple[int, str]:
+        """Run doctor in this process; return its exit status and output (stderr must be empty)."""
+        with unittest.mock.patch.dict(os.environ, {**self.env, **env}):
+            code, out, err = run_cli("--config", self.config_path, "--db", self.db_path,
+                                     "doctor", *args)
+        self.assertEqual(err, "")
+        return code, out
+
+    def store(self) -> claudeflare.Store:
+        store = claudeflare.Store(self.db_path)
+        self.addCleanup(store.close)
+        return store
+
+    def answer_with_date(self, offset_s: float = 0) -> None:
+        """Have the upstream's next answer (the doctor's probe) carry a Date header."""
+        date = email.utils.formatdate(time.time() + offset_s, usegmt=True)
+        self.upstream.push(reply_json(200, {"data": []}, [("Date", date)]))
+
+    def test_healthy_setup_passes_every_check(self):
+        self.cli("add", "work", "--api-key", stdin="sk-ant-api03-doctorsecret\n")
+        access, refresh = self.upstream.oauth.issue()
+        self.store().add_account("max", "oauth", 5, access_token=access, refresh_token=refresh,
+                                 expires_at=claudeflare.now_ms() + 3_600_000)
+        server = self.serve()
+        self.answer_with_date()
+        code, out = self.doctor(PORT=str(server.port))
+        self.assertEqual(code, 0, out)
+        lines = out.splitlines()
+        for line in lines[:-1]:
+            self.assertTrue(line.startswith("ok    "), line)
+        self.assertRegex(lines[-1], r"^\d+ ok, 0 warn, 0 FAIL$")
+        for expected in (
+                f"ok    server: pid {server.process.pid} answers at "
+                f"http://127.0.0.1:{server.port}/health: ok (2 of 2 accounts active",
+                f"ok    port: 127.0.0.1:{server.port} is this database's server",
+                f"ok    database: {self.db_path}: schema {claudeflare.SCHEMA_VERSION}, "
+                f"integrity ok, mode 0600; accounts: 2, client keys: 0",
+                "ok    account work: active (api_key, tier 1)",
+                "ok    account max: active (oauth, tier 5), token valid for 59m",
+                "ok    accounts: 2 of 2 can serve",
+                f"ok    upstream: {self.upstream.url}/v1/models: resolved in ",
+                "ok    clock: within ",
+                f"ok    token endpoint: {self.upstream.url}/v1/oauth/token: resolved in ",
+                f"ok    config: {self.config_path} is valid"):
+            self.assertIn("\n" + expected, "\n" + out)
+        for secret in ("doctorsecret", access, refresh):
+            self.assertNotIn(secret, out)
+        self.answer_with_date()
+        code, out = self.doctor("--json", PORT=str(server.port))
+        report = json.loads(out)
+        self.assertEqual((code, report["ok"]), (0, True))
+        self.assertEqual({check["status"] for check in report["checks"]}, {"ok"})
+
+    def test_upstream_down_fails_and_names_the_proxy_when_it_is_the_cause(self):
+        dead = f"http://127.0.0.1:{free_port()}"
+        code, out = self.doctor(CLAUDEFLARE_UPSTREAM_URL=dead)
+        self.assertEqual(code, 1)
+        self.assertIn(f"\nFAIL  upstream: ECONNREFUSED: {dead} refused the connection; fix: "
+                      f"check the network and upstream_url\n", out)
+        self.assertIn("\nok    token endpoint: ", out)
+        code, out = self.doctor(HTTP_PROXY=dead)
+        self.assertEqual(code, 1)
+        self.assertIn(f"\nFAIL  upstream: Proxy ECONNREFUSED: {dead} refused the connection; "
+                      f"fix: check HTTPS_PROXY (HTTP_PROXY for http:// URLs), its credentials "
+                      f"and NO_PROXY\n", out)
+        tunnel = ConnectProxy()
+        self.addCleanup(tunnel.close)
+        self.answer_with_date()
+        code, out = self.doctor(HTTP_PROXY=tunnel.url)
+        self.assertIn(f"\nok    upstream: {self.upstream.url}/v1/models via proxy {tunnel.url}: "
+                      f"resolved in ", out)
+        self.assertEqual(len(tunnel.tunnels), 2)
+
+    def test_every_account_state_gets_its_line(self):
+        now = claudeflare.now_ms()
+        store = self.store()
+        store.add_account("lost", "oauth", 1, access_token="sk-ant-oat01-lostsecret",
+                          refresh_token="sk-ant-ort01-lostrefresh", expires_at=now + 3_600_000,
+                          needs_reauth=1, reauth_reason="refresh refused: Bad Request: Refresh "
+                          "token not found or invalid (invalid_grant)")
+        store.add_account("old", "oauth", 1, access_token="sk-ant-oat01-oldsecret",
+                          expires_at=now - 1000)
+        store.add_account("busy", "api_key", 1, api_key="sk-ant-api03-busysecret",
+                          rate_limited_until=now + 7_200_000, rate_limit_status="rejected")
+        store.add_account("off", "api_key", 1, api_key="sk-ant-api03-offsecret", paused=1)
+        code, out = self.doctor()
+        self.assertEqual(code, 1)
+        for expected in (
+                "FAIL  account lost: needs_reauth (refresh refused: Bad Request: Refresh token "
+                "not found or invalid (invalid_grant)); fix: log it in again: python3 "
+                "claudeflare.py reauth lost",
+                "FAIL  account old: Token expired or missing for account: old (and no refresh "
+                "token); fix: log it in again: python3 claudeflare.py reauth old",
+                f"warn  account busy: rate_limited until "
+                f"{claudeflare.iso_time(now + 7_200_000)} (in 1h 59m, rejected); fix: nothing: "
+                f"other accounts serve; it comes back then (python3 claudeflare.py resume busy "
+                f"to try now)",
+                "warn  account off: paused: no request goes to it; fix: python3 claudeflare.py "
+                "resume off",
+                "FAIL  accounts: No active accounts available: every account is paused, "
+                "rate-limited or needs a login; fix: python3 claudeflare.py list; resume NAME; "
+                "or add an account"):
+            self.assertIn("\n" + expected + "\n", out)
+        self.assertNotIn("secret", out)
+        self.assertNotIn("lostrefresh", out)
+
+    def test_corrupt_config_fails_and_stays_as_it_was(self):
+        with open(self.config_path, "w") as out:
+            out.write('{"port": 7001,')
+        code, out = self.doctor()
+        self.assertEqual(code, 1)
+        self.assertRegex(out, rf"\nFAIL  config: Failed to parse config file "
+                              rf"{re.escape(self.config_path)}: .+; fix: fix the JSON \(jq \. ")
+        self.assertEqual(sorted(os.listdir(self.folder)), ["config.json"])
+        with open(self.config_path) as kept:
+            self.assertEqual(kept.read(), '{"port": 7001,')
+        with open(self.config_path, "w") as out:
+            json.dump({"lb_strategy": "fastest", "retry_attempts": -1}, out)
+        code, out = self.doctor(LB_STRATEGY="")
+        self.assertEqual(code, 1)
+        self.assertIn("\nFAIL  config: Invalid strategy: fastest; valid: session, round-robin, "
+                      "weighted, least-requests, headroom (for lb_strategy, from "
+                      f"{self.config_path}); fix: python3 claudeflare.py config set lb_strategy "
+                      f"VALUE\n", out)
+        self.assertIn("\nFAIL  config: must not be negative, not -1 (for retry_attempts", out)
+        self.assertIn("\nok    upstream: ", out)
+
+    def test_port_taken_by_another_program_fails(self):
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            port = other.getsockname()[1]
+            code, out = self.doctor(PORT=str(port))
+        self.assertEqual(code, 1)
+        self.assertIn(f"\nFAIL  port: 127.0.0.1:{port} is taken by another program; fix: serve "
+                      f"--port {port + 1} (or PORT), or stop the program that uses it (lsof -i "
+                      f":{port})\n", out)
+
+    def test_clock_skew_fails_past_five_minutes(self):
+        self.answer_with_date(offset_s=-600)
+        code, out = self.doctor()
+        self.assertEqual(code, 1)
+        self.assertRegex(out, r"\nFAIL  clock: this machine's clock is 10m ahead of the "
+                              r"upstream's: .+; fix: turn on network time \(NTP\)")
+
+    def test_last_log_errors_are_shown_redacted(self):
+        os.makedirs(os.path.join(self.folder, "logs"))
+        with open(os.path.join(self.folder, "logs", "app.log"), "w") as log:
+            for number in range(5):
+                log.write(f"[2024-01-20T10:30:4{number}.123Z] ERROR: [Proxy] failure {number} "
+                          f"x-api-key: sk-ant-api03-leaked{number}\n")
+                log.write("[2024-01-20T10:30:45.123Z] INFO: [Proxy] Request completed\n")
+        code, out = self.doctor()
+        shown = [line for line in out.splitlines() if line.startswith("warn  log: ")]
+        self.assertEqual([line.split("failure ")[1][0] for line in shown], ["2", "3", "4"])
+        self.assertNotIn("leaked", out)
+        self.assertIn("[REDACTED]", shown[0])
+
+    def test_doctor_creates_and_changes_nothing(self):
+        def snapshot() -> dict:
+            return {name: os.stat(os.path.join(self.folder, name)).st_mtime_ns
+                    for name in os.listdir(self.folder)}
+
+        self.doctor()
+        self.assertEqual(snapshot(), {})
+        self.cli("add", "work", "--api-key", stdin="sk-ant-api03-doctor\n")
+        before = snapshot()
+        self.assertEqual(sorted(before), ["claudeflare.db", "config.json"])
+        self.doctor()
+        self.assertEqual(snapshot(), before)
+
+
+class TestService(CliTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.config_path = os.path.join(self.folder, "my %data", "config.json")
+        self.command = [sys.executable, os.path.join(HERE, "claudeflare.py"), "serve",
+                        "--config", self.config_path, "--db", self.db_path]
+
+    def test_systemd_unit_runs_serve_with_the_settings_of_this_command_line(self):
+        self.ok("config", "set", "retry_attempts", "5")
+        with unittest.mock.patch.dict(os.environ, {"LB_STRATEGY": "weighted"}):
+            unit = self.ok("service", "install", "--print", "--system", "systemd", "--port",
+                           "8123")
+        lines = unit.splitlines()
+        self.assertIn(f'ExecStart={self.command[0]} {self.command[1]} serve --config '
+                      f'"{self.folder}/my %%data/config.json" --db {self.db_path}', lines)
+        for expected in ('Environment=PORT=8123', 'Environment=LB_STRATEGY=weighted',
+                         'Environment=CLAUDEFLARE_UPSTREAM_URL=http://127.0.0.1:9',
+                         f'Environment=CLAUDEFLARE_LOG_DIR={os.environ["CLAUDEFLARE_LOG_DIR"]}',
+                         "Restart=on-failure", "TimeoutStopSec=45", "[Install]",
+                         "WantedBy=default.target"):
+            self.assertIn(expected, lines)
+        self.assertNotIn("RETRY_ATTEMPTS", unit)  # the service reads the config file itself
+        self.assertFalse(os.path.exists(claudeflare.service_path("systemd")))
+
+    def test_launchd_plist_runs_serve_and_restarts_it_after_a_failure(self):
+        plist = plistlib.loads(self.ok("service", "install", "--print", "--system", "launchd",
+                                       "--host", "0.0.0.0").encode())
+        self.assertEqual(plist["Label"], "local.claudeflare")
+        self.assertEqual(plist["ProgramArguments"], self.command)
+        self.assertEqual(plist["EnvironmentVariables"]["CLAUDEFLARE_HOST"], "0.0.0.0")
+        self.assertNotIn("PORT", plist["EnvironmentVariables"])
+        self.assertEqual((plist["RunAtLoad"], plist["KeepAlive"]),
+                         (True, {"SuccessfulExit": False}))
+        self.assertFalse(os.path.exists(claudeflare.service_path("launchd")))
+
+    def test_this_systems_manager_is_the_default(self):
+        if sys.platform not in ("linux", "darwin"):
+            self.skipTest("no per-user service manager claudeflare knows here")
+        printed = self.ok("service", "install", "--print")
+        self.assertIn("[Service]" if sys.platform == "linux" else "<plist", printed)
+
+    def test_print_goes_with_install(self):
+        self.fails("--print writes what service install would install", "service", "status",
+                   "--print")
 
 
 ###############################################################################
