@@ -192,6 +192,18 @@ def parse_strategy(text: str) -> str:
     return name
 
 
+#: When an account serving on extra usage (billed) may take requests: `overage`'s values.
+OVERAGE_POLICIES = ("last", "never", "allow")
+
+
+def parse_overage(text: str) -> str:
+    """Read the extra-usage policy, one of OVERAGE_POLICIES."""
+    name = str(text).strip().lower()
+    if name not in OVERAGE_POLICIES:
+        raise ValueError(f"Invalid overage policy: {name}; valid: {', '.join(OVERAGE_POLICIES)}")
+    return name
+
+
 def parse_log_level(text: str) -> str:
     """Read a log level; WARNING is accepted for WARN."""
     level = str(text).strip().upper().replace("WARNING", "WARN")
@@ -256,6 +268,10 @@ SETTINGS = (
             "days the request log is kept"),
     Setting("max_connections", "CLAUDEFLARE_MAX_CONNECTIONS", 1000, whole_number(1, 100_000),
             "client connections served at once; more get 503"),
+    Setting("overage", "CLAUDEFLARE_OVERAGE", "last", parse_overage,
+            "when an account on extra usage (billed) serves: last, never or allow"),
+    Setting("usage_poll_s", "CLAUDEFLARE_USAGE_POLL_S", 300, number(0, DAY_S, inclusive=True),
+            "seconds between reads of each OAuth account's usage windows; 0: never"),
     Setting("log_level", "LOG_LEVEL", "INFO", parse_log_level, "DEBUG, INFO, WARN or ERROR"),
     Setting("log_format", "LOG_FORMAT", "pretty", parse_log_format, "pretty or json"),
 )
@@ -263,7 +279,7 @@ SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
 #: Keys a running server picks up from config.json without a restart.
 LIVE_SETTINGS = frozenset({
     "lb_strategy", "retry_attempts", "retry_delay_ms", "retry_backoff", "session_duration_ms",
-    "request_timeout_s",
+    "request_timeout_s", "overage", "usage_poll_s",
 })
 
 
@@ -774,8 +790,10 @@ def load_settings(config_path: str | None = None, flags: dict | None = None,
 MIN_SQLITE = (3, 24, 0)
 #: Seconds a connection waits for another writer (the server or a CLI command) before failing.
 #: The server writes in batches of milliseconds, so only a foreign lock lasts longer.
-BUSY_TIMEOUT_S = 3.0
+BUSY_TIMEOUT_S = 2.0
 TIERS = (1, 5, 20)
+#: An account's priority: lower serves first.
+parse_priority = whole_number(-1000, 1000)
 ACCOUNT_NAME_PATTERN = re.compile(r"[A-Za-z0-9 _\-@.+]{1,100}")
 
 HOUR_MS = 3600 * 1000
@@ -783,21 +801,30 @@ HOUR_MS = 3600 * 1000
 LATENCY_BUCKETS_MS = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000,
                       300000)
 LATENCY_COLUMNS = tuple(f"latency_le_{bound}" for bound in LATENCY_BUCKETS_MS) + ("latency_over",)
-#: What usage_hourly adds up per (hour, account, model, client key), and keeps the maximum of.
-ROLLUP_COUNTERS = ("requests", "failures", "input_tokens", "output_tokens",
-                   "cache_creation_tokens", "cache_read_tokens", "cost_usd", "unpriced",
-                   "latency_ms_total") + LATENCY_COLUMNS
-ROLLUP_COLUMNS = ROLLUP_COUNTERS + ("latency_ms_max",)
-#: The same figures summed over request-log rows, in ROLLUP_COLUMNS order.
-REQUEST_LOG_SUMS = (
+#: What usage_hourly adds up per (hour, account, model, client key), as schema 3 made it.
+ROLLUP_COUNTERS_V3 = ("requests", "failures", "input_tokens", "output_tokens",
+                      "cache_creation_tokens", "cache_read_tokens", "cost_usd", "unpriced",
+                      "latency_ms_total") + LATENCY_COLUMNS
+#: The same figures summed over request-log rows, in the same order.
+REQUEST_LOG_SUMS_V3 = (
     "COUNT(*)", "SUM(1 - success)", "SUM(input_tokens)", "SUM(output_tokens)",
     "SUM(cache_creation_tokens)", "SUM(cache_read_tokens)", "COALESCE(SUM(cost_usd), 0)",
     "SUM(cost_usd IS NULL AND input_tokens + output_tokens > 0)",
     "COALESCE(SUM(response_time_ms), 0)",
     *[f"COALESCE(SUM(response_time_ms > {low} AND response_time_ms <= {high}), 0)"
       for low, high in zip((-1,) + LATENCY_BUCKETS_MS, LATENCY_BUCKETS_MS)],
-    f"COALESCE(SUM(response_time_ms > {LATENCY_BUCKETS_MS[-1]}), 0)",
-    "COALESCE(MAX(response_time_ms), 0)")
+    f"COALESCE(SUM(response_time_ms > {LATENCY_BUCKETS_MS[-1]}), 0)")
+#: Schema 5 adds requests billed as extra usage and what they cost, and the requests the API
+#: refused because subscription accounts serve Claude Code only.
+ROLLUP_COUNTERS = ROLLUP_COUNTERS_V3 + ("overage_requests", "overage_cost_usd",
+                                        "claude_code_only")
+#: And the slowest request: every column of usage_hourly after its key, and how to sum each
+#: over request-log rows.
+ROLLUP_COLUMNS = ROLLUP_COUNTERS + ("latency_ms_max",)
+MAX_LATENCY_SUM = "COALESCE(MAX(response_time_ms), 0)"
+REQUEST_LOG_SUMS = REQUEST_LOG_SUMS_V3 + (
+    "COALESCE(SUM(overage), 0)", "COALESCE(SUM(CASE WHEN overage THEN cost_usd END), 0)",
+    "COALESCE(SUM(claude_code_only), 0)", MAX_LATENCY_SUM)
 
 #: Schema history: migration N brings a database from user_version N-1 to N. Append, never edit.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -876,9 +903,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             {", ".join(f"{column} INTEGER NOT NULL DEFAULT 0" for column in LATENCY_COLUMNS)},
             PRIMARY KEY (hour, account_name, model, client_key))""",
         f"""INSERT INTO usage_hourly (hour, account_name, model, client_key,
-                                      {", ".join(ROLLUP_COLUMNS)})
+                                      {", ".join(ROLLUP_COUNTERS_V3)}, latency_ms_max)
             SELECT timestamp / {HOUR_MS} * {HOUR_MS}, COALESCE(account_name, ''),
-                   COALESCE(model, ''), '', {", ".join(REQUEST_LOG_SUMS)}
+                   COALESCE(model, ''), '', {", ".join(REQUEST_LOG_SUMS_V3)},
+                   {MAX_LATENCY_SUM}
             FROM requests GROUP BY 1, 2, 3""",
     ),
     (  # 4: client keys, stored only as salted hashes
@@ -888,6 +916,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             salt TEXT NOT NULL,
             key_hash TEXT NOT NULL,
             created_at INTEGER NOT NULL)""",
+    ),
+    (  # 5: priority; extra usage (overage); windows read from /api/oauth/usage, and when the
+       #    windows were last seen; requests billed as extra usage or refused as not Claude Code
+        "ALTER TABLE accounts ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE accounts ADD COLUMN overage_until INTEGER",
+        "ALTER TABLE accounts ADD COLUMN overage_enabled INTEGER",
+        "ALTER TABLE accounts ADD COLUMN overage_disabled_reason TEXT",
+        "ALTER TABLE accounts ADD COLUMN overage_reset INTEGER",
+        "ALTER TABLE accounts ADD COLUMN model_windows TEXT",
+        "ALTER TABLE accounts ADD COLUMN windows_at INTEGER",
+        "ALTER TABLE accounts ADD COLUMN usage_read_at INTEGER",
+        "ALTER TABLE accounts ADD COLUMN changed_at INTEGER",
+        "ALTER TABLE requests ADD COLUMN overage INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE requests ADD COLUMN claude_code_only INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE usage_hourly ADD COLUMN overage_requests INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE usage_hourly ADD COLUMN overage_cost_usd REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE usage_hourly ADD COLUMN claude_code_only INTEGER NOT NULL DEFAULT 0",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -922,15 +967,34 @@ class Account:
     request_count: int
     created_at: int
     last_used: int | None
+    #: Lower serves first: a group serves only while no account of a better one can.
+    priority: int = 0
+    #: When an account found serving on extra usage (billed) gets its included quota back.
+    overage_until: int | None = None
+    #: Whether extra usage is on for the account (None: not known yet), why not, and when
+    #: its monthly extra-usage allowance resets.
+    overage_enabled: bool | None = None
+    overage_disabled_reason: str | None = None
+    overage_reset: int | None = None
+    #: Further weekly windows read from /api/oauth/usage (per model), as JSON.
+    model_windows: str | None = None
+    #: When the utilization and reset columns were last seen (a newer reading replaces them).
+    windows_at: int | None = None
+    usage_read_at: int | None = None
+    #: When a person last changed the account (pause, resume, tier, priority, login): a
+    #: routing mark the server decided before that is not applied.
+    changed_at: int | None = None
 
     def status(self, now: int) -> str:
-        """Return active, paused, needs_reauth, rate_limited or expired."""
+        """Return active, paused, needs_reauth, rate_limited, overage or expired."""
         if self.paused:
             return "paused"
         if self.needs_reauth:
             return "needs_reauth"
         if self.rate_limited_until and self.rate_limited_until > now:
             return "rate_limited"
+        if self.overage_until and self.overage_until > now:
+            return "overage"
         if self.type == "oauth" and not self.refresh_token and not self.token_valid(now):
             return "expired"
         return "active"
@@ -961,8 +1025,24 @@ def account_json(account: Account, now: int, session_duration_ms: int) -> dict:
         "reauthReason": account.reauth_reason and redact(account.reauth_reason),
         "utilization5h": account.utilization_5h, "reset5h": account.reset_5h,
         "utilization7d": account.utilization_7d, "reset7d": account.reset_7d,
+        "modelWindows": model_windows(account), "windowsSeenAt": account.windows_at,
+        "usageReadAt": account.usage_read_at, "priority": account.priority,
+        "overageUntil": account.overage_until,
+        "extraUsage": {"enabled": None if account.overage_enabled is None
+                       else bool(account.overage_enabled),
+                       "disabledReason": account.overage_disabled_reason,
+                       "resetsAt": account.overage_reset},
         "createdAt": account.created_at, "lastUsed": account.last_used,
     }
+
+
+def model_windows(account: Account) -> dict:
+    """Return the per-model weekly windows a usage read found: name -> utilization, reset."""
+    try:
+        windows = json.loads(account.model_windows or "{}")
+    except ValueError:
+        return {}
+    return windows if isinstance(windows, dict) else {}
 
 
 @dataclass
@@ -1017,6 +1097,10 @@ class RequestRecord:
     user_agent: str | None = None
     conversation: str | None = None
     client_key: str | None = None
+    #: Billed as extra usage (the answer's headers said so).
+    overage: bool = False
+    #: A subscription account refused it: subscription tokens serve Claude Code only.
+    claude_code_only: bool = False
     #: What the answer's headers said of the account's limits (stored on the account).
     limits: RateLimit | None = None
 
@@ -1037,10 +1121,20 @@ COUNT_REQUEST = """UPDATE accounts SET
                              THEN rate_limit_status ELSE :status END,
     rate_limit_reset = CASE WHEN :status IS NULL OR COALESCE(rate_limited_until, 0) > :now
                             THEN rate_limit_reset ELSE :reset END,
-    utilization_5h = COALESCE(:utilization_5h, utilization_5h),
-    reset_5h = COALESCE(:reset_5h, reset_5h),
-    utilization_7d = COALESCE(:utilization_7d, utilization_7d),
-    reset_7d = COALESCE(:reset_7d, reset_7d)
+    utilization_5h = CASE WHEN :seen_at >= COALESCE(windows_at, 0)
+                          THEN COALESCE(:utilization_5h, utilization_5h) ELSE utilization_5h END,
+    reset_5h = CASE WHEN :seen_at >= COALESCE(windows_at, 0)
+                    THEN COALESCE(:reset_5h, reset_5h) ELSE reset_5h END,
+    utilization_7d = CASE WHEN :seen_at >= COALESCE(windows_at, 0)
+                          THEN COALESCE(:utilization_7d, utilization_7d) ELSE utilization_7d END,
+    reset_7d = CASE WHEN :seen_at >= COALESCE(windows_at, 0)
+                    THEN COALESCE(:reset_7d, reset_7d) ELSE reset_7d END,
+    windows_at = CASE WHEN :utilization_5h IS NULL AND :utilization_7d IS NULL THEN windows_at
+                      ELSE MAX(COALESCE(windows_at, 0), :seen_at) END,
+    overage_enabled = COALESCE(:overage_enabled, overage_enabled),
+    overage_disabled_reason = CASE WHEN :overage_enabled IS NULL THEN overage_disabled_reason
+                                   ELSE :overage_disabled_reason END,
+    overage_reset = COALESCE(:overage_reset, overage_reset)
     WHERE id = :id"""
 UPSERT_ROLLUP = (
     f"INSERT INTO usage_hourly (hour, account_name, model, client_key, "
@@ -1048,7 +1142,9 @@ UPSERT_ROLLUP = (
     f"ON CONFLICT (hour, account_name, model, client_key) DO UPDATE SET "
     + ", ".join(f"{column} = {column} + excluded.{column}" for column in ROLLUP_COUNTERS)
     + ", latency_ms_max = MAX(latency_ms_max, excluded.latency_ms_max)")
-LATENCY_START = ROLLUP_COUNTERS.index(LATENCY_COLUMNS[0])
+#: Where each column of a usage_hourly row sits in the lists rollup_rows builds.
+ROLLUP_INDEX = {column: index for index, column in enumerate(ROLLUP_COLUMNS)}
+LATENCY_START = ROLLUP_INDEX[LATENCY_COLUMNS[0]]
 ROLLUP_SUMS = ", ".join([f"SUM({column}) AS {column}" for column in ROLLUP_COUNTERS]
                         + ["MAX(latency_ms_max) AS latency_ms_max"])
 
@@ -1077,6 +1173,10 @@ def rollup_rows(records: list[RequestRecord]) -> list[list]:
                 record.cost_usd is None and tokens > 0, record.response_time_ms or 0)):
             row[index] += value
         row[LATENCY_START + latency_bucket(record.response_time_ms)] += 1
+        if record.overage:
+            row[ROLLUP_INDEX["overage_requests"]] += 1
+            row[ROLLUP_INDEX["overage_cost_usd"]] += record.cost_usd or 0.0
+        row[ROLLUP_INDEX["claude_code_only"]] += record.claude_code_only
         row[-1] = max(row[-1], record.response_time_ms or 0)
     return [list(key) + row for key, row in rows.items()]
 
@@ -1104,8 +1204,12 @@ def count_parameters(record: RequestRecord, session_duration_ms: int) -> dict:
     """Return COUNT_REQUEST's parameters for a record: its time and what its answer said."""
     limits = record.limits
     status, reset = limits.summary() if limits is not None else (None, None)
+    enabled, reason = limits.extra_usage() if limits is not None else (None, None)
     return {"now": record.timestamp, "window": session_duration_ms, "id": record.account_id,
             "status": status, "reset": reset,
+            "seen_at": record.timestamp + (record.ttfb_ms or 0),
+            "overage_enabled": enabled, "overage_disabled_reason": reason,
+            "overage_reset": getattr(limits, "overage_reset", None),
             **{field: getattr(limits, field, None) for field in WINDOW_FIELDS}}
 
 
@@ -1323,6 +1427,11 @@ class Store:
                                    f"remove it first.") from None
         return self.account(name)
 
+    def change_account(self, name: str, **fields: Any) -> Account:
+        """Make a person's change to an account (pause, resume, tier, login): it wins over any
+        routing mark the server decided before it."""
+        return self.update_account(name, changed_at=now_ms(), **fields)
+
     def update_account(self, name: str, wait_s: float | None = None, **fields: Any) -> Account:
         """Set some columns of one account in one transaction and return it."""
         assignments = ", ".join(f"{column} = ?" for column in fields)
@@ -1378,9 +1487,10 @@ class Store:
     # -- request log ---------------------------------------------------------------------------
 
     def write_requests(self, records: list[RequestRecord], session_duration_ms: int,
-                       marks: dict[str, dict] | None = None) -> None:
+                       marks: list[tuple[str, dict, int]] = ()) -> None:
         """Log finished requests, count them against their accounts and store routing marks
-        (column=value per account name), in one transaction; durable when it holds marks."""
+        ((account name, column=value, when decided)), in one transaction; durable when it holds
+        marks. A mark decided before a person changed the account is not applied."""
         with self.transaction(durable=bool(marks)) as db:
             db.executemany(INSERT_REQUEST, [
                 tuple(getattr(record, column) for column in REQUEST_COLUMNS)
@@ -1389,9 +1499,10 @@ class Store:
                                            for record in records
                                            if record.account_id is not None])
             db.executemany(UPSERT_ROLLUP, rollup_rows(records))
-            for name, fields in (marks or {}).items():
+            for name, fields, decided_at in marks:
                 db.execute(f"UPDATE accounts SET {', '.join(f'{column} = ?' for column in fields)}"
-                           f" WHERE name = ?", (*fields.values(), name))
+                           f" WHERE name = ? AND COALESCE(changed_at, 0) <= ?",
+                           (*fields.values(), name, decided_at))
 
     def clear_history(self) -> int:
         """Delete the request log and its hourly totals; return how many records went."""
@@ -1481,7 +1592,7 @@ class BackgroundWriter:
     STOP = object()
 
     def __init__(self, store: Store, settings: Settings,
-                 on_written: Callable[[list[RequestRecord], dict[str, dict]], None]
+                 on_written: Callable[[list[RequestRecord], list[tuple[str, dict, int]]], None]
                  = lambda records, marks: None) -> None:
         self.store = store
         self.settings = settings
@@ -1489,9 +1600,9 @@ class BackgroundWriter:
         self.pruned_at = 0
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.urgent = threading.Event()
-        #: What the database refused so far, oldest first, and account name -> marks.
+        #: What the database refused so far, oldest first: records, and routing marks.
         self.unwritten: list[RequestRecord] = []
-        self.unwritten_marks: dict[str, dict] = {}
+        self.unwritten_marks: list[tuple[str, dict, int]] = []
         self.failing_since: float | None = None
         self.retry_wait = WRITE_RETRY_S
         self.retry_at = 0.0
@@ -1504,9 +1615,9 @@ class BackgroundWriter:
         """Queue a finished request for writing."""
         self.queue.put(record)
 
-    def mark(self, name: str, fields: dict) -> None:
+    def mark(self, name: str, fields: dict, decided_at: int) -> None:
         """Queue a change to an account's routing state (rate limits, needs_reauth)."""
-        self.queue.put((name, fields))
+        self.queue.put((name, fields, decided_at))
 
     def flush(self, timeout: float = BUSY_TIMEOUT_S * 2) -> bool:
         """Wait until everything queued so far is written (or found unwritable)."""
@@ -1539,7 +1650,7 @@ class BackgroundWriter:
                 if isinstance(item, RequestRecord):
                     self.unwritten.append(item)
                 elif isinstance(item, tuple):
-                    self.unwritten_marks.setdefault(item[0], {}).update(item[1])
+                    self.unwritten_marks.append(item)
                 else:
                     asked = True  # flush() or close(): try now, even while failing
             if (self.unwritten or self.unwritten_marks) and (
@@ -1559,7 +1670,7 @@ class BackgroundWriter:
         except (sqlite3.Error, ValueError, OverflowError) as error:
             self.keep_unwritten(error)
             return
-        self.unwritten, self.unwritten_marks = [], {}
+        self.unwritten, self.unwritten_marks = [], []
         if self.failing_since is not None:
             self.log.info("The database takes writes again: wrote %d request records held "
                           "for %.0fs", len(batch), time.monotonic() - self.failing_since)
@@ -1583,7 +1694,7 @@ class BackgroundWriter:
             # A value the database can never take: retrying would block the log for good.
             self.log.error("Could not write %d request records: %s; dropped them",
                            len(self.unwritten), error)
-            self.unwritten, self.unwritten_marks = [], {}
+            self.unwritten, self.unwritten_marks = [], []
             return
         if len(self.unwritten) > MAX_UNWRITTEN_RECORDS:
             excess = len(self.unwritten) - MAX_UNWRITTEN_RECORDS
@@ -1961,6 +2072,8 @@ def forwardable_headers(message: http.client.HTTPMessage) -> list[tuple[str, str
 OAUTH_AUTHORIZE_URLS = {"max": "https://claude.ai/oauth/authorize",
                         "console": "https://console.anthropic.com/oauth/authorize"}
 OAUTH_SCOPES = "org:create_api_key user:profile user:inference"
+#: The beta flag that lets an OAuth access token call the Messages API.
+OAUTH_BETA = "oauth-2025-04-20"
 #: Console logins turn their OAuth token into an API key here, on the upstream.
 CREATE_API_KEY_PATH = "/api/oauth/claude_cli/create_api_key"
 #: A token with less time left than this is refreshed before it is used.
@@ -2431,6 +2544,8 @@ HARD_LIMIT_STATUSES = frozenset({"rejected", "rate_limited", "blocked", "queuein
                                  "payment_required"})
 #: Unified statuses that still serve, but say the account is close: prefer others.
 SOFT_LIMIT_STATUSES = frozenset({"allowed_warning", "queueing_soft"})
+#: Extra-usage (overage) statuses under which a spent account still serves, billed.
+OVERAGE_SERVING_STATUSES = frozenset({"allowed", "allowed_warning"})
 #: A rate-limit mark never lasts longer than this, whatever a header says.
 MAX_RATE_LIMIT_MS = 8 * 24 * 3600 * 1000
 #: A hard limit without any reset time benches the account this long.
@@ -2460,6 +2575,30 @@ class RateLimit:
     should_retry: bool | None = None
     #: When an API-key limit at zero (anthropic-ratelimit-*-remaining: 0) resets.
     exhausted_reset: int | None = None
+    #: Extra usage: whether it serves (allowed, allowed_warning) or not (rejected), whether
+    #: this answer was billed to it, why it is off, and when its monthly allowance resets.
+    overage_status: str | None = None
+    overage_in_use: bool | None = None
+    overage_disabled_reason: str | None = None
+    overage_reset: int | None = None
+
+    @property
+    def on_overage(self) -> bool:
+        """Whether the answer was served on extra usage, billed to the account's owner.
+
+        As Claude Code reads it: a window refused, and extra usage allowed.
+        """
+        return bool(self.overage_in_use) or (
+            self.hard and self.overage_status in OVERAGE_SERVING_STATUSES)
+
+    def extra_usage(self) -> tuple[bool | None, str | None]:
+        """Return whether extra usage is on for the account (None: the headers do not say) and,
+        if it is off, why."""
+        if self.overage_disabled_reason:
+            return False, self.overage_disabled_reason
+        if self.overage_status in OVERAGE_SERVING_STATUSES or self.overage_in_use:
+            return True, None
+        return None, None
 
     @property
     def hard(self) -> bool:
@@ -2553,6 +2692,10 @@ UNIFIED_HEADERS = {
     "5h-utilization": ("utilization_5h", parse_float),
     "7d-status": ("status_7d", parse_status), "7d-reset": ("reset_7d", parse_epoch),
     "7d-utilization": ("utilization_7d", parse_float),
+    "overage-status": ("overage_status", parse_status),
+    "overage-in-use": ("overage_in_use", lambda value: value.strip().lower() == "true"),
+    "overage-disabled-reason": ("overage_disabled_reason", lambda value: value.strip()[:100]),
+    "overage-reset": ("overage_reset", parse_epoch),
 }
 
 
@@ -2588,6 +2731,191 @@ def soft_limited(account: Account, now: int) -> bool:
     """Whether an account's last answer warned it is close to its limit (and still is)."""
     return (account.rate_limit_status in SOFT_LIMIT_STATUSES
             and (account.rate_limit_reset or 0) > now)
+
+
+###############################################################################
+# Usage reads #################################################################
+###############################################################################
+
+#: Where Claude Code reads an OAuth account's windows without spending a request.
+USAGE_PATH = "/api/oauth/usage"
+#: After an account is marked limited, or one of its resets passes, its windows are read this
+#: much later (the upstream needs a moment to count).
+USAGE_SOON_MS = 2_000
+#: After a 429 or 5xx from the usage endpoint, wait this long, doubling up to the maximum.
+USAGE_BACKOFF_MS = 60_000
+USAGE_BACKOFF_MAX_MS = 3600_000
+USAGE_TIMEOUT_S = 15.0
+#: How often the reader looks for accounts due a read.
+USAGE_TICK_S = 1.0
+#: The answer's windows that have columns of their own; the other seven_day_* windows (per
+#: model) are kept together in model_windows.
+USAGE_WINDOWS = {"five_hour": ("utilization_5h", "reset_5h"),
+                 "seven_day": ("utilization_7d", "reset_7d")}
+
+
+def usage_fields(answer: dict) -> dict:
+    """Turn /api/oauth/usage's answer into account columns, ignoring what is not known.
+
+    Utilization comes in percent there (the rate-limit headers give a fraction); a window a
+    plan lacks is null.
+    """
+    fields: dict[str, Any] = {}
+    models = {}
+    for name, window in answer.items():
+        if not isinstance(window, dict) or not (name in USAGE_WINDOWS
+                                                or name.startswith("seven_day_")):
+            continue
+        used = window.get("utilization")
+        if type(used) not in (int, float) or not math.isfinite(used) or used < 0:
+            continue
+        resets_at = window.get("resets_at")
+        reset = parse_epoch(resets_at) if isinstance(resets_at, str) else None
+        if name in USAGE_WINDOWS:
+            utilization_column, reset_column = USAGE_WINDOWS[name]
+            fields[utilization_column], fields[reset_column] = used / 100, reset
+        else:
+            models[name] = {"utilization": used / 100, "resetsAt": reset}
+    if models:
+        fields["model_windows"] = json.dumps(models, sort_keys=True)
+    extra = answer.get("extra_usage")
+    if isinstance(extra, dict) and isinstance(extra.get("is_enabled"), bool):
+        reason = extra.get("disabled_reason")
+        fields["overage_enabled"] = int(extra["is_enabled"])
+        fields["overage_disabled_reason"] = (str(reason)[:100] if reason and
+                                             not extra["is_enabled"] else None)
+    return fields
+
+
+class UsagePoller:
+    """Reads each OAuth account's windows, as Claude Code's /usage screen does.
+
+    An account that has been idle otherwise shows old figures, and `headroom` and `session`
+    place new conversations on them. Reads never happen on a request's path: at most every
+    usage_poll_s per account, plus once soon after an account is marked limited or one of its
+    resets passes; a 429 or 5xx backs off, a refused token waits for the next one, and a failed
+    read never marks the account.
+    """
+
+    def __init__(self, settings: Settings, accounts: Callable[[], list[Account]],
+                 tokens: TokenKeeper, apply: Callable[[Account, dict, int], None]) -> None:
+        self.settings = settings
+        self.accounts = accounts
+        self.tokens = tokens
+        self.apply = apply
+        origin, prefix = split_url(settings.upstream_url)
+        self.client = Upstream(origin, pool_size=2)
+        self.path = prefix.rstrip("/") + USAGE_PATH
+        self.lock = threading.Lock()
+        #: account id -> when its next read is due (epoch ms).
+        self.next_read: dict[int, int] = {}
+        #: account id -> the current wait after the endpoint pushed back (429, 5xx).
+        self.backoff: dict[int, int] = {}
+        #: account id -> when it was last read: a reset passing after that calls for a read.
+        self.read_at: dict[int, int] = {}
+        #: account id -> the access token the endpoint refused: no read until a new one.
+        self.refused: dict[int, str] = {}
+        self.log = component_logger("Usage")
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="claudeflare-usage", daemon=True)
+        self.thread.start()
+
+    def soon(self, account: Account, now: int) -> None:
+        """Read an account's windows shortly: it was just marked limited."""
+        with self.lock:
+            if account.id not in self.backoff:
+                self.next_read[account.id] = min(self.next_read.get(account.id, now),
+                                                 now + USAGE_SOON_MS)
+
+    def run(self) -> None:
+        while not self.stopping.wait(USAGE_TICK_S):
+            if not self.settings.usage_poll_s:
+                continue
+            for account in self.accounts():
+                now = now_ms()
+                account = self.tokens.with_unsaved(account)
+                if self.stopping.is_set():
+                    return
+                if self.due(account, now):
+                    self.read(account, now)
+
+    def due(self, account: Account, now: int) -> bool:
+        """Tell whether an account's windows should be read now."""
+        if (account.type != "oauth" or account.paused or account.needs_reauth
+                or not account.token_valid(now)):
+            return False
+        with self.lock:
+            if self.refused.get(account.id) == account.access_token:
+                return False
+            next_read = self.next_read.get(account.id, 0)
+            if account.id in self.backoff:
+                return now >= next_read
+            last = self.read_at.get(account.id, 0)
+        passed = max((reset for reset in (account.rate_limited_until, account.overage_until,
+                                          account.reset_5h, account.reset_7d)
+                      if reset and reset + USAGE_SOON_MS <= now), default=0)
+        return now >= next_read or passed > last
+
+    def read(self, account: Account, now: int) -> None:
+        """Read one account's windows and fold them in; on trouble, change nothing."""
+        with self.lock:
+            self.read_at[account.id] = now
+            self.next_read[account.id] = now + int(self.settings.usage_poll_s * 1000)
+        headers = [("Host", self.client.host_header),
+                   ("Authorization", f"Bearer {account.access_token}"),
+                   ("anthropic-beta", OAUTH_BETA), ("Accept", "application/json"),
+                   ("User-Agent", f"claudeflare/{__version__}")]
+        try:
+            response, connection = self.client.send("GET", self.path, headers, b"",
+                                                    USAGE_TIMEOUT_S)
+            try:
+                data = response.read()
+            except (OSError, http.client.HTTPException) as error:
+                connection.close()
+                raise UpstreamError(describe_network_error(error, self.client.where,
+                                                           USAGE_TIMEOUT_S)) from None
+            self.client.release(connection, response)
+        except UpstreamError as error:
+            self.back_off(account, now, None, str(error))
+            return
+        if response.status == 429 or response.status >= 500:
+            self.back_off(account, now, parse_retry_after(response.msg, now),
+                          f"{response.status} {response.reason}")
+            return
+        with self.lock:
+            self.backoff.pop(account.id, None)
+        if response.status == 401:
+            with self.lock:
+                self.refused[account.id] = account.access_token or ""
+            self.log.info("The usage endpoint refused the token of account %s; reading again "
+                          "once it is renewed", account.name)
+            return
+        try:
+            answer = json.loads(data) if response.status == 200 else None
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            self.log.debug("Usage read of account %s answered %d without usage", account.name,
+                           response.status)
+            return
+        self.apply(account, usage_fields(answer), now)
+
+    def back_off(self, account: Account, now: int, retry_after_ms: int | None,
+                 error: str) -> None:
+        """Wait before the next read of an account: retry-after, else 60 s doubling to 1 h."""
+        with self.lock:
+            wait = min(self.backoff.get(account.id, USAGE_BACKOFF_MS // 2) * 2,
+                       USAGE_BACKOFF_MAX_MS)
+            self.backoff[account.id] = wait
+            wait = max(wait, retry_after_ms or 0)
+            self.next_read[account.id] = now + wait
+        self.log.info("Usage read of account %s failed: %s; next try in %ds", account.name,
+                      redact(error), wait // 1000)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+        self.client.close()
 
 
 ###############################################################################
@@ -2890,15 +3218,32 @@ STRATEGIES: dict[str, Callable[[list[Account], RouteContext, int], list[Account]
 assert tuple(STRATEGIES) == STRATEGY_NAMES
 
 
-def order_accounts(accounts: list[Account], strategy: str, context: RouteContext,
-                   now: int) -> list[Account]:
-    """Order the usable accounts by the strategy, soft-limited ones last."""
-    usable = [account for account in accounts if account.status(now) == "active"]
-    preferred = [account for account in usable if not soft_limited(account, now)]
-    warned = [account for account in usable if soft_limited(account, now)]
+def order_accounts(accounts: list[Account], strategy: str, context: RouteContext, now: int,
+                   overage: str = "last") -> list[Account]:
+    """Order the usable accounts to try: by priority group, each group by the strategy.
+
+    Included quota comes before money: within each group, best (lowest priority) first, the
+    accounts with room come before the soft-limited ones; accounts serving on extra usage
+    (billed) come after every group under `overage last`, count as any other under `allow`,
+    and are never tried under `never`.
+    """
     choose = STRATEGIES[strategy]
-    return ((choose(preferred, context, now) if preferred else [])
-            + (choose(warned, context, now) if warned else []))
+    included, billed = [], []
+    for account in accounts:
+        status = account.status(now)
+        if status == "active" or (status == "overage" and overage == "allow"):
+            included.append(account)
+        elif status == "overage" and overage == "last":
+            billed.append(account)
+    ordered: list[Account] = []
+    for pool in (included, billed):
+        for priority in sorted({account.priority for account in pool}):
+            group = [account for account in pool if account.priority == priority]
+            for soft in (False, True):
+                part = [account for account in group if soft_limited(account, now) == soft]
+                if part:
+                    ordered += choose(part, context, now)
+    return ordered
 
 
 #: metadata.user_id as Claude Code writes it: user_<hex>_account_<uuid>_session_<uuid>.
@@ -3105,6 +3450,9 @@ def usage_json(row: Any) -> dict:
             "cacheCreationTokens": value("cache_creation_tokens"),
             "cacheReadTokens": value("cache_read_tokens"), "totalTokens": tokens,
             "costUsd": round(value("cost_usd"), 6), "unpricedRequests": value("unpriced"),
+            "overageRequests": value("overage_requests"),
+            "overageCostUsd": round(value("overage_cost_usd"), 6),
+            "claudeCodeOnlyRefusals": value("claude_code_only"),
             "avgLatencyMs": round(value("latency_ms_total") / requests) if requests else None,
             "p95LatencyMs": min_known(percentile_from_histogram(buckets, 0.95),
                                       value("latency_ms_max"))}
@@ -3209,8 +3557,6 @@ def failure_kind(answer: Answer, limit: RateLimit, has_account: bool) -> str:
     return "client"
 
 
-#: The beta flag that lets an OAuth access token call the Messages API.
-OAUTH_BETA = "oauth-2025-04-20"
 #: Headers that carry the client's own credentials; replaced whenever an account is used.
 CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
 
@@ -3276,8 +3622,9 @@ class App:
         self.cached_accounts: list[Account] = []
         self.cached_keys: list[ClientKey] = []
         self.cached_version: int | None = None
-        #: account name -> routing marks not yet in the database; they outlive re-reads.
-        self.pending_marks: dict[str, dict] = {}
+        #: account name -> {column: (value, when decided)}: routing marks not yet in the
+        #: database; they outlive re-reads, unless a person changed the account since.
+        self.pending_marks: dict[str, dict[str, tuple[Any, int]]] = {}
         #: The accounts' credentials, masked in whatever the upstream echoes (see scrub).
         self.secrets: tuple[str, ...] = ()
         #: Requests in flight (their handlers), and the condition shutdown waits on.
@@ -3297,13 +3644,15 @@ class App:
         self.cooldowns: dict[int, int] = {}
         self.writer = BackgroundWriter(store, settings, self.after_write)
         self.refresher = BackgroundRefresher(self.tokens, self.accounts)
+        self.usage = UsagePoller(settings, self.accounts, self.tokens, self.apply_usage)
 
     @property
     def running(self) -> int:
         """How many requests are in flight."""
         return len(self.handlers)
 
-    def after_write(self, records: list[RequestRecord], marks: dict[str, dict]) -> None:
+    def after_write(self, records: list[RequestRecord],
+                    marks: list[tuple[str, dict, int]]) -> None:
         """Count written requests for /metrics, and re-read the accounts the batch changed.
 
         Marks now in the database leave the overlay, unless a newer one replaced them.
@@ -3311,10 +3660,10 @@ class App:
         """
         self.metrics.observe(records)
         with self.lock:
-            for name, fields in marks.items():
+            for name, fields, decided_at in marks:
                 pending = self.pending_marks.get(name, {})
                 for field, value in fields.items():
-                    if field in pending and pending[field] == value:
+                    if pending.get(field) == (value, decided_at):
                         del pending[field]
                 if not pending:
                     self.pending_marks.pop(name, None)
@@ -3338,8 +3687,12 @@ class App:
             if version != self.cached_version:
                 accounts = self.store.accounts()
                 for account in accounts:
-                    for field, value in self.pending_marks.get(account.name, {}).items():
-                        setattr(account, field, value)
+                    pending = self.pending_marks.get(account.name, {})
+                    for field, (value, decided_at) in list(pending.items()):
+                        if (account.changed_at or 0) <= decided_at:
+                            setattr(account, field, value)
+                        else:  # a person changed the account since: their change wins
+                            del pending[field]
                 self.cached_accounts = accounts
                 self.cached_keys = self.store.client_keys()
                 self.cached_version = version
@@ -3407,7 +3760,8 @@ class App:
                 binding = None
             context = RouteContext(self.turn, settings.session_duration_ms,
                                    binding[0] if binding else None, self.conversation_counts)
-            ordered = order_accounts(accounts, settings.lb_strategy, context, now)
+            ordered = order_accounts(accounts, settings.lb_strategy, context, now,
+                                     settings.overage)
             if ordered:
                 self.count_use(ordered[0], now)
         return ordered
@@ -3440,7 +3794,7 @@ class App:
             account_id, _ = self.conversations.pop(key)
             self.conversation_counts[account_id] -= 1
 
-    def note_limits(self, account: Account, limit: RateLimit) -> None:
+    def note_limits(self, account: Account, limit: RateLimit, now: int) -> None:
         """Keep what a response said of its account's windows, for ordering (headroom, soft).
 
         The cached account changes at once; the writer stores it with the request's record.
@@ -3452,6 +3806,55 @@ class App:
             for field in WINDOW_FIELDS:
                 if getattr(limit, field) is not None:
                     setattr(account, field, getattr(limit, field))
+                    account.windows_at = now
+
+    def note_served(self, account: Account, limit: RateLimit, now: int) -> None:
+        """Act on what the headers of an answer an account served say: extra usage in use, a
+        window spent (bench it), or included quota back after extra usage."""
+        if limit.on_overage:
+            self.note_overage(account, limit, now)
+        elif limit.hard:
+            self.mark_rate_limited(account, limit, now)
+        elif (account.overage_until or 0) > now and limit.status is not None:
+            self.mark(account, overage_until=None)
+            component_logger("Proxy").info("Account %s has included quota again", account.name)
+
+    def note_overage(self, account: Account, limit: RateLimit, now: int) -> None:
+        """An account answered on extra usage, billed to its owner: follow the overage policy.
+
+        Under `never` it is benched like a rate-limited account (this one answer could not be
+        avoided; nothing more is billed). Otherwise it is marked `overage` until its window
+        resets, and routing puts it last (`last`) or anywhere (`allow`).
+        """
+        if self.settings.overage == "never":
+            until = self.mark_rate_limited(account, limit, now)
+            component_logger("Proxy").warning(
+                "Account %s answered on extra usage (billed); overage is never: benched until %s",
+                account.name, iso_time(until))
+            return
+        until = min(limit.window_reset() or limit.overage_reset or now + DEFAULT_RATE_LIMIT_MS,
+                    now + MAX_RATE_LIMIT_MS)
+        serving = (account.overage_until or 0) > now
+        if serving and abs(until - account.overage_until) < 1000:
+            return  # known already: no write per request
+        self.mark(account, overage_until=until)
+        if not serving:
+            component_logger("Proxy").warning(
+                "Account %s is serving on extra usage (billed to its owner) until %s; overage "
+                "is %s", account.name, iso_time(until), self.settings.overage)
+
+    def apply_usage(self, account: Account, fields: dict, started: int) -> None:
+        """Fold a usage read into an account, keeping windows a newer header reported."""
+        with self.lock:
+            cached = next((cached for cached in self.cached_accounts
+                           if cached.name == account.name), account)
+            newer = (cached.windows_at or 0) > started
+        if newer or not any(field in fields for field in WINDOW_FIELDS):
+            fields = {field: value for field, value in fields.items()
+                      if field not in WINDOW_FIELDS}
+        else:
+            fields["windows_at"] = started
+        self.mark(account, usage_read_at=now_ms(), **fields)
 
     def mark_rate_limited(self, account: Account, limit: RateLimit, now: int) -> int:
         """Bench an account until its window resets; a 429 naming no window gets a cooldown."""
@@ -3470,6 +3873,7 @@ class App:
                   rate_limit_reset=reset or until,
                   **{field: getattr(limit, field) for field in WINDOW_FIELDS
                      if getattr(limit, field) is not None})
+        self.usage.soon(account, now)
         component_logger("Proxy").warning(
             "Account %s rate limited until %s (%s%s); moving on", account.name, iso_time(until),
             status, f", {limit.claim}" if limit.claim else "")
@@ -3488,13 +3892,15 @@ class App:
         re-reads until the mark is in the database: a request never waits for the database,
         which another process may hold locked.
         """
+        decided_at = now_ms()
         with self.lock:
             for cached in [account] + [cached for cached in self.cached_accounts
                                        if cached.name == account.name]:
                 for field, value in fields.items():
                     setattr(cached, field, value)
-            self.pending_marks.setdefault(account.name, {}).update(fields)
-        self.writer.mark(account.name, fields)
+            self.pending_marks.setdefault(account.name, {}).update(
+                (field, (value, decided_at)) for field, value in fields.items())
+        self.writer.mark(account.name, fields, decided_at)
 
     def mark_needs_attention(self, account: Account, reason: str) -> None:
         """Stop using an account the upstream refuses for good (banned, not allowed, bad key)."""
@@ -3515,9 +3921,11 @@ class App:
         now = now_ms()
         statuses = [account.status(now) for account in self.accounts()]
         counts = {"total": len(statuses)}
-        for status in ("active", "paused", "rate_limited", "needs_reauth", "expired"):
+        for status in ("active", "paused", "rate_limited", "overage", "needs_reauth", "expired"):
             counts[status] = statuses.count(status)
-        if statuses and not counts["active"]:
+        serving = counts["active"] + (counts["overage"] if self.settings.overage != "never"
+                                      else 0)
+        if statuses and not serving:
             state = "unavailable"
         elif counts["active"] + counts["paused"] < len(statuses):
             state = "degraded"
@@ -3563,6 +3971,7 @@ class App:
     def close(self) -> None:
         """Write the queued request log, then release the upstream connections and database."""
         log.removeHandler(self.recent_logs)
+        self.usage.close()
         self.refresher.close()
         self.writer.close()
         self.upstream.close()
@@ -4031,7 +4440,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if path == "/api/stats/reset":
             return {"reset": app.store.reset_stats()}
         name = urllib.parse.unquote(parts[3])
-        account = app.store.update_account(name, **({"paused": 1} if parts[4] == "pause"
+        account = app.store.change_account(name, **({"paused": 1} if parts[4] == "pause"
                                                     else RESUMED))
         component_logger("Proxy").info("Account %s %sd through the API", name, parts[4])
         return account_json(account, now_ms(), app.settings.session_duration_ms)
@@ -4338,10 +4747,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 response, connection, account = self.send_via(account, headers, body, now)
                 limit = parse_rate_limit(response.msg, now)
                 if account is not None:
-                    app.note_limits(account, limit)
+                    app.note_limits(account, limit, now)
                 if response.status < 400:
-                    if account is not None and limit.hard:
-                        app.mark_rate_limited(account, limit, now)
+                    if account is not None:
+                        app.note_served(account, limit, now)
                     self.deliver(response, connection, account, limit, record, tries, started)
                     return True
                 answer = self.read_answer(response, connection)
@@ -4393,6 +4802,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         streaming = "text/event-stream" in (response.getheader("Content-Type") or "")
         self.take_record(record, account, started, streaming)
         record.limits = limit
+        record.overage = limit.on_overage
         if account is not None:
             app.note_success(account)
             app.bind_conversation(record.conversation, account, record.timestamp)
@@ -4651,6 +5061,7 @@ h2 { font-size: 16px; margin: 24px 0 8px; }
 .ok, .active { background: var(--ok); }
 .degraded, .paused, .rate_limited { background: var(--warn); }
 .unavailable, .needs_reauth, .expired { background: var(--bad); }
+.overage { background: #bc4c00; }
 .status { padding: 0 6px; border-radius: 6px; color: #fff; font-size: 12px; }
 .muted { color: var(--muted); }
 .cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(130px, 1fr));
@@ -4686,12 +5097,14 @@ svg text { fill: var(--muted); font-size: 10px; }
 <div class="card"><span class="muted">Success rate</span><b>$success_rate</b></div>
 <div class="card"><span class="muted">Tokens, 24 h</span><b>$tokens</b></div>
 <div class="card"><span class="muted">Cost, 24 h</span><b>$cost</b></div>
+<div class="card"><span class="muted">Extra usage, 24 h</span><b>$overage</b></div>
 <div class="card"><span class="muted">p95 latency</span><b>$p95</b></div>
 <div class="card"><span class="muted">Accounts active</span><b>$active</b></div>
 </section>
 <h2>Accounts</h2>
 <div class="scroll"><table>
-<tr><th>Name</th><th>Type</th><th class="num">Tier</th><th>Status</th>
+<tr><th>Name</th><th>Type</th><th class="num">Tier</th><th class="num">Priority</th>
+<th>Status</th>
 <th class="num">Requests</th><th>Token expires</th><th>5-hour window</th><th>7-day window</th>
 <th>Last used</th></tr>
 $accounts
@@ -4756,19 +5169,34 @@ def account_row(account: Account, now: int, session_duration_ms: int) -> str:
     detail = ""
     if status == "rate_limited":
         detail = f" until {when_text(account.rate_limited_until, now)}"
+    elif status == "overage":
+        detail = f" (extra usage, billed) until {when_text(account.overage_until, now)}"
     elif status == "needs_reauth":
         detail = f": {redact(account.reauth_reason or '')}"
     expires = when_text(account.expires_at, now) if account.type == "oauth" else "-"
     return (f"<tr><td><b>{escape(account.name)}</b><br><span class=\"muted\">"
             f"{escape(account.email or '')}</span></td><td>{escape(account.type)}</td>"
             f"<td class=\"num\">{account.account_tier}</td>"
+            f"<td class=\"num\">{account.priority}</td>"
             f"<td><span class=\"status {escape(status)}\">{escape(status)}</span>"
-            f"<span class=\"muted\">{escape(detail)}</span></td>"
+            f"<span class=\"muted\">{escape(detail)}</span>{extra_usage_note(account, now)}</td>"
             f"<td class=\"num\">{account.session_count(now, session_duration_ms)}/"
             f"{account.request_count}</td><td>{escape(expires)}</td>"
             f"{window_cell(account.utilization_5h, account.reset_5h, now)}"
             f"{window_cell(account.utilization_7d, account.reset_7d, now)}"
             f"<td>{escape(when_text(account.last_used, now))}</td></tr>")
+
+
+def extra_usage_note(account: Account, now: int) -> str:
+    """Say, under an account's status, whether extra usage is on for it, where known."""
+    if account.overage_enabled is None:
+        return ""
+    if not account.overage_enabled:
+        reason = f" ({account.overage_disabled_reason})" if account.overage_disabled_reason else ""
+        return f'<br><span class="muted">extra usage off{escape(reason)}</span>'
+    reset = (f", allowance resets {when_text(account.overage_reset, now)}"
+             if account.overage_reset else "")
+    return f'<br><span class="muted">extra usage on{escape(reset)}</span>'
 
 
 def hourly_chart(series: list[dict]) -> str:
@@ -4820,7 +5248,7 @@ def render_status_page(app: App, now: int) -> str:
     series = app.series("24h", now)
     recent = [request_json(row) for row in app.store.recent_requests(20)]
     errors = [request_json(row) for row in app.store.recent_requests(10, failures_only=True)]
-    empty = '<tr><td colspan="9" class="muted">{}</td></tr>'
+    empty = '<tr><td colspan="10" class="muted">{}</td></tr>'
     rate = last_day["successRate"]
     return STATUS_PAGE.substitute(
         status=escape(health["status"]), version=escape(__version__),
@@ -4829,6 +5257,7 @@ def render_status_page(app: App, now: int) -> str:
         requests=last_day["requests"],
         success_rate="-" if rate is None else f"{rate * 100:.1f}%",
         tokens=f"{last_day['totalTokens']:,}", cost=escape(f"${last_day['costUsd']:.2f}"),
+        overage=escape(f"{last_day['overageRequests']} (${last_day['overageCostUsd']:.2f})"),
         p95="-" if last_day["p95LatencyMs"] is None else f"{last_day['p95LatencyMs']} ms",
         active=f"{health['accounts']['active']}/{health['accounts']['total']}",
         accounts="".join(account_row(account, now, app.settings.session_duration_ms)
@@ -5639,16 +6068,19 @@ def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
                                        "ASCII, no spaces). Pipe it in: "
                                        "echo \"$ANTHROPIC_API_KEY\" | claudeflare.py add NAME "
                                        "--api-key")
-            store.add_account(args.name, "api_key", args.tier, api_key=key)
+            store.add_account(args.name, "api_key", args.tier, api_key=key,
+                              priority=args.priority)
             print(f"Added API-key account {args.name} (tier {args.tier})")
             return 0
         tokens, api_key = oauth_login(settings, args.mode)
         if api_key is not None:
             store.add_account(args.name, "api_key", args.tier, api_key=api_key,
+                              priority=args.priority,
                               **identity(tokens))
             print(f"Added console account {args.name} with a new API key (tier {args.tier})")
         else:
-            store.add_account(args.name, "oauth", args.tier, access_token=tokens.access_token,
+            store.add_account(args.name, "oauth", args.tier, priority=args.priority,
+                              access_token=tokens.access_token,
                               refresh_token=tokens.refresh_token, expires_at=tokens.expires_at,
                               **identity(tokens))
             print(f"Added OAuth account {args.name} ({tokens.email or 'unknown email'}, "
@@ -5668,9 +6100,9 @@ def cmd_reauth(args: argparse.Namespace, settings: Settings) -> int:
         tokens, api_key = oauth_login(settings, mode)
         reset = {"needs_reauth": 0, "reauth_reason": None, **identity(tokens)}
         if api_key is not None:
-            store.update_account(args.name, api_key=api_key, **reset)
+            store.change_account(args.name, api_key=api_key, **reset)
         else:
-            store.update_account(args.name, access_token=tokens.access_token,
+            store.change_account(args.name, access_token=tokens.access_token,
                                  refresh_token=tokens.refresh_token,
                                  expires_at=tokens.expires_at, **reset)
     print(f"Logged in account {args.name} again")
@@ -5690,6 +6122,8 @@ def status_text(account: Account, now: int) -> str:
     status = account.status(now)
     if status == "rate_limited":
         return f"rate_limited until {short_time(account.rate_limited_until, now)}"
+    if status == "overage":
+        return f"overage until {short_time(account.overage_until, now)} (extra usage, billed)"
     if status == "needs_reauth" and account.reauth_reason:
         return f"needs_reauth ({redact(account.reauth_reason)[:60]})"
     return status
@@ -5714,16 +6148,17 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     if not accounts:
         print("No accounts. Add one: python3 claudeflare.py add NAME")
         return 0
-    rows = [["NAME", "TYPE", "TIER", "STATUS", "REQUESTS", "TOKEN EXPIRES", "RATE LIMIT",
-             "RESETS", "LAST USED", "IDENTITY"]]
+    rows = [["NAME", "TYPE", "TIER", "PRIORITY", "STATUS", "REQUESTS", "TOKEN EXPIRES",
+             "RATE LIMIT", "RESETS", "LAST USED", "IDENTITY"]]
     for account in accounts:
         rows.append([
-            account.name, account.type, str(account.account_tier), status_text(account, now),
+            account.name, account.type, str(account.account_tier), str(account.priority),
+            status_text(account, now),
             f"{account.session_count(now, settings.session_duration_ms)}/"
             f"{account.request_count}",
             short_time(account.expires_at, now) if account.type == "oauth" else "-",
             account.rate_limit_status or "-", short_time(account.rate_limit_reset, now),
-            short_time(account.last_used, now),
+            when_text(account.last_used, now),
             " / ".join(filter(None, (account.email, account.organization))) or "-"])
     print_table(rows)
     return 0
@@ -5746,7 +6181,7 @@ def cmd_remove(args: argparse.Namespace, settings: Settings) -> int:
 def change_account(args: argparse.Namespace, done: str, **fields: Any) -> int:
     """Set some columns of the named account and say what was done."""
     with open_store(args) as store:
-        store.update_account(args.name, **fields)
+        store.change_account(args.name, **fields)
     print(done)
     return 0
 
@@ -5765,6 +6200,16 @@ def cmd_tier(args: argparse.Namespace, settings: Settings) -> int:
     """Set an account's tier (its weight in the weighted strategy)."""
     return change_account(args, f"Set tier of {args.name} to {args.tier}",
                           account_tier=args.tier)
+
+
+def cmd_priority(args: argparse.Namespace, settings: Settings) -> int:
+    """Set an account's priority: lower serves first, higher only while no lower one can."""
+    return change_account(args, f"Set priority of {args.name} to {args.priority}",
+                          priority=args.priority)
+
+
+#: Strategies that move a conversation between accounts on every request.
+ROTATING_STRATEGIES = frozenset({"round-robin", "weighted", "least-requests"})
 
 
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
@@ -5788,6 +6233,10 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     value = validate_setting(args.key, args.value, "the command line")
     settings.config.update(args.key, value)
     print(f"Set {args.key} = {value} in {settings.config.path}")
+    if args.key == "lb_strategy" and value in ROTATING_STRATEGIES:
+        print(f"note: {value} moves a conversation to another account on every request: it "
+              f"loses prompt-cache hits and does not look like one person's use of an account. "
+              f"session (the default) keeps each conversation on one account.", file=sys.stderr)
     if os.environ.get(setting.env):
         print(f"note: {setting.env} is set in this environment and overrides the file for "
               f"servers started with it", file=sys.stderr)
@@ -5850,9 +6299,13 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 def usage_line(usage: dict) -> str:
     """Summarize usage in one line for the terminal."""
     rate = "-" if usage["successRate"] is None else f"{usage['successRate'] * 100:.1f}%"
-    return (f"{usage['requests']} requests, {rate} ok, {usage['inputTokens']:,} in / "
+    line = (f"{usage['requests']} requests, {rate} ok, {usage['inputTokens']:,} in / "
             f"{usage['outputTokens']:,} out tokens, ${usage['costUsd']:.2f}, avg "
             f"{usage['avgLatencyMs'] or '-'} ms, p95 {usage['p95LatencyMs'] or '-'} ms")
+    if usage["overageRequests"]:
+        line += (f"; {usage['overageRequests']} on extra usage, ${usage['overageCostUsd']:.2f} "
+                 f"billed")
+    return line
 
 
 def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
@@ -6083,6 +6536,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="OAuth login: max (Claude Pro/Max, default) or console (mints a key)")
     add.add_argument("--tier", type=int, choices=TIERS, default=1,
                      help="weight in the weighted strategy (default 1)")
+    add.add_argument("--priority", type=argument(parse_priority), default=0,
+                     help="lower serves first; higher only while no lower one can (default 0)")
 
     reauth = account_command("reauth", cmd_reauth,
                              "log an account in again, keeping its name, tier and history")
@@ -6103,6 +6558,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "python3 claudeflare.py tier work 20")
     tier.add_argument("name", help="the account's name")
     tier.add_argument("tier", type=int, choices=TIERS, help="1, 5 or 20")
+    priority = command("priority", cmd_priority,
+                       "set an account's priority: lower first; a higher one serves only while "
+                       "no lower one can", "python3 claudeflare.py priority ci 1")
+    priority.add_argument("name", help="the account's name")
+    priority.add_argument("priority", type=argument(parse_priority),
+                          help="a whole number; 0 is the default, lower first")
 
     keys = command("keys", cmd_keys,
                    "manage client keys: once any exists, clients must present one",

@@ -15,6 +15,7 @@ import atexit
 import base64
 import collections
 import contextlib
+import datetime
 import email.utils
 import hashlib
 import re
@@ -238,6 +239,8 @@ def reply_default(handler: FakeHandler, request: Recorded) -> None:
         oauth.handle(handler, request)
     elif request.path == "/api/oauth/claude_cli/create_api_key":
         oauth.create_api_key(handler, request)
+    elif request.path == "/api/oauth/usage":
+        oauth.usage(handler, request)
     elif oauth.refuses(request):
         handler.send_whole(401, json.dumps({"type": "error", "error": {
             "type": "authentication_error", "message": "OAuth token has expired. Please obtain a "
@@ -383,6 +386,11 @@ class FakeOAuth:
         #: False: a refresh answers without a refresh_token, and the old one stays live.
         self.rotates = True
         self.serial = 0
+        #: What GET /api/oauth/usage answers (a plan without windows unless a test sets them),
+        #: scripted failures for it, and the token each read carried.
+        self.usage_answer: dict = {"five_hour": None, "seven_day": None, "extra_usage": None}
+        self.usage_failures: collections.deque = collections.deque()
+        self.usage_reads: list[str] = []
 
     def authorize(self, url: str) -> str:
         """Play the login page: return the `code#state` it would show for an authorize URL."""
@@ -456,6 +464,20 @@ class FakeOAuth:
         if token not in self.access_tokens:
             return handler.send_whole(401, b'{"error":{"message":"Invalid token"}}')
         handler.send_whole(200, json.dumps({"raw_key": "sk-ant-api03-minted"}).encode())
+
+    def usage(self, handler: "FakeHandler", request: "Recorded") -> None:
+        """Answer a usage read as the real endpoint does: 401 for a token it does not know."""
+        token = (request.headers["Authorization"] or "").replace("Bearer ", "")
+        with self.lock:
+            self.usage_reads.append(token)
+            failure = self.usage_failures.popleft() if self.usage_failures else None
+        if failure is not None:
+            return failure(handler, request)
+        if token not in self.access_tokens or "oauth-2025-04-20" not in (
+                request.headers["anthropic-beta"] or ""):
+            return handler.send_whole(401, b'{"type":"error","error":{"type":'
+                                           b'"authentication_error","message":"Invalid token"}}')
+        handler.send_whole(200, json.dumps(self.usage_answer).encode())
 
     def refuses(self, request: "Recorded") -> bool:
         """Tell whether a Messages request carries an OAuth token this fake does not accept."""
@@ -1190,7 +1212,8 @@ class TestSettings(CliTestCase):
         "request_retention_days": ("7", "8"), "log_level": ("WARN", "ERROR"),
         "log_format": ("json", "pretty"), "max_connections": ("50", "60"),
         "tls_cert": ("/file/cert.pem", "/env/cert.pem"),
-        "tls_key": ("/file/key.pem", "/env/key.pem"),
+        "tls_key": ("/file/key.pem", "/env/key.pem"), "overage": ("never", "allow"),
+        "usage_poll_s": ("60", "0"),
     }
 
     def test_every_setting_follows_the_precedence(self):
@@ -1411,11 +1434,11 @@ class TestAccountCommands(CliTestCase):
         self.ok("add", "beta", "--api-key", "--tier", "20", stdin="k2\n")
         self.ok("pause", "beta")
         lines = self.ok("list").splitlines()
-        for column in ("NAME", "TYPE", "TIER", "STATUS", "REQUESTS", "TOKEN EXPIRES",
-                       "RATE LIMIT", "RESETS", "LAST USED"):
+        for column in ("NAME", "TYPE", "TIER", "PRIORITY", "STATUS", "REQUESTS",
+                       "TOKEN EXPIRES", "RATE LIMIT", "RESETS", "LAST USED"):
             self.assertIn(column, lines[0])
-        self.assertRegex(lines[1], r"^alpha\s+api_key\s+1\s+active\s+0/0")
-        self.assertRegex(lines[2], r"^beta\s+api_key\s+20\s+paused")
+        self.assertRegex(lines[1], r"^alpha\s+api_key\s+1\s+0\s+active\s+0/0")
+        self.assertRegex(lines[2], r"^beta\s+api_key\s+20\s+0\s+paused")
 
     def test_unknown_account_is_named(self):
         for command in (("pause", "ghost"), ("resume", "ghost"), ("unpause", "ghost"),
@@ -1674,6 +1697,23 @@ class TestUsingAccounts(ServerWithAccounts):
         status, _, body = self.proxy.request("GET", "/health")
         self.assertEqual((status, json.loads(body)["status"]), (503, "unavailable"))
 
+    def test_list_shows_last_used_as_a_relative_time(self):
+        self.add_key("work")
+        self.assertEqual(self.post_message()[0], 200)
+        self.proxy.settle()
+        line = next(line for line in self.ok("list").splitlines() if line.startswith("work"))
+        self.assertRegex(line, r"\s\d+s ago(\s|$)")
+        self.assertNotIn("(past)", line)
+
+    def test_setting_a_rotating_strategy_warns_about_conversations(self):
+        for strategy in ("round-robin", "weighted", "least-requests"):
+            code, _, err = self.cli("config", "set", "lb_strategy", strategy)
+            self.assertEqual(code, 0)
+            self.assertIn("loses prompt-cache hits", err)
+            self.assertEqual(len(err.strip().splitlines()), 1)
+        for strategy in ("session", "headroom"):
+            self.assertEqual(self.cli("config", "set", "lb_strategy", strategy)[2], "")
+
     def test_cli_and_server_share_the_database_under_load(self):
         self.add_key("a")
         self.add_key("b")
@@ -1813,7 +1853,7 @@ class TestLockedDatabase(ServerWithAccounts):
         self.assertIn("1 requests", self.ok("stats"))
         started = time.monotonic()
         code, _, err = self.cli("pause", "work")
-        self.assertLess(time.monotonic() - started, 8)
+        self.assertLess(time.monotonic() - started, 6)
         self.assertEqual(code, 1)
         self.assertIn("is locked by another process", err)
         self.assertIn(f"pid {holder.process.pid}", err)
@@ -2364,6 +2404,13 @@ class RoutingTestCase(ServerWithAccounts):
             "SELECT account_name, status, failover_attempts FROM requests ORDER BY timestamp"
         ).fetchall()
 
+    def distribution(self, count: int, headers=None, stream: bool = False) -> collections.Counter:
+        """Send requests (each must succeed); count which account the upstream saw for each."""
+        first = len(self.upstream.messages())
+        for _ in range(count):
+            self.assertEqual(self.post_message(stream=stream, headers=headers)[0], 200)
+        return collections.Counter(self.key_of(r) for r in self.upstream.messages()[first:])
+
 
 class TestFailover(RoutingTestCase):
     @staticmethod
@@ -2691,12 +2738,6 @@ class TestFailoverEdges(RoutingTestCase):
 
 
 class TestStrategies(RoutingTestCase):
-    def distribution(self, count: int, headers=None) -> collections.Counter:
-        first = len(self.upstream.messages())
-        for _ in range(count):
-            self.assertEqual(self.post_message(headers=headers)[0], 200)
-        return collections.Counter(self.key_of(r) for r in self.upstream.messages()[first:])
-
     def test_round_robin_spreads_evenly(self):
         self.assertEqual(self.distribution(30), {"a": 10, "b": 10, "c": 10})
 
@@ -2839,6 +2880,269 @@ class TestStrategies(RoutingTestCase):
         self.distribution(3)
         self.assertEqual(self.distribution(6), {"a": 3, "c": 3})
         self.assertEqual(self.listed()["b"]["status"], "active")
+
+
+def overage_headers(reset_in_s: int = 3600, overage: str = "allowed") -> list:
+    """The headers of an answer served on extra usage: the 5-hour window is spent."""
+    reset = int(time.time()) + reset_in_s
+    return [("anthropic-ratelimit-unified-status", "rejected"),
+            ("anthropic-ratelimit-unified-reset", str(reset)),
+            ("anthropic-ratelimit-unified-representative-claim", "five_hour"),
+            ("anthropic-ratelimit-unified-5h-status", "rejected"),
+            ("anthropic-ratelimit-unified-5h-reset", str(reset)),
+            ("anthropic-ratelimit-unified-5h-utilization", "1.02"),
+            ("anthropic-ratelimit-unified-overage-status", overage),
+            ("anthropic-ratelimit-unified-overage-in-use", "true"),
+            ("anthropic-ratelimit-unified-overage-reset", str(reset + 20 * 86400))]
+
+
+def on_overage(reset_in_s: int = 3600):
+    """An answer served on extra usage."""
+    return reply_json(200, message_body(), overage_headers(reset_in_s))
+
+
+class TestExtraUsage(RoutingTestCase):
+    """Included quota first, paid capacity last; never a 429 while Anthropic would serve."""
+
+    def test_an_account_on_extra_usage_is_marked_overage_and_tried_after_the_others(self):
+        self.fault("a", on_overage(3600))
+        self.assertEqual(self.distribution(3), {"a": 1, "b": 1, "c": 1})  # a served, billed
+        account, now = self.listed()["a"], claudeflare.now_ms()
+        self.assertEqual(account["status"], "overage")
+        self.assertAlmostEqual((account["overageUntil"] - now) / 1000, 3600, delta=5)
+        self.assertTrue(account["extraUsage"]["enabled"])
+        self.assertAlmostEqual((account["extraUsage"]["resetsAt"] - now) / 86400000, 20,
+                               delta=0.1)
+        self.assertEqual(self.distribution(6), {"b": 3, "c": 3})
+        self.assertRegex(self.ok("list"), r"\na\s.*overage until .* \(extra usage, billed\)")
+        health = json.loads(self.proxy.request("GET", "/health")[2])
+        self.assertEqual((health["status"], health["accounts"]["overage"]), ("degraded", 1))
+        self.assertIn('claudeflare_account_status{account="a",status="overage"} 1',
+                      self.proxy.request("GET", "/metrics")[2].decode().splitlines())
+        page = self.proxy.request("GET", "/")[2].decode()
+        self.assertIn('<span class="status overage">overage</span>', page)
+        self.assertIn("extra usage on", page)
+        records = json.loads(self.proxy.request("GET", "/api/requests")[2])
+        self.assertEqual([record["overage"] for record in records if
+                          record["accountName"] == "a"], [True])
+        self.assertEqual({record["overage"] for record in records if
+                          record["accountName"] != "a"}, {False})
+
+    def test_extra_usage_serves_when_every_account_has_spent_its_quota(self):
+        for name in "abc":
+            self.fault(name, *[on_overage(3600)] * 10)
+        self.distribution(3)
+        self.assertEqual({account["status"] for account in self.listed().values()},
+                         {"overage"})
+        self.assertEqual(sum(self.distribution(6).values()), 6)  # served: no 429
+        self.assertNotIn("rate limited", CAPTURED_LOG.text())
+
+    def test_overage_never_bills_once_then_benches_and_answers_429(self):
+        self.ok("config", "set", "overage", "never")
+        self.fault("b", on_overage(600))  # round-robin: the first request starts at b
+        for name, reset_in in (("c", 1200), ("a", 1800)):
+            self.fault(name, reply_error(429, "rate_limit_error", "limited",
+                                         unified_headers("rejected", reset_in)))
+        self.assertEqual(self.post_message()[0], 200)  # the one answer that cannot be avoided
+        self.assertEqual(self.listed()["b"]["status"], "rate_limited")
+        for _ in range(2):
+            status, headers, _ = self.post_message()
+            self.assertEqual(status, 429)
+            self.assertAlmostEqual(int(headers["retry-after"]), 600, delta=5)
+        self.assertEqual([self.key_of(r) for r in self.upstream.messages()].count("b"), 1)
+        health = json.loads(self.proxy.request("GET", "/health")[2])
+        self.assertEqual(health["status"], "unavailable")
+
+    def test_overage_allow_keeps_extra_usage_in_the_rotation(self):
+        self.ok("config", "set", "overage", "allow")
+        self.fault("a", on_overage(3600))
+        self.distribution(3)
+        self.assertEqual(self.listed()["a"]["status"], "overage")
+        self.assertEqual(self.distribution(6), {"a": 2, "b": 2, "c": 2})
+
+    def test_included_quota_back_ends_the_overage_state(self):
+        self.ok("config", "set", "overage", "allow")
+        self.fault("a", on_overage(3600), reply_json(200, message_body(), unified_headers(
+            "allowed", 3600, 0.1, 0.1)))
+        self.distribution(6)
+        self.assertEqual(self.listed()["a"]["status"], "active")
+        self.assertIn("Account a has included quota again", CAPTURED_LOG.text())
+
+    def test_extra_usage_is_recorded_from_streams_and_reported_apart(self):
+        self.fault("b", reply_stream(message_events("claude-opus-4-5"),
+                                     headers=overage_headers(3600)))
+        served = self.distribution(2, stream=True)
+        self.assertEqual((served["b"], sum(served.values())), (1, 2))
+        self.proxy.settle()
+        stats = json.loads(self.proxy.request("GET", "/api/stats")[2])
+        billed = [record for record in json.loads(self.proxy.request("GET",
+                                                                     "/api/requests")[2])
+                  if record["overage"]]
+        self.assertEqual([record["accountName"] for record in billed], ["b"])
+        self.assertEqual(stats["totals"]["overageRequests"], 1)
+        self.assertAlmostEqual(stats["totals"]["overageCostUsd"], billed[0]["costUsd"])
+        self.assertGreater(stats["totals"]["costUsd"], stats["totals"]["overageCostUsd"])
+        self.assertEqual(sorted(item["overageRequests"] for item in stats["accounts"]), [0, 1])
+        self.assertIn(f"1 on extra usage, ${billed[0]['costUsd']:.2f} billed", self.ok("stats"))
+        page = self.proxy.request("GET", "/")[2].decode()
+        self.assertIn(f"1 (${billed[0]['costUsd']:.2f})", page)
+
+
+class TestPriority(RoutingTestCase):
+    """A preferred account serves while it can; backups only while it cannot."""
+
+    def test_a_lower_priority_group_serves_only_while_no_better_account_can(self):
+        self.ok("priority", "b", "1")
+        self.ok("priority", "c", "1")
+        self.assertEqual(self.distribution(4), {"a": 4})
+        self.fault("a", reply_error(429, "rate_limit_error", "limited",
+                                    unified_headers("rejected", 3600)))
+        self.assertEqual(self.distribution(4), {"a": 1, "b": 2, "c": 2})
+        self.ok("resume", "a")  # as when its reset passes
+        self.assertEqual(self.distribution(3), {"a": 3})
+
+    def test_a_session_conversation_moved_to_a_backup_moves_back(self):
+        self.ok("config", "set", "lb_strategy", "session")
+        self.ok("priority", "b", "1")
+        self.ok("pause", "c")
+        conversation = {"X-Claude-Code-Session-Id": "conv-back"}
+        self.assertEqual(self.distribution(2, conversation), {"a": 2})
+        self.fault("a", reply_error(429, "rate_limit_error", "limited",
+                                    unified_headers("rejected", 3600)))
+        self.assertEqual(self.distribution(2, conversation), {"a": 1, "b": 2})
+        self.ok("resume", "a")
+        self.assertEqual(self.distribution(2, conversation), {"a": 2})
+
+    def test_every_strategy_works_within_the_best_group(self):
+        self.ok("priority", "a", "2")
+        for strategy in claudeflare.STRATEGY_NAMES:
+            self.ok("config", "set", "lb_strategy", strategy)
+            served = set(self.distribution(4))
+            self.assertTrue(served and served <= {"b", "c"}, (strategy, served))
+
+    def test_extra_usage_comes_after_every_priority_group(self):
+        self.ok("priority", "b", "5")
+        self.ok("pause", "c")
+        self.fault("a", on_overage(3600))
+        self.assertEqual(self.distribution(1), {"a": 1})
+        self.assertEqual(self.distribution(3), {"b": 3})
+
+    def test_priority_is_set_shown_and_checked(self):
+        self.ok("priority", "b", "3")
+        self.ok("add", "backup", "--api-key", "--priority", "7", stdin="sk-ant-api03-x\n")
+        self.assertEqual({name: account["priority"] for name, account in self.listed().items()},
+                         {"a": 0, "b": 3, "c": 0, "backup": 7})
+        self.assertRegex(self.ok("list"), r"\nb\s+api_key\s+1\s+3\s+active")
+        accounts = json.loads(self.proxy.request("GET", "/api/accounts")[2])
+        self.assertEqual(accounts[1]["priority"], 3)
+        self.assertIn('<td class="num">7</td>', self.proxy.request("GET", "/")[2].decode())
+        code, _, err = self.cli("priority", "b", "first")
+        self.assertEqual(code, 2)
+        self.assertIn("expected a whole number", err)
+        code, _, err = self.cli("priority", "ghost", "1")
+        self.assertIn("Account not found: ghost", err)
+
+
+def usage_window(percent: float, resets_in_s: int) -> dict:
+    """A window as GET /api/oauth/usage describes it (utilization in percent)."""
+    moment = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
+        seconds=resets_in_s)
+    return {"utilization": percent, "resets_at": moment.isoformat()}
+
+
+class TestUsageReads(ServerWithAccounts):
+    """Idle accounts' windows are read without spending a request, and never on its path."""
+
+    settings = {"usage_poll_s": 1}
+
+    def reads(self) -> int:
+        return len(self.upstream.oauth.usage_reads)
+
+    def test_idle_account_windows_are_read_and_folded_in(self):
+        self.upstream.oauth.usage_answer = {
+            "five_hour": usage_window(15.0, 7200), "seven_day": usage_window(48.0, 3 * 86400),
+            "seven_day_opus": usage_window(30.0, 3 * 86400), "seven_day_sonnet": None,
+            "seven_day_oauth_apps": None, "brand_new_window": {"utilization": 99},
+            "extra_usage": {"is_enabled": False, "monthly_limit": None, "used_credits": 0.0,
+                            "utilization": None, "currency": "USD",
+                            "disabled_reason": "org_level_disabled"},
+            "limits": [{"kind": "session", "percent": 15}]}
+        access, _ = self.add_oauth("max")
+        wait_for(lambda: self.listed()["max"]["utilization5h"] == 0.15, what="a usage read")
+        account, now = self.listed()["max"], claudeflare.now_ms()
+        self.assertEqual(account["utilization7d"], 0.48)
+        self.assertAlmostEqual((account["reset5h"] - now) / 1000, 7200, delta=5)
+        self.assertEqual(list(account["modelWindows"]), ["seven_day_opus"])
+        self.assertEqual(account["modelWindows"]["seven_day_opus"]["utilization"], 0.3)
+        self.assertEqual(account["extraUsage"]["enabled"], False)
+        self.assertEqual(account["extraUsage"]["disabledReason"], "org_level_disabled")
+        self.assertIsNotNone(account["usageReadAt"])
+        self.assertEqual(self.upstream.messages(), [])  # not a single request spent
+        self.assertEqual(set(self.upstream.oauth.usage_reads), {access})
+        self.assertIn("15%", self.proxy.request("GET", "/")[2].decode())
+
+    def test_reads_are_paced_and_can_be_turned_off(self):
+        self.add_oauth("max")
+        self.add_key("key")  # API-key accounts have no usage endpoint
+        wait_for(lambda: self.reads() >= 1, what="the first read")
+        first = self.reads()
+        time.sleep(2.0)
+        self.assertLessEqual(self.reads() - first, 3)  # one a second at most
+        self.assertGreaterEqual(self.reads() - first, 1)
+        self.ok("config", "set", "usage_poll_s", "0")
+        self.assertEqual(self.post_message()[0], 200)  # the server applies the file
+        settled = self.reads()
+        time.sleep(1.2)
+        self.assertEqual(self.reads(), settled)
+
+    def test_a_429_from_the_usage_endpoint_backs_off_and_marks_nothing(self):
+        self.upstream.oauth.usage_failures.append(reply_error(
+            429, "rate_limit_error", "slow down", [("retry-after", "30")]))
+        self.add_oauth("max")
+        wait_for(lambda: self.reads() == 1, what="the first read")
+        time.sleep(1.5)  # the reader looks once a second
+        self.assertEqual(self.reads(), 1)
+        account = self.listed()["max"]
+        self.assertEqual((account["status"], account["needsReauth"], account["utilization5h"]),
+                         ("active", False, None))
+        self.assertIn("Usage read of account max failed: 429", CAPTURED_LOG.text())
+        self.assertIn("next try in 60s", CAPTURED_LOG.text())
+
+    def test_a_refused_token_is_not_read_again_until_it_is_renewed(self):
+        access, _ = self.add_oauth("max")
+        self.upstream.oauth.access_tokens.discard(access)
+        wait_for(lambda: self.reads() == 1, what="the first read")
+        time.sleep(1.5)  # the reader looks once a second
+        self.assertEqual(self.reads(), 1)
+        account = self.listed()["max"]
+        self.assertEqual((account["status"], account["needsReauth"]), ("active", False))
+        fresh = self.proxy.app.tokens.refresh(self.stored("max"), claudeflare.now_ms())
+        wait_for(lambda: self.upstream.oauth.usage_reads[-1] == fresh.access_token,
+                 what="a read with the new token")
+
+    def test_a_header_seen_after_the_read_wins(self):
+        self.ok("config", "set", "usage_poll_s", "600")
+        self.upstream.oauth.usage_answer = {"five_hour": usage_window(15.0, 7200)}
+        access, _ = self.add_oauth("max")
+        wait_for(lambda: self.listed()["max"]["utilization5h"] == 0.15, what="a usage read")
+        self.upstream.push_for(access, reply_json(200, message_body(), unified_headers(
+            "allowed", 3600, 0.9, 0.2)))
+        self.assertEqual(self.post_message()[0], 200)
+        self.assertEqual(self.listed()["max"]["utilization5h"], 0.9)
+        self.assertEqual(self.reads(), 1)
+
+    def test_an_account_marked_limited_is_read_again_soon(self):
+        self.ok("config", "set", "usage_poll_s", "600")
+        access, _ = self.add_oauth("max")
+        self.add_key("spare")
+        wait_for(lambda: self.reads() == 1, what="the first read")
+        self.proxy.app.store.update_account("spare", utilization_5h=0.99,
+                                            reset_5h=claudeflare.now_ms() + 3_600_000)
+        self.upstream.push_for(access, reply_error(429, "rate_limit_error", "limited",
+                                                   unified_headers("rejected", 3600)))
+        self.assertEqual(self.post_message()[0], 200)
+        self.assertEqual(self.listed()["max"]["status"], "rate_limited")
+        wait_for(lambda: self.reads() == 2, timeout=6, what="a read soon after the mark")
 
 
 ###############################################################################
