@@ -3120,8 +3120,13 @@ class TestUsageReads(ServerWithAccounts):
         wait_for(lambda: self.upstream.oauth.usage_reads[-1] == fresh.access_token,
                  what="a read with the new token")
 
-    def test_a_header_seen_after_the_read_wins(self):
+    def poll_rarely(self) -> None:
+        """Read each account once, then not for ten minutes."""
         self.ok("config", "set", "usage_poll_s", "600")
+        self.assertEqual(self.proxy.request("GET", "/health")[0], 200)  # applies the file
+
+    def test_a_header_seen_after_the_read_wins(self):
+        self.poll_rarely()
         self.upstream.oauth.usage_answer = {"five_hour": usage_window(15.0, 7200)}
         access, _ = self.add_oauth("max")
         wait_for(lambda: self.listed()["max"]["utilization5h"] == 0.15, what="a usage read")
@@ -3131,8 +3136,49 @@ class TestUsageReads(ServerWithAccounts):
         self.assertEqual(self.listed()["max"]["utilization5h"], 0.9)
         self.assertEqual(self.reads(), 1)
 
+    def test_a_read_does_not_replace_a_header_seen_while_it_ran(self):
+        self.poll_rarely()
+        self.upstream.oauth.usage_answer = {"five_hour": usage_window(15.0, 7200)}
+        request_done = threading.Event()
+        self.addCleanup(request_done.set)
+
+        def slow_read(handler, request) -> None:
+            request_done.wait(DEADLINE_S)
+            handler.send_whole(200, json.dumps(self.upstream.oauth.usage_answer).encode())
+
+        self.upstream.oauth.usage_failures.append(slow_read)
+        access, _ = self.add_oauth("max")
+        wait_for(lambda: self.reads() == 1, what="the read to begin")
+        self.upstream.push_for(access, reply_json(200, message_body(), unified_headers(
+            "allowed", 3600, 0.9, 0.2)))
+        self.assertEqual(self.post_message()[0], 200)
+        request_done.set()
+        wait_for(lambda: self.listed()["max"]["usageReadAt"], what="the read to end")
+        self.assertEqual(self.listed()["max"]["utilization5h"], 0.9)
+
+    def test_a_stream_that_began_before_a_read_does_not_replace_it(self):
+        self.upstream.oauth.usage_answer = {"five_hour": usage_window(15.0, 7200)}
+        access, _ = self.add_oauth("max")
+        wait_for(lambda: self.reads() >= 1, what="the first read")
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.upstream.push_for(access, reply_stream(message_events(), hold_after=2, gate=gate,
+                                                    headers=unified_headers("allowed", 3600,
+                                                                            0.9, 0.2)))
+        worker = threading.Thread(target=self.post_message, kwargs={"stream": True})
+        worker.start()
+        wait_for(lambda: self.upstream.holding.is_set(), what="the stream to begin")
+        reads = self.reads()
+        wait_for(lambda: self.reads() > reads, what="a read while the stream runs")
+        wait_for(lambda: self.proxy.app.accounts()[0].utilization_5h == 0.15,
+                 what="the read to be folded in")
+        self.proxy.app.writer.flush()  # the read is stored before the stream's record
+        gate.set()
+        worker.join()
+        self.assertEqual(self.listed()["max"]["utilization5h"], 0.15)
+
     def test_an_account_marked_limited_is_read_again_soon(self):
-        self.ok("config", "set", "usage_poll_s", "600")
+        self.poll_rarely()
         access, _ = self.add_oauth("max")
         self.add_key("spare")
         wait_for(lambda: self.reads() == 1, what="the first read")
