@@ -272,6 +272,8 @@ SETTINGS = (
             "when an account on extra usage (billed) serves: last, never or allow"),
     Setting("usage_poll_s", "CLAUDEFLARE_USAGE_POLL_S", 300, number(0, DAY_S, inclusive=True),
             "seconds between reads of each OAuth account's usage windows; 0: never"),
+    Setting("login_timeout_s", "CLAUDEFLARE_LOGIN_TIMEOUT_S", 600, parse_timeout,
+            "seconds `add` and `reauth` wait for the browser or a pasted code"),
     Setting("log_level", "LOG_LEVEL", "INFO", parse_log_level, "DEBUG, INFO, WARN or ERROR"),
     Setting("log_format", "LOG_FORMAT", "pretty", parse_log_format, "pretty or json"),
 )
@@ -2069,9 +2071,13 @@ def forwardable_headers(message: http.client.HTTPMessage) -> list[tuple[str, str
 ###############################################################################
 
 #: Where a person logs in, by `add --mode`.
-OAUTH_AUTHORIZE_URLS = {"max": "https://claude.ai/oauth/authorize",
-                        "console": "https://console.anthropic.com/oauth/authorize"}
-OAUTH_SCOPES = "org:create_api_key user:profile user:inference"
+#: Where a person logs in, by `add --mode`, and the scopes asked for: as Claude Code does it.
+OAUTH_AUTHORIZE_URLS = {"max": "https://claude.com/cai/oauth/authorize",
+                        "console": "https://platform.claude.com/oauth/authorize"}
+SUBSCRIPTION_SCOPES = ("user:profile user:inference user:sessions:claude_code user:mcp_servers "
+                       "user:file_upload")
+OAUTH_SCOPES = {"max": SUBSCRIPTION_SCOPES,
+                "console": "org:create_api_key " + SUBSCRIPTION_SCOPES}
 #: The beta flag that lets an OAuth access token call the Messages API.
 OAUTH_BETA = "oauth-2025-04-20"
 #: Console logins turn their OAuth token into an API key here, on the upstream.
@@ -2110,39 +2116,112 @@ def base64url(data: bytes) -> str:
 
 @dataclass
 class PkceLogin:
-    """One login attempt: the PKCE verifier, its challenge and a separate random state."""
+    """One login attempt: one PKCE pair and the ways back from the login page.
+
+    Each authorize URL (the loopback callback, the page showing a code to paste) carries a
+    random state of its own, so the state that comes back tells which URL was used, and with it
+    the redirect_uri the token exchange must repeat.
+    """
 
     mode: str
     verifier: str
     challenge: str
-    state: str
+    #: state -> the redirect_uri of the authorize URL that carries it.
+    redirects: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def start(cls, mode: str) -> PkceLogin:
         verifier = base64url(secrets.token_bytes(32))
         challenge = base64url(hashlib.sha256(verifier.encode()).digest())
-        return cls(mode, verifier, challenge, base64url(secrets.token_bytes(32)))
+        return cls(mode, verifier, challenge)
 
     def authorize_url(self, client_id: str, redirect_uri: str) -> str:
+        """Return a login URL that comes back to redirect_uri, with a state of its own."""
+        state = base64url(secrets.token_bytes(32))
+        self.redirects[state] = redirect_uri
         query = urllib.parse.urlencode({
             "code": "true", "client_id": client_id, "response_type": "code",
-            "redirect_uri": redirect_uri, "scope": OAUTH_SCOPES,
+            "redirect_uri": redirect_uri, "scope": OAUTH_SCOPES[self.mode],
             "code_challenge": self.challenge, "code_challenge_method": "S256",
-            "state": self.state}, quote_via=urllib.parse.quote)
+            "state": state}, quote_via=urllib.parse.quote)
         return f"{OAUTH_AUTHORIZE_URLS[self.mode]}?{query}"
 
-    def code_from(self, pasted: str) -> str:
-        """Check a pasted `code#state` against this attempt and return the code."""
+    def code_from(self, pasted: str) -> tuple[str, str]:
+        """Check a pasted `code#state` against this attempt; return the code and state."""
         code, separator, state = pasted.strip().partition("#")
         if not separator or not code or not state:
             raise ClaudeflareError(
                 "The authorization code looks truncated: paste the whole value the page shows, "
                 "in the form code#state, without changing it. Start the login again.")
-        if state != self.state:
+        if state not in self.redirects:
             raise ClaudeflareError(
                 "State mismatch: the pasted code belongs to another login attempt. Start the "
                 "login again and paste the code shown for this one.")
-        return code
+        return code, state
+
+
+#: What the browser shows once it has come back from the login page.
+LOGIN_PAGE = string.Template("""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>claudeflare login</title></head><body style="font: 16px system-ui, sans-serif;
+margin: 15vh auto; max-width: 36em; text-align: center"><h1>claudeflare</h1><p>$message</p>
+</body></html>""")
+
+
+class LoginCallback(http.server.BaseHTTPRequestHandler):
+    """Takes the browser's return from the login page at /callback, and answers nothing else."""
+
+    def do_GET(self) -> None:
+        listener = self.server.listener
+        path, _, query = self.path.partition("?")
+        if path != "/callback":
+            self.answer(404, "Nothing here.")
+            return
+        values = dict(urllib.parse.parse_qsl(query))
+        state = values.get("state", "")
+        if listener.login.redirects.get(state) != listener.redirect_uri:
+            self.answer(400, "This sign-in does not belong to the login claudeflare is waiting "
+                             "for. Open the URL the terminal shows.")
+            return
+        if values.get("error") or not values.get("code"):
+            problem = values.get("error_description") or values.get("error") or "no code"
+            listener.results.put(("refused", problem))
+            self.answer(400, "The login did not go through. See the terminal.")
+            return
+        listener.results.put(("callback", (values["code"], state)))
+        self.answer(200, "Logged in. You can close this tab and go back to the terminal.")
+
+    def answer(self, status: int, message: str) -> None:
+        page = LOGIN_PAGE.substitute(message=html.escape(message)).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(page)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(page)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the terminal belongs to the login's own messages
+
+
+class LoginListener:
+    """Listens on a free loopback port for the browser coming back from the login page, as
+    Claude Code does, so that nobody has to paste a code."""
+
+    def __init__(self, login: PkceLogin, results: queue.Queue) -> None:
+        self.login = login
+        self.results = results
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoginCallback)
+        self.server.daemon_threads = True
+        self.server.listener = self
+        self.redirect_uri = f"http://localhost:{self.server.server_address[1]}/callback"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.1,),
+                                       name="claudeflare-login", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
 
 
 @dataclass
@@ -2223,13 +2302,15 @@ class OAuthClient:
         origin, self.token_path = split_url(settings.oauth_token_url)
         self.http = Upstream(origin, pool_size=0)
 
-    def exchange(self, login: PkceLogin, code: str) -> Tokens:
-        """Trade an authorization code for tokens; failures say what to do."""
+    def exchange(self, login: PkceLogin, code: str, state: str) -> Tokens:
+        """Trade an authorization code for tokens; failures say what to do.
+
+        The redirect_uri sent is the one of the authorize URL the code came back through.
+        """
         try:
             status, reason, answer = json_call(self.http, self.token_path, {
-                "grant_type": "authorization_code", "code": code, "state": login.state,
-                "client_id": self.settings.client_id,
-                "redirect_uri": self.settings.oauth_redirect_uri,
+                "grant_type": "authorization_code", "code": code, "state": state,
+                "client_id": self.settings.client_id, "redirect_uri": login.redirects[state],
                 "code_verifier": login.verifier})
         except UpstreamError as error:
             raise ClaudeflareError(f"Exchange failed: {error}. Check the network (and "
@@ -2249,7 +2330,7 @@ class OAuthClient:
         try:
             status, reason, answer = json_call(self.http, self.token_path, {
                 "grant_type": "refresh_token", "refresh_token": refresh_token,
-                "client_id": self.settings.client_id})
+                "client_id": self.settings.client_id, "scope": SUBSCRIPTION_SCOPES})
         except UpstreamError as error:
             raise TokenEndpointDown(str(error)) from None
         if status in (400, 401):
@@ -3534,14 +3615,21 @@ class Tries:
     count: int = 0
     last_error: str = ""
     last_answer: Answer | None = None
+    #: A subscription account refused the request as not Claude Code's: only API keys are left.
+    claude_code_only: bool = False
 
 
-def failure_kind(answer: Answer, limit: RateLimit, has_account: bool) -> str:
+#: What the API answers a subscription token used by any client but Claude Code (lower case).
+CLAUDE_CODE_ONLY_MESSAGE = "only authorized for use with claude code"
+
+
+def failure_kind(answer: Answer, limit: RateLimit, account: Account | None) -> str:
     """Say what an upstream error means for routing.
 
     rate_limited: bench the account, try the next. retry: the same account again, then the next.
-    refused: the account itself is unusable. next: try another, no bench. client: the client's
-    own mistake, passed through at once.
+    refused: the account itself is unusable. next: try another, no bench. claude_code_only: the
+    request (its client), not the account, is refused: try API-key accounts only. client: the
+    client's own mistake, passed through at once.
     """
     message = answer.error_message.lower()
     if answer.status == 429 or limit.hard:
@@ -3550,10 +3638,13 @@ def failure_kind(answer: Answer, limit: RateLimit, has_account: bool) -> str:
         return "retry"
     if answer.status in (400, 403) and any(text in message for text in ACCOUNT_REFUSED_MESSAGES):
         return "refused"
-    if answer.status == 401 and has_account:
+    if answer.status == 401 and account is not None:
         return "refused"
     if answer.status == 400 and "extra usage" in message:
         return "next"
+    if (answer.status == 400 and CLAUDE_CODE_ONLY_MESSAGE in message and account is not None
+            and account.type == "oauth"):
+        return "claude_code_only"
     return "client"
 
 
@@ -3642,6 +3733,8 @@ class App:
         self.conversation_counts: dict[int, int] = {}
         #: account id -> how many windowless 429s in a row it got.
         self.cooldowns: dict[int, int] = {}
+        #: Clients (user agents) the API refused on subscription accounts, as not Claude Code.
+        self.not_claude_code: set[str | None] = set()
         self.writer = BackgroundWriter(store, settings, self.after_write)
         self.refresher = BackgroundRefresher(self.tokens, self.accounts)
         self.usage = UsagePoller(settings, self.accounts, self.tokens, self.apply_usage)
@@ -3747,9 +3840,13 @@ class App:
                 connection.sock.shutdown(socket.SHUT_RDWR)
         return len(relaying)
 
-    def accounts_to_try(self, accounts: list[Account], conversation: str | None,
-              now: int) -> list[Account]:
-        """Return the usable accounts in the order the strategy wants them tried."""
+    def accounts_to_try(self, accounts: list[Account], conversation: str | None, now: int,
+                        user_agent: str | None = None) -> list[Account]:
+        """Return the usable accounts in the order the strategy wants them tried.
+
+        A client the API refused as not Claude Code gets the API-key accounts first: every
+        subscription account would refuse it again.
+        """
         settings = self.settings
         with self.lock:
             self.turn += 1
@@ -3762,6 +3859,8 @@ class App:
                                    binding[0] if binding else None, self.conversation_counts)
             ordered = order_accounts(accounts, settings.lb_strategy, context, now,
                                      settings.overage)
+            if user_agent in self.not_claude_code:
+                ordered.sort(key=lambda account: account.type == "oauth")
             if ordered:
                 self.count_use(ordered[0], now)
         return ordered
@@ -3793,6 +3892,20 @@ class App:
         for key in expired:
             account_id, _ = self.conversations.pop(key)
             self.conversation_counts[account_id] -= 1
+
+    def remember_not_claude_code(self, user_agent: str | None) -> None:
+        """Remember a client subscription accounts refuse; the first time, say what serves it."""
+        with self.lock:
+            if user_agent in self.not_claude_code or len(self.not_claude_code) >= 1000:
+                return
+            self.not_claude_code.add(user_agent)
+            api_keys = any(account.type == "api_key" for account in self.cached_accounts)
+        component_logger("Proxy").warning(
+            "Subscription (OAuth) accounts serve Claude Code only, and the API refused them to "
+            "the client %s.%s", user_agent or "without a User-Agent",
+            " Its requests go to API-key accounts first from now on." if api_keys else
+            " Add an API-key account for other clients: python3 claudeflare.py add NAME "
+            "--api-key")
 
     def note_limits(self, account: Account, limit: RateLimit, now: int) -> None:
         """Keep what a response said of its account's windows, for ordering (headroom, soft).
@@ -4667,7 +4780,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         app, proxy_log = self.app, component_logger("Proxy")
         if accounts:
             record.conversation = conversation_key(self.headers, body)
-        candidates = app.accounts_to_try(accounts, record.conversation, record.timestamp)
+        candidates = app.accounts_to_try(accounts, record.conversation, record.timestamp,
+                                         record.user_agent)
         if not candidates and accounts:
             if self.all_limited(record, started):
                 return
@@ -4685,6 +4799,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if tries.count and time.monotonic() - started > budget_s:
                 tries.last_error += f" (gave up after {budget_s:g}s, request_timeout_s)"
                 break
+            if tries.claude_code_only and account is not None and account.type == "oauth":
+                continue  # every subscription account would refuse it the same way
             if self.serve_from(account, headers, body, record, tries, started):
                 return
         record.failover_attempts = max(0, tries.count - 1)
@@ -4766,7 +4882,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 if not error.retry:
                     return False
             else:
-                kind = failure_kind(answer, limit, account is not None)
+                kind = failure_kind(answer, limit, account)
                 tries.last_answer = answer
                 tries.last_error = f"{answer.status} {answer.error_message or answer.reason}"
                 if kind == "client":
@@ -4776,6 +4892,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     self.finish_record(record, started, answer.status,
                                        answer.error_message or None)
                     return True
+                if kind == "claude_code_only":
+                    tries.claude_code_only = record.claude_code_only = True
+                    app.remember_not_claude_code(record.user_agent)
+                    return False
                 proxy_log.warning("Request via %s got %s", name, tries.last_error)
                 if account is not None and kind == "rate_limited":
                     app.mark_rate_limited(account, limit, now)
@@ -6033,25 +6153,87 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def oauth_login(settings: Settings, mode: str) -> tuple[Tokens, str | None]:
-    """Run an OAuth login at the terminal; return the tokens and, for console, a new API key."""
+def oauth_login(settings: Settings, mode: str,
+                open_browser: bool = True) -> tuple[Tokens, str | None]:
+    """Log in as Claude Code does; return the tokens and, for console, a new API key.
+
+    The browser comes back to a loopback listener and the login finishes by itself; a browser
+    on another machine uses the second URL, whose page shows a code to paste. Whichever
+    arrives first wins.
+    """
     login = PkceLogin.start(mode)
-    print("Open this URL in a browser, log in, and copy the code the page shows:")
-    print(login.authorize_url(settings.client_id, settings.oauth_redirect_uri))
-    print("Paste the authorization code: ", end="", flush=True)
-    code = login.code_from(sys.stdin.readline())
+    results: queue.Queue = queue.Queue()
+    listener = LoginListener(login, results)
+    try:
+        browser_url = login.authorize_url(settings.client_id, listener.redirect_uri)
+        paste_url = login.authorize_url(settings.client_id, settings.oauth_redirect_uri)
+        print("Log in with this URL; claudeflare carries on by itself once you are done:")
+        print(browser_url)
+        if not (open_browser and start_browser(browser_url)):
+            print("(No browser was started here: open the URL yourself.)")
+        print("Browser on another machine (SSH, no screen)? Open this URL there instead, and "
+              "paste the code its page shows:")
+        print(paste_url)
+        print("Paste the authorization code: ", end="", flush=True)
+        threading.Thread(target=read_pasted_code, args=(results,), name="claudeflare-paste",
+                         daemon=True).start()
+        code, state = wait_for_code(login, results, settings.login_timeout_s)
+    finally:
+        listener.close()
+    print()
     oauth = OAuthClient(settings)
     try:
-        tokens = oauth.exchange(login, code)
+        tokens = oauth.exchange(login, code, state)
         api_key = oauth.create_api_key(tokens.access_token) if mode == "console" else None
     finally:
         oauth.close()
     return tokens, api_key
 
 
+def start_browser(url: str) -> bool:
+    """Open a URL in a graphical browser if this machine has one (never a text browser, which
+    would take over the terminal); tell whether one was started."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
+                                                 or os.environ.get("WAYLAND_DISPLAY")):
+        return False
+    import webbrowser  # only logins need it
+    try:
+        return webbrowser.open(url)
+    except webbrowser.Error:
+        return False
+
+
+def read_pasted_code(results: queue.Queue) -> None:
+    """Wait for a code pasted on standard input (blank lines are skipped; at its end, stop)."""
+    for line in sys.stdin:
+        if line.strip():
+            results.put(("paste", line))
+            return
+
+
+def wait_for_code(login: PkceLogin, results: queue.Queue, timeout_s: float) -> tuple[str, str]:
+    """Return the code and state of whichever way back arrives first, within timeout_s."""
+    try:
+        kind, value = results.get(timeout=timeout_s)
+    except queue.Empty:
+        raise ClaudeflareError(
+            f"The login timed out after {timeout_s:g}s: the browser did not come back and no "
+            f"code was pasted. Start it again.") from None
+    if kind == "paste":
+        return login.code_from(value)
+    if kind == "refused":
+        raise ClaudeflareError(f"The login did not go through: {value}. Start it again.")
+    return value
+
+
 def identity(tokens: Tokens) -> dict:
     """Return the email and organization columns for a login's tokens."""
     return {"email": tokens.email, "organization": tokens.organization}
+
+
+def who(tokens: Tokens) -> str:
+    """Name whom a login's tokens belong to: "email, organization"."""
+    return ", ".join(filter(None, (tokens.email, tokens.organization))) or "identity not given"
 
 
 def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
@@ -6072,19 +6254,17 @@ def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
                               priority=args.priority)
             print(f"Added API-key account {args.name} (tier {args.tier})")
             return 0
-        tokens, api_key = oauth_login(settings, args.mode)
+        tokens, api_key = oauth_login(settings, args.mode, not args.no_browser)
         if api_key is not None:
             store.add_account(args.name, "api_key", args.tier, api_key=api_key,
-                              priority=args.priority,
-                              **identity(tokens))
-            print(f"Added console account {args.name} with a new API key (tier {args.tier})")
+                              priority=args.priority, **identity(tokens))
         else:
             store.add_account(args.name, "oauth", args.tier, priority=args.priority,
                               access_token=tokens.access_token,
                               refresh_token=tokens.refresh_token, expires_at=tokens.expires_at,
                               **identity(tokens))
-            print(f"Added OAuth account {args.name} ({tokens.email or 'unknown email'}, "
-                  f"tier {args.tier})")
+        print(f"Added {args.name} ({who(tokens)})"
+              + (" with a new API key" if api_key is not None else ""))
         return 0
 
 
@@ -6097,7 +6277,7 @@ def cmd_reauth(args: argparse.Namespace, settings: Settings) -> int:
             raise ClaudeflareError(
                 f"{args.name} is an {account.type} account; --mode {mode} would change its kind. "
                 f"Remove it and add it again instead.")
-        tokens, api_key = oauth_login(settings, mode)
+        tokens, api_key = oauth_login(settings, mode, not args.no_browser)
         reset = {"needs_reauth": 0, "reauth_reason": None, **identity(tokens)}
         if api_key is not None:
             store.change_account(args.name, api_key=api_key, **reset)
@@ -6105,7 +6285,7 @@ def cmd_reauth(args: argparse.Namespace, settings: Settings) -> int:
             store.change_account(args.name, access_token=tokens.access_token,
                                  refresh_token=tokens.refresh_token,
                                  expires_at=tokens.expires_at, **reset)
-    print(f"Logged in account {args.name} again")
+    print(f"Logged in account {args.name} again ({who(tokens)})")
     return 0
 
 
@@ -6534,6 +6714,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an API-key account; the key is read from stdin, never the command line")
     add.add_argument("--mode", choices=("max", "console"), default="max",
                      help="OAuth login: max (Claude Pro/Max, default) or console (mints a key)")
+    add.add_argument("--no-browser", action="store_true",
+                     help="do not open a browser: print the login URLs only")
     add.add_argument("--tier", type=int, choices=TIERS, default=1,
                      help="weight in the weighted strategy (default 1)")
     add.add_argument("--priority", type=argument(parse_priority), default=0,
@@ -6543,6 +6725,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "log an account in again, keeping its name, tier and history")
     reauth.add_argument("--mode", choices=("max", "console"),
                         help="max for OAuth accounts (default), console for minted API keys")
+    reauth.add_argument("--no-browser", action="store_true",
+                        help="do not open a browser: print the login URLs only")
 
     listing = command("list", cmd_list, "list accounts with status, usage and rate limits",
                       "python3 claudeflare.py list --json")
@@ -6644,6 +6828,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"claudeflare: error: {problem}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print("\nclaudeflare: interrupted; nothing was changed", file=sys.stderr)
         return 130
 
 

@@ -241,6 +241,11 @@ def reply_default(handler: FakeHandler, request: Recorded) -> None:
         oauth.create_api_key(handler, request)
     elif request.path == "/api/oauth/usage":
         oauth.usage(handler, request)
+    elif oauth.refuses_the_client(request):
+        handler.send_whole(400, json.dumps({"type": "error", "error": {
+            "type": "invalid_request_error", "message": "This credential is only authorized for "
+            "use with Claude Code and cannot be used for other API requests."},
+            "request_id": "req_fake"}).encode())
     elif oauth.refuses(request):
         handler.send_whole(401, json.dumps({"type": "error", "error": {
             "type": "authentication_error", "message": "OAuth token has expired. Please obtain a "
@@ -391,6 +396,8 @@ class FakeOAuth:
         self.usage_answer: dict = {"five_hour": None, "seven_day": None, "extra_usage": None}
         self.usage_failures: collections.deque = collections.deque()
         self.usage_reads: list[str] = []
+        #: True: like the real API since 2026, subscription tokens serve Claude Code only.
+        self.claude_code_only = False
 
     def authorize(self, url: str) -> str:
         """Play the login page: return the `code#state` it would show for an authorize URL."""
@@ -478,6 +485,12 @@ class FakeOAuth:
             return handler.send_whole(401, b'{"type":"error","error":{"type":'
                                            b'"authentication_error","message":"Invalid token"}}')
         handler.send_whole(200, json.dumps(self.usage_answer).encode())
+
+    def refuses_the_client(self, request: "Recorded") -> bool:
+        """Tell whether a subscription token is used by a client other than Claude Code."""
+        token = (request.headers["Authorization"] or "").replace("Bearer ", "")
+        return (self.claude_code_only and token.startswith("sk-ant-oat01-")
+                and not (request.headers["User-Agent"] or "").startswith("claude-cli/"))
 
     def refuses(self, request: "Recorded") -> bool:
         """Tell whether a Messages request carries an OAuth token this fake does not accept."""
@@ -1213,7 +1226,7 @@ class TestSettings(CliTestCase):
         "log_format": ("json", "pretty"), "max_connections": ("50", "60"),
         "tls_cert": ("/file/cert.pem", "/env/cert.pem"),
         "tls_key": ("/file/key.pem", "/env/key.pem"), "overage": ("never", "allow"),
-        "usage_poll_s": ("60", "0"),
+        "usage_poll_s": ("60", "0"), "login_timeout_s": ("30", "40"),
     }
 
     def test_every_setting_follows_the_precedence(self):
@@ -1892,68 +1905,177 @@ class TestLockedDatabase(ServerWithAccounts):
 # OAuth #######################################################################
 ###############################################################################
 
-class TestOAuthLogin(ServerWithAccounts):
-    """The login goes through the real CLI process, answering its prompt on stdin."""
+def query_of(url: str) -> dict:
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
 
-    def login(self, *args: str, paste=None) -> tuple[int, str, str, str]:
-        """Run a login command; `paste(url)` returns what the user pastes (default: the code)."""
-        prompt = "Paste the authorization code: "
-        with subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "claudeflare.py"), "--config",
-                 self.proxy.config_path, "--db", self.proxy.db_path, *args],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                env=dict(os.environ, CLAUDEFLARE_UPSTREAM_URL=self.upstream.url,
-                         CLAUDEFLARE_TOKEN_URL=self.upstream.url + "/v1/oauth/token",
-                         PYTHONDEVMODE="1")) as process:
+
+class TestOAuthLogin(ServerWithAccounts):
+    """The login goes through the real CLI process; the test plays the user and the browser."""
+
+    PROMPT = "Paste the authorization code: "
+
+    def start_login(self, *args: str, **env: str) -> tuple[subprocess.Popen, dict, str]:
+        """Start a login command; return it once it shows both URLs and the prompt."""
+        environ = {name: value for name, value in os.environ.items()
+                   if name not in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER")}
+        environ.update(CLAUDEFLARE_UPSTREAM_URL=self.upstream.url,
+                       CLAUDEFLARE_TOKEN_URL=self.upstream.url + "/v1/oauth/token",
+                       PYTHONDEVMODE="1", **env)
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "claudeflare.py"), "--config",
+             self.proxy.config_path, "--db", self.proxy.db_path, *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=environ)
+        urls, shown = {}, ""
+        while len(urls) < 2:
+            line = process.stdout.readline()
+            shown += line
+            if not line:
+                break
+            if line.startswith("https://"):
+                redirect = query_of(line.strip())["redirect_uri"]
+                urls["browser" if redirect.startswith("http://localhost:") else "paste"] = \
+                    line.strip()
+        if len(urls) == 2:
+            shown += process.stdout.read(len(self.PROMPT))
+        return process, urls, shown
+
+    def login(self, *args: str, paste=None, browser=None,
+              **env: str) -> tuple[int, dict, str, str]:
+        """Run a login command; return its exit status, the URLs it printed, stdout, stderr.
+
+        `paste(url)` gets the URL for another machine and returns what the user pastes
+        (default: the code its page shows); `browser(url)` gets the loopback URL and plays the
+        browser instead, and nothing is pasted.
+        """
+        process, urls, shown = self.start_login(*args, **env)
+        with process:
             try:
-                url, answer, shown = "", "", ""
-                while True:
-                    line = process.stdout.readline()
-                    shown += line
-                    if not line or line.startswith("https://"):
-                        url = line.strip()
-                        break
-                if url:
-                    shown += process.stdout.read(len(prompt))
-                    answer = (paste or self.upstream.oauth.authorize)(url)
-                out, err = process.communicate(answer + "\n", timeout=DEADLINE_S * 3)
+                answer = ""
+                if len(urls) == 2 and browser is not None:
+                    browser(urls["browser"])
+                elif len(urls) == 2:
+                    answer = (paste or self.upstream.oauth.authorize)(urls["paste"]) + "\n"
+                out, err = process.communicate(answer, timeout=DEADLINE_S * 3)
             except BaseException:
                 process.kill()
                 raise
-        out = shown + out
         self.assertNotIn("Warning", err)
-        return process.returncode, url, out, err
+        return process.returncode, urls, shown + out, err
 
-    def test_max_login_stores_tokens_and_identity(self):
-        code, url, out, err = self.login("add", "work", "--tier", "20")
+    def callback(self, url: str, query: str) -> tuple[int, str]:
+        """GET the login's loopback callback with a query, as a browser coming back would."""
+        port = urllib.parse.urlsplit(query_of(url)["redirect_uri"]).port
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
+        try:
+            connection.request("GET", "/callback" + query)
+            response = connection.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            connection.close()
+
+    def come_back(self, url: str) -> tuple[int, str]:
+        """Log in at the (fake) login page, then come back to the loopback callback."""
+        code, state = self.upstream.oauth.authorize(url).split("#")
+        return self.callback(url, f"?code={code}&state={state}")
+
+    def exchanges(self) -> list[dict]:
+        return [request.json() for request in self.upstream.requests
+                if request.path == "/v1/oauth/token"
+                and request.json()["grant_type"] == "authorization_code"]
+
+    def test_login_through_the_browser_finishes_by_itself(self):
+        pages = []
+        code, urls, out, err = self.login("add", "work", "--tier", "20", "--no-browser",
+                                          browser=lambda url: pages.append(self.come_back(url)))
         self.assertEqual(code, 0, err)
-        parts = urllib.parse.urlsplit(url)
-        self.assertEqual(parts.netloc + parts.path, "claude.ai/oauth/authorize")
-        query = dict(urllib.parse.parse_qsl(parts.query))
-        self.assertEqual(query["client_id"], "9d1c250a-e61b-44d9-88ed-5944d1962f5e")
-        self.assertEqual((query["code"], query["response_type"]), ("true", "code"))
-        self.assertEqual(query["scope"], "org:create_api_key user:profile user:inference")
-        self.assertEqual(query["redirect_uri"], "https://platform.claude.com/oauth/code/callback")
-        self.assertNotEqual(query["state"], query["code_challenge"])
-        self.assertIn("Paste the authorization code: ", out)
+        self.assertEqual(pages[0][0], 200)
+        self.assertIn("You can close this tab", pages[0][1])
+        self.assertIn("Added work (dev@example.com, Acme)", out)
+        self.assertIn("No browser was started here", out)
+        browser, paste = query_of(urls["browser"]), query_of(urls["paste"])
+        parts = urllib.parse.urlsplit(urls["browser"])
+        self.assertEqual(parts.netloc + parts.path, "claude.com/cai/oauth/authorize")
+        self.assertEqual(browser["scope"], "user:profile user:inference "
+                                           "user:sessions:claude_code user:mcp_servers "
+                                           "user:file_upload")
+        self.assertRegex(browser["redirect_uri"], r"^http://localhost:\d+/callback$")
+        self.assertEqual(paste["redirect_uri"], "https://platform.claude.com/oauth/code/callback")
+        self.assertEqual(browser["code_challenge"], paste["code_challenge"])  # one PKCE pair
+        self.assertNotEqual(browser["state"], browser["code_challenge"])
+        self.assertEqual([exchange["redirect_uri"] for exchange in self.exchanges()],
+                         [browser["redirect_uri"]])
         account = self.stored("work")
         self.assertEqual((account.type, account.account_tier), ("oauth", 20))
         self.assertIn(account.access_token, self.upstream.oauth.access_tokens)
-        self.assertIn(account.refresh_token, self.upstream.oauth.refresh_tokens)
-        self.assertGreater(account.expires_at, claudeflare.now_ms() + 7 * 3_600_000)
-        listing = self.ok("list")
-        self.assertIn("dev@example.com / Acme", listing)
-        self.assertNotIn(account.access_token, listing + out + err)
+        self.assertNotIn(account.access_token, out + err)
         self.assertEqual(self.post_message()[0], 200)
-        self.assertEqual(self.upstream.messages()[0].headers["Authorization"],
-                         f"Bearer {account.access_token}")
+
+    def test_a_wrong_state_gets_a_400_page_and_the_login_keeps_waiting(self):
+        answers = []
+
+        def browser(url: str) -> None:
+            answers.append(self.callback(url, "?code=stolen&state=forged"))
+            answers.append(self.callback(url, "?code=stolen"))
+            answers.append(self.callback(url.replace("/callback", "/other"), ""))
+            port = urllib.parse.urlsplit(query_of(url)["redirect_uri"]).port
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
+            connection.request("GET", "/favicon.ico")
+            answers.append((connection.getresponse().status, ""))
+            connection.close()
+            answers.append(self.come_back(url))
+
+        code, _, out, err = self.login("add", "work", "--no-browser", browser=browser)
+        self.assertEqual(code, 0, err)
+        self.assertEqual([status for status, _ in answers], [400, 400, 400, 404, 200])
+        self.assertIn("does not belong to the login", answers[0][1])
+        self.assertEqual(len(self.exchanges()), 1)
+        self.assertIn("Added work", out)
+
+    def test_paste_path_still_works_with_both_urls_printed(self):
+        code, urls, out, err = self.login("add", "work")
+        self.assertEqual(code, 0, err)
+        self.assertIn(self.PROMPT, out)
+        self.assertIn("Added work (dev@example.com, Acme)", out)
+        self.assertEqual([exchange["redirect_uri"] for exchange in self.exchanges()],
+                         ["https://platform.claude.com/oauth/code/callback"])
+        self.assertEqual(self.exchanges()[0]["state"], query_of(urls["paste"])["state"])
+        self.assertEqual(self.ok("list").count("dev@example.com / Acme"), 1)
+
+    def test_the_login_times_out_with_a_clear_message(self):
+        started = time.monotonic()
+        code, urls, _, err = self.login("add", "work", "--no-browser", browser=lambda url: None,
+                                        CLAUDEFLARE_LOGIN_TIMEOUT_S="1")
+        self.assertEqual(code, 1)
+        self.assertIn("The login timed out after 1s", err)
+        self.assertLess(time.monotonic() - started, DEADLINE_S)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertEqual(json.loads(self.ok("list", "--json")), [])
+        with self.assertRaises(OSError):  # the listener is gone
+            self.callback(urls["browser"], "")
+
+    def test_ctrl_c_stops_the_login_cleanly(self):
+        process, urls, _ = self.start_login("add", "work", "--no-browser")
+        with process:
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=DEADLINE_S)
+        self.assertEqual(process.returncode, 130)
+        self.assertIn("interrupted; nothing was changed", err)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(json.loads(self.ok("list", "--json")), [])
+        with self.assertRaises(OSError):
+            self.callback(urls["browser"], "")
 
     def test_console_login_mints_an_api_key(self):
-        code, url, out, err = self.login("add", "console", "--mode", "console")
+        code, urls, out, err = self.login("add", "console", "--mode", "console")
         self.assertEqual(code, 0, err)
-        self.assertTrue(url.startswith("https://console.anthropic.com/oauth/authorize?"))
+        self.assertTrue(urls["paste"].startswith("https://platform.claude.com/oauth/authorize?"))
+        self.assertEqual(query_of(urls["paste"])["scope"].split(),
+                         ["org:create_api_key", "user:profile", "user:inference",
+                          "user:sessions:claude_code", "user:mcp_servers", "user:file_upload"])
         account = self.stored("console")
         self.assertEqual((account.type, account.api_key), ("api_key", "sk-ant-api03-minted"))
+        self.assertIn("with a new API key", out)
         self.assertNotIn("minted", out + err)
 
     def test_login_failures_say_what_to_do(self):
@@ -1971,8 +2093,8 @@ class TestOAuthLogin(ServerWithAccounts):
         code, _, _, err = self.login("add", "a")
         self.assertEqual(code, 1)
         self.assertIn("Exchange failed: Bad Request: Invalid code_verifier", err)
-        code, _, _, err = self.login("add", "a", paste=lambda url: "expired#" + dict(
-            urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))["state"])
+        code, _, _, err = self.login("add", "a",
+                                     paste=lambda url: "expired#" + query_of(url)["state"])
         self.assertEqual(code, 1)
         self.assertIn("Exchange failed: Bad Request", err)
         self.assertEqual(len(err.strip().splitlines()), 1, err)
@@ -1984,8 +2106,10 @@ class TestOAuthLogin(ServerWithAccounts):
         self.proxy.app.store.update_account("work", needs_reauth=1, reauth_reason="refused",
                                             request_count=7)
         self.assertEqual(self.listed()["work"]["status"], "needs_reauth")
-        code, _, out, err = self.login("reauth", "work")
+        code, _, out, err = self.login("reauth", "work", "--no-browser",
+                                       browser=self.come_back)
         self.assertEqual(code, 0, err)
+        self.assertIn("Logged in account work again (dev@example.com, Acme)", out)
         account = self.stored("work")
         self.assertEqual((account.needs_reauth, account.account_tier, account.request_count),
                          (0, 5, 7))
@@ -2151,7 +2275,7 @@ class TestTokenRefresh(ServerWithAccounts):
         self.assertEqual([self.proxy.app.tokens.due(self.stored(name), now)
                           for name in ("soon", "later")], [True, False])
 
-    def test_refresh_asks_with_the_configured_client_id(self):
+    def test_refresh_asks_with_the_configured_client_id_and_claude_codes_scopes(self):
         self.proxy.stop()  # client_id is read at start
         self.proxy = Proxy(self.upstream.url, client_id="my-client-id")
         self.addCleanup(self.proxy.close)
@@ -2160,7 +2284,10 @@ class TestTokenRefresh(ServerWithAccounts):
         asked = [request.json() for request in self.upstream.requests
                  if request.path == "/v1/oauth/token"]
         self.assertEqual(asked[:1], [{"grant_type": "refresh_token", "refresh_token": refresh,
-                                      "client_id": "my-client-id"}])
+                                      "client_id": "my-client-id",
+                                      "scope": "user:profile user:inference "
+                                               "user:sessions:claude_code user:mcp_servers "
+                                               "user:file_upload"}])
 
     def test_refresh_backoff_starts_at_a_minute_and_doubles(self):
         keeper = self.proxy.app.tokens
@@ -2880,6 +3007,81 @@ class TestStrategies(RoutingTestCase):
         self.distribution(3)
         self.assertEqual(self.distribution(6), {"a": 3, "c": 3})
         self.assertEqual(self.listed()["b"]["status"], "active")
+
+
+CLAUDE_CODE = {"User-Agent": "claude-cli/2.1.3 (external, cli)", "x-app": "cli"}
+SDK = {"User-Agent": "Anthropic/Python 0.71.0"}
+
+
+class TestClaudeCodeOnly(ServerWithAccounts):
+    """Subscription tokens serve Claude Code only: other clients go to API-key accounts, and no
+    account is blamed for it."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.upstream.oauth.claude_code_only = True
+        self.tokens = {self.add_oauth(name)[0]: name for name in ("max1", "max2")}
+
+    def who(self, request) -> str:
+        token = (request.headers["Authorization"] or "").replace("Bearer ", "")
+        return self.tokens.get(token) or request.headers["x-api-key"] or "-"
+
+    def served(self, headers: dict, count: int = 3) -> list[list[str]]:
+        """Send requests; return, for each, whom the upstream saw, in order."""
+        seen = []
+        for _ in range(count):
+            first = len(self.upstream.messages())
+            status, _, body = self.post_message(headers=headers)
+            self.assertEqual(status, 200, body)
+            seen.append([self.who(request) for request in self.upstream.messages()[first:]])
+        return seen
+
+    def assert_no_account_marked(self) -> None:
+        for name, account in self.listed().items():
+            self.assertEqual((account["status"], account["needsReauth"]), ("active", False), name)
+
+    def test_other_clients_are_served_by_the_api_key_under_every_strategy(self):
+        self.ok("add", "ci", "--api-key", "--priority", "1", stdin="sk-ant-api03-ci\n")
+        for strategy in claudeflare.STRATEGY_NAMES:
+            with self.subTest(strategy=strategy):
+                self.proxy.app.not_claude_code.clear()
+                self.ok("config", "set", "lb_strategy", strategy)
+                self.assertIn(self.served(CLAUDE_CODE, 1)[0], (["max1"], ["max2"]))
+                first, *rest = self.served(SDK)
+                self.assertEqual(len(first), 2)  # one subscription account, then the key
+                self.assertIn(first[0], ("max1", "max2"))
+                self.assertEqual(first[1], "sk-ant-api03-ci")
+                self.assertEqual(rest, [["sk-ant-api03-ci"]] * 2)  # remembered: key first
+        self.assert_no_account_marked()
+        self.proxy.settle()
+        stats = json.loads(self.proxy.request("GET", "/api/stats")[2])
+        self.assertEqual(stats["totals"]["claudeCodeOnlyRefusals"], 5)
+        self.assertEqual(stats["totals"]["failures"], 0)
+        self.assertEqual(self.listed()["max1"]["requests"] + self.listed()["max2"]["requests"],
+                         5)  # the Claude Code requests only
+        self.assertIn("go to API-key accounts first", CAPTURED_LOG.text())
+
+    def test_without_an_api_key_the_client_gets_the_400_and_the_log_says_why_once(self):
+        for strategy in claudeflare.STRATEGY_NAMES:
+            self.ok("config", "set", "lb_strategy", strategy)
+            first = len(self.upstream.messages())
+            status, _, body = self.post_message(headers=SDK)
+            self.assertEqual(status, 400, strategy)
+            self.assertIn("only authorized for use with Claude Code",
+                          json.loads(body)["error"]["message"])
+            self.assertEqual(len(self.upstream.messages()) - first, 1, strategy)
+        self.assertEqual(CAPTURED_LOG.text().count("Subscription (OAuth) accounts serve Claude "
+                                                   "Code only"), 2)  # once, in both formats
+        self.assertIn("Anthropic/Python", CAPTURED_LOG.text())
+        self.assertIn("add NAME --api-key", CAPTURED_LOG.text())
+        self.assert_no_account_marked()
+        self.proxy.settle()
+        stats = json.loads(self.proxy.request("GET", "/api/stats")[2])
+        self.assertEqual(stats["totals"]["claudeCodeOnlyRefusals"],
+                         len(claudeflare.STRATEGY_NAMES))
+        self.assertEqual({item["name"] for item in stats["accounts"]}, {None})
+        self.assertEqual(self.listed()["max1"]["requests"], 0)
+        self.assertEqual(self.served(CLAUDE_CODE, 1)[0][0][:3], "max")  # Claude Code still is
 
 
 def overage_headers(reset_in_s: int = 3600, overage: str = "allowed") -> list:
