@@ -442,6 +442,18 @@ def component_logger(component: str) -> logging.Logger:
     return logging.getLogger("claudeflare." + component)
 
 
+def survive(component: str, work: Callable[[], Any]) -> None:
+    """Run one turn of a background thread's work; an unexpected error is logged with its
+    traceback and the thread carries on (a dead writer or refresher would lose data silently).
+
+    With the request boundary in ProxyHandler.dispatch, the only catch-alls of the program.
+    """
+    try:
+        work()
+    except Exception:
+        component_logger(component).exception("Unexpected error; carrying on")
+
+
 def record_fields(record: logging.LogRecord) -> tuple[str, str, str]:
     """Return a record's level, component and redacted message (with its traceback, if any)."""
     level = LEVEL_NAMES.get(record.levelname, record.levelname)
@@ -1657,7 +1669,7 @@ class BackgroundWriter:
                     asked = True  # flush() or close(): try now, even while failing
             if (self.unwritten or self.unwritten_marks) and (
                     self.failing_since is None or asked or time.monotonic() >= self.retry_at):
-                self.write()
+                survive("Store", self.write)
             for item in items:
                 if item is self.STOP:
                     return
@@ -2422,6 +2434,8 @@ class TokenKeeper:
         self.unsaved: dict[str, Tokens] = {}
         #: account id -> how long its current access token lives (known once refreshed here).
         self.lifetimes: dict[int, int] = {}
+        #: Where pairs the database would not take are kept over a restart.
+        self.kept_path = store.path + ".unsaved-tokens"
         self.log = component_logger("OAuth")
 
     def with_unsaved(self, account: Account) -> Account:
@@ -2444,7 +2458,8 @@ class TokenKeeper:
             lifetime = self.lifetimes.get(account.id)
         return standard_ms if lifetime is None else min(standard_ms, lifetime // 2)
 
-    def save(self, account: Account, tokens: Tokens) -> Account:
+    def save(self, account: Account, tokens: Tokens,
+             wait_s: float = TOKEN_SAVE_WAIT_S) -> Account:
         """Commit a new token pair before anyone uses it, if the database lets us at once.
 
         Should the database refuse or keep us waiting (locked by another process, disk full),
@@ -2453,25 +2468,29 @@ class TokenKeeper:
         """
         try:
             updated = self.store.update_account(
-                account.name, wait_s=TOKEN_SAVE_WAIT_S, access_token=tokens.access_token,
+                account.name, wait_s=wait_s, access_token=tokens.access_token,
                 refresh_token=tokens.refresh_token, expires_at=tokens.expires_at)
         except NotFound:
             raise TokenUnavailable(f"Account {account.name} was removed") from None
         except sqlite3.Error as error:
             with self.lock:
+                first = account.name not in self.unsaved
                 self.unsaved[account.name] = tokens
-            self.log.error("Could not save the refreshed token of account %s: %s; keeping it in "
-                           "memory and retrying", account.name, error)
+            if first:
+                self.log.error("Could not save the refreshed token of account %s: %s; keeping "
+                               "it in memory and retrying", account.name, error)
             return self.with_unsaved(account)
         with self.lock:
-            self.unsaved.pop(account.name, None)
+            if self.unsaved.pop(account.name, None) is not None:
+                self.log.info("Saved the refreshed token of account %s", account.name)
         return updated
 
-    def save_unsaved(self) -> None:
+    def save_unsaved(self, wait_s: float = TOKEN_SAVE_WAIT_S) -> None:
         """Retry saving tokens the database refused earlier.
 
         Each save runs as the account's single flight, so no refresh can rotate the pair while
         it is written (a save joining a refresh in flight leaves the saving to that refresh).
+        Once all are saved, a file of pairs a previous run could not save is removed.
         """
         with self.lock:
             pending = list(self.unsaved.items())
@@ -2483,14 +2502,63 @@ class TokenKeeper:
                     self.unsaved.pop(name, None)
                 continue
             with contextlib.suppress(TokenUnavailable):
-                self.flights.run(account.id, lambda: self.save_if_unsaved(account, tokens))
+                self.flights.run(account.id,
+                                 lambda: self.save_if_unsaved(account, tokens, wait_s))
+        if not self.unsaved and os.path.exists(self.kept_path):
+            with contextlib.suppress(OSError):
+                os.unlink(self.kept_path)
 
-    def save_if_unsaved(self, account: Account, tokens: Tokens) -> Account:
+    def save_if_unsaved(self, account: Account, tokens: Tokens, wait_s: float) -> Account:
         """Save a pair unless a newer one replaced it meanwhile."""
         with self.lock:
             if self.unsaved.get(account.name) is not tokens:
                 return account
-        return self.save(account, tokens)
+        return self.save(account, tokens, wait_s)
+
+    def keep_unsaved(self) -> None:
+        """At shutdown: save what the database refused so far, or keep it in a private file.
+
+        Refresh tokens rotate, so such a pair is the account's only live one: losing it would
+        mean logging in again. The next start reads the file and saves the pairs.
+        """
+        self.save_unsaved(BUSY_TIMEOUT_S)
+        with self.lock:
+            pending = dict(self.unsaved)
+        if not pending:
+            return
+        kept = {}
+        for name, tokens in pending.items():
+            with contextlib.suppress(ClaudeflareError, sqlite3.Error):
+                kept[name] = {"access_token": tokens.access_token,
+                              "refresh_token": tokens.refresh_token,
+                              "expires_at": tokens.expires_at,
+                              "replaces": self.store.account(name).refresh_token}
+        try:
+            write_private_file(self.kept_path, json.dumps(kept))
+        except OSError as error:
+            self.log.error("Could not save nor keep the refreshed tokens of %s (%s): log them "
+                           "in again with reauth", ", ".join(kept), error)
+            return
+        self.log.error("Could not save the refreshed tokens of %s: kept them in %s; the next "
+                       "start saves them", ", ".join(kept), self.kept_path)
+
+    def load_kept(self) -> None:
+        """Take up the pairs a previous run kept aside, unless the account changed since."""
+        try:
+            with open(self.kept_path, encoding="utf-8") as source:
+                kept = json.load(source)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as error:
+            self.log.error("Cannot read kept tokens %s: %s", self.kept_path, error)
+            return
+        for name, pair in (kept.items() if isinstance(kept, dict) else ()):
+            with contextlib.suppress(ClaudeflareError, sqlite3.Error, KeyError, TypeError):
+                if self.store.account(name).refresh_token == pair["replaces"]:
+                    with self.lock:
+                        self.unsaved[name] = Tokens(pair["access_token"],
+                                                    pair["refresh_token"], pair["expires_at"])
+        self.save_unsaved()
 
     def fresh(self, account: Account, now: int) -> Account:
         """Return the account with an access token valid for 5 more minutes, refreshing if due."""
@@ -2589,11 +2657,8 @@ class BackgroundRefresher:
 
     def run(self) -> None:
         while not self.stopping.wait(REFRESHER_INTERVAL_S):
-            try:
-                self.keeper.save_unsaved()
-                self.renew_due(now_ms())
-            except (sqlite3.Error, ClaudeflareError) as error:
-                self.keeper.log.error("Background token refresh failed: %s", error)
+            survive("OAuth", self.keeper.save_unsaved)
+            survive("OAuth", lambda: self.renew_due(now_ms()))
 
     def renew_due(self, now: int) -> None:
         """Refresh every account whose token expires within REFRESH_AHEAD_MS."""
@@ -2910,15 +2975,18 @@ class UsagePoller:
 
     def run(self) -> None:
         while not self.stopping.wait(USAGE_TICK_S):
-            if not self.settings.usage_poll_s:
-                continue
-            for account in self.accounts():
-                now = now_ms()
-                account = self.tokens.with_unsaved(account)
-                if self.stopping.is_set():
-                    return
-                if self.due(account, now):
-                    self.read(account, now)
+            if self.settings.usage_poll_s:
+                survive("Usage", self.read_due)
+
+    def read_due(self) -> None:
+        """Read every account whose turn has come."""
+        for account in self.accounts():
+            now = now_ms()
+            account = self.tokens.with_unsaved(account)
+            if self.stopping.is_set():
+                return
+            if self.due(account, now):
+                self.read(account, now)
 
     def due(self, account: Account, now: int) -> bool:
         """Tell whether an account's windows should be read now."""
@@ -3707,6 +3775,7 @@ class App:
         self.upstream = Upstream(settings.upstream_url)
         self.oauth = OAuthClient(settings)
         self.tokens = TokenKeeper(store, self.oauth, self.mark)
+        self.tokens.load_kept()
         self.started = time.monotonic()
         #: Guards the account cache and the routing state.
         self.lock = threading.Lock()
@@ -4087,6 +4156,7 @@ class App:
         self.usage.close()
         self.refresher.close()
         self.writer.close()
+        self.tokens.keep_unsaved()
         self.upstream.close()
         self.oauth.close()
         self.store.close()

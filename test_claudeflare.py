@@ -1857,6 +1857,26 @@ class TestLockedDatabase(ServerWithAccounts):
         self.assertEqual(self.listed()["limited"]["status"], "rate_limited")
         self.assertEqual(self.proxy.app.store.query("SELECT COUNT(*) FROM requests")[0][0], 6)
 
+    def test_a_refreshed_pair_the_database_refused_survives_a_restart(self):
+        self.add_oauth("max", expires_in_ms=-1000)
+        holder = self.hold()
+        self.assertEqual(self.post_message()[0], 200)
+        live = set(self.upstream.oauth.refresh_tokens)
+        self.proxy.stop()  # still locked: the pair is kept in a private file
+        kept = self.proxy.db_path + ".unsaved-tokens"
+        self.assertEqual(os.stat(kept).st_mode & 0o777, 0o600)
+        self.assertIn("kept them in", CAPTURED_LOG.text())
+        holder.release()
+        again = claudeflare.make_server(self.proxy.app.settings, self.proxy.db_path)
+        try:
+            store = claudeflare.Store(self.proxy.db_path)
+            self.addCleanup(store.close)
+            self.assertIn(store.account("max").refresh_token, live)
+            self.assertFalse(os.path.exists(kept))
+        finally:
+            again.server_close()
+            again.app.close()
+
     def test_reading_commands_work_and_writing_commands_say_who_holds_the_lock(self):
         self.add_key("work")
         self.assertEqual(self.post_message()[0], 200)
