@@ -682,9 +682,11 @@ class ConfigFile:
         return (stat.st_mtime_ns, stat.st_ino, stat.st_size)
 
     def update(self, key: str, value: Any) -> None:
-        """Set one key, keeping the others as they are."""
+        """Set one key (remove it, for None), keeping the others as they are."""
         values = self.read()
         values[key] = value
+        if value is None:
+            del values[key]
         self.write(values)
 
 
@@ -702,8 +704,11 @@ class Settings:
     Each value remembers where it came from (`sources`), which `config list` shows.
     """
 
-    def __init__(self, config: ConfigFile, values: dict, sources: dict, file_values: dict) -> None:
+    def __init__(self, config: ConfigFile, values: dict, sources: dict, file_values: dict,
+                 environ: Any = None) -> None:
         self.config = config
+        #: The environment the settings came from: a key leaving the file falls back to it.
+        self.environ = {} if environ is None else environ
         self.values = values
         self.sources = sources
         self.file_values = file_values
@@ -734,12 +739,22 @@ class Settings:
             except ClaudeflareError as error:
                 component_logger("Config").error("%s; keeping the settings in force", error)
                 return []
-            for problem in self.config.problems:
-                component_logger("Config").error("%s", problem)
-            self.config.problems.clear()
+            if self.config.problems:  # a corrupt file says nothing: keep what is in force
+                for problem in self.config.problems:
+                    component_logger("Config").error("%s; keeping the settings in force", problem)
+                self.config.problems.clear()
+                return []
             changed = []
             for key in LIVE_SETTINGS:
-                if key in fresh and fresh.get(key) != self.file_values.get(key):
+                if key not in fresh and key in self.file_values and \
+                        self.sources[key] == "config":
+                    setting = SETTINGS_BY_KEY[key]  # removed from the file: environment, default
+                    from_env = self.environ.get(setting.env)
+                    self.values[key], self.sources[key] = (
+                        (setting.parse(from_env), "env") if from_env
+                        else (setting.default, "default"))
+                    changed.append(key)
+                elif key in fresh and fresh.get(key) != self.file_values.get(key):
                     try:
                         self.values[key] = validate_setting(key, fresh[key], self.config.path)
                     except ClaudeflareError as error:
@@ -793,7 +808,7 @@ def load_settings(config_path: str | None = None, flags: dict | None = None,
                 config.problems.append(f"{error}; using the default, {setting.default}")
     if environ.get("CLAUDEFLARE_DEBUG") == "1":
         values["log_level"], sources["log_level"] = "DEBUG", "env"
-    return Settings(config, values, sources, file_values)
+    return Settings(config, values, sources, file_values, environ)
 
 
 ###############################################################################
@@ -1212,6 +1227,8 @@ def percentile_from_histogram(buckets: list[int], fraction: float) -> int | None
 
 #: The window fields COUNT_REQUEST stores when the answer carried them.
 WINDOW_FIELDS = ("utilization_5h", "reset_5h", "utilization_7d", "reset_7d")
+#: And with the time they were seen: a reading replaces only an older one.
+WINDOW_COLUMNS = frozenset(WINDOW_FIELDS + ("windows_at",))
 
 
 def count_parameters(record: RequestRecord, session_duration_ms: int) -> dict:
@@ -1233,7 +1250,10 @@ API_KEY_PATTERN = re.compile(r"[!-~]{1,512}")
 CLIENT_KEY_PREFIX = "cfk-"
 #: What `resume` sets: usable again, whatever mark it had (a refused OAuth account just gets
 #: its refresh tried again, and is marked again if it still fails).
-RESUMED = {"paused": 0, "rate_limited_until": None, "needs_reauth": 0, "reauth_reason": None}
+RESUMED = {"paused": 0, "rate_limited_until": None, "needs_reauth": 0, "reauth_reason": None,
+           "overage_until": None}
+#: What routing marks set on an account, and a person's change can overrule.
+ROUTING_COLUMNS = frozenset(RESUMED) | {"access_token", "refresh_token", "api_key"}
 
 
 def validate_account_name(name: str) -> str:
@@ -1336,12 +1356,13 @@ class Store:
         return connection
 
     def check_owner(self) -> None:
-        """Refuse, untouched, an SQLite file another program made (tables but no version)."""
-        if self.db.execute("PRAGMA user_version").fetchone()[0]:
-            return
+        """Refuse, untouched, a file this claudeflare cannot use: one a newer claudeflare wrote,
+        or another program's SQLite database (tables, but not claudeflare's)."""
+        self.refuse_newer(self.db.execute("PRAGMA user_version").fetchone()[0])
         tables = [row[0] for row in self.db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name LIMIT 5")]
-        if tables:
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        if tables and "accounts" not in tables:
+            tables = tables[:5]
             raise ClaudeflareError(
                 f"{self.path} is another program's SQLite database (tables {', '.join(tables)}); "
                 f"claudeflare leaves it untouched. Point --db or CLAUDEFLARE_DB_PATH at "
@@ -1395,16 +1416,20 @@ class Store:
         """Bring the schema up to SCHEMA_VERSION; refuse a database from a newer claudeflare."""
         with self.transaction() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise ClaudeflareError(
-                    f"Database {self.path} has schema version {version}, newer than this "
-                    f"claudeflare {__version__} understands ({SCHEMA_VERSION}). Run the newer "
-                    f"claudeflare.py that wrote it, or point --db at another database.")
+            self.refuse_newer(version)
             for statements in MIGRATIONS[version:]:
                 for statement in statements:
                     db.execute(statement)
             if version != SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def refuse_newer(self, version: int) -> None:
+        """Refuse a database a newer claudeflare wrote: its schema is not known here."""
+        if version > SCHEMA_VERSION:
+            raise ClaudeflareError(
+                f"Database {self.path} has schema version {version}, newer than this "
+                f"claudeflare {__version__} understands ({SCHEMA_VERSION}). Run the newer "
+                f"claudeflare.py that wrote it, or point --db at another database.")
 
     def data_version(self) -> int:
         """Return a value that changes whenever anyone, in any process, commits a change."""
@@ -1431,7 +1456,7 @@ class Store:
         """Create an account; credentials and identity come as column=value fields."""
         validate_account_name(name)
         columns = {"name": name, "type": account_type, "account_tier": tier,
-                   "created_at": now_ms(), **fields}
+                   "created_at": now_ms(), "changed_at": now_ms(), **fields}
         try:
             with self.transaction() as db:
                 db.execute(f"INSERT INTO accounts ({', '.join(columns)}) "
@@ -1442,9 +1467,14 @@ class Store:
         return self.account(name)
 
     def change_account(self, name: str, **fields: Any) -> Account:
-        """Make a person's change to an account (pause, resume, tier, login): it wins over any
-        routing mark the server decided before it."""
-        return self.update_account(name, changed_at=now_ms(), **fields)
+        """Make a person's change to an account (pause, resume, tier, login).
+
+        One that touches what routing marks set (pause, resume, a new login) wins over any
+        mark the server decided before it.
+        """
+        if ROUTING_COLUMNS & set(fields):
+            fields["changed_at"] = now_ms()
+        return self.update_account(name, **fields)
 
     def update_account(self, name: str, wait_s: float | None = None, **fields: Any) -> Account:
         """Set some columns of one account in one transaction and return it."""
@@ -1514,9 +1544,19 @@ class Store:
                                            if record.account_id is not None])
             db.executemany(UPSERT_ROLLUP, rollup_rows(records))
             for name, fields, decided_at in marks:
-                db.execute(f"UPDATE accounts SET {', '.join(f'{column} = ?' for column in fields)}"
-                           f" WHERE name = ? AND COALESCE(changed_at, 0) <= ?",
-                           (*fields.values(), name, decided_at))
+                seen_at = fields.get("windows_at")
+                windows = {column: value for column, value in fields.items()
+                           if seen_at is not None and column in WINDOW_COLUMNS}
+                rest = {column: value for column, value in fields.items()
+                        if column not in windows}
+                # Windows carrying the time they were seen replace only older ones.
+                for part, newer in ((rest, ""), (windows, " AND COALESCE(windows_at, 0) <= ?")):
+                    if part:
+                        db.execute(f"UPDATE accounts SET "
+                                   f"{', '.join(f'{column} = ?' for column in part)} WHERE "
+                                   f"name = ? AND COALESCE(changed_at, 0) <= ?{newer}",
+                                   (*part.values(), name, decided_at,
+                                    *((seen_at,) if newer else ())))
 
     def clear_history(self) -> int:
         """Delete the request log and its hourly totals; return how many records went."""
@@ -1702,13 +1742,29 @@ class BackgroundWriter:
             if pruned:
                 self.log.info("Pruned %d request records older than %d days", pruned, days)
 
+    def write_one_by_one(self) -> None:
+        """Write the waiting records and marks one at a time, dropping the ones that fail."""
+        batch, marks = self.unwritten, self.unwritten_marks
+        self.unwritten, self.unwritten_marks = [], []
+        written: tuple[list[RequestRecord], list[tuple[str, dict, int]]] = ([], [])
+        for records, some_marks in [([record], []) for record in batch] + [
+                ([], [mark]) for mark in marks]:
+            try:
+                self.store.write_requests(records, self.settings.session_duration_ms, some_marks)
+            except (sqlite3.Error, ValueError, OverflowError) as error:
+                self.log.error("Could not write %s: %s; dropped it", records[0].id if records
+                               else f"a mark of account {some_marks[0][0]}", error)
+                continue
+            written[0].extend(records)
+            written[1].extend(some_marks)
+        self.on_written(*written)
+
     def keep_unwritten(self, error: Exception) -> None:
         """Hold what the database refused, within bounds, and say so once per episode."""
         if not isinstance(error, sqlite3.OperationalError):
-            # A value the database can never take: retrying would block the log for good.
-            self.log.error("Could not write %d request records: %s; dropped them",
-                           len(self.unwritten), error)
-            self.unwritten, self.unwritten_marks = [], []
+            # Something in the batch the database can never take: retrying it whole would block
+            # the log for good. Write each item alone, and drop only what fails.
+            self.write_one_by_one()
             return
         if len(self.unwritten) > MAX_UNWRITTEN_RECORDS:
             excess = len(self.unwritten) - MAX_UNWRITTEN_RECORDS
@@ -2338,11 +2394,19 @@ class OAuthClient:
             raise ClaudeflareError(f"Exchange failed: {error}") from None
 
     def refresh(self, refresh_token: str) -> Tokens:
-        """Trade a refresh token for a new pair; the old refresh token dies on success."""
+        """Trade a refresh token for a new pair; the old refresh token dies on success.
+
+        Claude Code asks for its scopes again; an account logged in for fewer (by an older
+        claudeflare) is refused them with invalid_scope, which spends nothing: it then asks
+        for what it was granted.
+        """
+        payload = {"grant_type": "refresh_token", "refresh_token": refresh_token,
+                   "client_id": self.settings.client_id, "scope": SUBSCRIPTION_SCOPES}
         try:
-            status, reason, answer = json_call(self.http, self.token_path, {
-                "grant_type": "refresh_token", "refresh_token": refresh_token,
-                "client_id": self.settings.client_id, "scope": SUBSCRIPTION_SCOPES})
+            status, reason, answer = json_call(self.http, self.token_path, payload)
+            if status == 400 and answer.get("error") == "invalid_scope":
+                del payload["scope"]
+                status, reason, answer = json_call(self.http, self.token_path, payload)
         except UpstreamError as error:
             raise TokenEndpointDown(str(error)) from None
         if status in (400, 401):
@@ -2780,49 +2844,57 @@ class RateLimit:
         return min(until, now + MAX_RATE_LIMIT_MS)
 
 
+#: A time or a wait from a header is believed up to this (ms): year 2100, and a year. Past
+#: them, numbers such as 1e20 or inf would overflow where they are stored or waited on.
+LATEST_EPOCH_MS = 4_102_444_800_000
+LONGEST_WAIT_MS = 366 * DAY_S * 1000
+
+
+def parse_number(value: str) -> float | None:
+    """Read a finite number, or None."""
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def parse_epoch(value: str) -> int | None:
     """Read a reset time: epoch seconds (unified headers) or RFC 3339 (API-key headers)."""
     value = value.strip()
-    try:
-        return int(float(value) * 1000)
-    except ValueError:
-        pass  # not epoch seconds: an RFC 3339 time, then
-    try:
-        moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return int(moment.timestamp() * 1000)
+    seconds = parse_number(value)
+    if seconds is None:
+        try:
+            moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.timezone.utc)
+        seconds = moment.timestamp()
+    return int(seconds * 1000) if 0 < seconds * 1000 < LATEST_EPOCH_MS else None
 
 
 def parse_retry_after(headers: Any, now: int) -> int | None:
     """Return the wait the upstream asks for in ms: retry-after-ms, else retry-after."""
-    value = headers.get("retry-after-ms")
-    if value:
-        try:
-            return max(0, int(float(value)))
-        except ValueError:
-            pass  # unreadable: fall back to retry-after
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0, int(float(value) * 1000))
-    except ValueError:
-        try:
-            moment = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
+    milliseconds = parse_number(headers.get("retry-after-ms") or "")
+    if milliseconds is None:
+        value = headers.get("retry-after")
+        if not value:
             return None
-        return max(0, int(moment.timestamp() * 1000) - now)
+        seconds = parse_number(value)
+        if seconds is not None:
+            milliseconds = seconds * 1000
+        else:
+            try:
+                milliseconds = email.utils.parsedate_to_datetime(value).timestamp() * 1000 - now
+            except (TypeError, ValueError, OverflowError):
+                return None
+    return int(min(max(0.0, milliseconds), LONGEST_WAIT_MS))
 
 
 def parse_float(value: str | None) -> float | None:
     """Read a utilization, or None when it is not a number."""
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+    return parse_number(value) if value is not None else None
 
 
 def parse_status(value: str) -> str:
@@ -2871,6 +2943,24 @@ def utilization(account: Account, now: int) -> float:
                (account.utilization_7d, account.reset_7d))
     return max([used for used, reset in windows
                 if used is not None and (reset is None or reset > now)] or [0.0])
+
+
+#: How long an account found on extra usage, with no window reset given, is taken to stay on
+#: it: the 5-hour window, the shortest that extra usage stands in for.
+OVERAGE_FALLBACK_MS = 5 * 3600 * 1000
+
+
+def overage_ends(limit: RateLimit, now: int) -> int:
+    """Return when an account serving on extra usage gets its included quota back."""
+    reset = limit.window_reset()
+    until = reset if reset and reset > now else now + OVERAGE_FALLBACK_MS
+    return min(until, now + MAX_RATE_LIMIT_MS)
+
+
+def can_serve(account: Account, now: int, overage: str) -> bool:
+    """Whether routing may send an account requests now, under the extra-usage policy."""
+    status = account.status(now)
+    return status == "active" or (status == "overage" and overage != "never")
 
 
 def soft_limited(account: Account, now: int) -> bool:
@@ -3614,7 +3704,7 @@ def min_known(estimate: int | None, ceiling: int) -> int | None:
 
 #: Request-log columns shown as booleans, and those that came from outside (masked again when
 #: shown, for records an older claudeflare stored unmasked).
-BOOLEAN_COLUMNS = frozenset({"success", "streaming"})
+BOOLEAN_COLUMNS = frozenset({"success", "streaming", "overage", "claude_code_only"})
 OUTSIDE_COLUMNS = frozenset({"path", "error"})
 
 
@@ -3802,8 +3892,9 @@ class App:
         self.conversation_counts: dict[int, int] = {}
         #: account id -> how many windowless 429s in a row it got.
         self.cooldowns: dict[int, int] = {}
-        #: Clients (user agents) the API refused on subscription accounts, as not Claude Code.
-        self.not_claude_code: set[str | None] = set()
+        #: Clients (their whole User-Agent and x-app) the API refused on subscription accounts as
+        #: not Claude Code, and until when that is remembered.
+        self.not_claude_code: dict[str, int] = {}
         self.writer = BackgroundWriter(store, settings, self.after_write)
         self.refresher = BackgroundRefresher(self.tokens, self.accounts)
         self.usage = UsagePoller(settings, self.accounts, self.tokens, self.apply_usage)
@@ -3910,7 +4001,7 @@ class App:
         return len(relaying)
 
     def accounts_to_try(self, accounts: list[Account], conversation: str | None, now: int,
-                        user_agent: str | None = None) -> list[Account]:
+                        client: str = "") -> list[Account]:
         """Return the usable accounts in the order the strategy wants them tried.
 
         A client the API refused as not Claude Code gets the API-key accounts first: every
@@ -3928,7 +4019,7 @@ class App:
                                    binding[0] if binding else None, self.conversation_counts)
             ordered = order_accounts(accounts, settings.lb_strategy, context, now,
                                      settings.overage)
-            if user_agent in self.not_claude_code:
+            if self.not_claude_code.get(client, 0) > now:
                 ordered.sort(key=lambda account: account.type == "oauth")
             if ordered:
                 self.count_use(ordered[0], now)
@@ -3962,16 +4053,25 @@ class App:
             account_id, _ = self.conversations.pop(key)
             self.conversation_counts[account_id] -= 1
 
-    def remember_not_claude_code(self, user_agent: str | None) -> None:
-        """Remember a client subscription accounts refuse; the first time, say what serves it."""
+    def remember_not_claude_code(self, client: str, now: int) -> None:
+        """Remember for a while a client subscription accounts refuse; the first time, say what
+        serves it.
+
+        The client is its whole User-Agent and x-app: Claude Code itself and scripts built on
+        its SDK share a product name, and only the scripts are refused.
+        """
         with self.lock:
-            if user_agent in self.not_claude_code or len(self.not_claude_code) >= 1000:
-                return
-            self.not_claude_code.add(user_agent)
+            known = self.not_claude_code.get(client, 0) > now
+            if len(self.not_claude_code) >= 1000:
+                self.not_claude_code = {key: until for key, until in
+                                        self.not_claude_code.items() if until > now}
+            self.not_claude_code[client] = now + self.settings.session_duration_ms
             api_keys = any(account.type == "api_key" for account in self.cached_accounts)
+        if known:
+            return
         component_logger("Proxy").warning(
             "Subscription (OAuth) accounts serve Claude Code only, and the API refused them to "
-            "the client %s.%s", user_agent or "without a User-Agent",
+            "the client %s.%s", client.partition("|")[0] or "without a User-Agent",
             " Its requests go to API-key accounts first from now on." if api_keys else
             " Add an API-key account for other clients: python3 claudeflare.py add NAME "
             "--api-key")
@@ -4009,13 +4109,12 @@ class App:
         resets, and routing puts it last (`last`) or anywhere (`allow`).
         """
         if self.settings.overage == "never":
-            until = self.mark_rate_limited(account, limit, now)
+            until = self.mark_rate_limited(account, limit, now, overage_ends(limit, now))
             component_logger("Proxy").warning(
                 "Account %s answered on extra usage (billed); overage is never: benched until %s",
                 account.name, iso_time(until))
             return
-        until = min(limit.window_reset() or limit.overage_reset or now + DEFAULT_RATE_LIMIT_MS,
-                    now + MAX_RATE_LIMIT_MS)
+        until = overage_ends(limit, now)
         serving = (account.overage_until or 0) > now
         if serving and abs(until - account.overage_until) < 1000:
             return  # known already: no write per request
@@ -4038,13 +4137,15 @@ class App:
             fields["windows_at"] = started
         self.mark(account, usage_read_at=now_ms(), **fields)
 
-    def mark_rate_limited(self, account: Account, limit: RateLimit, now: int) -> int:
-        """Bench an account until its window resets; a 429 naming no window gets a cooldown."""
+    def mark_rate_limited(self, account: Account, limit: RateLimit, now: int,
+                          until: int | None = None) -> int:
+        """Bench an account until its window resets (or until); a 429 naming no window gets a
+        cooldown."""
         with self.lock:
-            if limit.names_window():
+            if until is None and limit.names_window():
                 self.cooldowns.pop(account.id, None)
                 until = limit.limited_until(now)
-            else:
+            elif until is None:
                 streak = self.cooldowns.get(account.id, 0)
                 self.cooldowns[account.id] = streak + 1
                 wait = max(COOLDOWN_MS * 2 ** min(streak, 10), limit.retry_after_ms or 0)
@@ -4092,22 +4193,27 @@ class App:
                                         account.name, reason)
 
     def earliest_reset(self, now: int) -> int | None:
-        """Return when the first rate-limited account becomes usable again."""
-        resets = [account.rate_limited_until for account in self.accounts()
-                  if account.rate_limited_until and account.rate_limited_until > now
-                  and not account.paused and not account.needs_reauth]
+        """Return when the first account benched by a limit (or, under `overage never`, by extra
+        usage) becomes usable again by itself."""
+        resets = []
+        for account in self.accounts():
+            status = account.status(now)
+            if status == "rate_limited":
+                resets.append(account.rate_limited_until)
+            elif status == "overage" and self.settings.overage == "never":
+                resets.append(account.overage_until)
         return min(resets) if resets else None
 
     def health(self) -> tuple[int, dict]:
         """Return /health's status code and body: unavailable (503) when no account can serve."""
         now = now_ms()
-        statuses = [account.status(now) for account in self.accounts()]
+        accounts = self.accounts()
+        statuses = [account.status(now) for account in accounts]
         counts = {"total": len(statuses)}
         for status in ("active", "paused", "rate_limited", "overage", "needs_reauth", "expired"):
             counts[status] = statuses.count(status)
-        serving = counts["active"] + (counts["overage"] if self.settings.overage != "never"
-                                      else 0)
-        if statuses and not serving:
+        if accounts and not any(can_serve(account, now, self.settings.overage)
+                                for account in accounts):
             state = "unavailable"
         elif counts["active"] + counts["paused"] < len(statuses):
             state = "degraded"
@@ -4287,7 +4393,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def turn_away(self, request: socket.socket) -> None:
         """Answer 503 on a connection past max_connections and close it, from the accept loop.
 
-        The answer is small enough for the socket's buffer, so this never blocks.
+        The answer is small enough for the socket's buffer, so this never blocks. An HTTPS
+        connection is closed without one: nothing can be said before a TLS handshake.
         """
         limit = self.app.settings.max_connections
         body = json_bytes(anthropic_error(
@@ -4296,9 +4403,10 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
         with contextlib.suppress(OSError):
-            request.setblocking(False)
-            request.send(head.encode() + body)
-            request.recv(65536)  # what the client sent: closing with it unread would reset
+            if not isinstance(request, ssl.SSLSocket):
+                request.setblocking(False)
+                request.send(head.encode() + body)
+                request.recv(65536)  # what the client sent: closing with it unread would reset
         self.shutdown_request(request)
         self.turned_away += 1
         if self.turned_away in (1, 10, 100) or self.turned_away % 1000 == 0:
@@ -4850,8 +4958,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         app, proxy_log = self.app, component_logger("Proxy")
         if accounts:
             record.conversation = conversation_key(self.headers, body)
+        #: Who sends the request, as the API tells clients apart (Claude Code or not).
+        self.client = (f"{(self.headers.get('User-Agent') or '')[:200]}|"
+                       f"{self.headers.get('x-app', '')}")
         candidates = app.accounts_to_try(accounts, record.conversation, record.timestamp,
-                                         record.user_agent)
+                                         self.client)
         if not candidates and accounts:
             if self.all_limited(record, started):
                 return
@@ -4891,11 +5002,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def all_limited(self, record: RequestRecord, started: float) -> bool:
         """Answer 429 when every account is rate-limited and the client has no credentials.
 
-        Forwarding without any credentials could only fail; a 429 with retry-after set to the
-        earliest reset lets the client wait exactly as long as needed.
+        Forwarding without credentials the API could accept (none, a client key, a placeholder
+        such as ANTHROPIC_API_KEY=claudeflare) could only fail, with a 401 that Claude Code
+        takes for a failed login; a 429 with retry-after set to the earliest reset lets the
+        client wait exactly as long as needed.
         """
-        if any(name.lower() in CREDENTIAL_HEADERS - {self.key_header}
-               for name, _ in self.headers.items()):
+        if any(header != self.key_header and secret.startswith("sk-ant-")
+               for header, secret in self.presented_credentials()):
             return False
         now = now_ms()
         reset = self.app.earliest_reset(now)
@@ -4931,6 +5044,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             wait_ms: int | None = None
             try:
                 response, connection, account = self.send_via(account, headers, body, now)
+                now = now_ms()  # the answer's headers are this recent
                 limit = parse_rate_limit(response.msg, now)
                 if account is not None:
                     app.note_limits(account, limit, now)
@@ -4964,7 +5078,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     return True
                 if kind == "claude_code_only":
                     tries.claude_code_only = record.claude_code_only = True
-                    app.remember_not_claude_code(record.user_agent)
+                    app.remember_not_claude_code(self.client, now)
                     return False
                 proxy_log.warning("Request via %s got %s", name, tries.last_error)
                 if account is not None and kind == "rate_limited":
@@ -5474,8 +5588,6 @@ CLOCK_SKEW_FAIL_MS = REFRESH_BEFORE_USE_MS
 #: How much of the end of app.log is searched for ERROR lines, and how many are shown.
 LOG_TAIL_BYTES = 256 * 1024
 LOG_ERRORS_SHOWN = 3
-#: Account statuses that can serve requests (overage: on extra usage, as the setting allows).
-SERVING_STATUSES = ("active", "overage")
 #: What the server's lock file says while it runs: see ServerLock.note.
 LOCK_HOLDER = re.compile(r"pid (\d+), port (\d+), (https?)://(.*):\d+$")
 #: The guide's fixes, where several checks share one.
@@ -5802,23 +5914,23 @@ def check_account(account: Account, now: int, server_running: bool) -> Check:
     if account.type != "oauth":
         return Check("ok", name, f"active ({kind})")
     left = (account.expires_at or 0) - now
-    if left >= REFRESH_AHEAD_MS:
+    if left >= REFRESH_BEFORE_USE_MS // 2:  # tokens that live under 30 minutes renew late
         return Check("ok", name, f"active ({kind}), token valid for {duration_text(left)}")
     when = f"expired {when_text(account.expires_at, now)}" if left <= 0 else \
         f"expires {when_text(account.expires_at, now)}"
     if not server_running:
         return Check("ok", name, f"active ({kind}), token {when}: refreshed on its next use")
     return Check("warn", name, f"active ({kind}), token {when} though a running server "
-                 f"renews tokens 15 minutes ahead: refreshing is failing",
+                 f"renews tokens before they run out: refreshing is failing",
                  "look for 'Failed to refresh token' in the log; reauth if it says refused")
 
 
-def check_pool(accounts: list[Account], now: int) -> Check:
+def check_pool(accounts: list[Account], now: int, overage: str) -> Check:
     """Check that some account can serve requests."""
     if not accounts:
         return Check("warn", "accounts", "none: requests go upstream with each client's own "
                      "credentials", "add one: python3 claudeflare.py add NAME")
-    serving = [account for account in accounts if account.status(now) in SERVING_STATUSES]
+    serving = [account for account in accounts if can_serve(account, now, overage)]
     if not serving:
         return Check("fail", "accounts", "No active accounts available: every account is "
                      "paused, rate-limited or needs a login",
@@ -5955,7 +6067,7 @@ def run_doctor(config_path: str, db_path: str, flags: dict, now: int) -> list[Ch
         checks += check_access(settings.host, bool(settings.tls_cert), keys)
     if accounts is not None:
         checks += [check_account(account, now, server_port is not None) for account in accounts]
-        checks.append(check_pool(accounts, now))
+        checks.append(check_pool(accounts, now, settings.overage if settings else "last"))
     if settings is not None:
         sent = now_ms()
         upstream, headers = check_endpoint(
@@ -6478,6 +6590,11 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "get":
         print(settings.values[args.key])
         return 0
+    if args.action == "unset":
+        settings.config.update(args.key, None)
+        print(f"Removed {args.key} from {settings.config.path}: the default, "
+              f"{setting.default}, applies unless {setting.env} is set")
+        return 0
     if args.value is None:
         raise ClaudeflareError(f"config set needs a value: config set {args.key} VALUE")
     value = validate_setting(args.key, args.value, "the command line")
@@ -6827,7 +6944,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = command("config", cmd_config, "show or change settings in config.json",
                      "python3 claudeflare.py config set lb_strategy round-robin")
-    config.add_argument("action", choices=("get", "set", "list"))
+    config.add_argument("action", choices=("get", "set", "unset", "list"))
     config.add_argument("key", nargs="?", help="a setting: " + ", ".join(SETTINGS_BY_KEY))
     config.add_argument("value", nargs="?", help="the new value (with set)")
 
@@ -6876,7 +6993,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; expected failures become one line on stderr and exit status 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "config" and args.action in ("get", "set") and not args.key:
+    if args.command == "config" and args.action in ("get", "set", "unset") and not args.key:
         parser.error(f"config {args.action} needs a KEY")
     if args.command == "keys" and args.action in ("add", "remove") and not args.name:
         parser.error(f"keys {args.action} needs a NAME")

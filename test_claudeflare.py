@@ -398,6 +398,8 @@ class FakeOAuth:
         self.usage_reads: list[str] = []
         #: True: like the real API since 2026, subscription tokens serve Claude Code only.
         self.claude_code_only = False
+        #: The scopes logins were granted, when a refresh may not ask for more (RFC 6749).
+        self.granted_scopes: str | None = None
 
     def authorize(self, url: str) -> str:
         """Play the login page: return the `code#state` it would show for an authorize URL."""
@@ -453,6 +455,11 @@ class FakeOAuth:
                 return handler.send_whole(400, b'{"error":"invalid_request"}')
             return handler.send_whole(200, json.dumps(self.token_answer()).encode())
         if payload.get("grant_type") == "refresh_token":
+            if self.granted_scopes is not None and not set(
+                    payload.get("scope", self.granted_scopes).split()) <= set(
+                    self.granted_scopes.split()):
+                return handler.send_whole(400, b'{"error":"invalid_scope","error_description":'
+                                               b'"The requested scope exceeds the grant"}')
             with self.lock:
                 live = self.refresh_tokens.pop(payload.get("refresh_token"), None)
             if live is None:
@@ -489,8 +496,9 @@ class FakeOAuth:
     def refuses_the_client(self, request: "Recorded") -> bool:
         """Tell whether a subscription token is used by a client other than Claude Code."""
         token = (request.headers["Authorization"] or "").replace("Bearer ", "")
-        return (self.claude_code_only and token.startswith("sk-ant-oat01-")
-                and not (request.headers["User-Agent"] or "").startswith("claude-cli/"))
+        claude_code = ((request.headers["User-Agent"] or "").startswith("claude-cli/")
+                       and request.headers["x-app"] == "cli")
+        return self.claude_code_only and token.startswith("sk-ant-oat01-") and not claude_code
 
     def refuses(self, request: "Recorded") -> bool:
         """Tell whether a Messages request carries an OAuth token this fake does not accept."""
@@ -1399,6 +1407,16 @@ class TestSettingsThatCannotWork(CliTestCase):
         with open(self.db_path, "rb") as after:
             self.assertEqual(after.read(), content)
         self.assertFalse(os.path.exists(self.db_path + "-wal"))
+        versioned = sqlite3.connect(self.db_path)  # one that keeps a schema version of its own
+        versioned.execute("PRAGMA user_version = 3")
+        versioned.commit()
+        versioned.close()
+        with open(self.db_path, "rb") as before:
+            content = before.read()
+        self.fails("another program's SQLite database (tables notes)", "list")
+        with open(self.db_path, "rb") as after:
+            self.assertEqual(after.read(), content)
+        self.assertFalse(os.path.exists(self.db_path + "-wal"))
 
     def test_config_holds_only_what_the_user_set(self):
         self.ok("list")
@@ -1709,6 +1727,19 @@ class TestUsingAccounts(ServerWithAccounts):
         self.ok("pause", "a")
         status, _, body = self.proxy.request("GET", "/health")
         self.assertEqual((status, json.loads(body)["status"]), (503, "unavailable"))
+
+    def test_a_key_removed_from_the_config_falls_back_in_the_running_server(self):
+        def in_force() -> tuple[str, str]:
+            config = json.loads(self.proxy.request("GET", "/api/config")[2])
+            return config["settings"]["overage"], config["sources"]["overage"]
+
+        self.ok("config", "set", "overage", "never")
+        self.assertEqual(in_force(), ("never", "config"))
+        out = self.ok("config", "unset", "overage")
+        self.assertIn("the default, last, applies", out)
+        self.assertEqual(in_force(), ("last", "default"))
+        with open(self.proxy.config_path) as written:
+            self.assertNotIn("overage", json.load(written))
 
     def test_list_shows_last_used_as_a_relative_time(self):
         self.add_key("work")
@@ -2309,6 +2340,16 @@ class TestTokenRefresh(ServerWithAccounts):
                                                "user:sessions:claude_code user:mcp_servers "
                                                "user:file_upload"}])
 
+    def test_an_account_granted_fewer_scopes_still_refreshes(self):
+        self.upstream.oauth.granted_scopes = "org:create_api_key user:profile user:inference"
+        _, refresh = self.add_oauth("old", expires_in_ms=-1000)
+        self.assertEqual(self.post_message()[0], 200)
+        asked = [request.json() for request in self.upstream.requests
+                 if request.path == "/v1/oauth/token"]
+        self.assertEqual(["scope" in payload for payload in asked], [True, False])
+        self.assertEqual({payload["refresh_token"] for payload in asked}, {refresh})
+        self.assertEqual(self.listed()["old"]["status"], "active")
+
     def test_refresh_backoff_starts_at_a_minute_and_doubles(self):
         keeper = self.proxy.app.tokens
         waits = [keeper.note_transient_failure(99, 0) for _ in range(7)]
@@ -2798,14 +2839,18 @@ class TestFailover(RoutingTestCase):
         self.assertEqual(json.loads(body)["error"]["type"], "rate_limit_error")
         self.assertAlmostEqual(int(headers["retry-after"]), 600, delta=5)
         self.assertEqual(len(self.upstream.messages()), 3)
-        status, headers, body = self.post_message()
-        self.assertEqual(status, 429)
-        self.assertIn("All accounts are rate limited", json.loads(body)["error"]["message"])
-        self.assertAlmostEqual(int(headers["retry-after"]), 600, delta=5)
+        for placeholder in ({}, {"x-api-key": "claudeflare"},
+                            {"Authorization": "Bearer placeholder"}):
+            status, headers, body = self.post_message(headers=placeholder)
+            self.assertEqual(status, 429, placeholder)
+            self.assertIn("All accounts are rate limited",
+                          json.loads(body)["error"]["message"])
+            self.assertAlmostEqual(int(headers["retry-after"]), 600, delta=5)
         self.assertEqual(len(self.upstream.messages()), 3)
-        status, _, _ = self.post_message(headers={"x-api-key": "client-own"})
+        status, _, _ = self.post_message(headers={"x-api-key": "sk-ant-api03-client-own"})
         self.assertEqual(status, 200)
-        self.assertEqual(self.upstream.messages()[-1].headers["x-api-key"], "client-own")
+        self.assertEqual(self.upstream.messages()[-1].headers["x-api-key"],
+                         "sk-ant-api03-client-own")
         self.assertIn("No active accounts available", CAPTURED_LOG.text())
 
     def test_retry_after_counts_only_accounts_that_come_back_by_themselves(self):
@@ -3081,6 +3126,13 @@ class TestClaudeCodeOnly(ServerWithAccounts):
                          5)  # the Claude Code requests only
         self.assertIn("go to API-key accounts first", CAPTURED_LOG.text())
 
+    def test_claude_code_is_not_sent_to_api_keys_because_a_script_sharing_its_name_was(self):
+        self.ok("add", "ci", "--api-key", "--priority", "1", stdin="sk-ant-api03-ci\n")
+        script = {"User-Agent": "claude-cli/2.1.3 (external, sdk-py)", "x-app": "sdk"}
+        self.assertEqual(self.served(script, 2)[1], ["sk-ant-api03-ci"])
+        for seen in self.served(CLAUDE_CODE, 3):
+            self.assertIn(seen, (["max1"], ["max2"]))
+
     def test_without_an_api_key_the_client_gets_the_400_and_the_log_says_why_once(self):
         for strategy in claudeflare.STRATEGY_NAMES:
             self.ok("config", "set", "lb_strategy", strategy)
@@ -3145,6 +3197,7 @@ class TestExtraUsage(RoutingTestCase):
         self.assertIn('<span class="status overage">overage</span>', page)
         self.assertIn("extra usage on", page)
         records = json.loads(self.proxy.request("GET", "/api/requests")[2])
+        self.assertEqual({type(record["overage"]) for record in records}, {bool})
         self.assertEqual([record["overage"] for record in records if
                           record["accountName"] == "a"], [True])
         self.assertEqual({record["overage"] for record in records if
