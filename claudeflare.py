@@ -2652,37 +2652,99 @@ def order_accounts(accounts: list[Account], strategy: str, context: RouteContext
 
 #: metadata.user_id as Claude Code writes it: user_<hex>_account_<uuid>_session_<uuid>.
 USER_ID_SESSION = re.compile(r"_session_([0-9a-fA-F-]{8,})")
+#: A body larger than this has its metadata looked for from its end before it is parsed whole:
+#: Claude Code writes metadata after the conversation, which grows to megabytes.
+FULL_PARSE_BYTES = 64 * 1024
+#: How far from the end the metadata is looked for, and at most how much follows it.
+METADATA_TAIL_BYTES = 64 * 1024
+JSON_SPACE = " \t\r\n"
+JSON_DECODER = json.JSONDecoder()
+KEY_COLON = re.compile(r"[ \t\r\n]*:[ \t\r\n]*")
+
+
+def tail_metadata(body: bytes) -> tuple[Any] | None:
+    """Return (metadata,) of a JSON object body, read near its end; None if not found there.
+
+    The last `"metadata":` key is parsed with what follows it; it is the top-level one when
+    the members after it close the body's object. A body that is not valid JSON may thus give
+    metadata where parsing it whole would fail (the upstream refuses such a body anyway).
+    """
+    end = len(body)
+    start = max(0, end - METADATA_TAIL_BYTES)
+    while True:
+        at = body.rfind(b'"metadata"', start, end)
+        if at < 0:
+            return None
+        end = at
+        quote = at
+        while quote > 0 and body[quote - 1] == 0x5C:  # backslashes before the quote
+            quote -= 1
+        if (at - quote) % 2:
+            continue  # an escaped quote: the word is inside a string
+        try:
+            tail = body[at:].decode()
+        except UnicodeDecodeError:
+            return None
+        colon = KEY_COLON.match(tail, len('"metadata"'))
+        if colon is None:
+            continue  # a string value, not a key
+        try:
+            metadata, stop = JSON_DECODER.raw_decode(tail, colon.end())
+            rest = tail[stop:].strip(JSON_SPACE)
+            if rest.startswith(",") and not rest[1:].lstrip(JSON_SPACE).startswith("}"):
+                members, stop = JSON_DECODER.raw_decode("{" + rest[1:])
+                if stop == len(rest) and "metadata" not in members:
+                    return (metadata,)
+            elif rest == "}":
+                return (metadata,)
+        except ValueError:
+            pass  # not at the top level, or not valid JSON: parse the body whole
+        return None
+
+
+def metadata_session(metadata: Any) -> str | None:
+    """Return the session metadata.user_id names (either format), or None."""
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if not isinstance(user_id, str) or not user_id:
+        return None
+    match = USER_ID_SESSION.search(user_id)
+    if match:
+        return "session:" + match.group(1)
+    try:
+        described = json.loads(user_id)
+    except ValueError:
+        return None
+    if isinstance(described, dict) and described.get("session_id"):
+        return "session:" + str(described["session_id"])[:200]
+    return None
 
 
 def conversation_key(headers: Any, body: bytes) -> str | None:
     """Identify the conversation a request belongs to, for sticky routing.
 
     X-Claude-Code-Session-Id, else the session in metadata.user_id (either format), else a hash
-    of the system prompt and the first message.
+    of the system prompt and the first message. A large body's metadata is read from its end,
+    sparing the parse of the whole conversation.
     """
     session_id = headers.get("X-Claude-Code-Session-Id")
     if session_id:
         return "session:" + session_id.strip()[:200]
     if not body or body[:1] != b"{":
         return None
+    if len(body) > FULL_PARSE_BYTES:
+        found = tail_metadata(body)
+        session = metadata_session(found[0]) if found else None
+        if session:
+            return session
     try:
         payload = json.loads(body)
     except ValueError:
         return None
     if not isinstance(payload, dict):
         return None
-    metadata = payload.get("metadata")
-    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
-    if isinstance(user_id, str) and user_id:
-        match = USER_ID_SESSION.search(user_id)
-        if match:
-            return "session:" + match.group(1)
-        try:
-            described = json.loads(user_id)
-        except ValueError:
-            described = None
-        if isinstance(described, dict) and described.get("session_id"):
-            return "session:" + str(described["session_id"])[:200]
+    session = metadata_session(payload.get("metadata"))
+    if session:
+        return session
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
         return None

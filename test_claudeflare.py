@@ -1735,6 +1735,41 @@ class TestConversationKey(unittest.TestCase):
         self.assertNotEqual(self.key(body), first)
         self.assertIsNone(claudeflare.conversation_key(claudeflare.Headers([]), b"not json"))
 
+    def test_large_bodies_give_the_keys_a_whole_parse_gives(self):
+        session = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+        user_id = f"user_ab12_account_1234-5678_session_{session}"
+        turns = [{"role": "user", "content": "a long turn " * 8000}]
+        nested = {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "x",
+                                                    "input": {"metadata": {"user_id": "x"}}}]}
+        bodies = [
+            {"messages": turns, "metadata": {"user_id": user_id}, "stream": True},
+            {"messages": turns, "metadata": {"user_id": user_id}},
+            {"metadata": {"user_id": user_id}, "messages": turns},
+            {"messages": turns + [nested], "metadata": {"user_id": "no session here"}},
+            {"messages": turns, "metadata": {"user_id": user_id}, "system": [nested]},
+            {"messages": turns, "system": 'say "metadata": {"user_id": "_session_12345678"}'},
+            {"messages": turns, "metadata": {"user_id": "someone"}, "x": {"metadata": 1}},
+            {"messages": turns, "metadata": {"user_id": json.dumps({"session_id": "s-3"})}},
+            {"messages": turns, "metadata": "metadata", "z": 1},
+        ]
+        for body in bodies:
+            data = json.dumps(body).encode()
+            self.assertGreater(len(data), claudeflare.FULL_PARSE_BYTES)
+            whole = claudeflare.conversation_key(claudeflare.Headers([]), data)
+            payload = json.loads(data)
+            expected = claudeflare.metadata_session(payload.get("metadata")) or (
+                "hash:" + hashlib.sha256(json.dumps(
+                    [payload.get("system"), payload["messages"][0]], sort_keys=True,
+                    default=str).encode()).hexdigest()[:32])
+            self.assertEqual(whole, expected, body.keys())
+            self.assertEqual(self.key(body, [("X-Claude-Code-Session-Id", "s-9")]),
+                             "session:s-9")
+        self.assertEqual(self.key(bodies[0]), f"session:{session}")
+        self.assertEqual(self.key(bodies[7]), "session:s-3")
+        tail = [claudeflare.tail_metadata(json.dumps(body).encode()) for body in bodies]
+        self.assertEqual([found is not None for found in tail],
+                         [True, True, False, True, False, False, False, True, True])
+
 
 class TestStrategyFunctions(unittest.TestCase):
     def accounts(self, tiers=(1, 1, 1)):
