@@ -1476,29 +1476,56 @@ class UpstreamResponse(http.client.HTTPResponse):
             self.will_close = True
 
 
-class OneWriteRequests:
-    """Mixin: send a request's headers and small body in one write.
+#: The checks http.client's putrequest and putheader make, made once per request head.
+URL_CONTROL_CHARACTER = re.compile("[\x00-\x20\x7f]")
+HEADER_NAME = re.compile(r"[^:\s][^:\r\n]*", re.ASCII)
+BAD_HEADER_VALUE = re.compile(r"\n(?![ \t])|\r(?![ \t\n])")
 
-    Two small writes in a row meet the peer's delayed ACK; one write also saves a system call.
-    While `held` is a list, send() collects what http.client writes instead of sending it.
+
+class ClosesItsResponse:
+    """Mixin: closing a connection also closes the response being read from it.
+
+    http.client's getresponse keeps this link; read_response, which replaces it, keeps it here.
     """
 
-    response_class = UpstreamResponse
-    held: list | None = None
+    response: http.client.HTTPResponse | None = None
 
-    def send(self, data: Any) -> None:
-        if self.held is not None:
-            self.held.append(data)
-        else:
-            super().send(data)
+    def close(self) -> None:
+        super().close()
+        response, self.response = self.response, None
+        if response is not None:
+            response.close()
 
 
-class UpstreamConnection(OneWriteRequests, http.client.HTTPConnection):
+class UpstreamConnection(ClosesItsResponse, http.client.HTTPConnection):
     """A plain-HTTP upstream connection."""
 
 
-class UpstreamTLSConnection(OneWriteRequests, http.client.HTTPSConnection):
+class UpstreamTLSConnection(ClosesItsResponse, http.client.HTTPSConnection):
     """An HTTPS upstream connection."""
+
+
+def request_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
+    """Build an HTTP/1.1 request line and header block, refusing what http.client refuses.
+
+    One string joined and encoded once, instead of http.client's putrequest and a putheader
+    call per header, each encoding, checking and appending on its own.
+    """
+    match = URL_CONTROL_CHARACTER.search(target)
+    if match:
+        raise http.client.InvalidURL(f"URL can't contain control characters. {target!r} "
+                                     f"(found at least {match.group()!r})")
+    if not target.isascii():
+        raise ValueError(f"URL can't contain non-ASCII characters: {target!r}")
+    lines = [f"{method} {target} HTTP/1.1"]
+    for name, value in headers:
+        if not (name.isascii() and HEADER_NAME.fullmatch(name)):
+            raise ValueError(f"Invalid header name {name!r}")
+        if BAD_HEADER_VALUE.search(value):
+            raise ValueError(f"Invalid header value {value!r}")
+        lines.append(f"{name}: {value}")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
 
 
 def describe_network_error(error: BaseException, where: str, timeout: float) -> str:
@@ -1678,7 +1705,7 @@ class Upstream:
                 raise UpstreamError(describe_network_error(error, self.where, timeout)) from None
             try:
                 self.write_request(connection, method, target, headers, body, timeout)
-                return connection.getresponse(), connection
+                return self.read_response(connection, method), connection
             except (UnicodeError, ValueError) as error:
                 connection.close()
                 raise UpstreamError(f"Cannot send this request: a header value is not valid "
@@ -1701,20 +1728,39 @@ class Upstream:
 
     def write_request(self, connection: http.client.HTTPConnection, method: str, target: str,
                       headers: list[tuple[str, str]], body: bytes, timeout: float) -> None:
-        """Write the request line, headers and body (a small body in the same write)."""
-        if connection.sock.gettimeout() != timeout:
-            connection.sock.settimeout(timeout)
-        connection.putrequest(method, self.prefix + target, skip_host=True,
-                              skip_accept_encoding=True)
-        for name, value in headers:
-            connection.putheader(name, value)
+        """Write the request line, headers and body: a small body in the same write.
+
+        Two small writes in a row meet the peer's delayed ACK; one write also saves a system
+        call.
+        """
+        sock = connection.sock
+        if sock.gettimeout() != timeout:
+            sock.settimeout(timeout)
+        head = request_head(method, self.prefix + target, headers)
         if len(body) <= SMALL_BODY_BYTES:
-            connection.held = []
-            connection.endheaders(body or None)
-            data, connection.held = b"".join(connection.held), None
-            connection.send(data)
+            sock.sendall(head + body)
         else:
-            connection.endheaders(body)
+            sock.sendall(head)
+            sock.sendall(body)
+
+    @staticmethod
+    def read_response(connection: UpstreamConnection, method: str) -> http.client.HTTPResponse:
+        """Read a response's status and headers, as HTTPConnection.getresponse does.
+
+        The request went out through write_request, not http.client's request methods, so
+        the response is read here too; a response that ends its connection takes it along.
+        """
+        response = UpstreamResponse(connection.sock, method=method)
+        try:
+            response.begin()
+        except BaseException:
+            response.close()
+            raise
+        if response.will_close:
+            connection.close()
+        else:
+            connection.response = response
+        return response
 
 
 def forwardable_headers(message: http.client.HTTPMessage) -> list[tuple[str, str]]:
