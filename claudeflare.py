@@ -614,12 +614,6 @@ class Settings:
         self.file_signature = config.signature()
         self.lock = threading.Lock()
 
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self.__dict__["values"][key]
-        except KeyError:
-            raise AttributeError(key) from None
-
     def reload_if_changed(self) -> list[str]:
         """Apply live keys changed in config.json since the last look; return what changed.
 
@@ -659,6 +653,19 @@ class Settings:
             self.sources[key] = "config"
             self.file_values = self.config.read()
             self.file_signature = self.config.signature()
+
+
+def setting_property(key: str) -> property:
+    """Read one setting as an attribute (settings.port): a property, found at once.
+
+    A __getattr__ would first fail the normal lookup, building an AttributeError each time.
+    """
+    return property(lambda settings: settings.values[key], doc=SETTINGS_BY_KEY[key].help)
+
+
+for _setting in SETTINGS:
+    setattr(Settings, _setting.key, setting_property(_setting.key))
+del _setting
 
 
 def load_settings(config_path: str | None = None, flags: dict | None = None,
