@@ -1403,24 +1403,23 @@ class Headers:
     what the email package takes, on every request.
     """
 
-    __slots__ = ("pairs", "names")
+    __slots__ = ("pairs", "names", "first")
 
     def __init__(self, pairs: list[tuple[str, str]]) -> None:
         self.pairs = pairs
         self.names = [name.lower() for name, _ in pairs]
+        #: Lower-case name -> its first value: built backwards, so the first one stays.
+        self.first = dict(zip(reversed(self.names), [value for _, value in reversed(pairs)]))
 
     def get(self, name: str, default: Any = None) -> Any:
-        name = name.lower()
-        for index, candidate in enumerate(self.names):
-            if candidate == name:
-                return self.pairs[index][1]
-        return default
+        return self.first.get(name.lower(), default)
 
     def get_all(self, name: str, default: Any = None) -> Any:
         name = name.lower()
-        values = [value for (_, value), candidate in zip(self.pairs, self.names)
-                  if candidate == name]
-        return values or default
+        if name not in self.first:
+            return default
+        return [value for (_, value), candidate in zip(self.pairs, self.names)
+                if candidate == name]
 
     def items(self) -> list[tuple[str, str]]:
         return list(self.pairs)
@@ -2240,6 +2239,7 @@ DEFAULT_RATE_LIMIT_MS = 60 * 1000
 #: A 429 that names no window: a short cooldown, doubling while it repeats, up to the maximum.
 COOLDOWN_MS = 30 * 1000
 MAX_COOLDOWN_MS = 5 * 60 * 1000
+RATE_LIMIT_PREFIX = "anthropic-ratelimit-"
 UNIFIED_PREFIX = "anthropic-ratelimit-unified-"
 #: API-key accounts' limit families: anthropic-ratelimit-<family>-{limit,remaining,reset}.
 API_LIMIT_FAMILIES = ("requests", "tokens", "input-tokens", "output-tokens")
@@ -2364,17 +2364,24 @@ def parse_rate_limit(headers: Any, now: int) -> RateLimit:
     should_retry = headers.get("x-should-retry")
     if should_retry is not None:
         limit.should_retry = should_retry.strip().lower() == "true"
+    api_limits = False
     for name, value in headers.items():
         name = name.lower()
+        if not name.startswith(RATE_LIMIT_PREFIX):
+            continue
         if name.startswith(UNIFIED_PREFIX):
             field, parse = UNIFIED_HEADERS.get(name[len(UNIFIED_PREFIX):], (None, None))
             if field is not None:
                 setattr(limit, field, parse(value))
-    # API-key accounts: a limit at zero remaining resets at its -reset time.
-    exhausted = [parse_epoch(headers.get(f"anthropic-ratelimit-{family}-reset") or "")
-                 for family in API_LIMIT_FAMILIES
-                 if (headers.get(f"anthropic-ratelimit-{family}-remaining") or "").strip() == "0"]
-    limit.exhausted_reset = max(filter(None, exhausted), default=None)
+        else:
+            api_limits = True
+    if api_limits:
+        # API-key accounts: a limit at zero remaining resets at its -reset time.
+        exhausted = [
+            parse_epoch(headers.get(f"anthropic-ratelimit-{family}-reset") or "")
+            for family in API_LIMIT_FAMILIES
+            if (headers.get(f"anthropic-ratelimit-{family}-remaining") or "").strip() == "0"]
+        limit.exhausted_reset = max(filter(None, exhausted), default=None)
     return limit
 
 
