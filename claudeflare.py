@@ -1447,6 +1447,102 @@ def read_header_block(stream: Any) -> Headers:
         pairs.append((name.strip(), value.strip()))
 
 
+#: A chunk size line: hexadecimal digits only (int() would also take "-1" or "0x10").
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: The longest chunk size line (with extensions) or trailer line of a relayed body.
+MAX_CHUNK_LINE_BYTES = 4096
+
+
+class ChunkedFraming:
+    """Follow the framing of a chunked body as it passes, so it can be relayed as it came.
+
+    feed() takes the bytes read and returns what may go to the client now and the payload in
+    them. A line not yet whole (a size line, the end of a chunk) waits until it is, so the
+    client only ever gets whole framing; the last chunk and the trailers go out together once
+    complete, so that until then an error event can still be added.
+    """
+
+    SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
+
+    def __init__(self) -> None:
+        self.state = self.SIZE
+        #: Payload bytes still to come in the current chunk.
+        self.left = 0
+        #: The start of a line not yet whole; the last chunk and trailers read so far.
+        self.partial = self.unsent = b""
+        #: The upstream sent bytes after the body's end: the connection must not be reused.
+        self.extra = False
+        #: What is wrong with the framing, once something is; nothing after it is forwarded.
+        self.broken: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state == self.DONE
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes]:
+        """Take the next bytes read; return (the bytes to forward now, the payload in them).
+
+        Broken framing sets `broken`; what came before it is still returned.
+        """
+        buffer = self.partial + data if self.partial else data
+        position, end = 0, len(buffer)
+        hold_from = 0 if self.state == self.TRAILER else None
+        payload = []
+        while position < end:
+            if self.state == self.DATA:
+                take = min(self.left, end - position)
+                payload.append(buffer[position:position + take])
+                position += take
+                self.left -= take
+                if not self.left:
+                    self.state = self.DATA_END
+                continue
+            if self.state == self.DONE:
+                self.extra = True
+                break
+            newline = buffer.find(b"\n", position, position + MAX_CHUNK_LINE_BYTES)
+            if newline < 0:
+                if end - position >= MAX_CHUNK_LINE_BYTES:
+                    self.broken = "a chunk line too long"
+                break
+            line_start, position = position, newline + 1
+            line = buffer[line_start:position]
+            if self.state == self.DATA_END:
+                if line not in (b"\r\n", b"\n"):
+                    self.broken, position = "chunk data longer than its size", line_start
+                    break
+                self.state = self.SIZE
+            elif self.state == self.SIZE:
+                digits = line.split(b";", 1)[0].strip()
+                if not CHUNK_SIZE.fullmatch(digits):
+                    self.broken, position = "a chunk size that is not one", line_start
+                    break
+                self.left = int(digits, 16)
+                if self.left:
+                    self.state = self.DATA
+                else:
+                    self.state, hold_from = self.TRAILER, line_start
+            elif line in (b"\r\n", b"\n"):
+                self.state = self.DONE
+        self.partial = b"" if self.extra else buffer[position:]
+        if self.state == self.TRAILER:
+            self.unsent += buffer[hold_from:position]
+            forward = buffer[:hold_from]
+        elif hold_from is not None:
+            forward, self.unsent = self.unsent + buffer[:position], b""
+        else:
+            forward = buffer[:position]
+        return forward, b"".join(payload)
+
+    def close_chunk(self) -> bytes:
+        """Return what ends a chunk the client got part of: newlines for the rest, and CRLF."""
+        if self.state == self.DATA:
+            return b"\n" * self.left + b"\r\n"
+        if self.state == self.DATA_END:
+            return b"\r\n"
+        return b""
+
+
 class UpstreamResponse(http.client.HTTPResponse):
     """http.client's response, with its headers read by read_header_block.
 
@@ -2832,10 +2928,6 @@ def query_limit(query: dict[str, list[str]], default: int, maximum: int) -> int:
     return int(text)
 
 
-#: A chunk size line: hexadecimal digits only (int() would also take "-1" or "0x10").
-CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
-
-
 class RequestBodyError(Exception):
     """The client's request body cannot be accepted; carries the status and Anthropic's shape."""
 
@@ -3935,10 +4027,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def relay_unsized(self, response: http.client.HTTPResponse, status: int, reason: str,
                       headers: list[tuple[str, str]], tap: Callable[[bytes], None]) -> None:
-        """Relay a body of unknown length (SSE streams) chunk by chunk, flushing each one.
+        """Relay a body of unknown length (SSE streams) piece by piece, each as it arrives.
 
-        When the upstream fails mid-stream, an SSE client gets a proper `error` event and a clean
-        end instead of a cut connection.
+        An upstream's chunked body goes to an HTTP/1.1 client as it came, framing and all: one
+        write for whatever one read brought, however many events. When the upstream fails
+        mid-stream, an SSE client gets a proper `error` event and a clean end instead of a cut
+        connection.
         """
         chunked = self.request_version == "HTTP/1.1"
         if chunked:
@@ -3956,19 +4050,52 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             tail[:] = (tail + data[-2:])[-2:]
             tap(data)
 
+        framing = ChunkedFraming() if chunked and response.chunked else None
         try:
-            self.copy_body(response, write, watch)
+            if framing is None:
+                self.copy_body(response, write, watch)
+            else:
+                self.copy_chunks(response, framing, watch)
         except UpstreamError as error:
             if "text/event-stream" not in (response.getheader("Content-Type") or ""):
                 raise
+            if framing is not None:
+                padding = framing.close_chunk()
+                self.wfile.write(padding)
+                tail[:] = (tail + padding[:-2])[-2:]
             separator = b"" if tail.endswith(b"\n\n") else b"\n\n"
             write(separator + sse_error_event(f"Upstream stream failed: {error}"))
             self.close_connection = True
             if chunked:
                 self.wfile.write(b"0\r\n\r\n")
             raise
-        if chunked:
+        if chunked and framing is None:
             self.wfile.write(b"0\r\n\r\n")
+
+    def copy_chunks(self, response: http.client.HTTPResponse, framing: ChunkedFraming,
+                    tap: Callable[[bytes], None]) -> None:
+        """Pass a chunked body through with its framing; `tap` sees the payload.
+
+        The response is read past http.client's chunk decoding, from the connection's buffer,
+        so it is closed here once the body ended: the connection may then be reused, unless
+        the upstream sent something after the body.
+        """
+        where = self.app.upstream.where
+        while not framing.done:
+            data = self.read_upstream(response.fp.read1, RELAY_CHUNK_BYTES)
+            if not data:
+                raise UpstreamError(f"ECONNRESET: {where} closed the connection")
+            forward, payload = framing.feed(data)
+            if forward:
+                self.wfile.write(forward)
+            if payload:
+                tap(payload)
+            if framing.broken:
+                raise UpstreamError(f"ECONNRESET: {where} sent a broken chunked body "
+                                    f"({framing.broken})")
+        if framing.extra:
+            response.will_close = True
+        response.close()
 
     def read_upstream(self, read: Callable[..., bytes], *args: Any) -> bytes:
         """Read from the upstream, turning its failures into UpstreamError."""

@@ -846,6 +846,25 @@ class TestStreaming(ProxyTestCase):
         error = json.loads(tail.split(b"data: ", 1)[1])
         self.assertEqual(error["error"]["type"], "api_error")
 
+    def test_upstream_cut_inside_a_chunk_or_sending_broken_chunks_ends_in_an_error_event(self):
+        events = message_events()
+        for rest, sent in ((b"%X\r\n%s" % (len(events[1]), events[1][:10]), events[1][:10]),
+                           (b"zz\r\n" + events[1] + b"\r\n", b""),
+                           (b"%X\r\n%sjunk" % (len(events[1]), events[1]), events[1])):
+            def cut(handler: FakeHandler, request: Recorded) -> None:
+                handler.start_chunked()
+                handler.send_chunk(events[0])
+                handler.wfile.write(rest)
+                handler.close_connection = True
+                handler.connection.shutdown(socket.SHUT_RDWR)
+            self.upstream.push(cut)
+            status, _, body = self.post_message(stream=True)
+            self.assertEqual(status, 200)
+            self.assertTrue(body.startswith(events[0] + sent), body)
+            tail = body[len(events[0] + sent):].lstrip(b"\n")
+            self.assertTrue(tail.startswith(b"event: error\ndata: "), tail)
+            self.assertTrue(body.endswith(b"\n\n"), body)
+
 
 class TestUpstreamConnections(ProxyTestCase):
     """Upstream connections are pooled, reused, and their failures are clear."""
