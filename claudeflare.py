@@ -76,8 +76,10 @@ UPSTREAM_POOL_SIZE = 32
 LINGER_S = 2.0
 #: Bodies up to this size are read whole and sent with the headers in one write.
 SMALL_BODY_BYTES = 64 * 1024
-#: Read size while relaying a large or streamed body.
+#: Read size while relaying a large body.
 RELAY_CHUNK_BYTES = 64 * 1024
+#: Read size while relaying a stream: what the connection's read buffer holds.
+STREAM_READ_BYTES = 8 * 1024
 #: Headers that describe one connection, not the message: never forwarded in either direction.
 HOP_BY_HOP_HEADERS = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -4082,7 +4084,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """
         where = self.app.upstream.where
         while not framing.done:
-            data = self.read_upstream(response.fp.read1, RELAY_CHUNK_BYTES)
+            # Wait in peek, which fills the connection's read buffer, not in read1, which
+            # would wait in a new buffer of its own: a thousand streams, a thousand buffers.
+            self.read_upstream(response.fp.peek)
+            data = self.read_upstream(response.fp.read1, STREAM_READ_BYTES)
             if not data:
                 raise UpstreamError(f"ECONNRESET: {where} closed the connection")
             forward, payload = framing.feed(data)
