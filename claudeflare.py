@@ -369,6 +369,19 @@ def write_private_file(path: str, text: str) -> None:
         raise
 
 
+def release_free_memory() -> None:
+    """Give the memory the process freed back to the system, where the C library allows.
+
+    The C allocator keeps what Python frees (such as what the threads of a burst of streams
+    used) for reuse; glibc's malloc_trim returns it. Elsewhere this does nothing.
+    """
+    import ctypes  # only the server needs it, once in a while
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc (macOS, musl, Windows): nothing to trim this way
+
+
 ###############################################################################
 # Logging #####################################################################
 ###############################################################################
@@ -3011,6 +3024,8 @@ def stats_report(store: Store, now: int) -> dict:
                              for row in store.recent_requests(10, failures_only=True)]}
 
 
+#: After this many requests were in flight at once, memory is given back once none is.
+RELEASE_AFTER_BUSIEST = 64
 #: Every this many requests, conversations past their session are forgotten.
 SESSION_PRUNE_EVERY = 256
 #: A retry waits at most this long; an upstream asking for more sends the request elsewhere.
@@ -3126,6 +3141,8 @@ class App:
         self.cached_version: int | None = None
         #: Requests in flight, and the condition shutdown waits on until there are none.
         self.running = 0
+        #: The most requests in flight at once since there were none.
+        self.busiest = 0
         self.idle = threading.Condition()
         #: Set once shutdown begins: requests that still arrive are turned away.
         self.stopping = False
@@ -3175,16 +3192,24 @@ class App:
 
     @contextlib.contextmanager
     def in_flight(self) -> Iterator[None]:
-        """Count a request as in flight while it runs, so shutdown can wait for it."""
+        """Count a request as in flight while it runs, so shutdown can wait for it.
+
+        When a burst of requests is over, the memory its threads used is given back.
+        """
         with self.idle:
             self.running += 1
+            self.busiest = max(self.busiest, self.running)
         try:
             yield
         finally:
             with self.idle:
                 self.running -= 1
+                burst_over = not self.running and self.busiest >= RELEASE_AFTER_BUSIEST
                 if not self.running:
                     self.idle.notify_all()
+                    self.busiest = 0
+            if burst_over:
+                release_free_memory()
 
     def drain(self, timeout: float) -> int:
         """Wait until no request is in flight (at most timeout s); return how many still are."""
