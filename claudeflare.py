@@ -67,6 +67,11 @@ except ImportError:  # Windows locks files with msvcrt instead
 MAX_BODY_BYTES = 32 * 1024 * 1024
 #: Seconds to wait for a TCP (and TLS) connection to the upstream.
 CONNECT_TIMEOUT_S = 10.0
+#: Stack size of the server's threads, one per client connection. Only the pages used count
+#: towards memory, but every thread reserves all of it: at glibc's default of 8 MB, 1,000
+#: streams reserve 9 GB, which a system that does not overcommit memory refuses. Python code
+#: recursing through C (json.loads of deeply nested input) crashes below 1 MB.
+THREAD_STACK_BYTES = 2 * 1024 * 1024
 #: Seconds an idle client keep-alive connection may hold a thread before it is closed.
 CLIENT_IDLE_TIMEOUT_S = 120.0
 #: Idle upstream connections kept for reuse; more concurrent requests open more, then close them.
@@ -4453,6 +4458,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     shutdown_timeout_s), writes the request log, closes the database and flushes the log. A
     second signal exits at once.
     """
+    threading.stack_size(THREAD_STACK_BYTES)
     logs = LogSetup(settings.log_level, settings.log_format, default_log_dir(),
                     os.environ.get("CLAUDEFLARE_DEBUG") == "1")
     server_log = component_logger("Server")
