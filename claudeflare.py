@@ -1126,6 +1126,9 @@ class Store:
                                       check_same_thread=False)
         self.reader.row_factory = sqlite3.Row
         self.read_lock = threading.Lock()
+        #: data_version's own cursor, giving plain tuples: it runs on every request.
+        self.version_cursor = self.reader.cursor()
+        self.version_cursor.row_factory = None
         #: A third one for the API and the status page, whose queries may take a while.
         self.stats_reader = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                             check_same_thread=False)
@@ -1182,7 +1185,7 @@ class Store:
     def data_version(self) -> int:
         """Return a value that changes whenever anyone, in any process, commits a change."""
         with self.read_lock:
-            return self.reader.execute("PRAGMA data_version").fetchone()[0]
+            return self.version_cursor.execute("PRAGMA data_version").fetchone()[0]
 
     # -- accounts ------------------------------------------------------------------------------
 
@@ -1901,8 +1904,8 @@ def forwardable_headers(message: http.client.HTTPMessage) -> list[tuple[str, str
     """Copy a message's end-to-end headers: hop-by-hop ones and those Connection names go."""
     named = {token.strip().lower()
              for value in message.get_all("Connection", []) for token in value.split(",")}
-    return [(name, value) for name, value in message.items()
-            if name.lower() not in HOP_BY_HOP_HEADERS and name.lower() not in named]
+    dropped = HOP_BY_HOP_HEADERS | named if named else HOP_BY_HOP_HEADERS
+    return [(name, value) for name, value in message.items() if name.lower() not in dropped]
 
 
 ###############################################################################
@@ -3408,6 +3411,16 @@ def too_large_message(size: int) -> str:
             f"{MAX_BODY_BYTES // (1024 * 1024)} MB limit")
 
 
+@functools.lru_cache(maxsize=64)
+def host_name(host_header: str) -> str:
+    """Return the host name of a Host header value (no port, no brackets), '' if none.
+
+    Kept for the few values a server sees: splitting a URL costs more than the rest of the
+    check, on every request.
+    """
+    return urllib.parse.urlsplit("//" + host_header).hostname or ""
+
+
 def is_loopback(host: str) -> bool:
     """Tell whether a host name or address is one only this machine can reach."""
     return host in ("localhost", "::1") or host.startswith("127.") or host.endswith(".localhost")
@@ -3632,7 +3645,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """
         if not is_loopback(self.server.server_address[0]):
             return True
-        host = urllib.parse.urlsplit("//" + (self.headers.get("Host") or "")).hostname or ""
+        host = host_name(self.headers.get("Host") or "")
         if is_loopback(host):
             return True
         self.send_json(403, {"error": f"Host {host!r} is not allowed: a claudeflare bound to "
