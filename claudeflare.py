@@ -3451,6 +3451,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.app: App = self.server.app
         self.body_read = False
+        self.unread_conversation: bytes | None = None
 
     def log_message(self, format: str, *args: Any) -> None:
         component_logger("Server").debug("%s - " + format, self.address_string(), *args)
@@ -3505,6 +3506,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def route(self) -> None:
         """Answer one request: refuse it while stopping, check host and key, then route it."""
         self.body_read = False
+        self.unread_conversation = None
         self.key_name = self.key_header = None
         app = self.app
         if app.stopping:
@@ -3804,8 +3806,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.discard_rest_of_request()
             return
         app, proxy_log = self.app, component_logger("Proxy")
-        if accounts:
+        # The conversation picks the account only when there is a choice (the session strategy
+        # over several accounts); otherwise it is read once the answer is out.
+        if len(accounts) > 1 and app.settings.lb_strategy == "session":
             record.conversation = conversation_key(self.headers, body)
+        elif accounts:
+            self.unread_conversation = body
         candidates = app.accounts_to_try(accounts, record.conversation, record.timestamp)
         if not candidates and accounts:
             if self.all_limited(record, started):
@@ -3955,6 +3961,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             error = None
         else:
             error = self.relay(response, connection, reader.feed)
+        if account is not None and self.unread_conversation is not None:
+            self.read_conversation(record)
+            app.bind_conversation(record.conversation, account, record.timestamp)
         self.finish_record(record, started, response.status, error, reader.finish())
         name = account.name if account else "client credentials"
         component_logger("Proxy").info(
@@ -4024,9 +4033,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.app.upstream.release(connection, response)
         return data
 
+    def read_conversation(self, record: RequestRecord) -> None:
+        """Fill in the record's conversation if reading it was put off until the answer."""
+        if self.unread_conversation is not None:
+            record.conversation = conversation_key(self.headers, self.unread_conversation)
+            self.unread_conversation = None
+
     def finish_record(self, record: RequestRecord, started: float, status: int,
                       error: str | None, usage: Usage | None = None) -> None:
         """Complete a request's record (usage and cost too) and hand it to the writer."""
+        self.read_conversation(record)
         record.status = status
         record.success = status < 400 and error is None
         record.error = error if error is not None else (
