@@ -2554,8 +2554,12 @@ CACHE_READ = 0.1
 MAX_USAGE_BODY_BYTES = 4 * 1024 * 1024
 
 
+@functools.lru_cache(maxsize=256)
 def price_of(model: str | None) -> tuple[float, float] | None:
-    """Return the (input, output) price per million tokens of a model, or None if unknown."""
+    """Return the (input, output) price per million tokens of a model, or None if unknown.
+
+    Kept per model name: a few names come back with every answer.
+    """
     for pattern, input_price, output_price in PRICING:
         if model and pattern.match(model):
             return input_price, output_price
