@@ -440,7 +440,23 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(entry, ensure_ascii=False, default=str))
 
 
-class RecentLines(logging.Handler):
+class LockFreeHandler(logging.Handler):
+    """A handler whose emit needs no lock: one append to a deque or a queue, safe as it is.
+
+    logging.Handler.handle takes the handler's lock around emit for every record; under load,
+    threads queue on it (and on the interpreter lock, while holding it) for nothing.
+    """
+
+    def handle(self, record: logging.LogRecord) -> Any:
+        checked = self.filter(record)
+        if isinstance(checked, logging.LogRecord):
+            record = checked
+        if checked:
+            self.emit(record)
+        return checked
+
+
+class RecentLines(LockFreeHandler):
     """Keep the last log records in memory for /api/logs; they are formatted when asked for."""
 
     def __init__(self, capacity: int = 1000) -> None:
@@ -456,7 +472,7 @@ class RecentLines(logging.Handler):
         return [self.format(record) for record in list(self.records)[-limit:]]
 
 
-class DeferredQueueHandler(logging.Handler):
+class DeferredQueueHandler(LockFreeHandler):
     """Queue records unformatted: formatting and redaction happen on the writer thread.
 
     Every argument claudeflare logs is an immutable value, so handing the record to another
