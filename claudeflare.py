@@ -1681,6 +1681,10 @@ def request_head(method: str, target: str, headers: list[tuple[str, str]]) -> by
     return "\r\n".join(lines).encode("latin-1")
 
 
+#: select.poll, which Windows lacks.
+POLL = getattr(select, "poll", None)
+
+
 def describe_network_error(error: BaseException, where: str, timeout: float) -> str:
     """Say in the guide's words (ECONNREFUSED, ETIMEDOUT) why a connection failed."""
     if isinstance(error, (socket.timeout, TimeoutError)):
@@ -1696,9 +1700,17 @@ def describe_network_error(error: BaseException, where: str, timeout: float) -> 
 
 
 def connection_is_stale(connection: http.client.HTTPConnection) -> bool:
-    """Tell whether an idle pooled connection was closed (or sent junk) by the other side."""
+    """Tell whether an idle pooled connection was closed (or sent junk) by the other side.
+
+    poll, where there is one: select refuses a descriptor numbered 1024 or more, so with a
+    thousand streams open every pooled connection looked stale and was replaced.
+    """
     try:
-        return bool(select.select([connection.sock], [], [], 0)[0])
+        if POLL is None:
+            return bool(select.select([connection.sock], [], [], 0)[0])
+        poller = POLL()
+        poller.register(connection.sock, select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
 
