@@ -2660,15 +2660,19 @@ class UsageReader:
         """Take the next piece of the body, as it was sent to the client."""
         if self.overflow:
             return
+        searched = len(self.pending)
         self.pending += data
         if not self.streaming:
             if len(self.pending) > MAX_USAGE_BODY_BYTES:
                 self.overflow = True
                 self.pending.clear()
             return
+        # Only the new bytes can end an event (with the last three, for an event end that
+        # straddles two pieces); only an event that names a message_ type can carry usage.
         start = 0
-        for end in self.EVENT_END.finditer(self.pending):
-            self.read_event(bytes(self.pending[start:end.start()]))
+        for end in self.EVENT_END.finditer(self.pending, max(0, searched - 3)):
+            if self.pending.find(b"message_", start, end.start()) >= 0:
+                self.read_event(bytes(self.pending[start:end.start()]))
             start = end.end()
         del self.pending[:start]
         if len(self.pending) > MAX_USAGE_BODY_BYTES:
