@@ -39,8 +39,8 @@ import ipaddress
 import itertools
 import json
 import logging
-import logging.handlers
 import math
+import operator
 import os
 import plistlib
 import queue
@@ -77,6 +77,11 @@ except ImportError:  # Windows locks files with msvcrt instead
 MAX_BODY_BYTES = 32 * 1024 * 1024
 #: Seconds to wait for a TCP (and TLS) connection to the upstream.
 CONNECT_TIMEOUT_S = 10.0
+#: Stack size of the server's threads, one per client connection. Only the pages used count
+#: towards memory, but every thread reserves all of it: at glibc's default of 8 MB, 1,000
+#: streams reserve 9 GB, which a system that does not overcommit memory refuses. Python code
+#: recursing through C (json.loads of deeply nested input) crashes below 1 MB.
+THREAD_STACK_BYTES = 2 * 1024 * 1024
 #: Seconds an idle client keep-alive connection may hold a thread before it is closed.
 CLIENT_IDLE_TIMEOUT_S = 120.0
 #: Seconds answers cut at shutdown get to tell their clients and be recorded.
@@ -87,8 +92,10 @@ UPSTREAM_POOL_SIZE = 32
 LINGER_S = 2.0
 #: Bodies up to this size are read whole and sent with the headers in one write.
 SMALL_BODY_BYTES = 64 * 1024
-#: Read size while relaying a large or streamed body.
+#: Read size while relaying a large body.
 RELAY_CHUNK_BYTES = 64 * 1024
+#: Read size while relaying a stream: what the connection's read buffer holds.
+STREAM_READ_BYTES = 8 * 1024
 #: Headers that describe one connection, not the message: never forwarded in either direction.
 HOP_BY_HOP_HEADERS = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -376,17 +383,20 @@ SECRET_PATTERNS = (
     re.compile(r"(?i)([?&](?:api[_-]?key|key|token|access_token|refresh_token|secret|password)=)"
                r"(?!\[REDACTED\])[^&\s\"']+"),
 )
-#: A text without any of these holds no secret: one search instead of every substitution.
-SECRET_HINT = re.compile(r"(?i)sk-ant-|cfk-|bearer|access_token|refresh_token|api_key|api-key|"
-                         r"raw_key|code_verifier|\"code\"|authorization|key=|token=|secret=|"
-                         r"password=")
 #: Account credentials shorter than this are not masked verbatim (they would mask common words).
 MIN_SECRET_LENGTH = 8
 
 
+#: Matches wherever any of SECRET_PATTERNS does: most texts hold no credential, and one search
+#: tells so for the price of one.
+ANY_SECRET = re.compile("|".join(
+    "(?i:" + pattern.pattern[4:] + ")" if pattern.pattern.startswith("(?i)")
+    else "(?:" + pattern.pattern + ")" for pattern in SECRET_PATTERNS))
+
+
 def redact(text: str) -> str:
     """Mask every credential in a text before it leaves through a log or an error message."""
-    if not SECRET_HINT.search(text):
+    if not ANY_SECRET.search(text):
         return text
     text = SECRET_PATTERNS[0].sub("[REDACTED]", text)
     for pattern in SECRET_PATTERNS[1:]:
@@ -423,6 +433,19 @@ def write_private_file(path: str, text: str) -> None:
         raise
 
 
+def release_free_memory() -> None:
+    """Give the memory the process freed back to the system, where the C library allows.
+
+    The C allocator keeps what Python frees (such as what the threads of a burst of streams
+    used) for reuse; glibc's malloc_trim returns it. Elsewhere this does nothing.
+    """
+    import ctypes  # only the server needs it, once in a while
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc (macOS, musl, Windows): nothing to trim this way
+
+
 ###############################################################################
 # Logging #####################################################################
 ###############################################################################
@@ -437,8 +460,12 @@ LOG_BATCH_S = 0.02
 LEVEL_NAMES = {"WARNING": "WARN", "CRITICAL": "ERROR"}
 
 
+@functools.lru_cache(maxsize=None)
 def component_logger(component: str) -> logging.Logger:
-    """Return the logger whose lines carry `[component]`, such as Proxy or Server."""
+    """Return the logger whose lines carry `[component]`, such as Proxy or Server.
+
+    Kept once looked up: logging.getLogger takes the logging module's lock on every call.
+    """
     return logging.getLogger("claudeflare." + component)
 
 
@@ -483,7 +510,23 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(entry, ensure_ascii=False, default=str))
 
 
-class RecentLines(logging.Handler):
+class LockFreeHandler(logging.Handler):
+    """A handler whose emit needs no lock: one append to a deque or a queue, safe as it is.
+
+    logging.Handler.handle takes the handler's lock around emit for every record; under load,
+    threads queue on it (and on the interpreter lock, while holding it) for nothing.
+    """
+
+    def handle(self, record: logging.LogRecord) -> Any:
+        checked = self.filter(record)
+        if isinstance(checked, logging.LogRecord):
+            record = checked
+        if checked:
+            self.emit(record)
+        return checked
+
+
+class RecentLines(LockFreeHandler):
     """Keep the last log records in memory for /api/logs; they are formatted when asked for."""
 
     def __init__(self, capacity: int = 1000) -> None:
@@ -499,15 +542,20 @@ class RecentLines(logging.Handler):
         return [self.format(record) for record in list(self.records)[-limit:]]
 
 
-class DeferredQueueHandler(logging.handlers.QueueHandler):
+class DeferredQueueHandler(LockFreeHandler):
     """Queue records unformatted: formatting and redaction happen on the writer thread.
 
     Every argument claudeflare logs is an immutable value, so handing the record to another
-    thread as it is is safe, and the request path pays only for creating it.
+    thread as it is is safe, and the request path pays only for creating it. (Not
+    logging.handlers.QueueHandler: that module and what it imports cost a megabyte.)
     """
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record
+    def __init__(self, records: queue.SimpleQueue) -> None:
+        super().__init__()
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.put(record)
 
 
 class LogSetup:
@@ -530,6 +578,11 @@ class LogSetup:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.closing = threading.Event()
         self.handler = DeferredQueueHandler(self.queue)
+        # No line shows the caller's source line, thread or process: skip finding them for each
+        # record (the logging HOWTO's "Optimization" knobs). The request path pays only for
+        # the record itself.
+        logging._srcfile = None
+        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
         log.setLevel(getattr(logging, level.replace("WARN", "WARNING")))
         log.addHandler(self.handler)
         log.propagate = False
@@ -715,12 +768,6 @@ class Settings:
         self.file_signature = config.signature()
         self.lock = threading.Lock()
 
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self.__dict__["values"][key]
-        except KeyError:
-            raise AttributeError(key) from None
-
     def reload_if_changed(self) -> list[str]:
         """Apply live keys changed in config.json since the last look; return what changed.
 
@@ -774,6 +821,19 @@ class Settings:
             self.sources[key] = "config"
             self.file_values = self.config.read()
             self.file_signature = self.config.signature()
+
+
+def setting_property(key: str) -> property:
+    """Read one setting as an attribute (settings.port): a property, found at once.
+
+    A __getattr__ would first fail the normal lookup, building an AttributeError each time.
+    """
+    return property(lambda settings: settings.values[key], doc=SETTINGS_BY_KEY[key].help)
+
+
+for _setting in SETTINGS:
+    setattr(Settings, _setting.key, setting_property(_setting.key))
+del _setting
 
 
 def load_settings(config_path: str | None = None, flags: dict | None = None,
@@ -1138,6 +1198,8 @@ REQUEST_COLUMNS = tuple(field.name for field in dataclasses.fields(RequestRecord
                         if field.name not in ("account_id", "limits"))
 INSERT_REQUEST = (f"INSERT OR REPLACE INTO requests ({', '.join(REQUEST_COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(REQUEST_COLUMNS))})")
+#: A record's INSERT_REQUEST parameters, in one call.
+request_values = operator.attrgetter(*REQUEST_COLUMNS)
 #: Count one request against an account; a request past the usage window starts a new window.
 COUNT_REQUEST = """UPDATE accounts SET
     request_count = request_count + 1,
@@ -1295,6 +1357,13 @@ def locked_message(path: str) -> str:
             f"(a backup or an sqlite3 shell holding a transaction)")
 
 
+# NULL and booleans bound as they are. Without an adapter of their own, sqlite3 asks each such
+# value to adapt itself, building and discarding an AttributeError each time: a dozen times
+# for every request logged.
+sqlite3.register_adapter(type(None), lambda value: None)
+sqlite3.register_adapter(bool, int)
+
+
 class Store:
     """The SQLite database of accounts and requests, shared by the server and CLI commands.
 
@@ -1341,6 +1410,9 @@ class Store:
         #: write in progress, and PRAGMA data_version on it sees every commit of self.db too.
         self.reader = self.connect(busy_timeout_s)
         self.read_lock = threading.Lock()
+        #: data_version's own cursor, giving plain tuples: it runs on every request.
+        self.version_cursor = self.reader.cursor()
+        self.version_cursor.row_factory = None
         #: A third one for the API and the status page, whose queries may take a while.
         self.stats_reader = self.connect(busy_timeout_s)
         self.stats_lock = threading.Lock()
@@ -1434,7 +1506,7 @@ class Store:
     def data_version(self) -> int:
         """Return a value that changes whenever anyone, in any process, commits a change."""
         with self.read_lock:
-            return self.reader.execute("PRAGMA data_version").fetchone()[0]
+            return self.version_cursor.execute("PRAGMA data_version").fetchone()[0]
 
     # -- accounts ------------------------------------------------------------------------------
 
@@ -1536,9 +1608,7 @@ class Store:
         ((account name, column=value, when decided)), in one transaction; durable when it holds
         marks. A mark decided before a person changed the account is not applied."""
         with self.transaction(durable=bool(marks)) as db:
-            db.executemany(INSERT_REQUEST, [
-                tuple(getattr(record, column) for column in REQUEST_COLUMNS)
-                for record in records])
+            db.executemany(INSERT_REQUEST, [request_values(record) for record in records])
             db.executemany(COUNT_REQUEST, [count_parameters(record, session_duration_ms)
                                            for record in records
                                            if record.account_id is not None])
@@ -1801,24 +1871,23 @@ class Headers:
     what the email package takes, on every request.
     """
 
-    __slots__ = ("pairs", "names")
+    __slots__ = ("pairs", "names", "first")
 
     def __init__(self, pairs: list[tuple[str, str]]) -> None:
         self.pairs = pairs
         self.names = [name.lower() for name, _ in pairs]
+        #: Lower-case name -> its first value: built backwards, so the first one stays.
+        self.first = dict(zip(reversed(self.names), [value for _, value in reversed(pairs)]))
 
     def get(self, name: str, default: Any = None) -> Any:
-        name = name.lower()
-        for index, candidate in enumerate(self.names):
-            if candidate == name:
-                return self.pairs[index][1]
-        return default
+        return self.first.get(name.lower(), default)
 
     def get_all(self, name: str, default: Any = None) -> Any:
         name = name.lower()
-        values = [value for (_, value), candidate in zip(self.pairs, self.names)
-                  if candidate == name]
-        return values or default
+        if name not in self.first:
+            return default
+        return [value for (_, value), candidate in zip(self.pairs, self.names)
+                if candidate == name]
 
     def items(self) -> list[tuple[str, str]]:
         return list(self.pairs)
@@ -1844,6 +1913,102 @@ def read_header_block(stream: Any) -> Headers:
             continue
         name, _, value = line.decode("iso-8859-1").partition(":")
         pairs.append((name.strip(), value.strip()))
+
+
+#: A chunk size line: hexadecimal digits only (int() would also take "-1" or "0x10").
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: The longest chunk size line (with extensions) or trailer line of a relayed body.
+MAX_CHUNK_LINE_BYTES = 4096
+
+
+class ChunkedFraming:
+    """Follow the framing of a chunked body as it passes, so it can be relayed as it came.
+
+    feed() takes the bytes read and returns what may go to the client now and the payload in
+    them. A line not yet whole (a size line, the end of a chunk) waits until it is, so the
+    client only ever gets whole framing; the last chunk and the trailers go out together once
+    complete, so that until then an error event can still be added.
+    """
+
+    SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
+
+    def __init__(self) -> None:
+        self.state = self.SIZE
+        #: Payload bytes still to come in the current chunk.
+        self.left = 0
+        #: The start of a line not yet whole; the last chunk and trailers read so far.
+        self.partial = self.unsent = b""
+        #: The upstream sent bytes after the body's end: the connection must not be reused.
+        self.extra = False
+        #: What is wrong with the framing, once something is; nothing after it is forwarded.
+        self.broken: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state == self.DONE
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes]:
+        """Take the next bytes read; return (the bytes to forward now, the payload in them).
+
+        Broken framing sets `broken`; what came before it is still returned.
+        """
+        buffer = self.partial + data if self.partial else data
+        position, end = 0, len(buffer)
+        hold_from = 0 if self.state == self.TRAILER else None
+        payload = []
+        while position < end:
+            if self.state == self.DATA:
+                take = min(self.left, end - position)
+                payload.append(buffer[position:position + take])
+                position += take
+                self.left -= take
+                if not self.left:
+                    self.state = self.DATA_END
+                continue
+            if self.state == self.DONE:
+                self.extra = True
+                break
+            newline = buffer.find(b"\n", position, position + MAX_CHUNK_LINE_BYTES)
+            if newline < 0:
+                if end - position >= MAX_CHUNK_LINE_BYTES:
+                    self.broken = "a chunk line too long"
+                break
+            line_start, position = position, newline + 1
+            line = buffer[line_start:position]
+            if self.state == self.DATA_END:
+                if line not in (b"\r\n", b"\n"):
+                    self.broken, position = "chunk data longer than its size", line_start
+                    break
+                self.state = self.SIZE
+            elif self.state == self.SIZE:
+                digits = line.split(b";", 1)[0].strip()
+                if not CHUNK_SIZE.fullmatch(digits):
+                    self.broken, position = "a chunk size that is not one", line_start
+                    break
+                self.left = int(digits, 16)
+                if self.left:
+                    self.state = self.DATA
+                else:
+                    self.state, hold_from = self.TRAILER, line_start
+            elif line in (b"\r\n", b"\n"):
+                self.state = self.DONE
+        self.partial = b"" if self.extra else buffer[position:]
+        if self.state == self.TRAILER:
+            self.unsent += buffer[hold_from:position]
+            forward = buffer[:hold_from]
+        elif hold_from is not None:
+            forward, self.unsent = self.unsent + buffer[:position], b""
+        else:
+            forward = buffer[:position]
+        return forward, b"".join(payload)
+
+    def close_chunk(self) -> bytes:
+        """Return what ends a chunk the client got part of: newlines for the rest, and CRLF."""
+        if self.state == self.DATA:
+            return b"\n" * self.left + b"\r\n"
+        if self.state == self.DATA_END:
+            return b"\r\n"
+        return b""
 
 
 class UpstreamResponse(http.client.HTTPResponse):
@@ -1881,29 +2046,60 @@ class UpstreamResponse(http.client.HTTPResponse):
             self.will_close = True
 
 
-class OneWriteRequests:
-    """Mixin: send a request's headers and small body in one write.
+#: The checks http.client's putrequest and putheader make, made once per request head.
+URL_CONTROL_CHARACTER = re.compile("[\x00-\x20\x7f]")
+HEADER_NAME = re.compile(r"[^:\s][^:\r\n]*", re.ASCII)
+BAD_HEADER_VALUE = re.compile(r"\n(?![ \t])|\r(?![ \t\n])")
 
-    Two small writes in a row meet the peer's delayed ACK; one write also saves a system call.
-    While `held` is a list, send() collects what http.client writes instead of sending it.
+
+class ClosesItsResponse:
+    """Mixin: closing a connection also closes the response being read from it.
+
+    http.client's getresponse keeps this link; read_response, which replaces it, keeps it here.
     """
 
-    response_class = UpstreamResponse
-    held: list | None = None
+    response: http.client.HTTPResponse | None = None
 
-    def send(self, data: Any) -> None:
-        if self.held is not None:
-            self.held.append(data)
-        else:
-            super().send(data)
+    def close(self) -> None:
+        super().close()
+        response, self.response = self.response, None
+        if response is not None:
+            response.close()
 
 
-class UpstreamConnection(OneWriteRequests, http.client.HTTPConnection):
+class UpstreamConnection(ClosesItsResponse, http.client.HTTPConnection):
     """A plain-HTTP upstream connection."""
 
 
-class UpstreamTLSConnection(OneWriteRequests, http.client.HTTPSConnection):
+class UpstreamTLSConnection(ClosesItsResponse, http.client.HTTPSConnection):
     """An HTTPS upstream connection."""
+
+
+def request_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
+    """Build an HTTP/1.1 request line and header block, refusing what http.client refuses.
+
+    One string joined and encoded once, instead of http.client's putrequest and a putheader
+    call per header, each encoding, checking and appending on its own.
+    """
+    match = URL_CONTROL_CHARACTER.search(target)
+    if match:
+        raise http.client.InvalidURL(f"URL can't contain control characters. {target!r} "
+                                     f"(found at least {match.group()!r})")
+    if not target.isascii():
+        raise ValueError(f"URL can't contain non-ASCII characters: {target!r}")
+    lines = [f"{method} {target} HTTP/1.1"]
+    for name, value in headers:
+        if not (name.isascii() and HEADER_NAME.fullmatch(name)):
+            raise ValueError(f"Invalid header name {name!r}")
+        if BAD_HEADER_VALUE.search(value):
+            raise ValueError(f"Invalid header value {value!r}")
+        lines.append(f"{name}: {value}")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
+
+
+#: select.poll, which Windows lacks.
+POLL = getattr(select, "poll", None)
 
 
 def describe_network_error(error: BaseException, where: str, timeout: float) -> str:
@@ -1921,9 +2117,17 @@ def describe_network_error(error: BaseException, where: str, timeout: float) -> 
 
 
 def connection_is_stale(connection: http.client.HTTPConnection) -> bool:
-    """Tell whether an idle pooled connection was closed (or sent junk) by the other side."""
+    """Tell whether an idle pooled connection was closed (or sent junk) by the other side.
+
+    poll, where there is one: select refuses a descriptor numbered 1024 or more, so with a
+    thousand streams open every pooled connection looked stale and was replaced.
+    """
     try:
-        return bool(select.select([connection.sock], [], [], 0)[0])
+        if POLL is None:
+            return bool(select.select([connection.sock], [], [], 0)[0])
+        poller = POLL()
+        poller.register(connection.sock, select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
 
@@ -2087,7 +2291,7 @@ class Upstream:
                 raise UpstreamError(describe_network_error(error, self.where, timeout)) from None
             try:
                 self.write_request(connection, method, target, headers, body, timeout)
-                return connection.getresponse(), connection
+                return self.read_response(connection, method), connection
             except (UnicodeError, ValueError) as error:
                 connection.close()
                 raise UpstreamError(f"Cannot send this request: a header value is not valid "
@@ -2110,28 +2314,47 @@ class Upstream:
 
     def write_request(self, connection: http.client.HTTPConnection, method: str, target: str,
                       headers: list[tuple[str, str]], body: bytes, timeout: float) -> None:
-        """Write the request line, headers and body (a small body in the same write)."""
-        if connection.sock.gettimeout() != timeout:
-            connection.sock.settimeout(timeout)
-        connection.putrequest(method, self.prefix + target, skip_host=True,
-                              skip_accept_encoding=True)
-        for name, value in headers:
-            connection.putheader(name, value)
+        """Write the request line, headers and body: a small body in the same write.
+
+        Two small writes in a row meet the peer's delayed ACK; one write also saves a system
+        call.
+        """
+        sock = connection.sock
+        if sock.gettimeout() != timeout:
+            sock.settimeout(timeout)
+        head = request_head(method, self.prefix + target, headers)
         if len(body) <= SMALL_BODY_BYTES:
-            connection.held = []
-            connection.endheaders(body or None)
-            data, connection.held = b"".join(connection.held), None
-            connection.send(data)
+            sock.sendall(head + body)
         else:
-            connection.endheaders(body)
+            sock.sendall(head)
+            sock.sendall(body)
+
+    @staticmethod
+    def read_response(connection: UpstreamConnection, method: str) -> http.client.HTTPResponse:
+        """Read a response's status and headers, as HTTPConnection.getresponse does.
+
+        The request went out through write_request, not http.client's request methods, so
+        the response is read here too; a response that ends its connection takes it along.
+        """
+        response = UpstreamResponse(connection.sock, method=method)
+        try:
+            response.begin()
+        except BaseException:
+            response.close()
+            raise
+        if response.will_close:
+            connection.close()
+        else:
+            connection.response = response
+        return response
 
 
 def forwardable_headers(message: http.client.HTTPMessage) -> list[tuple[str, str]]:
     """Copy a message's end-to-end headers: hop-by-hop ones and those Connection names go."""
     named = {token.strip().lower()
              for value in message.get_all("Connection", []) for token in value.split(",")}
-    return [(name, value) for name, value in message.items()
-            if name.lower() not in HOP_BY_HOP_HEADERS and name.lower() not in named]
+    dropped = HOP_BY_HOP_HEADERS | named if named else HOP_BY_HOP_HEADERS
+    return [(name, value) for name, value in message.items() if name.lower() not in dropped]
 
 
 ###############################################################################
@@ -2763,6 +2986,7 @@ DEFAULT_RATE_LIMIT_MS = 60 * 1000
 #: A 429 that names no window: a short cooldown, doubling while it repeats, up to the maximum.
 COOLDOWN_MS = 30 * 1000
 MAX_COOLDOWN_MS = 5 * 60 * 1000
+RATE_LIMIT_PREFIX = "anthropic-ratelimit-"
 UNIFIED_PREFIX = "anthropic-ratelimit-unified-"
 #: API-key accounts' limit families: anthropic-ratelimit-<family>-{limit,remaining,reset}.
 API_LIMIT_FAMILIES = ("requests", "tokens", "input-tokens", "output-tokens")
@@ -2923,17 +3147,24 @@ def parse_rate_limit(headers: Any, now: int) -> RateLimit:
     should_retry = headers.get("x-should-retry")
     if should_retry is not None:
         limit.should_retry = should_retry.strip().lower() == "true"
+    api_limits = False
     for name, value in headers.items():
         name = name.lower()
+        if not name.startswith(RATE_LIMIT_PREFIX):
+            continue
         if name.startswith(UNIFIED_PREFIX):
             field, parse = UNIFIED_HEADERS.get(name[len(UNIFIED_PREFIX):], (None, None))
             if field is not None:
                 setattr(limit, field, parse(value))
-    # API-key accounts: a limit at zero remaining resets at its -reset time.
-    exhausted = [parse_epoch(headers.get(f"anthropic-ratelimit-{family}-reset") or "")
-                 for family in API_LIMIT_FAMILIES
-                 if (headers.get(f"anthropic-ratelimit-{family}-remaining") or "").strip() == "0"]
-    limit.exhausted_reset = max(filter(None, exhausted), default=None)
+        else:
+            api_limits = True
+    if api_limits:
+        # API-key accounts: a limit at zero remaining resets at its -reset time.
+        exhausted = [
+            parse_epoch(headers.get(f"anthropic-ratelimit-{family}-reset") or "")
+            for family in API_LIMIT_FAMILIES
+            if (headers.get(f"anthropic-ratelimit-{family}-remaining") or "").strip() == "0"]
+        limit.exhausted_reset = max(filter(None, exhausted), default=None)
     return limit
 
 
@@ -3181,8 +3412,12 @@ CACHE_READ = 0.1
 MAX_USAGE_BODY_BYTES = 4 * 1024 * 1024
 
 
+@functools.lru_cache(maxsize=256)
 def price_of(model: str | None) -> tuple[float, float] | None:
-    """Return the (input, output) price per million tokens of a model, or None if unknown."""
+    """Return the (input, output) price per million tokens of a model, or None if unknown.
+
+    Kept per model name: a few names come back with every answer.
+    """
     for pattern, input_price, output_price in PRICING:
         if model and pattern.match(model):
             return input_price, output_price
@@ -3255,15 +3490,19 @@ class UsageReader:
         """Take the next piece of the body, as it was sent to the client."""
         if self.overflow:
             return
+        searched = len(self.pending)
         self.pending += data
         if not self.streaming:
             if len(self.pending) > MAX_USAGE_BODY_BYTES:
                 self.overflow = True
                 self.pending.clear()
             return
+        # Only the new bytes can end an event (with the last three, for an event end that
+        # straddles two pieces); only an event that names a message_ type can carry usage.
         start = 0
-        for end in self.EVENT_END.finditer(self.pending):
-            self.read_event(bytes(self.pending[start:end.start()]))
+        for end in self.EVENT_END.finditer(self.pending, max(0, searched - 3)):
+            if self.pending.find(b"message_", start, end.start()) >= 0:
+                self.read_event(bytes(self.pending[start:end.start()]))
             start = end.end()
         del self.pending[:start]
         if len(self.pending) > MAX_USAGE_BODY_BYTES:
@@ -3487,37 +3726,99 @@ def order_accounts(accounts: list[Account], strategy: str, context: RouteContext
 
 #: metadata.user_id as Claude Code writes it: user_<hex>_account_<uuid>_session_<uuid>.
 USER_ID_SESSION = re.compile(r"_session_([0-9a-fA-F-]{8,})")
+#: A body larger than this has its metadata looked for from its end before it is parsed whole:
+#: Claude Code writes metadata after the conversation, which grows to megabytes.
+FULL_PARSE_BYTES = 64 * 1024
+#: How far from the end the metadata is looked for, and at most how much follows it.
+METADATA_TAIL_BYTES = 64 * 1024
+JSON_SPACE = " \t\r\n"
+JSON_DECODER = json.JSONDecoder()
+KEY_COLON = re.compile(r"[ \t\r\n]*:[ \t\r\n]*")
+
+
+def tail_metadata(body: bytes) -> tuple[Any] | None:
+    """Return (metadata,) of a JSON object body, read near its end; None if not found there.
+
+    The last `"metadata":` key is parsed with what follows it; it is the top-level one when
+    the members after it close the body's object. A body that is not valid JSON may thus give
+    metadata where parsing it whole would fail (the upstream refuses such a body anyway).
+    """
+    end = len(body)
+    start = max(0, end - METADATA_TAIL_BYTES)
+    while True:
+        at = body.rfind(b'"metadata"', start, end)
+        if at < 0:
+            return None
+        end = at
+        quote = at
+        while quote > 0 and body[quote - 1] == 0x5C:  # backslashes before the quote
+            quote -= 1
+        if (at - quote) % 2:
+            continue  # an escaped quote: the word is inside a string
+        try:
+            tail = body[at:].decode()
+        except UnicodeDecodeError:
+            return None
+        colon = KEY_COLON.match(tail, len('"metadata"'))
+        if colon is None:
+            continue  # a string value, not a key
+        try:
+            metadata, stop = JSON_DECODER.raw_decode(tail, colon.end())
+            rest = tail[stop:].strip(JSON_SPACE)
+            if rest.startswith(",") and not rest[1:].lstrip(JSON_SPACE).startswith("}"):
+                members, stop = JSON_DECODER.raw_decode("{" + rest[1:])
+                if stop == len(rest) and "metadata" not in members:
+                    return (metadata,)
+            elif rest == "}":
+                return (metadata,)
+        except ValueError:
+            pass  # not at the top level, or not valid JSON: parse the body whole
+        return None
+
+
+def metadata_session(metadata: Any) -> str | None:
+    """Return the session metadata.user_id names (either format), or None."""
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if not isinstance(user_id, str) or not user_id:
+        return None
+    match = USER_ID_SESSION.search(user_id)
+    if match:
+        return "session:" + match.group(1)
+    try:
+        described = json.loads(user_id)
+    except ValueError:
+        return None
+    if isinstance(described, dict) and described.get("session_id"):
+        return "session:" + str(described["session_id"])[:200]
+    return None
 
 
 def conversation_key(headers: Any, body: bytes) -> str | None:
     """Identify the conversation a request belongs to, for sticky routing.
 
     X-Claude-Code-Session-Id, else the session in metadata.user_id (either format), else a hash
-    of the system prompt and the first message.
+    of the system prompt and the first message. A large body's metadata is read from its end,
+    sparing the parse of the whole conversation.
     """
     session_id = headers.get("X-Claude-Code-Session-Id")
     if session_id:
         return "session:" + session_id.strip()[:200]
     if not body or body[:1] != b"{":
         return None
+    if len(body) > FULL_PARSE_BYTES:
+        found = tail_metadata(body)
+        session = metadata_session(found[0]) if found else None
+        if session:
+            return session
     try:
         payload = json.loads(body)
     except ValueError:
         return None
     if not isinstance(payload, dict):
         return None
-    metadata = payload.get("metadata")
-    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
-    if isinstance(user_id, str) and user_id:
-        match = USER_ID_SESSION.search(user_id)
-        if match:
-            return "session:" + match.group(1)
-        try:
-            described = json.loads(user_id)
-        except ValueError:
-            described = None
-        if isinstance(described, dict) and described.get("session_id"):
-            return "session:" + str(described["session_id"])[:200]
+    session = metadata_session(payload.get("metadata"))
+    if session:
+        return session
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
         return None
@@ -3640,10 +3941,6 @@ def query_limit(query: dict[str, list[str]], default: int, maximum: int) -> int:
     return int(text)
 
 
-#: A chunk size line: hexadecimal digits only (int() would also take "-1" or "0x10").
-CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
-
-
 class RequestBodyError(Exception):
     """The client's request body cannot be accepted; carries the status and Anthropic's shape."""
 
@@ -3737,6 +4034,8 @@ def stats_report(store: Store, now: int) -> dict:
                              for row in store.recent_requests(10, failures_only=True)]}
 
 
+#: After this many requests were in flight at once, memory is given back once none is.
+RELEASE_AFTER_BUSIEST = 64
 #: Every this many requests, conversations past their session are forgotten.
 SESSION_PRUNE_EVERY = 256
 #: A retry waits at most this long; an upstream asking for more sends the request elsewhere.
@@ -3879,6 +4178,8 @@ class App:
         self.secrets: tuple[str, ...] = ()
         #: Requests in flight (their handlers), and the condition shutdown waits on.
         self.handlers: set = set()
+        #: The most requests in flight at once since there were none.
+        self.busiest = 0
         self.idle = threading.Condition()
         #: Set once shutdown begins: requests that still arrive are turned away.
         self.stopping = False
@@ -3969,16 +4270,24 @@ class App:
 
     @contextlib.contextmanager
     def in_flight(self, handler: Any) -> Iterator[None]:
-        """Count a request as in flight while it runs, so shutdown can wait for it."""
+        """Count a request as in flight while it runs, so shutdown can wait for it.
+
+        When a burst of requests is over, the memory its threads used is given back.
+        """
         with self.idle:
             self.handlers.add(handler)
+            self.busiest = max(self.busiest, len(self.handlers))
         try:
             yield
         finally:
             with self.idle:
                 self.handlers.discard(handler)
+                burst_over = not self.handlers and self.busiest >= RELEASE_AFTER_BUSIEST
                 if not self.handlers:
                     self.idle.notify_all()
+                    self.busiest = 0
+            if burst_over:
+                release_free_memory()
 
     def drain(self, timeout: float) -> int:
         """Wait until no request is in flight (at most timeout s); return how many still are."""
@@ -4274,6 +4583,20 @@ def too_large_message(size: int) -> str:
             f"{MAX_BODY_BYTES // (1024 * 1024)} MB limit")
 
 
+@functools.lru_cache(maxsize=64)
+def host_name(host_header: str) -> str:
+    """Return the host name of a Host header value (no port, no brackets), '' if none.
+
+    Kept for the few values a server sees: splitting a URL costs more than the rest of the
+    check, on every request.
+    """
+    try:
+        return urllib.parse.urlsplit("//" + host_header).hostname or ""
+    except ValueError:  # "[::1" and other malformed values name no host
+        return ""
+
+
+@functools.lru_cache(maxsize=64)
 def is_loopback(host: str) -> bool:
     """Tell whether a host name or address is one only this machine can reach.
 
@@ -4436,6 +4759,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.body_read = False
         #: The upstream connection whose answer is being relayed, for shutdown to cut.
         self.relaying: http.client.HTTPConnection | None = None
+        #: A body whose conversation is read once the answer is out (routing did not need it).
+        self.unread_conversation: bytes | None = None
 
     def log_message(self, format: str, *args: Any) -> None:
         component_logger("Server").debug("%s - " + format, self.address_string(), *args)
@@ -4628,6 +4953,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def route(self) -> None:
         """Answer one request: refuse it while stopping, check path, host, key and site, then
         route it."""
+        self.unread_conversation = None
         self.key_name = self.key_header = None
         app = self.app
         if app.stopping:
@@ -4788,7 +5114,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """
         if not is_loopback(self.server.server_address[0]):
             return True
-        host = urllib.parse.urlsplit("//" + (self.headers.get("Host") or "")).hostname or ""
+        host = host_name(self.headers.get("Host") or "")
         if is_loopback(host):
             return True
         self.send_json(403, {"error": f"Host {host!r} is not allowed: a claudeflare bound to "
@@ -4821,8 +5147,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if site and site not in ("same-origin", "none"):
             return True
         origin = self.headers.get("Origin")
-        return origin is not None and (urllib.parse.urlsplit(origin).netloc.lower()
-                                       != (self.headers.get("Host") or "").lower())
+        if origin is None:
+            return False
+        try:
+            return (urllib.parse.urlsplit(origin).netloc.lower()
+                    != (self.headers.get("Host") or "").lower())
+        except ValueError:  # not a URL at all ("http://[::1"): no page of this server's
+            return True
 
     def refuse_cross_site(self) -> None:
         """Refuse a state change a web page of another site asks for (CSRF).
@@ -4956,8 +5287,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.discard_rest_of_request()
             return
         app, proxy_log = self.app, component_logger("Proxy")
-        if accounts:
+        # The conversation picks the account only when there is a choice (the session strategy
+        # over several accounts); otherwise it is read once the answer is out.
+        if len(accounts) > 1 and app.settings.lb_strategy == "session":
             record.conversation = conversation_key(self.headers, body)
+        elif accounts:
+            self.unread_conversation = body
         #: Who sends the request, as the API tells clients apart (Claude Code or not).
         self.client = (f"{(self.headers.get('User-Agent') or '')[:200]}|"
                        f"{self.headers.get('x-app', '')}")
@@ -5124,6 +5459,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             error = None
         else:
             error = self.relay(response, connection, reader.feed)
+        if account is not None and self.unread_conversation is not None:
+            self.read_conversation(record)
+            app.bind_conversation(record.conversation, account, record.timestamp)
         self.finish_record(record, started, response.status, error, reader.finish())
         name = account.name if account else "client credentials"
         component_logger("Proxy").info(
@@ -5193,9 +5531,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.app.upstream.release(connection, response)
         return data
 
+    def read_conversation(self, record: RequestRecord) -> None:
+        """Fill in the record's conversation if reading it was put off until the answer."""
+        if self.unread_conversation is not None:
+            record.conversation = conversation_key(self.headers, self.unread_conversation)
+            self.unread_conversation = None
+
     def finish_record(self, record: RequestRecord, started: float, status: int,
                       error: str | None, usage: Usage | None = None) -> None:
         """Complete a request's record (usage and cost too) and hand it to the writer."""
+        self.read_conversation(record)
         record.status = status
         record.success = status < 400 and error is None
         record.error = self.app.scrub(error)[:2000] if error is not None else (
@@ -5265,10 +5610,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def relay_unsized(self, response: http.client.HTTPResponse, status: int, reason: str,
                       headers: list[tuple[str, str]], tap: Callable[[bytes], None]) -> None:
-        """Relay a body of unknown length (SSE streams) chunk by chunk, flushing each one.
+        """Relay a body of unknown length (SSE streams) piece by piece, each as it arrives.
 
-        When the upstream fails mid-stream, an SSE client gets a proper `error` event and a clean
-        end instead of a cut connection.
+        An upstream's chunked body goes to an HTTP/1.1 client as it came, framing and all: one
+        write for whatever one read brought, however many events. When the upstream fails
+        mid-stream, an SSE client gets a proper `error` event and a clean end instead of a cut
+        connection.
         """
         chunked = self.request_version == "HTTP/1.1"
         if chunked:
@@ -5286,11 +5633,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             tail[:] = (tail + data[-2:])[-2:]
             tap(data)
 
+        framing = ChunkedFraming() if chunked and response.chunked else None
         try:
-            self.copy_body(response, write, watch)
+            if framing is None:
+                self.copy_body(response, write, watch)
+            else:
+                self.copy_chunks(response, framing, watch)
         except UpstreamError as error:
             if "text/event-stream" not in (response.getheader("Content-Type") or ""):
                 raise
+            if framing is not None:
+                padding = framing.close_chunk()
+                self.wfile.write(padding)
+                tail[:] = (tail + padding[:-2])[-2:]
             separator = b"" if tail.endswith(b"\n\n") else b"\n\n"
             write(separator + sse_error_event(self.cut_message() if self.app.cutting
                                               else f"Upstream stream failed: {error}"))
@@ -5298,8 +5653,36 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if chunked:
                 self.wfile.write(b"0\r\n\r\n")
             raise
-        if chunked:
+        if chunked and framing is None:
             self.wfile.write(b"0\r\n\r\n")
+
+    def copy_chunks(self, response: http.client.HTTPResponse, framing: ChunkedFraming,
+                    tap: Callable[[bytes], None]) -> None:
+        """Pass a chunked body through with its framing; `tap` sees the payload.
+
+        The response is read past http.client's chunk decoding, from the connection's buffer,
+        so it is closed here once the body ended: the connection may then be reused, unless
+        the upstream sent something after the body.
+        """
+        where = self.app.upstream.where
+        while not framing.done:
+            # Wait in peek, which fills the connection's read buffer, not in read1, which
+            # would wait in a new buffer of its own: a thousand streams, a thousand buffers.
+            self.read_upstream(response.fp.peek)
+            data = self.read_upstream(response.fp.read1, STREAM_READ_BYTES)
+            if not data:
+                raise UpstreamError(f"ECONNRESET: {where} closed the connection")
+            forward, payload = framing.feed(data)
+            if forward:
+                self.wfile.write(forward)
+            if payload:
+                tap(payload)
+            if framing.broken:
+                raise UpstreamError(f"ECONNRESET: {where} sent a broken chunked body "
+                                    f"({framing.broken})")
+        if framing.extra:
+            response.will_close = True
+        response.close()
 
     def read_upstream(self, read: Callable[..., bytes], *args: Any) -> bytes:
         """Read from the upstream, turning its failures into UpstreamError."""
@@ -6271,6 +6654,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     shutdown_timeout_s), writes the request log, closes the database and flushes the log. A
     second signal exits at once.
     """
+    threading.stack_size(THREAD_STACK_BYTES)
     logs = LogSetup(settings.log_level, settings.log_format, default_log_dir(),
                     os.environ.get("CLAUDEFLARE_DEBUG") == "1")
     server_log = component_logger("Server")

@@ -20,6 +20,7 @@ import email.utils
 import hashlib
 import re
 import select
+import selectors
 import shutil
 import signal
 import html.parser
@@ -42,6 +43,7 @@ import time
 import unittest
 import unittest.mock
 import urllib.parse
+from typing import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Nothing a test runs may touch the real home folder or the real Anthropic endpoints.
@@ -265,8 +267,14 @@ def reply_default(handler: FakeHandler, request: Recorded) -> None:
                 handler.send_chunk(event)
             handler.end_chunked()
         elif payload.get("stream"):
+            # The bench asks for fake_words words (11 events for 5) and fake_interval seconds
+            # between events (a slow stream).
+            words = (" word",) * payload["fake_words"] if "fake_words" in payload else None
+            interval = payload.get("fake_interval", 0)
             handler.start_chunked()
-            for event in message_events(model):
+            for index, event in enumerate(message_events(model, words or ("Hello", " world"))):
+                if index and interval:
+                    time.sleep(interval)
                 handler.send_chunk(event)
             handler.end_chunked()
         else:
@@ -521,10 +529,13 @@ class FakeUpstream:
             collections.deque)
         self.holding = threading.Event()
         self.stream_aborted = threading.Event()
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHandler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHandler,
+                                                      bind_and_activate=False)
         self.server.daemon_threads = True
-        self.server.request_queue_size = 1024
+        self.server.request_queue_size = 1024  # the listen backlog: set before listening
         self.server.fake = self
+        self.server.server_bind()
+        self.server.server_activate()
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
                                        daemon=True)
         self.thread.start()
@@ -862,7 +873,8 @@ class TestHostileRequests(ProxyTestCase):
         self.proxy.app.store.add_account("work", "api_key", 1, api_key="sk-ant-api03-work")
 
     def test_names_that_only_begin_with_127_are_not_loopback(self):
-        for host in ("127.0.0.1.evil.example", "127.evil.example", "127.0.0.1.nip.io:8080"):
+        for host in ("127.0.0.1.evil.example", "127.evil.example", "127.0.0.1.nip.io:8080",
+                     "[::1"):
             status, _, body = self.proxy.request("GET", "/api/accounts", headers={"Host": host})
             self.assertEqual(status, 403, host)
             self.assertNotIn(b"work", body)
@@ -880,6 +892,7 @@ class TestHostileRequests(ProxyTestCase):
     def test_cross_site_requests_to_v1_are_refused_before_any_account_is_used(self):
         page = {"Content-Type": "text/plain", "anthropic-version": "2023-06-01"}
         for browser in ({"Origin": "https://evil.example"}, {"Origin": "null"},
+                        {"Origin": "http://[::1"},
                         {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
             status, headers, body = self.proxy.request("POST", "/v1/messages", b"{}",
                                                        {**page, **browser})
@@ -1074,6 +1087,25 @@ class TestStreaming(ProxyTestCase):
         self.assertTrue(tail.startswith(b"event: error\ndata: "), tail)
         error = json.loads(tail.split(b"data: ", 1)[1])
         self.assertEqual(error["error"]["type"], "api_error")
+
+    def test_upstream_cut_inside_a_chunk_or_sending_broken_chunks_ends_in_an_error_event(self):
+        events = message_events()
+        for rest, sent in ((b"%X\r\n%s" % (len(events[1]), events[1][:10]), events[1][:10]),
+                           (b"zz\r\n" + events[1] + b"\r\n", b""),
+                           (b"%X\r\n%sjunk" % (len(events[1]), events[1]), events[1])):
+            def cut(handler: FakeHandler, request: Recorded) -> None:
+                handler.start_chunked()
+                handler.send_chunk(events[0])
+                handler.wfile.write(rest)
+                handler.close_connection = True
+                handler.connection.shutdown(socket.SHUT_RDWR)
+            self.upstream.push(cut)
+            status, _, body = self.post_message(stream=True)
+            self.assertEqual(status, 200)
+            self.assertTrue(body.startswith(events[0] + sent), body)
+            tail = body[len(events[0] + sent):].lstrip(b"\n")
+            self.assertTrue(tail.startswith(b"event: error\ndata: "), tail)
+            self.assertTrue(body.endswith(b"\n\n"), body)
 
 
 class TestUpstreamConnections(ProxyTestCase):
@@ -2518,6 +2550,41 @@ class TestConversationKey(unittest.TestCase):
         body["system"] = "be verbose"
         self.assertNotEqual(self.key(body), first)
         self.assertIsNone(claudeflare.conversation_key(claudeflare.Headers([]), b"not json"))
+
+    def test_large_bodies_give_the_keys_a_whole_parse_gives(self):
+        session = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+        user_id = f"user_ab12_account_1234-5678_session_{session}"
+        turns = [{"role": "user", "content": "a long turn " * 8000}]
+        nested = {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "x",
+                                                    "input": {"metadata": {"user_id": "x"}}}]}
+        bodies = [
+            {"messages": turns, "metadata": {"user_id": user_id}, "stream": True},
+            {"messages": turns, "metadata": {"user_id": user_id}},
+            {"metadata": {"user_id": user_id}, "messages": turns},
+            {"messages": turns + [nested], "metadata": {"user_id": "no session here"}},
+            {"messages": turns, "metadata": {"user_id": user_id}, "system": [nested]},
+            {"messages": turns, "system": 'say "metadata": {"user_id": "_session_12345678"}'},
+            {"messages": turns, "metadata": {"user_id": "someone"}, "x": {"metadata": 1}},
+            {"messages": turns, "metadata": {"user_id": json.dumps({"session_id": "s-3"})}},
+            {"messages": turns, "metadata": "metadata", "z": 1},
+        ]
+        for body in bodies:
+            data = json.dumps(body).encode()
+            self.assertGreater(len(data), claudeflare.FULL_PARSE_BYTES)
+            whole = claudeflare.conversation_key(claudeflare.Headers([]), data)
+            payload = json.loads(data)
+            expected = claudeflare.metadata_session(payload.get("metadata")) or (
+                "hash:" + hashlib.sha256(json.dumps(
+                    [payload.get("system"), payload["messages"][0]], sort_keys=True,
+                    default=str).encode()).hexdigest()[:32])
+            self.assertEqual(whole, expected, body.keys())
+            self.assertEqual(self.key(body, [("X-Claude-Code-Session-Id", "s-9")]),
+                             "session:s-9")
+        self.assertEqual(self.key(bodies[0]), f"session:{session}")
+        self.assertEqual(self.key(bodies[7]), "session:s-3")
+        tail = [claudeflare.tail_metadata(json.dumps(body).encode()) for body in bodies]
+        self.assertEqual([found is not None for found in tail],
+                         [True, True, False, True, False, False, False, True, True])
 
 
 class TestStrategyFunctions(unittest.TestCase):
@@ -4800,8 +4867,63 @@ class TestService(CliTestCase):
 # Benchmark (make bench) ######################################################
 ###############################################################################
 
-BENCH_BODY = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 64,
-                         "messages": [{"role": "user", "content": "Hi " * 200}]}).encode()
+#: The bench's plain request: a short question.
+BENCH_REQUEST = {"model": "claude-sonnet-4-5", "max_tokens": 64,
+                 "messages": [{"role": "user", "content": "Hi " * 200}]}
+#: A streamed answer of 5 words comes as 11 events, one upstream chunk each; 95 words make 101.
+BENCH_WORDS = 5
+BENCH_LONG_WORDS = 95
+BENCH_SESSION_HEADER = {"X-Claude-Code-Session-Id": "0b5e7c1e-4f7a-4c2b-9a43-5d2f0e6b8c11"}
+#: The bench's rounds: each measures every scenario direct and through the proxy, in turns.
+BENCH_ROUNDS = 5
+
+
+def bench_body(**fields) -> bytes:
+    """The bench's request with these fields added (stream, fake_words, fake_interval)."""
+    return json.dumps({**BENCH_REQUEST, **fields}).encode()
+
+
+def events_of(words: int) -> int:
+    """How many SSE events (upstream chunks) the fake sends for a stream of `words` words."""
+    return len(message_events(words=("w",) * words))
+
+
+def claude_code_body(size: int = 300 * 1024) -> bytes:
+    """A request the size Claude Code sends deep into a session.
+
+    A long system prompt, a set of tools, 100 turns of text, tool calls and tool results, and
+    metadata.user_id naming the session, in the order Claude Code writes them.
+    """
+    sentence = "Use the tools to read, edit and test the code; say what changed and why. "
+    session_id = "0b5e7c1e-4f7a-4c2b-9a43-5d2f0e6b8c11"
+
+    def build(filler: int) -> dict:
+        messages = []
+        for turn in range(50):
+            messages.append({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": f"toolu_{turn:04d}",
+                 "content": "x = 1\n" * (filler // 6)} if turn else
+                {"type": "text", "text": "Please fix the failing test. " * (filler // 29)}]})
+            messages.append({"role": "assistant", "content": [
+                {"type": "text", "text": sentence * (filler // len(sentence) // 2)},
+                {"type": "tool_use", "id": f"toolu_{turn + 1:04d}", "name": "Read",
+                 "input": {"file_path": f"/work/src/module{turn}.py"}}]})
+        return {"model": "claude-sonnet-4-5", "messages": messages,
+                "system": [{"type": "text", "text": "You are Claude Code, Anthropic's CLI."},
+                           {"type": "text", "text": sentence * 400,
+                            "cache_control": {"type": "ephemeral"}}],
+                "tools": [{"name": f"Tool{index}", "description": sentence * 10,
+                           "input_schema": {"type": "object", "required": ["path"],
+                                            "properties": {"path": {"type": "string"},
+                                                           "limit": {"type": "integer"}}}}
+                          for index in range(15)],
+                "metadata": {"user_id": f"user_{'ab' * 32}_account_"
+                                        f"6e1a9c1f-0000-4000-8000-000000000000_session_"
+                                        f"{session_id}"},
+                "max_tokens": 32000, "stream": False}
+
+    base, more = len(json.dumps(build(0))), len(json.dumps(build(1000)))
+    return json.dumps(build(max(0, (size - base) * 1000 // (more - base)))).encode()
 
 
 def run_fake_upstream() -> int:
@@ -4815,37 +4937,44 @@ def run_fake_upstream() -> int:
     return 0
 
 
-def bench_load(port: int, stream: bool, concurrency: int, total: int,
-               time_limit: float) -> tuple[float, list[float]]:
-    """Send `total` requests over `concurrency` keep-alive connections: (req/s, latencies)."""
-    body = BENCH_BODY.replace(b'"max_tokens"', b'"stream": %s, "max_tokens"'
-                              % (b"true" if stream else b"false"))
+def bench_load(port: int, bodies: list[bytes], concurrency: int, total: int,
+               headers: dict | None = None) -> tuple[float, list[float], list[float]]:
+    """Send `total` requests over `concurrency` keep-alive connections, cycling the bodies.
+
+    Return requests per second, each request's latency and each one's time to the first byte
+    of its body (the first SSE event of a stream), in seconds.
+    """
+    headers = {"content-type": "application/json", **(headers or {})}
     latencies: list[float] = []
+    first_bytes: list[float] = []
     lock = threading.Lock()
     remaining = [total]
-    stop_at = time.monotonic() + time_limit
 
     def worker() -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        mine = []
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        mine, firsts = [], []
         try:
-            while time.monotonic() < stop_at:
+            while True:
                 with lock:
                     if remaining[0] <= 0:
                         break
                     remaining[0] -= 1
+                    number = remaining[0]
                 started = time.perf_counter()
-                connection.request("POST", "/v1/messages", body,
-                                   {"content-type": "application/json"})
+                connection.request("POST", "/v1/messages", bodies[number % len(bodies)],
+                                   headers)
                 response = connection.getresponse()
-                response.read()
-                if response.status != 200:
-                    raise RuntimeError(f"bench request failed: {response.status}")
+                first = response.read1(65536)
+                firsts.append(time.perf_counter() - started)
+                rest = response.read()
                 mine.append(time.perf_counter() - started)
+                if response.status != 200 or not first + rest:
+                    raise RuntimeError(f"bench request failed: {response.status}")
         finally:
             connection.close()
             with lock:
                 latencies.extend(mine)
+                first_bytes.extend(firsts)
 
     started = time.perf_counter()
     workers = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -4853,7 +4982,9 @@ def bench_load(port: int, stream: bool, concurrency: int, total: int,
         thread.start()
     for thread in workers:
         thread.join()
-    return len(latencies) / (time.perf_counter() - started), latencies
+    if len(latencies) < total:
+        raise RuntimeError(f"bench: only {len(latencies)} of {total} requests were answered")
+    return len(latencies) / (time.perf_counter() - started), latencies, first_bytes
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -4861,16 +4992,21 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def rss_kb(pid: int) -> int:
-    """Resident memory of a process in KiB (Linux), 0 where /proc is missing."""
+def proc_status(pid: int, field: str) -> int:
+    """A number from /proc/PID/status (VmRSS in KiB, Threads), 0 where /proc is missing."""
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def rss_kb(pid: int) -> int:
+    """Resident memory of a process in KiB (Linux), 0 where /proc is missing."""
+    return proc_status(pid, "VmRSS")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -4884,7 +5020,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_bench_processes(folder: str):
-    """Start the fake upstream and a claudeflare server as separate processes."""
+    """Start the fake upstream and a claudeflare server with one account, as separate processes.
+
+    The server runs with its default settings (INFO logging), unless BENCH_LOG_LEVEL says.
+    """
     upstream = subprocess.Popen([sys.executable, __file__, "upstream"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True)
     upstream_url = upstream.stdout.readline().strip()
@@ -4893,11 +5032,49 @@ def start_bench_processes(folder: str):
                CLAUDEFLARE_DB_PATH=os.path.join(folder, "claudeflare.db"),
                CLAUDEFLARE_LOG_DIR=os.path.join(folder, "logs"),
                LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "INFO"))
-    proxy = subprocess.Popen([sys.executable, os.path.join(HERE, "claudeflare.py"), "serve",
-                              "--port", "0"], env=env, stdout=subprocess.PIPE, text=True)
+    script = os.path.join(HERE, "claudeflare.py")
+    subprocess.run([sys.executable, script, "add", "bench", "--api-key"], env=env, check=True,
+                   input="sk-ant-api03-bench\n", text=True, stdout=subprocess.DEVNULL)
+    proxy = subprocess.Popen([sys.executable, script, "serve", "--port", "0"], env=env,
+                             stdout=subprocess.PIPE, text=True)
     line = proxy.stdout.readline()
     proxy_port = int(line.rsplit(":", 1)[1])
     return upstream, int(upstream_url.rsplit(":", 1)[1]), proxy, proxy_port
+
+
+def bench_scenarios(scale: float) -> list[tuple[str, list[bytes], dict, int, int]]:
+    """Return the measured workloads: name, bodies, headers, concurrency, requests."""
+    plain = [bench_body(stream=False)]
+    stream = [bench_body(stream=True, fake_words=BENCH_WORDS)]
+    long_stream = [bench_body(stream=True, fake_words=BENCH_LONG_WORDS)]
+    big = [claude_code_body()]
+    count = lambda base: max(20, int(base * scale))  # noqa: E731
+    return [("plain c=1", plain, {}, 1, count(1000)),
+            (f"stream{events_of(BENCH_WORDS)} c=1", stream, {}, 1, count(1000)),
+            (f"stream{events_of(BENCH_LONG_WORDS)} c=1", long_stream, {}, 1, count(300)),
+            ("plain c=8", plain, {}, 8, count(3000)),
+            (f"stream{events_of(BENCH_WORDS)} c=8", stream, {}, 8, count(3000)),
+            ("300KB+sid c=1", big, BENCH_SESSION_HEADER, 1, count(300)),
+            ("300KB c=1", big, {}, 1, count(300))]
+
+
+def measure(port: int, proxy_pid: int, bodies: list[bytes], headers: dict, concurrency: int,
+            total: int) -> dict:
+    """Warm up, then run one load: rate, latency and first-byte percentiles (ms), proxy CPU."""
+    bench_load(port, bodies, concurrency, 5 * concurrency, headers)
+    cpu_before = cpu_seconds(proxy_pid)
+    rate, latencies, first_bytes = bench_load(port, bodies, concurrency, total, headers)
+    return {"rate": rate, "p50": percentile(latencies, 0.5) * 1000,
+            "p99": percentile(latencies, 0.99) * 1000,
+            "first50": percentile(first_bytes, 0.5) * 1000,
+            "first99": percentile(first_bytes, 0.99) * 1000,
+            "cpu": (cpu_seconds(proxy_pid) - cpu_before) / total * 1e6}
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """Median and range of repeated measurements: `1.23 [1.10-1.40]`."""
+    return (f"{statistics.median(values):.{digits}f} "
+            f"[{min(values):.{digits}f}-{max(values):.{digits}f}]")
 
 
 def bench_long_stream(proxy: subprocess.Popen, port: int, size: int = 50 * 1024 * 1024) -> None:
@@ -5000,42 +5177,215 @@ def bench_request_log(folder: str, rows: int) -> None:
         server.stdout.close()
 
 
-def run_bench(argv: list[str]) -> int:
-    """Measure direct-to-upstream against through-the-proxy in one run and print the ratios.
+def bench_slow_streams(port: int, pid: int, count: int, interval: float) -> dict:
+    """Hold `count` slow streams open at once (11 events, `interval` s apart); watch memory.
 
-    Then time the API on a request log of a million records.
+    One selector drives every client socket, so the bench itself needs no thread per stream.
+    Return how many completed, the first-event times (ms), and the process's peak RSS (KiB)
+    and threads.
     """
+    body = bench_body(stream=True, fake_words=BENCH_WORDS, fake_interval=interval)
+    request = (b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+               % (port, len(body), body))
+    peak = {"rss": rss_kb(pid), "threads": proc_status(pid, "Threads")}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.05):
+            peak["rss"] = max(peak["rss"], rss_kb(pid))
+            peak["threads"] = max(peak["threads"], proc_status(pid, "Threads"))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    selector = selectors.DefaultSelector()
+    first_events: list[float] = []
+    completed = 0
+    probe: dict = {}
+
+    def run_probe() -> None:
+        """Once every stream is open, time the first event of ordinary streams meanwhile."""
+        while len(first_events) < count and not done.wait(0.05):
+            pass
+        _, _, first_bytes = bench_load(port, [bench_body(stream=True, fake_words=BENCH_WORDS)],
+                                       1, 200)
+        probe["first50"] = percentile(first_bytes, 0.5) * 1000
+        probe["first99"] = percentile(first_bytes, 0.99) * 1000
+
+    prober = threading.Thread(target=run_probe)
+    prober.start()
+    try:
+        for _ in range(count):
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+            selector.register(client, selectors.EVENT_WRITE,
+                              {"started": time.perf_counter(), "data": bytearray()})
+        deadline = time.monotonic() + interval * 10 + 60
+        while selector.get_map() and time.monotonic() < deadline:
+            for key, mask in selector.select(1):
+                client, state = key.fileobj, key.data
+                if mask & selectors.EVENT_WRITE:
+                    client.sendall(request)
+                    selector.modify(client, selectors.EVENT_READ, state)
+                    continue
+                try:
+                    data = client.recv(65536)
+                except ConnectionError:
+                    data = b""
+                state["data"] += data
+                if "first" not in state and b"event:" in state["data"]:
+                    state["first"] = time.perf_counter() - state["started"]
+                    first_events.append(state["first"])
+                if not data or state["data"].endswith(b"\r\n0\r\n\r\n"):
+                    completed += b"message_stop" in state["data"] and bool(data)
+                    selector.unregister(client)
+                    client.close()
+    finally:
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+        selector.close()
+        done.set()
+        watcher.join()
+        prober.join()
+    return {"completed": completed, "first50": percentile(first_events or [0], 0.5) * 1000,
+            "first99": percentile(first_events or [0], 0.99) * 1000,
+            "probe50": probe.get("first50", 0.0), "probe99": probe.get("first99", 0.0),
+            "peak_rss": peak["rss"], "peak_threads": peak["threads"]}
+
+
+def run_bench(argv: list[str]) -> int:
+    """Measure direct-to-upstream against through-the-proxy in one run; print the targets.
+
+    BENCH_ROUNDS rounds measure each workload direct and proxied in turns (medians and ranges
+    over the rounds); then 1,000 slow streams at once, a 100,000-request soak, a 50 MB stream,
+    and the API on a request log of a million records. `bench 0.2` runs a fifth of each.
+    """
+    import resource  # Unix only, as the bench is
     scale = float(argv[0]) if argv else 1.0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    streams = max(100, int(1000 * min(scale, 1.0)))
+    wanted = 4 * streams + 256  # the bench's, the proxy's (two each) and the upstream's sockets
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
     folder = tempfile.mkdtemp(prefix="claudeflare-bench-")
     upstream, upstream_port, proxy, proxy_port = start_bench_processes(folder)
+    targets = (("direct", upstream_port), ("proxy", proxy_port))
     try:
-        time.sleep(0.5)
+        time.sleep(1.0)
         idle_rss = rss_kb(proxy.pid)
-        print(f"{'scenario':<16}{'target':<8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
-              f"{'proxy CPU us/req':>18}")
-        results = {}
-        for stream in (False, True):
-            for concurrency in (1, 8):
-                total = int((1500 if concurrency == 1 else 4000) * scale)
-                for target, port in (("direct", upstream_port), ("proxy", proxy_port)):
-                    bench_load(port, stream, concurrency, 50, 5)  # warm up the connections
-                    cpu_before = cpu_seconds(proxy.pid)
-                    rate, latencies = bench_load(port, stream, concurrency, total, 20)
-                    proxy_cpu = (cpu_seconds(proxy.pid) - cpu_before) / len(latencies) * 1e6
-                    name = f"{'stream' if stream else 'plain'} c={concurrency}"
-                    results[name, target] = (rate, percentile(latencies, 0.5) * 1000,
-                                             percentile(latencies, 0.99) * 1000)
-                    print(f"{name:<16}{target:<8}{rate:>9.0f}{results[name, target][1]:>9.3f}"
-                          f"{results[name, target][2]:>9.3f}"
-                          f"{proxy_cpu if target == 'proxy' else 0:>18.0f}", flush=True)
+        scenarios = bench_scenarios(scale)
+        runs: dict[tuple[str, str], list[dict]] = collections.defaultdict(list)
+        print(f"{BENCH_ROUNDS} rounds; each measures every workload direct and through the "
+              f"proxy (one account, default settings), the order alternating by round")
+        print(f"{'round':<7}{'scenario':<16}{'direct r/s':>11}{'proxy r/s':>10}{'ratio':>7}"
+              f"{'+p50 ms':>9}{'+p99 ms':>9}{'+1st ms':>9}{'CPU us/req':>12}")
+        for round_number in range(BENCH_ROUNDS):
+            for name, bodies, headers, concurrency, total in scenarios:
+                for target, port in (targets if round_number % 2 == 0 else targets[::-1]):
+                    runs[name, target].append(measure(port, proxy.pid, bodies, headers,
+                                                      concurrency, total))
+                direct, through = runs[name, "direct"][-1], runs[name, "proxy"][-1]
+                print(f"{round_number + 1:<7}{name:<16}{direct['rate']:>11.0f}"
+                      f"{through['rate']:>10.0f}{through['rate'] / direct['rate']:>7.2f}"
+                      f"{through['p50'] - direct['p50']:>9.3f}"
+                      f"{through['p99'] - direct['p99']:>9.3f}"
+                      f"{through['first50'] - direct['first50']:>9.3f}"
+                      f"{through['cpu']:>12.0f}", flush=True)
+        loaded_rss = rss_kb(proxy.pid)
+
+        def per_round(name: str, value: Callable[[dict, dict], float]) -> list[float]:
+            return [value(direct, through) for direct, through
+                    in zip(runs[name, "direct"], runs[name, "proxy"])]
+
+        print(f"\n{'scenario':<16}{'throughput ratio':>20}{'added p50 ms':>22}"
+              f"{'added p99 ms':>22}{'proxy CPU us/req':>22}")
+        for name, *_ in scenarios:
+            print(f"{name:<16}"
+                  f"{spread(per_round(name, lambda d, t: t['rate'] / d['rate'])):>20}"
+                  f"{spread(per_round(name, lambda d, t: t['p50'] - d['p50']), 3):>22}"
+                  f"{spread(per_round(name, lambda d, t: t['p99'] - d['p99']), 3):>22}"
+                  f"{spread(per_round(name, lambda d, t: t['cpu']), 0):>22}")
+
+        print(f"\n{streams} slow streams at once, each {BENCH_WORDS * 2 + 1} events 0.5 s apart:")
+        slow = {}
+        for target, port in targets:
+            before = rss_kb(proxy.pid)
+            slow[target] = bench_slow_streams(port, proxy.pid, streams, 0.5)
+            time.sleep(2.0)  # the proxy's threads end with their connections
+            slow[target]["before"], slow[target]["after"] = before, rss_kb(proxy.pid)
+            print(f"  {target:<7} completed {slow[target]['completed']}/{streams}, first event "
+                  f"p50 {slow[target]['first50']:.1f} ms, p99 {slow[target]['first99']:.1f} ms; "
+                  f"meanwhile a short stream's first event p50 {slow[target]['probe50']:.2f} ms,"
+                  f" p99 {slow[target]['probe99']:.2f} ms"
+                  + (f"; proxy RSS {before / 1024:.1f} MB before, peak "
+                     f"{slow[target]['peak_rss'] / 1024:.1f} MB "
+                     f"({slow[target]['peak_threads']} threads), "
+                     f"{slow[target]['after'] / 1024:.1f} MB after" if target == "proxy"
+                     else ""), flush=True)
+
+        soak = int(100_000 * scale)
+        soak_bodies = [bench_body(stream=False), bench_body(stream=True, fake_words=BENCH_WORDS)]
+        started = time.perf_counter()
+        bench_load(proxy_port, soak_bodies, 4, soak // 10)
+        soak_first = rss_kb(proxy.pid)
+        bench_load(proxy_port, soak_bodies, 4, soak - soak // 10)
+        soak_end = rss_kb(proxy.pid)
+        print(f"\nsoak: {soak:,} requests (plain and streamed, 4 connections) in "
+              f"{time.perf_counter() - started:.0f}s: proxy RSS {soak_first / 1024:.1f} MB "
+              f"after {soak // 10:,}, {soak_end / 1024:.1f} MB at the end")
+        print(f"proxy RSS: {idle_rss / 1024:.1f} MB idle after start, "
+              f"{loaded_rss / 1024:.1f} MB after the rounds")
+
+        def cpu(name: str) -> list[float]:
+            return [run["cpu"] for run in runs[name, "proxy"]]
+
+        short, long = (f"stream{events_of(words)} c=1" for words in (BENCH_WORDS,
+                                                                     BENCH_LONG_WORDS))
+        chunks = events_of(BENCH_LONG_WORDS) - events_of(BENCH_WORDS)
+        per_chunk = [(b - a) / chunks for a, b in zip(cpu(short), cpu(long))]
+        stream_base = [a - c * events_of(BENCH_WORDS) for a, c in zip(cpu(short), per_chunk)]
+        added = {name: per_round(name, lambda d, t: t["p50"] - d["p50"])
+                 for name, *_ in scenarios}
+        rows = [
+            ("CPU per plain request (us)", cpu("plain c=1"), 0, "<=", 350),
+            ("CPU per stream, fixed part (us)", stream_base, 0, "<=", 350),
+            ("CPU per upstream chunk (us)", per_chunk, 1, "<=", 40),
+            ("added p50, plain c=1 (ms)", added["plain c=1"], 3, "<=", 0.3),
+            ("added p50, first SSE byte c=1 (ms)",
+             per_round(short, lambda d, t: t["first50"] - d["first50"]), 3, "<=", 0.3),
+            ("added p99, plain c=1 (ms)", per_round("plain c=1",
+                                                    lambda d, t: t["p99"] - d["p99"]),
+             3, "<=", 1.5),
+            ("added p99, first SSE byte c=1 (ms)",
+             per_round(short, lambda d, t: t["first99"] - d["first99"]), 3, "<=", 1.5),
+            ("c=8 throughput ratio, plain", per_round(
+                "plain c=8", lambda d, t: t["rate"] / d["rate"]), 2, ">=", 0.7),
+            ("c=8 throughput ratio, stream", per_round(
+                short.replace("c=1", "c=8"), lambda d, t: t["rate"] / d["rate"]), 2, ">=", 0.7),
+            ("300 KB body added p50, session id (ms)", added["300KB+sid c=1"], 3, "<=", 0.6),
+            ("300 KB body added p50, no id (ms)", added["300KB c=1"], 3, "<=", 0.6),
+            (f"slow streams completed (of {streams})", [slow["proxy"]["completed"]], 0, ">=",
+             streams),
+            ("first event added meanwhile, p50 (ms)",
+             [slow["proxy"]["probe50"] - slow["direct"]["probe50"]], 3, "<=", 0.3),
+            ("first event added meanwhile, p99 (ms)",
+             [slow["proxy"]["probe99"] - slow["direct"]["probe99"]], 3, "<=", 1.5),
+            ("slow streams peak RSS (MB)", [slow["proxy"]["peak_rss"] / 1024], 1, "<=", 150),
+            ("slow streams RSS after, above before (MB)",
+             [(slow["proxy"]["after"] - slow["proxy"]["before"]) / 1024], 1, "<=", 5),
+            ("soak RSS growth after the first 10% (MB)", [(soak_end - soak_first) / 1024],
+             1, "<=", 5),
+            ("idle RSS (MB)", [idle_rss / 1024], 1, "<=", 35),
+        ]
+        print(f"\n{'target':<42}{'measured: median [range]':>28}{'goal':>10}  met")
+        for label, values, digits, sense, goal in rows:
+            value = statistics.median(values)
+            met = value <= goal if sense == "<=" else value >= goal
+            shown = spread(values, digits) if len(values) > 1 else f"{value:.{digits}f}"
+            print(f"{label:<42}{shown:>28}{sense + ' ' + str(goal):>10}  "
+                  f"{'yes' if met else 'NO'}")
         print()
-        print(f"{'scenario':<16}{'throughput ratio':>18}{'added p50 ms':>14}{'added p99 ms':>14}")
-        for name in dict.fromkeys(key[0] for key in results):
-            direct, through = results[name, "direct"], results[name, "proxy"]
-            print(f"{name:<16}{through[0] / direct[0]:>18.2f}{through[1] - direct[1]:>14.3f}"
-                  f"{through[2] - direct[2]:>14.3f}")
-        print(f"\nproxy RSS: {idle_rss / 1024:.1f} MB idle after start, "
-              f"{rss_kb(proxy.pid) / 1024:.1f} MB after the load")
         bench_long_stream(proxy, proxy_port)
     finally:
         proxy.terminate()
