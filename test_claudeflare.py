@@ -29,6 +29,7 @@ import http.server
 import io
 import json
 import logging
+import math
 import os
 import plistlib
 import socket
@@ -5031,7 +5032,9 @@ def start_bench_processes(folder: str):
                CLAUDEFLARE_CONFIG_PATH=os.path.join(folder, "config.json"),
                CLAUDEFLARE_DB_PATH=os.path.join(folder, "claudeflare.db"),
                CLAUDEFLARE_LOG_DIR=os.path.join(folder, "logs"),
-               LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "INFO"))
+               LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "INFO"),
+               # Room for the 1,000 slow streams and the probes beside them (default 1,000).
+               CLAUDEFLARE_MAX_CONNECTIONS="2000")
     script = os.path.join(HERE, "claudeflare.py")
     subprocess.run([sys.executable, script, "add", "bench", "--api-key"], env=env, check=True,
                    input="sk-ant-api03-bench\n", text=True, stdout=subprocess.DEVNULL)
@@ -5250,7 +5253,7 @@ def bench_slow_streams(port: int, pid: int, count: int, interval: float) -> dict
         prober.join()
     return {"completed": completed, "first50": percentile(first_events or [0], 0.5) * 1000,
             "first99": percentile(first_events or [0], 0.99) * 1000,
-            "probe50": probe.get("first50", 0.0), "probe99": probe.get("first99", 0.0),
+            "probe50": probe.get("first50", math.inf), "probe99": probe.get("first99", math.inf),
             "peak_rss": peak["rss"], "peak_threads": peak["threads"]}
 
 
