@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Tests for claudeflare.py, end to end through real sockets, and its benchmark.
 
-  python3 -X dev -W error test_claudeflare.py     run every test (make test)
+  python3 -X dev -W error test_claudeflare.py     run every test (make test), in 4 processes
+  python3 -X dev -W error test_claudeflare.py TestRelay TestApi.test_mutating_endpoints
+                                                  run some tests, in this process
   python3 test_claudeflare.py bench               direct-to-upstream vs through-the-proxy
   python3 test_claudeflare.py upstream            run the fake Anthropic API alone (prints its URL)
 
@@ -1371,6 +1373,7 @@ class TestSettings(CliTestCase):
         claudeflare.ConfigFile(os.path.join(nested, "config", "config.json")).read()
         logs = claudeflare.LogSetup("INFO", "pretty", os.path.join(nested, "logs"), False)
         logs.close()
+        claudeflare.log.setLevel(logging.DEBUG)  # as the other tests expect
         for path in ("data/claudeflare.db", "data/claudeflare.db-wal", "config/config.json",
                      "logs/app.log"):
             full = os.path.join(nested, path)
@@ -5408,8 +5411,47 @@ def run_bench(argv: list[str]) -> int:
 # Runner ######################################################################
 ###############################################################################
 
+#: Processes the whole suite is spread over. Its tests mostly wait (for servers, timeouts,
+#: background threads' turns), so several at once finish far sooner, even on two cores.
+TEST_WORKERS = 4
+SUMMARY = re.compile(r"^(\d+) passed, (\d+) failed, (\d+) skipped$", re.M)
+
+
+def run_in_parallel() -> int:
+    """Run every TestCase class in TEST_WORKERS processes; print their summaries added up.
+
+    Each process runs with the interpreter flags of this one (-X dev -W error), so each fails
+    on what the whole run would fail on; what a failing one printed is shown whole.
+    """
+    loader = unittest.defaultTestLoader
+    tests = [f"{name}.{test}" for name, value in vars(sys.modules[__name__]).items()
+             if isinstance(value, type) and issubclass(value, unittest.TestCase)
+             for test in loader.getTestCaseNames(value)]
+    groups = [tests[start::TEST_WORKERS] for start in range(TEST_WORKERS)]  # slow ones spread
+    started = time.monotonic()
+    workers = [subprocess.Popen([sys.executable, *subprocess._args_from_interpreter_flags(),
+                                 __file__, *group], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+               for group in groups if group]
+    totals = [0, 0, 0]
+    for worker in workers:
+        out, _ = worker.communicate()
+        summary = SUMMARY.findall(out)
+        if worker.returncode or not summary:
+            print(out, end="")
+        else:
+            print(next(line for line in out.splitlines() if line.startswith("Ran ")))
+        counts = summary[-1] if summary else (0, 1, 0)  # a process that died: one failure
+        totals = [total + int(count) for total, count in zip(totals, counts)]
+    print(f"{sum(totals)} tests in {time.monotonic() - started:.1f}s, {len(workers)} processes")
+    print(f"{totals[0]} passed, {totals[1]} failed, {totals[2]} skipped")
+    return 1 if totals[1] else 0
+
+
 def run_tests(argv: list[str]) -> int:
     """Run the suite; print `N passed, N failed, N skipped` last and return the exit status."""
+    if not argv:
+        return run_in_parallel()
     loader = unittest.defaultTestLoader
     module = sys.modules[__name__]
     suite = (loader.loadTestsFromNames(argv, module) if argv
