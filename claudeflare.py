@@ -9,14 +9,15 @@ relays every /v1 request to the Anthropic API, streaming answers through as they
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
-    "Account", "App", "Check", "ClaudeflareError", "ClientKey", "OAuthClient", "PkceLogin",
-    "ProxyHandler", "ProxyServer", "RateLimit", "SETTINGS", "STRATEGIES", "Settings", "Store",
-    "TokenKeeper", "Upstream", "UpstreamError", "Usage", "UsageReader", "build_parser",
-    "conversation_key", "launchd_plist", "load_settings", "main", "make_server",
-    "parse_rate_limit", "price_of", "redact", "render_status_page", "run_doctor",
-    "server_tls_context", "service_plan", "systemd_unit",
+    "Account", "App", "Check", "ChunkedFraming", "ClaudeflareError", "ClientKey",
+    "LoginListener", "OAuthClient", "PkceLogin", "ProxyHandler", "ProxyServer", "RateLimit",
+    "SETTINGS", "STRATEGIES", "Settings", "Store", "TokenKeeper", "Upstream", "UpstreamError",
+    "Usage", "UsagePoller", "UsageReader", "build_parser", "can_serve", "conversation_key",
+    "is_loopback", "launchd_plist", "load_settings", "main", "make_server", "order_accounts",
+    "parse_rate_limit", "price_of", "redact", "render_status_page", "resolve_dot_segments",
+    "run_doctor", "server_tls_context", "service_plan", "systemd_unit", "usage_fields",
 ]
 
 import argparse
