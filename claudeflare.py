@@ -60,6 +60,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -81,8 +82,9 @@ CONNECT_TIMEOUT_S = 10.0
 #: Stack size of the server's threads, one per client connection. Only the pages used count
 #: towards memory, but every thread reserves all of it: at glibc's default of 8 MB, 1,000
 #: streams reserve 9 GB, which a system that does not overcommit memory refuses. Python code
-#: recursing through C (json.loads of deeply nested input) crashes below 1 MB.
-THREAD_STACK_BYTES = 2 * 1024 * 1024
+#: recursing through C (json.loads of deeply nested input) crashes below 1 MB. Python 3.13
+#: lets C recurse 10,000 levels deep, sized for the default stack: there, 0 keeps the default.
+THREAD_STACK_BYTES = 2 * 1024 * 1024 if sys.version_info < (3, 13) else 0
 #: Seconds an idle client keep-alive connection may hold a thread before it is closed.
 CLIENT_IDLE_TIMEOUT_S = 120.0
 #: Seconds answers cut at shutdown get to tell their clients and be recorded.
@@ -368,6 +370,11 @@ def iso_time(ms: int | None) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+#: What reading JSON from outside can raise: it is invalid, or nested deeper than Python
+#: recurses (a RecursionError, which no `except ValueError` catches).
+JSON_ERRORS = (ValueError, RecursionError)
+
+
 def json_bytes(value: Any) -> bytes:
     """Encode a value as compact UTF-8 JSON."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
@@ -440,11 +447,11 @@ def release_free_memory() -> None:
     The C allocator keeps what Python frees (such as what the threads of a burst of streams
     used) for reuse; glibc's malloc_trim returns it. Elsewhere this does nothing.
     """
-    import ctypes  # only the server needs it, once in a while
     try:
+        import ctypes  # only the server needs it, once in a while
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass  # not glibc (macOS, musl, Windows): nothing to trim this way
+    except (ImportError, OSError, AttributeError, TypeError):
+        pass  # not glibc (macOS, musl, Windows), or no ctypes: nothing to trim this way
 
 
 ###############################################################################
@@ -697,7 +704,7 @@ class ConfigFile:
             values = json.loads(text)
             if not isinstance(values, dict):
                 raise ValueError("the top level must be a JSON object")
-        except ValueError as error:
+        except JSON_ERRORS as error:
             return self.set_aside(error, writable)
         if writable and FIRST_RUN_KEYS <= set(values):
             chosen = {key: value for key, value in values.items()
@@ -1918,6 +1925,8 @@ def read_header_block(stream: Any) -> Headers:
 
 #: A chunk size line: hexadecimal digits only (int() would also take "-1" or "0x10").
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: The most of a cut chunk that is padded so that an error event can follow it.
+MAX_CHUNK_PADDING = 64 * 1024
 #: The longest chunk size line (with extensions) or trailer line of a relayed body.
 MAX_CHUNK_LINE_BYTES = 4096
 
@@ -2003,10 +2012,11 @@ class ChunkedFraming:
             forward = buffer[:position]
         return forward, b"".join(payload)
 
-    def close_chunk(self) -> bytes:
-        """Return what ends a chunk the client got part of: newlines for the rest, and CRLF."""
+    def close_chunk(self) -> bytes | None:
+        """Return what ends a chunk the client got part of: newlines for the rest, and CRLF;
+        None when too much of it is missing to pad (the client then sees a cut)."""
         if self.state == self.DATA:
-            return b"\n" * self.left + b"\r\n"
+            return b"\n" * self.left + b"\r\n" if self.left <= MAX_CHUNK_PADDING else None
         if self.state == self.DATA_END:
             return b"\r\n"
         return b""
@@ -2223,6 +2233,9 @@ class Upstream:
             connection.connect()
         except (OSError, http.client.HTTPException) as error:
             connection.close()
+            # Python 3.9's http.client leaves a refused tunnel's answer open in its frame: let it
+            # go now rather than whenever the collector finds it (an unclosed socket).
+            traceback.clear_frames(error.__traceback__)
             if self.proxy is None:
                 raise
             if "Tunnel connection failed" in str(error):
@@ -2553,7 +2566,7 @@ def json_call(client: Upstream, path: str, payload: dict,
     client.release(connection, response)
     try:
         answer = json.loads(data) if data else {}
-    except ValueError:
+    except JSON_ERRORS:
         answer = {}
     return response.status, response.reason, answer if isinstance(answer, dict) else {}
 
@@ -3363,7 +3376,7 @@ class UsagePoller:
             return
         try:
             answer = json.loads(data) if response.status == 200 else None
-        except ValueError:
+        except JSON_ERRORS:
             answer = None
         if not isinstance(answer, dict):
             self.log.debug("Usage read of account %s answered %d without usage", account.name,
@@ -3517,7 +3530,7 @@ class UsageReader:
                         if line.startswith(b"data:"))
         try:
             payload = json.loads(data)
-        except ValueError:
+        except JSON_ERRORS:
             return
         if not isinstance(payload, dict):
             return
@@ -3532,7 +3545,7 @@ class UsageReader:
         if not self.streaming and self.pending:
             try:
                 payload = json.loads(bytes(self.pending))
-            except ValueError:
+            except JSON_ERRORS:
                 payload = None
             if isinstance(payload, dict):
                 self.usage.add(payload.get("usage"), payload.get("model"))
@@ -3772,7 +3785,7 @@ def tail_metadata(body: bytes) -> tuple[Any] | None:
                     return (metadata,)
             elif rest == "}":
                 return (metadata,)
-        except ValueError:
+        except JSON_ERRORS:
             pass  # not at the top level, or not valid JSON: parse the body whole
         return None
 
@@ -3787,7 +3800,7 @@ def metadata_session(metadata: Any) -> str | None:
         return "session:" + match.group(1)
     try:
         described = json.loads(user_id)
-    except ValueError:
+    except JSON_ERRORS:
         return None
     if isinstance(described, dict) and described.get("session_id"):
         return "session:" + str(described["session_id"])[:200]
@@ -3813,17 +3826,17 @@ def conversation_key(headers: Any, body: bytes) -> str | None:
             return session
     try:
         payload = json.loads(body)
-    except ValueError:
+        if not isinstance(payload, dict):
+            return None
+        session = metadata_session(payload.get("metadata"))
+        if session:
+            return session
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return None
+        opening = json.dumps([payload.get("system"), messages[0]], sort_keys=True, default=str)
+    except JSON_ERRORS:  # not JSON, or nested too deep to walk
         return None
-    if not isinstance(payload, dict):
-        return None
-    session = metadata_session(payload.get("metadata"))
-    if session:
-        return session
-    messages = payload.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return None
-    opening = json.dumps([payload.get("system"), messages[0]], sort_keys=True, default=str)
     return "hash:" + hashlib.sha256(opening.encode()).hexdigest()[:32]
 
 
@@ -4061,7 +4074,7 @@ class Answer:
         """The message of an Anthropic error body, or '' when it is not one."""
         try:
             error = json.loads(self.body).get("error")
-        except (ValueError, AttributeError):
+        except (*JSON_ERRORS, AttributeError):
             return ""
         return str(error.get("message", "")) if isinstance(error, dict) else str(error or "")
 
@@ -4305,9 +4318,15 @@ class App:
         self.cutting = True
         with self.idle:
             relaying = [handler.relaying for handler in self.handlers if handler.relaying]
-        for connection in relaying:
-            with contextlib.suppress(OSError, AttributeError):
-                connection.sock.shutdown(socket.SHUT_RDWR)
+        for response in relaying:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                # The response's own socket: its connection may have let go of it already
+                # (an upstream answering Connection: close).
+                far = socket.socket(fileno=response.fp.fileno())
+                try:
+                    far.shutdown(socket.SHUT_RDWR)
+                finally:
+                    far.detach()
         return len(relaying)
 
     def accounts_to_try(self, accounts: list[Account], conversation: str | None, now: int,
@@ -4758,8 +4777,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.app: App = self.server.app
         self.body_read = False
-        #: The upstream connection whose answer is being relayed, for shutdown to cut.
-        self.relaying: http.client.HTTPConnection | None = None
+        #: The upstream answer being relayed, for shutdown to cut.
+        self.relaying: http.client.HTTPResponse | None = None
         #: A body whose conversation is read once the answer is out (routing did not need it).
         self.unread_conversation: bytes | None = None
 
@@ -4777,7 +4796,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self.command, self.path, self.request_version = "", "", "HTTP/1.1"
         self.headers = Headers([])
-        self.body_read = False
+        self.body_read = self.answered = False
         try:
             head = self.read_head()
             if head is None:
@@ -4947,9 +4966,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 component_logger("Server").exception("Unexpected error answering %s %s",
                                                      self.command, self.path.partition("?")[0])
                 self.close_connection = True
-                with contextlib.suppress(OSError):
-                    self.send_json(500, anthropic_error("api_error", "claudeflare failed "
-                                                        "unexpectedly; see its log"))
+                if not self.answered:  # else the client has an answer: only the connection ends
+                    with contextlib.suppress(OSError):
+                        self.send_json(500, anthropic_error("api_error", "claudeflare failed "
+                                                            "unexpectedly; see its log"))
 
     def route(self) -> None:
         """Answer one request: refuse it while stopping, check path, host, key and site, then
@@ -5073,7 +5093,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return {}
         try:
             value = json.loads(body)
-        except ValueError:
+        except JSON_ERRORS:
             raise BadRequest("The request body is not valid JSON") from None
         if not isinstance(value, dict):
             raise BadRequest("The request body must be a JSON object")
@@ -5170,6 +5190,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def head_bytes(self, status: int, reason: str, headers: Iterable[tuple[str, str]]) -> bytes:
         """Build a status line and header block, closing the connection when it must close."""
+        self.answered = True
         if not self.body_read and self.request_has_body():
             # The unread body would be taken for the next request: end this connection instead.
             self.close_connection = True
@@ -5447,7 +5468,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             app.note_success(account)
             app.bind_conversation(record.conversation, account, record.timestamp)
         reader = UsageReader(streaming)
-        if response.length is not None and response.length <= SMALL_BODY_BYTES:
+        bodiless = self.command == "HEAD" or response.status in (204, 304)
+        if response.length is not None and response.length <= SMALL_BODY_BYTES and not bodiless:
             try:
                 answer = self.read_answer(response, connection)
             except UpstreamError as error:
@@ -5572,7 +5594,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         headers = [(name, value) for name, value in forwardable_headers(response.msg)
                    if name.lower() != "content-length"]
         status, reason = response.status, response.reason
-        self.relaying = connection
+        self.relaying = response
         try:
             if self.command == "HEAD" or status in (204, 304) or status < 200:
                 length = response.getheader("Content-Length")
@@ -5599,6 +5621,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 return self.cut_message()
             component_logger("Proxy").warning("Upstream failed during the response: %s", error)
             return f"Upstream failed during the response: {error}"
+        except BaseException:
+            self.close_connection = True
+            connection.close()
+            raise
         finally:
             self.relaying = None
         upstream.release(connection, response)
@@ -5645,6 +5671,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 raise
             if framing is not None:
                 padding = framing.close_chunk()
+                if padding is None:
+                    self.close_connection = True
+                    raise
                 self.wfile.write(padding)
                 tail[:] = (tail + padding[:-2])[-2:]
             separator = b"" if tail.endswith(b"\n\n") else b"\n\n"
@@ -6648,11 +6677,17 @@ class ServerLock:
         self.file.close()
 
 
-#: What the interpreter runs to start this file again as an imported module.
-AS_MODULE = ("import importlib.util, sys\n"
-             "spec = importlib.util.spec_from_file_location('claudeflare', sys.argv.pop(1))\n"
+#: What the interpreter runs to start this file again as an imported module: from this file's
+#: folder, never the current one (-c would put that first on the module path), whatever the
+#: file is called.
+AS_MODULE = ("import os, sys\n"
+             "path = sys.argv.pop(1)\n"
+             "sys.path[0] = os.path.dirname(path)\n"
+             "import importlib.machinery, importlib.util\n"
+             "loader = importlib.machinery.SourceFileLoader('claudeflare', path)\n"
+             "spec = importlib.util.spec_from_loader('claudeflare', loader)\n"
              "module = sys.modules['claudeflare'] = importlib.util.module_from_spec(spec)\n"
-             "spec.loader.exec_module(module)\n"
+             "loader.exec_module(module)\n"
              "sys.exit(module.main())\n")
 
 
@@ -6664,11 +6699,14 @@ def serve_as_module() -> None:
     imported module's are freed once it is compiled. exec keeps the process: its pid, open
     files, terminal and signals. (-B: no __pycache__ beside the one file.)
     """
+    if not sys.executable:
+        return  # an embedded or frozen interpreter: serve as the script, then
     flags = subprocess._args_from_interpreter_flags()  # -X dev, -W error, ...
     if "-B" not in flags:
         flags.insert(0, "-B")
-    os.execv(sys.executable, [sys.executable, *flags, "-c", AS_MODULE,
-                              os.path.abspath(__file__), *sys.argv[1:]])
+    with contextlib.suppress(OSError):  # could not: serve as the script, then
+        os.execv(sys.executable, [sys.executable, *flags, "-c", AS_MODULE,
+                                  os.path.abspath(__file__), *sys.argv[1:]])
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:

@@ -751,7 +751,13 @@ class TestRelay(ProxyTestCase):
         self.assertEqual((status, json.loads(body)["data"][0]["id"]), (200, "claude-sonnet-4-5"))
         status, headers, body = self.proxy.request("HEAD", "/v1/models")
         self.assertEqual((status, body), (200, b""))
+        self.assertEqual(headers["Content-Length"], str(len(json.dumps(
+            {"data": [{"id": "claude-sonnet-4-5", "type": "model"}]}, separators=(",", ":")))))
         self.assertEqual(self.upstream.requests[-1].method, "HEAD")
+        self.upstream.push(lambda handler, request: handler.wfile.write(
+            b"HTTP/1.1 204 No Content\r\nrequest-id: req_fake\r\n\r\n"))
+        status, headers, body = self.proxy.request("DELETE", "/v1/files/file_1")
+        self.assertEqual((status, body, headers["Content-Length"]), (204, b"", None))
 
     def test_client_connection_is_kept_alive_across_requests(self):
         connection = self.proxy.connect()
@@ -1032,6 +1038,52 @@ class TestHostileRequests(ProxyTestCase):
         held[1].close()
         wait_for(lambda: self.proxy.server.connections == 2, what="a connection to end")
         self.assertEqual(self.proxy.request("GET", "/health")[0], 200)
+
+
+class TestHostileBodies(ProxyTestCase):
+    """Bodies built to break a parser cost the client its request at most, never the server."""
+
+    def test_a_body_nested_too_deep_to_parse_is_relayed_and_the_connection_stays_in_step(self):
+        self.proxy.app.store.add_account("a", "api_key", 1, api_key="sk-ant-api03-aaaa")
+        deep = b'{"messages": [' + b'{"x": ' * 20000 + b'1' + b'}' * 20000 + b']}'
+        connection = self.proxy.connect()
+        self.addCleanup(connection.close)
+        for accounts in (1, 2):  # the conversation read after the answer, then before routing
+            if accounts == 2:
+                self.proxy.app.store.add_account("b", "api_key", 1, api_key="sk-ant-api03-bbbb")
+            connection.request("POST", "/v1/echo", deep)
+            response = connection.getresponse()
+            self.assertEqual((response.status, response.read()), (200, deep))
+            connection.request("GET", "/v1/models")  # the same connection answers in step
+            response = connection.getresponse()
+            self.assertEqual(response.status, 200)
+            self.assertIn(b"claude-sonnet-4-5", response.read())
+        self.proxy.settle()
+        self.assertEqual(self.proxy.app.store.query(
+            "SELECT COUNT(*) FROM requests WHERE path = '/v1/echo'")[0][0], 2)
+        self.assertNotIn("Unexpected error", CAPTURED_LOG.text())
+
+    def test_a_huge_chunk_cut_short_ends_the_stream_without_padding_it(self):
+        def cut_in_a_huge_chunk(handler, request) -> None:
+            handler.start_chunked()
+            handler.send_chunk(message_events()[0])
+            handler.wfile.write(b"40000000\r\nevent: content_block_delta")
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+
+        self.upstream.push(cut_in_a_huge_chunk)
+        started = time.monotonic()
+        connection = self.proxy.connect()
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/messages", b'{"stream": true}')
+        response = connection.getresponse()
+        received = response.read1(65536)
+        with self.assertRaises(http.client.IncompleteRead):
+            while response.read(65536):
+                pass
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertTrue(received.startswith(b"event: message_start"))
+        self.assertNotIn("Unexpected error", CAPTURED_LOG.text())
 
 
 class TestStreaming(ProxyTestCase):
@@ -4257,7 +4309,9 @@ class TestShutdown(ServeTestCase):
         gate = threading.Event()
         self.addCleanup(gate.set)
         events = message_events()
-        self.upstream.push(reply_stream(events, hold_after=2, gate=gate))
+        # Connection: close: the upstream side is let go of by its connection, and still cut.
+        self.upstream.push(reply_stream(events, hold_after=2, gate=gate,
+                                        headers=[("Connection", "close")]))
         server = self.serve(CLAUDEFLARE_SHUTDOWN_TIMEOUT_S="0.5")
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=DEADLINE_S)
         self.addCleanup(connection.close)
@@ -4281,6 +4335,36 @@ class TestShutdown(ServeTestCase):
                          (200, 0, 12))
         self.assertIn("Cut at shutdown: shutdown_timeout_s (0.5s) ran out", rows[0]["error"])
         self.assertIn("cut 1 answers short", server.log())
+
+    def test_serve_runs_from_another_folder_under_another_name(self):
+        elsewhere = os.path.join(self.folder, "bin", "cf")  # no .py: installed as a command
+        os.makedirs(os.path.dirname(elsewhere))
+        shutil.copy(os.path.join(HERE, "claudeflare.py"), elsewhere)
+        work = os.path.join(self.folder, "work")
+        os.makedirs(work)
+        for name in ("queue.py", "secrets.py", "json.py"):  # files that would shadow modules
+            with open(os.path.join(work, name), "w") as out:
+                out.write("raise SystemExit(7)\n")
+        env = dict(os.environ, CLAUDEFLARE_UPSTREAM_URL=self.upstream.url,
+                   CLAUDEFLARE_CONFIG_PATH=os.path.join(self.folder, "config.json"),
+                   CLAUDEFLARE_DB_PATH=os.path.join(self.folder, "claudeflare.db"),
+                   CLAUDEFLARE_LOG_DIR=os.path.join(self.folder, "logs"))
+        with subprocess.Popen([sys.executable, elsewhere, "serve", "--port", "0"], cwd=work,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) as process:
+            try:
+                line = process.stdout.readline()
+                self.assertIn("listening on", line, process.stderr.read() if not line else "")
+                port = int(line.rsplit(":", 1)[1])
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
+                connection.request("GET", "/health")
+                self.assertEqual(connection.getresponse().status, 200)
+                connection.close()
+            finally:
+                process.send_signal(signal.SIGTERM)
+                out, err = process.communicate(timeout=DEADLINE_S)
+        self.assertEqual(process.returncode, 0, err)
+        self.assertFalse(os.path.exists(os.path.join(self.folder, "bin", "__pycache__")))
 
     def test_a_second_signal_exits_at_once(self):
         gate = threading.Event()
