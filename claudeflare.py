@@ -160,8 +160,6 @@ def number(minimum: float, maximum: float, inclusive: bool = False) -> Callable[
     return parse
 
 
-#: A whole number that may be zero (counts, delays in ms).
-parse_count = whole_number(0, 10 ** 9)
 #: A whole number greater than zero.
 parse_positive_int = whole_number(1, 10 ** 9)
 DAY_S = 24 * 3600
