@@ -1927,6 +1927,8 @@ CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 MAX_CHUNK_PADDING = 64 * 1024
 #: The longest chunk size line (with extensions) or trailer line of a relayed body.
 MAX_CHUNK_LINE_BYTES = 4096
+#: The largest trailer section of a request body.
+MAX_TRAILER_BYTES = 16 * 1024
 
 
 class ChunkedFraming:
@@ -4664,6 +4666,12 @@ HTTP_VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
 #: CR, NUL, ...). Bytes from 0x80 are obs-text, allowed in values.
 FORBIDDEN_HEAD_BYTES = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
 CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+#: A chunk size line (RFC 9112 section 7.1.1): the size, then ;name or ;name=value extensions
+#: (a token or a quoted string), optional whitespace around ; and =.
+CHUNK_LINE = re.compile(
+    rb"(" + CHUNK_SIZE.pattern + rb")(?:[ \t]*;[ \t]*" + HTTP_TOKEN.pattern
+    + rb"(?:[ \t]*=[ \t]*(?:" + HTTP_TOKEN.pattern
+    + rb'|"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"))?)*[ \t]*\r?\n')
 #: Methods the proxy relays (and the local endpoints answer); others get 501.
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 #: The request line and headers together may be at most this large.
@@ -4892,6 +4900,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.path = "/" + self.path.lstrip("/")
         self.request_version = "HTTP/1.0" if version == b"HTTP/1.0" else "HTTP/1.1"
         self.headers = self.parse_header_lines(lines[1:])
+        if len(self.headers.get_all("Host", [])) > 1:  # RFC 9112 section 3.2
+            raise RequestRefused(400, "More than one Host header: send one")
         self.check_framing()
         connection = self.headers.get("Connection", "").lower()
         self.close_connection = ("close" in connection
@@ -5238,17 +5248,22 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return body
 
     def read_chunked_body(self) -> bytes:
-        """Decode a chunked request body, stopping as soon as it passes the size limit."""
+        """Decode a chunked request body (RFC 9112 section 7.1), stopping as soon as it passes
+        the size limit.
+
+        Every line is read whole or refused: a line cut at a bound would leave its tail to be
+        read as body or as the next request (smuggling).
+        """
         parts, total = [], 0
         while True:
-            digits = self.rfile.readline(1024).split(b";")[0].strip()
-            if not CHUNK_SIZE.fullmatch(digits):
+            match = CHUNK_LINE.fullmatch(self.read_chunk_line(400, "A chunk size line"))
+            if match is None:
                 raise RequestBodyError(400, "invalid_request_error",
-                                       "Malformed chunked request body")
-            size = int(digits, 16)
+                                       "Malformed chunked request body: a chunk size line is "
+                                       "hexadecimal digits, then ;name=value extensions")
+            size = int(match.group(1), 16)
             if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass
+                self.read_trailer_section()
                 return b"".join(parts)
             total += size
             if total > MAX_BODY_BYTES:
@@ -5256,7 +5271,38 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             parts.append(self.rfile.read(size))
             if len(parts[-1]) < size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
                 raise RequestBodyError(400, "invalid_request_error",
-                                       "Malformed chunked request body")
+                                       "Malformed chunked request body: chunk data longer "
+                                       "than its size, or cut short")
+
+    def read_chunk_line(self, status: int, what: str) -> bytes:
+        """Read one whole line of chunked framing, refusing it with `status` past the bound."""
+        line = self.rfile.readline(MAX_CHUNK_LINE_BYTES + 1)
+        if line.endswith(b"\n"):
+            return line
+        if len(line) > MAX_CHUNK_LINE_BYTES:
+            raise RequestBodyError(status, "invalid_request_error",
+                                   f"{what} is longer than {MAX_CHUNK_LINE_BYTES} bytes")
+        raise RequestBodyError(400, "invalid_request_error",
+                               "The chunked request body ended before its last chunk")
+
+    def read_trailer_section(self) -> None:
+        """Read and check the trailer fields after the last chunk; they are not relayed."""
+        lines, size = [], 0
+        while True:
+            line = self.read_chunk_line(431, "A trailer line")
+            if line in (b"\r\n", b"\n"):
+                break
+            size += len(line)
+            if size > MAX_TRAILER_BYTES:
+                raise RequestBodyError(431, "invalid_request_error",
+                                       f"The trailer section is larger than "
+                                       f"{MAX_TRAILER_BYTES // 1024} KB")
+            lines.append(line[:-1])
+        try:
+            self.parse_header_lines(lines)
+        except RequestRefused as refusal:
+            raise RequestBodyError(refusal.status, "invalid_request_error",
+                                   f"In the trailer section: {refusal}") from None
 
     def discard_rest_of_request(self) -> None:
         """Read and drop what the client is still sending after an early error answer.

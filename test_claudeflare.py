@@ -968,6 +968,7 @@ class TestHostileRequests(ProxyTestCase):
             b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n": 400,
             "Content-Length: \u0662\r\n".encode(): 400,
             b"Content-Length: -2\r\n": 400,
+            b"Content-Length: 2\r\nHost: evil.example\r\n": 400,
         }
         for headers, expected in cases.items():
             status, answer_headers, body = raw_answer(
@@ -990,6 +991,32 @@ class TestHostileRequests(ProxyTestCase):
                                      .encode())
         self.assertEqual(status, 400)
         self.assertEqual(self.upstream.requests, [])
+
+    def test_long_chunk_lines_never_hide_a_request(self):
+        hidden = b"GET /v1/models?x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        chunked = (b"POST /v1/echo HTTP/1.1\r\nHost: localhost\r\n"
+                   b"Transfer-Encoding: chunked\r\n\r\n")
+        # A 1 KB extension is read whole: "ab" is the body, the next request only carries text.
+        second = b"0\r\n\r\n" + hidden
+        head = (b"POST /v1/echo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\nX-Pad: " % len(second))
+        head += b"p" * (166 - 2 - len(head)) + b"\r\n"  # a cut line would end right there
+        reply = raw_http(self.proxy.port, chunked + b"2;" + b"e" * 1022 + b"zz\r\nab\r\n0\r\n"
+                         b"\r\n" + head + b"\r\n" + second)
+        self.assertEqual([(r.method, r.body) for r in self.upstream.requests],
+                         [("POST", b"ab"), ("POST", second)])
+        self.assertEqual(reply.count(b"HTTP/1.1 200 "), 2)
+        # Lines past the bound, or a trailer hiding a request line, end the connection.
+        for body, status in ((b"2;" + b"e" * 5000 + b"\r\nab\r\n0\r\n\r\n", 400),
+                             (b"2\r\nab\r\n0\r\nX-T: " + b"t" * 1019 + b"\r\n", 400),
+                             (b"2\r\nab\r\n0\r\nX-T: " + b"t" * 5000 + b"\r\n\r\n", 431),
+                             (b"2\r\nab\r\n0\r\n" + b"X-T: t\r\n" * 3000 + b"\r\n", 431)):
+            reply = raw_http(self.proxy.port, chunked + body + hidden)
+            self.assertEqual(reply.count(b"HTTP/1.1 "), 1, body[:20])
+            status_line, _, rest = reply.partition(b"\r\n")
+            self.assertIn(b" %d " % status, status_line)
+            self.assertIn(b"Connection: close", rest.partition(b"\r\n\r\n")[0])
+        self.assertEqual(len(self.upstream.requests), 2)
 
     def test_client_mistakes_get_400_at_once_without_trying_accounts(self):
         status, _, body = raw_answer(self.proxy.port, "POST /v1/messages/caf\u00e9 HTTP/1.1\r\n"
