@@ -4151,13 +4151,35 @@ def with_credentials(headers: list[tuple[str, str]],
 CREDENTIAL_BYTES = re.compile(rb"(?:sk-ant-[A-Za-z0-9]+-|cfk-)[A-Za-z0-9_\-]+")
 
 
+def account_secrets(account: Account) -> list[bytes]:
+    """Return an account's credentials as they would appear in a body."""
+    return [secret.encode("latin-1", "replace")
+            for secret in (account.api_key, account.access_token, account.refresh_token)
+            if secret and len(secret) >= MIN_SECRET_LENGTH]
+
+
 def scrub_credentials(body: bytes, account: Account) -> bytes:
     """Mask an account's credentials (and any Anthropic key) in an error body the upstream
     echoes, before it reaches a client that must never learn them."""
-    for secret in (account.api_key, account.access_token, account.refresh_token):
-        if secret and len(secret) >= MIN_SECRET_LENGTH:
-            body = body.replace(secret.encode("latin-1", "replace"), b"[REDACTED]")
+    for secret in account_secrets(account):
+        body = body.replace(secret, b"[REDACTED]")
     return CREDENTIAL_BYTES.sub(b"[REDACTED]", body)
+
+
+def same_length_mask(found: re.Match) -> bytes:
+    """Return a mask as long as what it hides."""
+    return b"[REDACTED]".ljust(len(found.group()), b"*")[:len(found.group())]
+
+
+def scrub_relayed(data: bytes, secrets: re.Pattern | None) -> bytes:
+    """Mask credentials in a piece of a relayed answer without changing its length, so that its
+    framing (Content-Length, chunk sizes) still holds: the account's own anywhere, any
+    Anthropic key in a stream's error event as in an error body."""
+    if secrets is not None:
+        data = secrets.sub(same_length_mask, data)
+    if b"event: error" in data and (b"sk-ant-" in data or b"cfk-" in data):
+        data = CREDENTIAL_BYTES.sub(same_length_mask, data)
+    return data
 
 
 def user_agent_product(user_agent: str | None) -> str | None:
@@ -4787,6 +4809,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.relaying: http.client.HTTPResponse | None = None
         #: A body whose conversation is read once the answer is out (routing did not need it).
         self.unread_conversation: bytes | None = None
+        #: The credentials of the account whose answer is relayed, masked in it.
+        self.secrets: re.Pattern | None = None
 
     def log_message(self, format: str, *args: Any) -> None:
         component_logger("Server").debug("%s - " + format, self.address_string(), *args)
@@ -5512,6 +5536,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             app.note_success(account)
             app.bind_conversation(record.conversation, account, record.timestamp)
         reader = UsageReader(streaming)
+        secrets = account_secrets(account) if account is not None else []
+        self.secrets = re.compile(b"|".join(map(re.escape, secrets))) if secrets else None
         bodiless = self.command == "HEAD" or response.status in (204, 304)
         if response.length is not None and response.length <= SMALL_BODY_BYTES and not bodiless:
             try:
@@ -5521,8 +5547,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.send_json(502, anthropic_error("api_error", str(error)))
                 self.finish_record(record, started, 502, str(error))
                 return
-            self.send_answer(answer)
             reader.feed(answer.body)
+            answer.body = scrub_relayed(answer.body, self.secrets)
+            self.send_answer(answer)
             error = None
         else:
             error = self.relay(response, connection, reader.feed)
@@ -5748,7 +5775,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 raise UpstreamError(f"ECONNRESET: {where} closed the connection")
             forward, payload = framing.feed(data)
             if forward:
-                self.wfile.write(forward)
+                self.wfile.write(scrub_relayed(forward, self.secrets))
             if payload:
                 tap(payload)
             if framing.broken:
@@ -5773,7 +5800,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             data = self.read_upstream(response.read1, RELAY_CHUNK_BYTES)
             if not data:
                 break
-            write(data)
+            write(scrub_relayed(data, self.secrets))
             tap(data)
         if response.length:
             raise UpstreamError(f"ECONNRESET: {self.app.upstream.where} ended the body "

@@ -4027,6 +4027,29 @@ class TestSecrets(ServerWithAccounts):
         self.proxy.settle()
         self.assertNotIn("custom-key-0123456789", self.ok("requests"))
 
+    def test_credentials_echoed_in_a_stream_error_event_never_reach_the_client(self):
+        self.ok("add", "odd", "--api-key", stdin="custom-key-0123456789\n")
+        event = sse("error", {"type": "error", "error": {"type": "api_error", "message":
+                              "key custom-key-0123456789 (also sk-ant-api03-other-key) failed"}})
+
+        def chunked(handler, request) -> None:
+            handler.start_chunked()
+            handler.send_chunk(message_events()[0])
+            handler.send_chunk(event)
+            handler.end_chunked()
+
+        def sized(handler, request) -> None:
+            handler.send_whole(200, message_events()[0] + event, "text/event-stream")
+
+        for action in (chunked, sized):
+            self.upstream.push(action)
+            status, _, body = self.post_message(stream=True)
+            self.assertEqual(status, 200)
+            self.assertIn(b"message_start", body)
+            self.assertNotIn(b"custom-key-0123456789", body)
+            self.assertNotIn(b"other-key", body)
+            self.assertIn("[REDACTED]", body.decode())
+
     def test_a_refresh_token_the_token_endpoint_echoes_is_masked_in_the_503_and_the_account(
             self):
         _, refresh = self.add_oauth("max", expires_in_ms=-1000)
