@@ -4052,6 +4052,8 @@ def stats_report(store: Store, now: int) -> dict:
 RELEASE_AFTER_BUSIEST = 64
 #: Every this many requests, conversations past their session are forgotten.
 SESSION_PRUNE_EVERY = 256
+#: The most clients remembered as not Claude Code; past it, those remembered longest go.
+MAX_REMEMBERED_CLIENTS = 1000
 #: A retry waits at most this long; an upstream asking for more sends the request elsewhere.
 MAX_RETRY_WAIT_MS = 30 * 1000
 #: Error messages that mean an account itself is unusable, not the request.
@@ -4229,9 +4231,11 @@ class App:
         self.conversation_counts: dict[int, int] = {}
         #: account id -> how many windowless 429s in a row it got.
         self.cooldowns: dict[int, int] = {}
-        #: Clients (their whole User-Agent and x-app) the API refused on subscription accounts as
-        #: not Claude Code, and until when that is remembered.
-        self.not_claude_code: dict[str, int] = {}
+        #: Clients the API refused on subscription accounts as not Claude Code, and until when
+        #: that is remembered: (who sends, their whole User-Agent and x-app) -> until. Who sends
+        #: is the client key, or the connection without keys, never what another client can send.
+        self.not_claude_code: dict[tuple[str, str], int] = {}
+        self.connection_numbers = itertools.count(1)
         self.writer = BackgroundWriter(store, settings, self.after_write)
         self.refresher = BackgroundRefresher(self.tokens, self.accounts)
         self.usage = UsagePoller(settings, self.accounts, self.tokens, self.apply_usage)
@@ -4352,7 +4356,7 @@ class App:
         return len(relaying)
 
     def accounts_to_try(self, accounts: list[Account], conversation: str | None, now: int,
-                        client: str = "") -> list[Account]:
+                        client: tuple[str, str] = ("", "")) -> list[Account]:
         """Return the usable accounts in the order the strategy wants them tried.
 
         A client the API refused as not Claude Code gets the API-key accounts first: every
@@ -4404,28 +4408,36 @@ class App:
             account_id, _ = self.conversations.pop(key)
             self.conversation_counts[account_id] -= 1
 
-    def remember_not_claude_code(self, client: str, now: int) -> None:
+    def remember_not_claude_code(self, client: tuple[str, str], now: int) -> None:
         """Remember for a while a client subscription accounts refuse; the first time, say what
         serves it.
 
-        The client is its whole User-Agent and x-app: Claude Code itself and scripts built on
-        its SDK share a product name, and only the scripts are refused.
+        The client is who sends (see not_claude_code) with its whole User-Agent and x-app:
+        Claude Code itself and scripts built on its SDK share a product name, and only the
+        scripts are refused.
         """
         with self.lock:
-            known = self.not_claude_code.get(client, 0) > now
-            if len(self.not_claude_code) >= 1000:
-                self.not_claude_code = {key: until for key, until in
-                                        self.not_claude_code.items() if until > now}
+            known = any(until > now and key[1] == client[1]
+                        for key, until in self.not_claude_code.items())
+            if len(self.not_claude_code) >= MAX_REMEMBERED_CLIENTS:
+                kept = sorted(((until, key) for key, until in self.not_claude_code.items()
+                               if until > now), reverse=True)[:MAX_REMEMBERED_CLIENTS // 2]
+                self.not_claude_code = {key: until for until, key in kept}
             self.not_claude_code[client] = now + self.settings.session_duration_ms
             api_keys = any(account.type == "api_key" for account in self.cached_accounts)
         if known:
             return
         component_logger("Proxy").warning(
             "Subscription (OAuth) accounts serve Claude Code only, and the API refused them to "
-            "the client %s.%s", client.partition("|")[0] or "without a User-Agent",
+            "the client %s.%s", client[1].partition("|")[0] or "without a User-Agent",
             " Its requests go to API-key accounts first from now on." if api_keys else
             " Add an API-key account for other clients: python3 claudeflare.py add NAME "
             "--api-key")
+
+    def forget_not_claude_code(self, client: tuple[str, str]) -> None:
+        """Forget a client a subscription account just served: it is Claude Code after all."""
+        with self.lock:
+            self.not_claude_code.pop(client, None)
 
     def note_limits(self, account: Account, limit: RateLimit, now: int) -> None:
         """Keep what a response said of its account's windows, for ordering (headroom, soft).
@@ -4804,6 +4816,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         # Responses go out in as few writes as possible; no write may wait for a delayed ACK.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.app: App = self.server.app
+        self.connection_number = next(self.app.connection_numbers)
         self.body_read = False
         #: The upstream answer being relayed, for shutdown to cut.
         self.relaying: http.client.HTTPResponse | None = None
@@ -5384,7 +5397,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         elif accounts:
             self.unread_conversation = body
         #: Who sends the request, as the API tells clients apart (Claude Code or not).
-        self.client = (f"{(self.headers.get('User-Agent') or '')[:200]}|"
+        self.client = (f"key {self.key_name}" if self.key_name is not None
+                       else f"connection {self.connection_number}",
+                       f"{(self.headers.get('User-Agent') or '')[:200]}|"
                        f"{self.headers.get('x-app', '')}")
         candidates = app.accounts_to_try(accounts, record.conversation, record.timestamp,
                                          self.client)
@@ -5476,6 +5491,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 if response.status < 400:
                     if account is not None:
                         app.note_served(account, limit, now)
+                    if account is not None and account.type == "oauth":
+                        app.forget_not_claude_code(self.client)
                     self.deliver(response, connection, account, limit, record, tries, started)
                     return True
                 answer = self.read_answer(response, connection)
@@ -5492,7 +5509,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     return False
             else:
                 kind = failure_kind(answer, limit, account)
-                tries.last_answer = answer
+                if kind != "claude_code_only" or tries.last_answer is None:
+                    # An answer from an account that could serve the client (a 429 and its
+                    # retry-after) says more than a subscription's refusal of the client.
+                    tries.last_answer = answer
                 tries.last_error = f"{answer.status} {answer.error_message or answer.reason}"
                 if kind == "client":
                     record.failover_attempts = tries.count - 1

@@ -3241,13 +3241,22 @@ class TestClaudeCodeOnly(ServerWithAccounts):
         token = (request.headers["Authorization"] or "").replace("Bearer ", "")
         return self.tokens.get(token) or request.headers["x-api-key"] or "-"
 
-    def served(self, headers: dict, count: int = 3) -> list[list[str]]:
-        """Send requests; return, for each, whom the upstream saw, in order."""
+    def served(self, headers: dict, count: int = 3, connection=None,
+               status: int = 200) -> list[list[str]]:
+        """Send requests on one connection, as SDKs do; return, for each, whom the upstream
+        saw, in order."""
+        if connection is None:
+            connection = self.proxy.connect()
+            self.addCleanup(connection.close)
         seen = []
         for _ in range(count):
             first = len(self.upstream.messages())
-            status, _, body = self.post_message(headers=headers)
-            self.assertEqual(status, 200, body)
+            connection.request("POST", "/v1/messages", json.dumps({
+                "model": "claude-sonnet-4-5", "max_tokens": 64,
+                "messages": [{"role": "user", "content": "Hi"}]}), headers)
+            response = connection.getresponse()
+            self.last_answer = response, response.read()
+            self.assertEqual(response.status, status, self.last_answer[1])
             seen.append([self.who(request) for request in self.upstream.messages()[first:]])
         return seen
 
@@ -3282,6 +3291,47 @@ class TestClaudeCodeOnly(ServerWithAccounts):
         self.assertEqual(self.served(script, 2)[1], ["sk-ant-api03-ci"])
         for seen in self.served(CLAUDE_CODE, 3):
             self.assertIn(seen, (["max1"], ["max2"]))
+
+    def test_one_spoofed_request_never_sends_claude_code_to_the_paid_key(self):
+        self.ok("add", "ci", "--api-key", "--priority", "1", stdin="sk-ant-api03-ci\n")
+        refusal = reply_error(400, "invalid_request_error", "This credential is only "
+                              "authorized for use with Claude Code and cannot be used for other "
+                              "API requests.")
+        self.upstream.push(refusal)  # Claude Code's headers without its system prompt
+        spoofer = self.proxy.connect()
+        self.addCleanup(spoofer.close)
+        self.assertEqual(self.served(CLAUDE_CODE, 1, spoofer)[0][1:], ["sk-ant-api03-ci"])
+        for seen in self.served(CLAUDE_CODE, 3):  # Claude Code itself, on its own connection
+            self.assertIn(seen, (["max1"], ["max2"]))
+        self.assertEqual(self.served(CLAUDE_CODE, 1, spoofer), [["sk-ant-api03-ci"]])
+        # A subscription account that serves the client clears what was remembered about it.
+        self.ok("pause", "ci")
+        self.assertIn(self.served(CLAUDE_CODE, 1, spoofer)[0], (["max1"], ["max2"]))
+        self.ok("resume", "ci")
+        self.assertIn(self.served(CLAUDE_CODE, 1, spoofer)[0], (["max1"], ["max2"]))
+        # With client keys, the memory is the key's: another key's requests keep their route.
+        keys = {name: self.proxy.app.store.add_client_key(name) for name in ("spoof", "cc")}
+        self.upstream.push(refusal)
+        self.assertEqual(self.served({**CLAUDE_CODE, "x-api-key": keys["spoof"]}, 1)[0][-1],
+                         "sk-ant-api03-ci")
+        self.assertEqual(self.served({**CLAUDE_CODE, "x-api-key": keys["spoof"]}, 1),
+                         [["sk-ant-api03-ci"]])  # its own requests, on any connection
+        self.assertIn(self.served({**CLAUDE_CODE, "x-api-key": keys["cc"]}, 1)[0],
+                      (["max1"], ["max2"]))
+        self.assert_no_account_marked()
+
+    def test_a_remembered_client_gets_the_api_keys_429_not_the_subscriptions_400(self):
+        self.ok("add", "ci", "--api-key", "--priority", "1", stdin="sk-ant-api03-ci\n")
+        script = self.proxy.connect()
+        self.addCleanup(script.close)
+        self.assertEqual(self.served(SDK, 1, script)[0][-1], "sk-ant-api03-ci")
+        self.upstream.push_for("sk-ant-api03-ci", reply_error(
+            429, "rate_limit_error", "Number of requests has exceeded your rate limit",
+            [("retry-after", "120")]))
+        self.assertEqual(self.served(SDK, 1, script, status=429)[0][0], "sk-ant-api03-ci")
+        response, body = self.last_answer
+        self.assertEqual(json.loads(body)["error"]["type"], "rate_limit_error")
+        self.assertIn(int(response.headers["retry-after"]), range(100, 121))
 
     def test_without_an_api_key_the_client_gets_the_400_and_the_log_says_why_once(self):
         for strategy in claudeflare.STRATEGY_NAMES:
