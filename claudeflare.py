@@ -4467,22 +4467,23 @@ class App:
     def note_overage(self, account: Account, limit: RateLimit, now: int) -> None:
         """An account answered on extra usage, billed to its owner: follow the overage policy.
 
-        Under `never` it is benched like a rate-limited account (this one answer could not be
-        avoided; nothing more is billed). Otherwise it is marked `overage` until its window
-        resets, and routing puts it last (`last`) or anywhere (`allow`).
+        It is marked `overage` until its window resets, and routing follows the policy when it
+        routes: last (`last`), anywhere (`allow`) or not at all (`never`: this one answer could
+        not be avoided; nothing more is billed). So a policy changed on a running server
+        applies at once, to an account benched by `never` too.
         """
-        if self.settings.overage == "never":
-            until = self.mark_rate_limited(account, limit, now, overage_ends(limit, now))
-            component_logger("Proxy").warning(
-                "Account %s answered on extra usage (billed); overage is never: benched until %s",
-                account.name, iso_time(until))
-            return
         until = overage_ends(limit, now)
         serving = (account.overage_until or 0) > now
         if serving and abs(until - account.overage_until) < 1000:
             return  # known already: no write per request
         self.mark(account, overage_until=until)
-        if not serving:
+        if serving:
+            return
+        if self.settings.overage == "never":
+            component_logger("Proxy").warning(
+                "Account %s answered on extra usage (billed); overage is never: benched until %s",
+                account.name, iso_time(until))
+        else:
             component_logger("Proxy").warning(
                 "Account %s is serving on extra usage (billed to its owner) until %s; overage "
                 "is %s", account.name, iso_time(until), self.settings.overage)

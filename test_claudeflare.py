@@ -3419,7 +3419,7 @@ class TestExtraUsage(RoutingTestCase):
             self.fault(name, reply_error(429, "rate_limit_error", "limited",
                                          unified_headers("rejected", reset_in)))
         self.assertEqual(self.post_message()[0], 200)  # the one answer that cannot be avoided
-        self.assertEqual(self.listed()["b"]["status"], "rate_limited")
+        self.assertEqual(self.listed()["b"]["status"], "overage")
         for _ in range(2):
             status, headers, _ = self.post_message()
             self.assertEqual(status, 429)
@@ -3427,6 +3427,12 @@ class TestExtraUsage(RoutingTestCase):
         self.assertEqual([self.key_of(r) for r in self.upstream.messages()].count("b"), 1)
         health = json.loads(self.proxy.request("GET", "/health")[2])
         self.assertEqual(health["status"], "unavailable")
+        for policy in ("last", "allow"):  # on the running server, b serves again at once
+            self.ok("config", "set", "overage", policy)
+            self.assertEqual(self.post_message()[0], 200, policy)
+            self.assertEqual(self.key_of(self.upstream.messages()[-1]), "b")
+            self.ok("config", "set", "overage", "never")
+            self.assertEqual(self.post_message()[0], 429)
 
     def test_overage_allow_keeps_extra_usage_in_the_rotation(self):
         self.ok("config", "set", "overage", "allow")
