@@ -2492,8 +2492,13 @@ class LoginCallback(http.server.BaseHTTPRequestHandler):
             listener.results.put(("refused", problem))
             self.answer(400, "The login did not go through. See the terminal.")
             return
+        listener.waiting = True
         listener.results.put(("callback", (values["code"], state)))
-        self.answer(200, "Logged in. You can close this tab and go back to the terminal.")
+        # The page says how the login ended, once the code was traded for tokens (or not).
+        listener.ended.wait(2 * TOKEN_TIMEOUT_S + 5)
+        served, message = listener.outcome
+        self.answer(200 if served else 400, message)
+        listener.answered.set()
 
     def answer(self, status: int, message: str) -> None:
         page = LOGIN_PAGE.substitute(message=html.escape(message)).encode()
@@ -2515,6 +2520,10 @@ class LoginListener:
     def __init__(self, login: PkceLogin, results: queue.Queue) -> None:
         self.login = login
         self.results = results
+        #: A browser waits at /callback for how the login ended: (logged in, what to say).
+        self.waiting = False
+        self.outcome = (False, "The login did not finish. See the terminal.")
+        self.ended, self.answered = threading.Event(), threading.Event()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoginCallback)
         self.server.daemon_threads = True
         self.server.listener = self
@@ -2523,7 +2532,16 @@ class LoginListener:
                                        name="claudeflare-login", daemon=True)
         self.thread.start()
 
+    def finish(self, served: bool, message: str) -> None:
+        """Tell a browser waiting at /callback how the login ended, and let it have the page."""
+        if not self.ended.is_set():
+            self.outcome = (served, message)
+            self.ended.set()
+        if self.waiting:
+            self.answered.wait(5)
+
     def close(self) -> None:
+        self.finish(False, "The login did not finish. See the terminal.")
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()
@@ -6899,15 +6917,19 @@ def oauth_login(settings: Settings, mode: str,
         threading.Thread(target=read_pasted_code, args=(results,), name="claudeflare-paste",
                          daemon=True).start()
         code, state = wait_for_code(login, results, settings.login_timeout_s)
+        print()
+        oauth = OAuthClient(settings)
+        try:
+            tokens = oauth.exchange(login, code, state)
+            api_key = oauth.create_api_key(tokens.access_token) if mode == "console" else None
+        except ClaudeflareError as error:
+            listener.finish(False, f"The login failed: {error}")
+            raise
+        finally:
+            oauth.close()
+        listener.finish(True, "Logged in. You can close this tab and go back to the terminal.")
     finally:
         listener.close()
-    print()
-    oauth = OAuthClient(settings)
-    try:
-        tokens = oauth.exchange(login, code, state)
-        api_key = oauth.create_api_key(tokens.access_token) if mode == "console" else None
-    finally:
-        oauth.close()
     return tokens, api_key
 
 

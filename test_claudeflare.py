@@ -2177,6 +2177,20 @@ class TestOAuthLogin(ServerWithAccounts):
         self.assertNotIn(account.access_token, out + err)
         self.assertEqual(self.post_message()[0], 200)
 
+    def test_the_page_says_the_login_failed_when_the_token_endpoint_refuses_the_code(self):
+        self.upstream.oauth.failures.append((400, {"error": "invalid_grant",
+                                                   "error_description": "Invalid code"}))
+        pages = []
+        code, _, out, err = self.login("add", "work", "--no-browser",
+                                       browser=lambda url: pages.append(self.come_back(url)))
+        self.assertEqual(code, 1)
+        self.assertIn("Exchange failed", err)
+        self.assertEqual(pages[0][0], 400)
+        self.assertIn("The login failed: Exchange failed", pages[0][1])
+        self.assertIn("Invalid code", pages[0][1])
+        self.assertNotIn("Logged in", pages[0][1])
+        self.assertEqual(json.loads(self.ok("list", "--json")), [])
+
     def test_a_wrong_state_gets_a_400_page_and_the_login_keeps_waiting(self):
         answers = []
 
