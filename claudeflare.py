@@ -3251,23 +3251,30 @@ USAGE_TICK_S = 1.0
 #: model) are kept together in model_windows.
 USAGE_WINDOWS = {"five_hour": ("utilization_5h", "reset_5h"),
                  "seven_day": ("utilization_7d", "reset_7d")}
+#: The per-model windows known today; at most MAX_OTHER_WINDOWS others (names up to 64
+#: characters, the first in name order) are kept too, so an answer cannot grow an account.
+KNOWN_MODEL_WINDOWS = ("seven_day_oauth_apps", "seven_day_opus", "seven_day_sonnet")
+MAX_OTHER_WINDOWS = 8
 
 
 def usage_fields(answer: dict) -> dict:
     """Turn /api/oauth/usage's answer into account columns, ignoring what is not known.
 
-    Utilization comes in percent there (the rate-limit headers give a fraction); a window a
-    plan lacks is null.
+    Utilization comes in percent there (the rate-limit headers give a fraction), held to
+    0-100; a window a plan lacks is null.
     """
     fields: dict[str, Any] = {}
     models = {}
-    for name, window in answer.items():
-        if not isinstance(window, dict) or not (name in USAGE_WINDOWS
-                                                or name.startswith("seven_day_")):
+    others = sorted(name for name in answer if name.startswith("seven_day_")
+                    and name not in KNOWN_MODEL_WINDOWS and len(name) <= 64)
+    for name in (*USAGE_WINDOWS, *KNOWN_MODEL_WINDOWS, *others[:MAX_OTHER_WINDOWS]):
+        window = answer.get(name)
+        if not isinstance(window, dict):
             continue
         used = window.get("utilization")
-        if type(used) not in (int, float) or not math.isfinite(used) or used < 0:
+        if type(used) not in (int, float) or not math.isfinite(used):
             continue
+        used = min(max(used, 0), 100)
         resets_at = window.get("resets_at")
         reset = parse_epoch(resets_at) if isinstance(resets_at, str) else None
         if name in USAGE_WINDOWS:

@@ -3576,6 +3576,23 @@ class TestUsageReads(ServerWithAccounts):
         self.assertEqual(set(self.upstream.oauth.usage_reads), {access})
         self.assertIn("15%", self.proxy.request("GET", "/")[2].decode())
 
+    def test_usage_answers_are_held_to_percentages_and_a_few_windows(self):
+        answer = {f"seven_day_model_{index:05}": usage_window(10.0, 3600)
+                  for index in range(50_000)}
+        answer.update({"five_hour": usage_window(1e308, 7200),
+                       "seven_day": usage_window(-5.0, 86400),
+                       "seven_day_opus": usage_window(250.0, 86400)})
+        self.upstream.oauth.usage_answer = answer
+        self.add_oauth("max")
+        wait_for(lambda: self.listed()["max"]["usageReadAt"] is not None, what="a usage read")
+        account = self.listed()["max"]
+        self.assertEqual((account["utilization5h"], account["utilization7d"]), (1.0, 0.0))
+        self.assertEqual(account["modelWindows"]["seven_day_opus"]["utilization"], 1.0)
+        self.assertEqual(len(account["modelWindows"]), 1 + claudeflare.MAX_OTHER_WINDOWS)
+        self.assertIn("seven_day_model_00000", account["modelWindows"])
+        self.assertLess(len(self.proxy.request("GET", "/api/accounts")[2]), 10_000)
+        self.assertIn("100%", self.proxy.request("GET", "/")[2].decode())
+
     def test_reads_are_paced_and_can_be_turned_off(self):
         self.add_oauth("max")
         self.add_key("key")  # API-key accounts have no usage endpoint
