@@ -889,7 +889,7 @@ BUSY_TIMEOUT_S = 2.0
 TIERS = (1, 5, 20)
 #: An account's priority: lower serves first.
 parse_priority = whole_number(-1000, 1000)
-ACCOUNT_NAME_PATTERN = re.compile(r"[A-Za-z0-9 _\-@.+]{1,100}")
+ACCOUNT_NAME_PATTERN = re.compile(r"(?! )[A-Za-z0-9 _\-@.+]{1,100}(?<! )")
 
 HOUR_MS = 3600 * 1000
 #: Upper bounds (ms) of the latency histogram kept per hour; part of schema version 3.
@@ -1325,10 +1325,12 @@ ROUTING_COLUMNS = frozenset(RESUMED) | {"access_token", "refresh_token", "api_ke
 
 
 def validate_account_name(name: str) -> str:
-    """Check an account name: 1-100 letters, digits, spaces or -_@.+"""
-    if not ACCOUNT_NAME_PATTERN.fullmatch(name or ""):
+    """Check an account name: 1-100 letters, digits, spaces or -_@.+, no space at either end
+    (`list` would show `work ` as `work`), and not . or .. (no URL can name those)."""
+    if not ACCOUNT_NAME_PATTERN.fullmatch(name or "") or name in (".", ".."):
         raise ClaudeflareError(
-            f"Invalid account name: {name!r}. Use 1-100 letters, digits, spaces or - _ @ . +")
+            f"Invalid account name: {name!r}. Use 1-100 letters, digits, spaces or - _ @ . +, "
+            f"with no space at the start or end, and not . or ..")
     return name
 
 

@@ -1568,6 +1568,14 @@ class TestAccountCommands(CliTestCase):
                    stdin="sk-ant-api03-pasted\u2026\n")
         self.fails("Invalid account name", "add", "bad/name", "--api-key", stdin="k\n")
         self.fails("Invalid account name", "add", "x" * 101, "--api-key", stdin="k\n")
+        for name in (".", "..", " work", "work ", "wo\trk", "wo\x1brk", "a/b", ""):
+            self.fails("no space at the start or end, and not . or ..", "add", name,
+                       "--api-key", stdin="k\n")
+            err = self.fails("no space at the start or end", "add", name, "--no-browser")
+            self.assertNotIn("http", err)  # refused before any login starts
+            if name:
+                self.fails("no space at the start or end", "keys", "add", name)
+        self.assertEqual(json.loads(self.ok("list", "--json")), [])
         self.ok("add", "ok name-1_@.+", "--api-key", stdin="k\n")
         self.fails("Account already exists: ok name-1_@.+", "add", "ok name-1_@.+",
                    "--api-key", stdin="k\n")
