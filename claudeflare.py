@@ -889,7 +889,7 @@ BUSY_TIMEOUT_S = 2.0
 TIERS = (1, 5, 20)
 #: An account's priority: lower serves first.
 parse_priority = whole_number(-1000, 1000)
-ACCOUNT_NAME_PATTERN = re.compile(r"[A-Za-z0-9 _\-@.+]{1,100}")
+ACCOUNT_NAME_PATTERN = re.compile(r"(?! )[A-Za-z0-9 _\-@.+]{1,100}(?<! )")
 
 HOUR_MS = 3600 * 1000
 #: Upper bounds (ms) of the latency histogram kept per hour; part of schema version 3.
@@ -1325,10 +1325,12 @@ ROUTING_COLUMNS = frozenset(RESUMED) | {"access_token", "refresh_token", "api_ke
 
 
 def validate_account_name(name: str) -> str:
-    """Check an account name: 1-100 letters, digits, spaces or -_@.+"""
-    if not ACCOUNT_NAME_PATTERN.fullmatch(name or ""):
+    """Check an account name: 1-100 letters, digits, spaces or -_@.+, no space at either end
+    (`list` would show `work ` as `work`), and not . or .. (no URL can name those)."""
+    if not ACCOUNT_NAME_PATTERN.fullmatch(name or "") or name in (".", ".."):
         raise ClaudeflareError(
-            f"Invalid account name: {name!r}. Use 1-100 letters, digits, spaces or - _ @ . +")
+            f"Invalid account name: {name!r}. Use 1-100 letters, digits, spaces or - _ @ . +, "
+            f"with no space at the start or end, and not . or ..")
     return name
 
 
@@ -1927,6 +1929,8 @@ CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 MAX_CHUNK_PADDING = 64 * 1024
 #: The longest chunk size line (with extensions) or trailer line of a relayed body.
 MAX_CHUNK_LINE_BYTES = 4096
+#: The largest trailer section of a request body.
+MAX_TRAILER_BYTES = 16 * 1024
 
 
 class ChunkedFraming:
@@ -2490,8 +2494,13 @@ class LoginCallback(http.server.BaseHTTPRequestHandler):
             listener.results.put(("refused", problem))
             self.answer(400, "The login did not go through. See the terminal.")
             return
+        listener.waiting = True
         listener.results.put(("callback", (values["code"], state)))
-        self.answer(200, "Logged in. You can close this tab and go back to the terminal.")
+        # The page says how the login ended, once the code was traded for tokens (or not).
+        listener.ended.wait(2 * TOKEN_TIMEOUT_S + 5)
+        served, message = listener.outcome
+        self.answer(200 if served else 400, message)
+        listener.answered.set()
 
     def answer(self, status: int, message: str) -> None:
         page = LOGIN_PAGE.substitute(message=html.escape(message)).encode()
@@ -2513,6 +2522,10 @@ class LoginListener:
     def __init__(self, login: PkceLogin, results: queue.Queue) -> None:
         self.login = login
         self.results = results
+        #: A browser waits at /callback for how the login ended: (logged in, what to say).
+        self.waiting = False
+        self.outcome = (False, "The login did not finish. See the terminal.")
+        self.ended, self.answered = threading.Event(), threading.Event()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoginCallback)
         self.server.daemon_threads = True
         self.server.listener = self
@@ -2521,7 +2534,16 @@ class LoginListener:
                                        name="claudeflare-login", daemon=True)
         self.thread.start()
 
+    def finish(self, served: bool, message: str) -> None:
+        """Tell a browser waiting at /callback how the login ended, and let it have the page."""
+        if not self.ended.is_set():
+            self.outcome = (served, message)
+            self.ended.set()
+        if self.waiting:
+            self.answered.wait(5)
+
     def close(self) -> None:
+        self.finish(False, "The login did not finish. See the terminal.")
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()
@@ -3231,23 +3253,30 @@ USAGE_TICK_S = 1.0
 #: model) are kept together in model_windows.
 USAGE_WINDOWS = {"five_hour": ("utilization_5h", "reset_5h"),
                  "seven_day": ("utilization_7d", "reset_7d")}
+#: The per-model windows known today; at most MAX_OTHER_WINDOWS others (names up to 64
+#: characters, the first in name order) are kept too, so an answer cannot grow an account.
+KNOWN_MODEL_WINDOWS = ("seven_day_oauth_apps", "seven_day_opus", "seven_day_sonnet")
+MAX_OTHER_WINDOWS = 8
 
 
 def usage_fields(answer: dict) -> dict:
     """Turn /api/oauth/usage's answer into account columns, ignoring what is not known.
 
-    Utilization comes in percent there (the rate-limit headers give a fraction); a window a
-    plan lacks is null.
+    Utilization comes in percent there (the rate-limit headers give a fraction), held to
+    0-100; a window a plan lacks is null.
     """
     fields: dict[str, Any] = {}
     models = {}
-    for name, window in answer.items():
-        if not isinstance(window, dict) or not (name in USAGE_WINDOWS
-                                                or name.startswith("seven_day_")):
+    others = sorted(name for name in answer if name.startswith("seven_day_")
+                    and name not in KNOWN_MODEL_WINDOWS and len(name) <= 64)
+    for name in (*USAGE_WINDOWS, *KNOWN_MODEL_WINDOWS, *others[:MAX_OTHER_WINDOWS]):
+        window = answer.get(name)
+        if not isinstance(window, dict):
             continue
         used = window.get("utilization")
-        if type(used) not in (int, float) or not math.isfinite(used) or used < 0:
+        if type(used) not in (int, float) or not math.isfinite(used):
             continue
+        used = min(max(used, 0), 100)
         resets_at = window.get("resets_at")
         reset = parse_epoch(resets_at) if isinstance(resets_at, str) else None
         if name in USAGE_WINDOWS:
@@ -4050,6 +4079,8 @@ def stats_report(store: Store, now: int) -> dict:
 RELEASE_AFTER_BUSIEST = 64
 #: Every this many requests, conversations past their session are forgotten.
 SESSION_PRUNE_EVERY = 256
+#: The most clients remembered as not Claude Code; past it, those remembered longest go.
+MAX_REMEMBERED_CLIENTS = 1000
 #: A retry waits at most this long; an upstream asking for more sends the request elsewhere.
 MAX_RETRY_WAIT_MS = 30 * 1000
 #: Error messages that mean an account itself is unusable, not the request.
@@ -4149,13 +4180,35 @@ def with_credentials(headers: list[tuple[str, str]],
 CREDENTIAL_BYTES = re.compile(rb"(?:sk-ant-[A-Za-z0-9]+-|cfk-)[A-Za-z0-9_\-]+")
 
 
+def account_secrets(account: Account) -> list[bytes]:
+    """Return an account's credentials as they would appear in a body."""
+    return [secret.encode("latin-1", "replace")
+            for secret in (account.api_key, account.access_token, account.refresh_token)
+            if secret and len(secret) >= MIN_SECRET_LENGTH]
+
+
 def scrub_credentials(body: bytes, account: Account) -> bytes:
     """Mask an account's credentials (and any Anthropic key) in an error body the upstream
     echoes, before it reaches a client that must never learn them."""
-    for secret in (account.api_key, account.access_token, account.refresh_token):
-        if secret and len(secret) >= MIN_SECRET_LENGTH:
-            body = body.replace(secret.encode("latin-1", "replace"), b"[REDACTED]")
+    for secret in account_secrets(account):
+        body = body.replace(secret, b"[REDACTED]")
     return CREDENTIAL_BYTES.sub(b"[REDACTED]", body)
+
+
+def same_length_mask(found: re.Match) -> bytes:
+    """Return a mask as long as what it hides."""
+    return b"[REDACTED]".ljust(len(found.group()), b"*")[:len(found.group())]
+
+
+def scrub_relayed(data: bytes, secrets: re.Pattern | None) -> bytes:
+    """Mask credentials in a piece of a relayed answer without changing its length, so that its
+    framing (Content-Length, chunk sizes) still holds: the account's own anywhere, any
+    Anthropic key in a stream's error event as in an error body."""
+    if secrets is not None:
+        data = secrets.sub(same_length_mask, data)
+    if b"event: error" in data and (b"sk-ant-" in data or b"cfk-" in data):
+        data = CREDENTIAL_BYTES.sub(same_length_mask, data)
+    return data
 
 
 def user_agent_product(user_agent: str | None) -> str | None:
@@ -4205,9 +4258,11 @@ class App:
         self.conversation_counts: dict[int, int] = {}
         #: account id -> how many windowless 429s in a row it got.
         self.cooldowns: dict[int, int] = {}
-        #: Clients (their whole User-Agent and x-app) the API refused on subscription accounts as
-        #: not Claude Code, and until when that is remembered.
-        self.not_claude_code: dict[str, int] = {}
+        #: Clients the API refused on subscription accounts as not Claude Code, and until when
+        #: that is remembered: (who sends, their whole User-Agent and x-app) -> until. Who sends
+        #: is the client key, or the connection without keys, never what another client can send.
+        self.not_claude_code: dict[tuple[str, str], int] = {}
+        self.connection_numbers = itertools.count(1)
         self.writer = BackgroundWriter(store, settings, self.after_write)
         self.refresher = BackgroundRefresher(self.tokens, self.accounts)
         self.usage = UsagePoller(settings, self.accounts, self.tokens, self.apply_usage)
@@ -4328,7 +4383,7 @@ class App:
         return len(relaying)
 
     def accounts_to_try(self, accounts: list[Account], conversation: str | None, now: int,
-                        client: str = "") -> list[Account]:
+                        client: tuple[str, str] = ("", "")) -> list[Account]:
         """Return the usable accounts in the order the strategy wants them tried.
 
         A client the API refused as not Claude Code gets the API-key accounts first: every
@@ -4380,28 +4435,36 @@ class App:
             account_id, _ = self.conversations.pop(key)
             self.conversation_counts[account_id] -= 1
 
-    def remember_not_claude_code(self, client: str, now: int) -> None:
+    def remember_not_claude_code(self, client: tuple[str, str], now: int) -> None:
         """Remember for a while a client subscription accounts refuse; the first time, say what
         serves it.
 
-        The client is its whole User-Agent and x-app: Claude Code itself and scripts built on
-        its SDK share a product name, and only the scripts are refused.
+        The client is who sends (see not_claude_code) with its whole User-Agent and x-app:
+        Claude Code itself and scripts built on its SDK share a product name, and only the
+        scripts are refused.
         """
         with self.lock:
-            known = self.not_claude_code.get(client, 0) > now
-            if len(self.not_claude_code) >= 1000:
-                self.not_claude_code = {key: until for key, until in
-                                        self.not_claude_code.items() if until > now}
+            known = any(until > now and key[1] == client[1]
+                        for key, until in self.not_claude_code.items())
+            if len(self.not_claude_code) >= MAX_REMEMBERED_CLIENTS:
+                kept = sorted(((until, key) for key, until in self.not_claude_code.items()
+                               if until > now), reverse=True)[:MAX_REMEMBERED_CLIENTS // 2]
+                self.not_claude_code = {key: until for until, key in kept}
             self.not_claude_code[client] = now + self.settings.session_duration_ms
             api_keys = any(account.type == "api_key" for account in self.cached_accounts)
         if known:
             return
         component_logger("Proxy").warning(
             "Subscription (OAuth) accounts serve Claude Code only, and the API refused them to "
-            "the client %s.%s", client.partition("|")[0] or "without a User-Agent",
+            "the client %s.%s", client[1].partition("|")[0] or "without a User-Agent",
             " Its requests go to API-key accounts first from now on." if api_keys else
             " Add an API-key account for other clients: python3 claudeflare.py add NAME "
             "--api-key")
+
+    def forget_not_claude_code(self, client: tuple[str, str]) -> None:
+        """Forget a client a subscription account just served: it is Claude Code after all."""
+        with self.lock:
+            self.not_claude_code.pop(client, None)
 
     def note_limits(self, account: Account, limit: RateLimit, now: int) -> None:
         """Keep what a response said of its account's windows, for ordering (headroom, soft).
@@ -4431,22 +4494,23 @@ class App:
     def note_overage(self, account: Account, limit: RateLimit, now: int) -> None:
         """An account answered on extra usage, billed to its owner: follow the overage policy.
 
-        Under `never` it is benched like a rate-limited account (this one answer could not be
-        avoided; nothing more is billed). Otherwise it is marked `overage` until its window
-        resets, and routing puts it last (`last`) or anywhere (`allow`).
+        It is marked `overage` until its window resets, and routing follows the policy when it
+        routes: last (`last`), anywhere (`allow`) or not at all (`never`: this one answer could
+        not be avoided; nothing more is billed). So a policy changed on a running server
+        applies at once, to an account benched by `never` too.
         """
-        if self.settings.overage == "never":
-            until = self.mark_rate_limited(account, limit, now, overage_ends(limit, now))
-            component_logger("Proxy").warning(
-                "Account %s answered on extra usage (billed); overage is never: benched until %s",
-                account.name, iso_time(until))
-            return
         until = overage_ends(limit, now)
         serving = (account.overage_until or 0) > now
         if serving and abs(until - account.overage_until) < 1000:
             return  # known already: no write per request
         self.mark(account, overage_until=until)
-        if not serving:
+        if serving:
+            return
+        if self.settings.overage == "never":
+            component_logger("Proxy").warning(
+                "Account %s answered on extra usage (billed); overage is never: benched until %s",
+                account.name, iso_time(until))
+        else:
             component_logger("Proxy").warning(
                 "Account %s is serving on extra usage (billed to its owner) until %s; overage "
                 "is %s", account.name, iso_time(until), self.settings.overage)
@@ -4664,6 +4728,12 @@ HTTP_VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
 #: CR, NUL, ...). Bytes from 0x80 are obs-text, allowed in values.
 FORBIDDEN_HEAD_BYTES = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
 CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+#: A chunk size line (RFC 9112 section 7.1.1): the size, then ;name or ;name=value extensions
+#: (a token or a quoted string), optional whitespace around ; and =.
+CHUNK_LINE = re.compile(
+    rb"(" + CHUNK_SIZE.pattern + rb")(?:[ \t]*;[ \t]*" + HTTP_TOKEN.pattern
+    + rb"(?:[ \t]*=[ \t]*(?:" + HTTP_TOKEN.pattern
+    + rb'|"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"))?)*[ \t]*\r?\n')
 #: Methods the proxy relays (and the local endpoints answer); others get 501.
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 #: The request line and headers together may be at most this large.
@@ -4774,11 +4844,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         # Responses go out in as few writes as possible; no write may wait for a delayed ACK.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.app: App = self.server.app
+        self.connection_number = next(self.app.connection_numbers)
         self.body_read = False
         #: The upstream answer being relayed, for shutdown to cut.
         self.relaying: http.client.HTTPResponse | None = None
         #: A body whose conversation is read once the answer is out (routing did not need it).
         self.unread_conversation: bytes | None = None
+        #: The credentials of the account whose answer is relayed, masked in it.
+        self.secrets: re.Pattern | None = None
 
     def log_message(self, format: str, *args: Any) -> None:
         component_logger("Server").debug("%s - " + format, self.address_string(), *args)
@@ -4892,6 +4965,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.path = "/" + self.path.lstrip("/")
         self.request_version = "HTTP/1.0" if version == b"HTTP/1.0" else "HTTP/1.1"
         self.headers = self.parse_header_lines(lines[1:])
+        if len(self.headers.get_all("Host", [])) > 1:  # RFC 9112 section 3.2
+            raise RequestRefused(400, "More than one Host header: send one")
         self.check_framing()
         connection = self.headers.get("Connection", "").lower()
         self.close_connection = ("close" in connection
@@ -5238,17 +5313,22 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return body
 
     def read_chunked_body(self) -> bytes:
-        """Decode a chunked request body, stopping as soon as it passes the size limit."""
+        """Decode a chunked request body (RFC 9112 section 7.1), stopping as soon as it passes
+        the size limit.
+
+        Every line is read whole or refused: a line cut at a bound would leave its tail to be
+        read as body or as the next request (smuggling).
+        """
         parts, total = [], 0
         while True:
-            digits = self.rfile.readline(1024).split(b";")[0].strip()
-            if not CHUNK_SIZE.fullmatch(digits):
+            match = CHUNK_LINE.fullmatch(self.read_chunk_line(400, "A chunk size line"))
+            if match is None:
                 raise RequestBodyError(400, "invalid_request_error",
-                                       "Malformed chunked request body")
-            size = int(digits, 16)
+                                       "Malformed chunked request body: a chunk size line is "
+                                       "hexadecimal digits, then ;name=value extensions")
+            size = int(match.group(1), 16)
             if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass
+                self.read_trailer_section()
                 return b"".join(parts)
             total += size
             if total > MAX_BODY_BYTES:
@@ -5256,7 +5336,38 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             parts.append(self.rfile.read(size))
             if len(parts[-1]) < size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
                 raise RequestBodyError(400, "invalid_request_error",
-                                       "Malformed chunked request body")
+                                       "Malformed chunked request body: chunk data longer "
+                                       "than its size, or cut short")
+
+    def read_chunk_line(self, status: int, what: str) -> bytes:
+        """Read one whole line of chunked framing, refusing it with `status` past the bound."""
+        line = self.rfile.readline(MAX_CHUNK_LINE_BYTES + 1)
+        if line.endswith(b"\n"):
+            return line
+        if len(line) > MAX_CHUNK_LINE_BYTES:
+            raise RequestBodyError(status, "invalid_request_error",
+                                   f"{what} is longer than {MAX_CHUNK_LINE_BYTES} bytes")
+        raise RequestBodyError(400, "invalid_request_error",
+                               "The chunked request body ended before its last chunk")
+
+    def read_trailer_section(self) -> None:
+        """Read and check the trailer fields after the last chunk; they are not relayed."""
+        lines, size = [], 0
+        while True:
+            line = self.read_chunk_line(431, "A trailer line")
+            if line in (b"\r\n", b"\n"):
+                break
+            size += len(line)
+            if size > MAX_TRAILER_BYTES:
+                raise RequestBodyError(431, "invalid_request_error",
+                                       f"The trailer section is larger than "
+                                       f"{MAX_TRAILER_BYTES // 1024} KB")
+            lines.append(line[:-1])
+        try:
+            self.parse_header_lines(lines)
+        except RequestRefused as refusal:
+            raise RequestBodyError(refusal.status, "invalid_request_error",
+                                   f"In the trailer section: {refusal}") from None
 
     def discard_rest_of_request(self) -> None:
         """Read and drop what the client is still sending after an early error answer.
@@ -5314,7 +5425,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         elif accounts:
             self.unread_conversation = body
         #: Who sends the request, as the API tells clients apart (Claude Code or not).
-        self.client = (f"{(self.headers.get('User-Agent') or '')[:200]}|"
+        self.client = (f"key {self.key_name}" if self.key_name is not None
+                       else f"connection {self.connection_number}",
+                       f"{(self.headers.get('User-Agent') or '')[:200]}|"
                        f"{self.headers.get('x-app', '')}")
         candidates = app.accounts_to_try(accounts, record.conversation, record.timestamp,
                                          self.client)
@@ -5406,6 +5519,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 if response.status < 400:
                     if account is not None:
                         app.note_served(account, limit, now)
+                    if account is not None and account.type == "oauth":
+                        app.forget_not_claude_code(self.client)
                     self.deliver(response, connection, account, limit, record, tries, started)
                     return True
                 answer = self.read_answer(response, connection)
@@ -5422,7 +5537,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     return False
             else:
                 kind = failure_kind(answer, limit, account)
-                tries.last_answer = answer
+                if kind != "claude_code_only" or tries.last_answer is None:
+                    # An answer from an account that could serve the client (a 429 and its
+                    # retry-after) says more than a subscription's refusal of the client.
+                    tries.last_answer = answer
                 tries.last_error = f"{answer.status} {answer.error_message or answer.reason}"
                 if kind == "client":
                     record.failover_attempts = tries.count - 1
@@ -5466,6 +5584,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             app.note_success(account)
             app.bind_conversation(record.conversation, account, record.timestamp)
         reader = UsageReader(streaming)
+        secrets = account_secrets(account) if account is not None else []
+        self.secrets = re.compile(b"|".join(map(re.escape, secrets))) if secrets else None
         bodiless = self.command == "HEAD" or response.status in (204, 304)
         if response.length is not None and response.length <= SMALL_BODY_BYTES and not bodiless:
             try:
@@ -5475,8 +5595,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.send_json(502, anthropic_error("api_error", str(error)))
                 self.finish_record(record, started, 502, str(error))
                 return
-            self.send_answer(answer)
             reader.feed(answer.body)
+            answer.body = scrub_relayed(answer.body, self.secrets)
+            self.send_answer(answer)
             error = None
         else:
             error = self.relay(response, connection, reader.feed)
@@ -5702,7 +5823,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 raise UpstreamError(f"ECONNRESET: {where} closed the connection")
             forward, payload = framing.feed(data)
             if forward:
-                self.wfile.write(forward)
+                self.wfile.write(scrub_relayed(forward, self.secrets))
             if payload:
                 tap(payload)
             if framing.broken:
@@ -5727,7 +5848,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             data = self.read_upstream(response.read1, RELAY_CHUNK_BYTES)
             if not data:
                 break
-            write(data)
+            write(scrub_relayed(data, self.secrets))
             tap(data)
         if response.length:
             raise UpstreamError(f"ECONNRESET: {self.app.upstream.where} ended the body "
@@ -6805,15 +6926,19 @@ def oauth_login(settings: Settings, mode: str,
         threading.Thread(target=read_pasted_code, args=(results,), name="claudeflare-paste",
                          daemon=True).start()
         code, state = wait_for_code(login, results, settings.login_timeout_s)
+        print()
+        oauth = OAuthClient(settings)
+        try:
+            tokens = oauth.exchange(login, code, state)
+            api_key = oauth.create_api_key(tokens.access_token) if mode == "console" else None
+        except ClaudeflareError as error:
+            listener.finish(False, f"The login failed: {error}")
+            raise
+        finally:
+            oauth.close()
+        listener.finish(True, "Logged in. You can close this tab and go back to the terminal.")
     finally:
         listener.close()
-    print()
-    oauth = OAuthClient(settings)
-    try:
-        tokens = oauth.exchange(login, code, state)
-        api_key = oauth.create_api_key(tokens.access_token) if mode == "console" else None
-    finally:
-        oauth.close()
     return tokens, api_key
 
 

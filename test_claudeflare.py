@@ -968,6 +968,7 @@ class TestHostileRequests(ProxyTestCase):
             b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n": 400,
             "Content-Length: \u0662\r\n".encode(): 400,
             b"Content-Length: -2\r\n": 400,
+            b"Content-Length: 2\r\nHost: evil.example\r\n": 400,
         }
         for headers, expected in cases.items():
             status, answer_headers, body = raw_answer(
@@ -990,6 +991,32 @@ class TestHostileRequests(ProxyTestCase):
                                      .encode())
         self.assertEqual(status, 400)
         self.assertEqual(self.upstream.requests, [])
+
+    def test_long_chunk_lines_never_hide_a_request(self):
+        hidden = b"GET /v1/models?x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        chunked = (b"POST /v1/echo HTTP/1.1\r\nHost: localhost\r\n"
+                   b"Transfer-Encoding: chunked\r\n\r\n")
+        # A 1 KB extension is read whole: "ab" is the body, the next request only carries text.
+        second = b"0\r\n\r\n" + hidden
+        head = (b"POST /v1/echo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\nX-Pad: " % len(second))
+        head += b"p" * (166 - 2 - len(head)) + b"\r\n"  # a cut line would end right there
+        reply = raw_http(self.proxy.port, chunked + b"2;" + b"e" * 1022 + b"zz\r\nab\r\n0\r\n"
+                         b"\r\n" + head + b"\r\n" + second)
+        self.assertEqual([(r.method, r.body) for r in self.upstream.requests],
+                         [("POST", b"ab"), ("POST", second)])
+        self.assertEqual(reply.count(b"HTTP/1.1 200 "), 2)
+        # Lines past the bound, or a trailer hiding a request line, end the connection.
+        for body, status in ((b"2;" + b"e" * 5000 + b"\r\nab\r\n0\r\n\r\n", 400),
+                             (b"2\r\nab\r\n0\r\nX-T: " + b"t" * 1019 + b"\r\n", 400),
+                             (b"2\r\nab\r\n0\r\nX-T: " + b"t" * 5000 + b"\r\n\r\n", 431),
+                             (b"2\r\nab\r\n0\r\n" + b"X-T: t\r\n" * 3000 + b"\r\n", 431)):
+            reply = raw_http(self.proxy.port, chunked + body + hidden)
+            self.assertEqual(reply.count(b"HTTP/1.1 "), 1, body[:20])
+            status_line, _, rest = reply.partition(b"\r\n")
+            self.assertIn(b" %d " % status, status_line)
+            self.assertIn(b"Connection: close", rest.partition(b"\r\n\r\n")[0])
+        self.assertEqual(len(self.upstream.requests), 2)
 
     def test_client_mistakes_get_400_at_once_without_trying_accounts(self):
         status, _, body = raw_answer(self.proxy.port, "POST /v1/messages/caf\u00e9 HTTP/1.1\r\n"
@@ -1541,6 +1568,14 @@ class TestAccountCommands(CliTestCase):
                    stdin="sk-ant-api03-pasted\u2026\n")
         self.fails("Invalid account name", "add", "bad/name", "--api-key", stdin="k\n")
         self.fails("Invalid account name", "add", "x" * 101, "--api-key", stdin="k\n")
+        for name in (".", "..", " work", "work ", "wo\trk", "wo\x1brk", "a/b", ""):
+            self.fails("no space at the start or end, and not . or ..", "add", name,
+                       "--api-key", stdin="k\n")
+            err = self.fails("no space at the start or end", "add", name, "--no-browser")
+            self.assertNotIn("http", err)  # refused before any login starts
+            if name:
+                self.fails("no space at the start or end", "keys", "add", name)
+        self.assertEqual(json.loads(self.ok("list", "--json")), [])
         self.ok("add", "ok name-1_@.+", "--api-key", stdin="k\n")
         self.fails("Account already exists: ok name-1_@.+", "add", "ok name-1_@.+",
                    "--api-key", stdin="k\n")
@@ -2149,6 +2184,20 @@ class TestOAuthLogin(ServerWithAccounts):
         self.assertIn(account.access_token, self.upstream.oauth.access_tokens)
         self.assertNotIn(account.access_token, out + err)
         self.assertEqual(self.post_message()[0], 200)
+
+    def test_the_page_says_the_login_failed_when_the_token_endpoint_refuses_the_code(self):
+        self.upstream.oauth.failures.append((400, {"error": "invalid_grant",
+                                                   "error_description": "Invalid code"}))
+        pages = []
+        code, _, out, err = self.login("add", "work", "--no-browser",
+                                       browser=lambda url: pages.append(self.come_back(url)))
+        self.assertEqual(code, 1)
+        self.assertIn("Exchange failed", err)
+        self.assertEqual(pages[0][0], 400)
+        self.assertIn("The login failed: Exchange failed", pages[0][1])
+        self.assertIn("Invalid code", pages[0][1])
+        self.assertNotIn("Logged in", pages[0][1])
+        self.assertEqual(json.loads(self.ok("list", "--json")), [])
 
     def test_a_wrong_state_gets_a_400_page_and_the_login_keeps_waiting(self):
         answers = []
@@ -3214,13 +3263,22 @@ class TestClaudeCodeOnly(ServerWithAccounts):
         token = (request.headers["Authorization"] or "").replace("Bearer ", "")
         return self.tokens.get(token) or request.headers["x-api-key"] or "-"
 
-    def served(self, headers: dict, count: int = 3) -> list[list[str]]:
-        """Send requests; return, for each, whom the upstream saw, in order."""
+    def served(self, headers: dict, count: int = 3, connection=None,
+               status: int = 200) -> list[list[str]]:
+        """Send requests on one connection, as SDKs do; return, for each, whom the upstream
+        saw, in order."""
+        if connection is None:
+            connection = self.proxy.connect()
+            self.addCleanup(connection.close)
         seen = []
         for _ in range(count):
             first = len(self.upstream.messages())
-            status, _, body = self.post_message(headers=headers)
-            self.assertEqual(status, 200, body)
+            connection.request("POST", "/v1/messages", json.dumps({
+                "model": "claude-sonnet-4-5", "max_tokens": 64,
+                "messages": [{"role": "user", "content": "Hi"}]}), headers)
+            response = connection.getresponse()
+            self.last_answer = response, response.read()
+            self.assertEqual(response.status, status, self.last_answer[1])
             seen.append([self.who(request) for request in self.upstream.messages()[first:]])
         return seen
 
@@ -3255,6 +3313,47 @@ class TestClaudeCodeOnly(ServerWithAccounts):
         self.assertEqual(self.served(script, 2)[1], ["sk-ant-api03-ci"])
         for seen in self.served(CLAUDE_CODE, 3):
             self.assertIn(seen, (["max1"], ["max2"]))
+
+    def test_one_spoofed_request_never_sends_claude_code_to_the_paid_key(self):
+        self.ok("add", "ci", "--api-key", "--priority", "1", stdin="sk-ant-api03-ci\n")
+        refusal = reply_error(400, "invalid_request_error", "This credential is only "
+                              "authorized for use with Claude Code and cannot be used for other "
+                              "API requests.")
+        self.upstream.push(refusal)  # Claude Code's headers without its system prompt
+        spoofer = self.proxy.connect()
+        self.addCleanup(spoofer.close)
+        self.assertEqual(self.served(CLAUDE_CODE, 1, spoofer)[0][1:], ["sk-ant-api03-ci"])
+        for seen in self.served(CLAUDE_CODE, 3):  # Claude Code itself, on its own connection
+            self.assertIn(seen, (["max1"], ["max2"]))
+        self.assertEqual(self.served(CLAUDE_CODE, 1, spoofer), [["sk-ant-api03-ci"]])
+        # A subscription account that serves the client clears what was remembered about it.
+        self.ok("pause", "ci")
+        self.assertIn(self.served(CLAUDE_CODE, 1, spoofer)[0], (["max1"], ["max2"]))
+        self.ok("resume", "ci")
+        self.assertIn(self.served(CLAUDE_CODE, 1, spoofer)[0], (["max1"], ["max2"]))
+        # With client keys, the memory is the key's: another key's requests keep their route.
+        keys = {name: self.proxy.app.store.add_client_key(name) for name in ("spoof", "cc")}
+        self.upstream.push(refusal)
+        self.assertEqual(self.served({**CLAUDE_CODE, "x-api-key": keys["spoof"]}, 1)[0][-1],
+                         "sk-ant-api03-ci")
+        self.assertEqual(self.served({**CLAUDE_CODE, "x-api-key": keys["spoof"]}, 1),
+                         [["sk-ant-api03-ci"]])  # its own requests, on any connection
+        self.assertIn(self.served({**CLAUDE_CODE, "x-api-key": keys["cc"]}, 1)[0],
+                      (["max1"], ["max2"]))
+        self.assert_no_account_marked()
+
+    def test_a_remembered_client_gets_the_api_keys_429_not_the_subscriptions_400(self):
+        self.ok("add", "ci", "--api-key", "--priority", "1", stdin="sk-ant-api03-ci\n")
+        script = self.proxy.connect()
+        self.addCleanup(script.close)
+        self.assertEqual(self.served(SDK, 1, script)[0][-1], "sk-ant-api03-ci")
+        self.upstream.push_for("sk-ant-api03-ci", reply_error(
+            429, "rate_limit_error", "Number of requests has exceeded your rate limit",
+            [("retry-after", "120")]))
+        self.assertEqual(self.served(SDK, 1, script, status=429)[0][0], "sk-ant-api03-ci")
+        response, body = self.last_answer
+        self.assertEqual(json.loads(body)["error"]["type"], "rate_limit_error")
+        self.assertIn(int(response.headers["retry-after"]), range(100, 121))
 
     def test_without_an_api_key_the_client_gets_the_400_and_the_log_says_why_once(self):
         for strategy in claudeflare.STRATEGY_NAMES:
@@ -3342,7 +3441,7 @@ class TestExtraUsage(RoutingTestCase):
             self.fault(name, reply_error(429, "rate_limit_error", "limited",
                                          unified_headers("rejected", reset_in)))
         self.assertEqual(self.post_message()[0], 200)  # the one answer that cannot be avoided
-        self.assertEqual(self.listed()["b"]["status"], "rate_limited")
+        self.assertEqual(self.listed()["b"]["status"], "overage")
         for _ in range(2):
             status, headers, _ = self.post_message()
             self.assertEqual(status, 429)
@@ -3350,6 +3449,12 @@ class TestExtraUsage(RoutingTestCase):
         self.assertEqual([self.key_of(r) for r in self.upstream.messages()].count("b"), 1)
         health = json.loads(self.proxy.request("GET", "/health")[2])
         self.assertEqual(health["status"], "unavailable")
+        for policy in ("last", "allow"):  # on the running server, b serves again at once
+            self.ok("config", "set", "overage", policy)
+            self.assertEqual(self.post_message()[0], 200, policy)
+            self.assertEqual(self.key_of(self.upstream.messages()[-1]), "b")
+            self.ok("config", "set", "overage", "never")
+            self.assertEqual(self.post_message()[0], 429)
 
     def test_overage_allow_keeps_extra_usage_in_the_rotation(self):
         self.ok("config", "set", "overage", "allow")
@@ -3478,6 +3583,23 @@ class TestUsageReads(ServerWithAccounts):
         self.assertEqual(self.upstream.messages(), [])  # not a single request spent
         self.assertEqual(set(self.upstream.oauth.usage_reads), {access})
         self.assertIn("15%", self.proxy.request("GET", "/")[2].decode())
+
+    def test_usage_answers_are_held_to_percentages_and_a_few_windows(self):
+        answer = {f"seven_day_model_{index:05}": usage_window(10.0, 3600)
+                  for index in range(50_000)}
+        answer.update({"five_hour": usage_window(1e308, 7200),
+                       "seven_day": usage_window(-5.0, 86400),
+                       "seven_day_opus": usage_window(250.0, 86400)})
+        self.upstream.oauth.usage_answer = answer
+        self.add_oauth("max")
+        wait_for(lambda: self.listed()["max"]["usageReadAt"] is not None, what="a usage read")
+        account = self.listed()["max"]
+        self.assertEqual((account["utilization5h"], account["utilization7d"]), (1.0, 0.0))
+        self.assertEqual(account["modelWindows"]["seven_day_opus"]["utilization"], 1.0)
+        self.assertEqual(len(account["modelWindows"]), 1 + claudeflare.MAX_OTHER_WINDOWS)
+        self.assertIn("seven_day_model_00000", account["modelWindows"])
+        self.assertLess(len(self.proxy.request("GET", "/api/accounts")[2]), 10_000)
+        self.assertIn("100%", self.proxy.request("GET", "/")[2].decode())
 
     def test_reads_are_paced_and_can_be_turned_off(self):
         self.add_oauth("max")
@@ -3999,6 +4121,29 @@ class TestSecrets(ServerWithAccounts):
         self.assertIn("[REDACTED]", json.loads(body)["error"]["message"])
         self.proxy.settle()
         self.assertNotIn("custom-key-0123456789", self.ok("requests"))
+
+    def test_credentials_echoed_in_a_stream_error_event_never_reach_the_client(self):
+        self.ok("add", "odd", "--api-key", stdin="custom-key-0123456789\n")
+        event = sse("error", {"type": "error", "error": {"type": "api_error", "message":
+                              "key custom-key-0123456789 (also sk-ant-api03-other-key) failed"}})
+
+        def chunked(handler, request) -> None:
+            handler.start_chunked()
+            handler.send_chunk(message_events()[0])
+            handler.send_chunk(event)
+            handler.end_chunked()
+
+        def sized(handler, request) -> None:
+            handler.send_whole(200, message_events()[0] + event, "text/event-stream")
+
+        for action in (chunked, sized):
+            self.upstream.push(action)
+            status, _, body = self.post_message(stream=True)
+            self.assertEqual(status, 200)
+            self.assertIn(b"message_start", body)
+            self.assertNotIn(b"custom-key-0123456789", body)
+            self.assertNotIn(b"other-key", body)
+            self.assertIn("[REDACTED]", body.decode())
 
     def test_a_refresh_token_the_token_endpoint_echoes_is_masked_in_the_503_and_the_account(
             self):
