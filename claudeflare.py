@@ -5889,7 +5889,7 @@ STATUS_PAGE = string.Template("""<!doctype html>
 :root { color-scheme: light dark; --ok: #1a7f37; --warn: #bf8700; --bad: #cf222e;
         --muted: #6e7781; --line: #d0d7de88; }
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
-       margin: 0 auto; max-width: 1100px; padding: 12px 16px 32px; }
+       margin: 0 auto; max-width: 1280px; padding: 12px 16px 32px; }
 header { display: flex; flex-wrap: wrap; align-items: baseline; gap: 4px 12px; }
 h1 { font-size: 22px; margin: 0; }
 h2 { font-size: 16px; margin: 24px 0 8px; }
@@ -5906,20 +5906,53 @@ h2 { font-size: 16px; margin: 24px 0 8px; }
 .card b { display: block; font-size: 20px; }
 .scroll { overflow-x: auto; -webkit-overflow-scrolling: touch; }
 table { border-collapse: collapse; width: 100%; }
-th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line);
-         white-space: nowrap; vertical-align: middle; }
-th { font-weight: 600; font-size: 12px; color: var(--muted); }
+th, td { text-align: left; padding: 5px 6px; border-bottom: 1px solid var(--line);
+         white-space: nowrap; vertical-align: top; }
+th { font-weight: 600; font-size: 12px; color: var(--muted); white-space: normal; }
 td.num, th.num { text-align: right; }
-.bar { display: inline-block; width: 80px; height: 8px; border-radius: 4px;
+td.wrap { white-space: normal; overflow-wrap: anywhere; min-width: 9em; }
+td.name { min-width: 10em; }
+.line { display: block; font-size: 12px; }
+.bar { display: inline-block; width: 56px; height: 8px; border-radius: 4px;
        background: var(--line); vertical-align: middle; margin-right: 6px; overflow: hidden; }
 .bar i { display: block; height: 100%; background: var(--ok); }
 .bar i.high { background: var(--warn); }
 .bar i.full { background: var(--bad); }
-svg { display: block; width: 100%; height: 140px; }
+.chart { margin: 0; }
+.legend { display: flex; flex-wrap: wrap; gap: 2px 16px; font-size: 12px; color: var(--muted);
+          margin-bottom: 4px; }
+.key { display: inline-block; width: 10px; height: 10px; border-radius: 2px;
+       margin-right: 4px; background: #0969da; }
+.key.errors { background: var(--bad); }
+svg { display: block; width: 100%; height: 140px; border-bottom: 1px solid var(--line); }
 svg rect { fill: #0969da; }
 svg rect.errors { fill: var(--bad); }
-svg text { fill: var(--muted); font-size: 10px; }
-.error { color: var(--bad); white-space: normal; min-width: 240px; }
+.hours { position: relative; height: 18px; font-size: 12px; color: var(--muted); }
+.hours span { position: absolute; transform: translateX(-50%); }
+.error { color: var(--bad); white-space: normal; min-width: 240px; overflow-wrap: anywhere; }
+@media (max-width: 999px) {
+  table.accounts, .accounts tbody { display: block; }
+  .accounts thead { display: none; }
+  .accounts tr { display: grid; grid-template-columns: repeat(6, minmax(0, 1fr)); gap: 6px 8px;
+                 border: 1px solid var(--line); border-radius: 8px; padding: 8px 10px;
+                 margin-bottom: 8px; }
+  .accounts td { grid-column: span 2; border: 0; padding: 0; text-align: left;
+                 white-space: normal; overflow-wrap: anywhere; min-width: 0; }
+  .accounts td.wrap, .accounts td[colspan] { grid-column: 1 / -1; }
+  .accounts td.window { grid-column: span 3; order: 1; }
+  .accounts td.name { font-size: 16px; }
+  .accounts td::before { content: attr(data-label); display: block; font-size: 12px;
+                         color: var(--muted); }
+}
+@media (max-width: 720px) {
+  .flow thead { display: none; }
+  table.flow, .flow tbody { display: block; }
+  .flow tr { display: flex; flex-wrap: wrap; gap: 0 12px; padding: 4px 0;
+             border-bottom: 1px solid var(--line); }
+  .flow td { border: 0; padding: 0; white-space: normal; overflow-wrap: anywhere; min-width: 0; }
+  .flow td.label::before { content: attr(data-label) " "; color: var(--muted); }
+  .flow td.error { flex-basis: 100%; }
+}
 </style>
 </head>
 <body>
@@ -5938,25 +5971,31 @@ svg text { fill: var(--muted); font-size: 10px; }
 <div class="card"><span class="muted">Accounts active</span><b>$active</b></div>
 </section>
 <h2>Accounts</h2>
-<div class="scroll"><table>
-<tr><th>Name</th><th>Type</th><th class="num">Tier</th><th class="num">Priority</th>
-<th>Status</th>
-<th class="num">Requests</th><th>Token expires</th><th>5-hour window</th><th>7-day window</th>
-<th>Last used</th></tr>
+<div class="scroll"><table class="accounts">
+<thead><tr><th>Name</th><th>Type</th><th class="num">Tier</th><th class="num">Priority</th>
+<th>Status</th><th class="num">Requests</th><th>Token expires</th><th>5-hour window</th>
+<th>7-day window</th><th>Last used</th></tr></thead>
+<tbody>
 $accounts
+</tbody>
 </table></div>
 <h2>Requests per hour, last 24 hours</h2>
 $chart
 <h2>Last 20 requests</h2>
-<div class="scroll"><table>
-<tr><th>Time</th><th>Account</th><th>Model</th><th class="num">Status</th>
+<div class="scroll"><table class="flow">
+<thead><tr><th>Time</th><th>Account</th><th>Model</th><th class="num">Status</th>
 <th class="num">Time</th><th class="num">Tokens in/out</th><th class="num">Cost</th></tr>
+</thead>
+<tbody>
 $requests_rows
+</tbody>
 </table></div>
 <h2>Recent errors</h2>
-<div class="scroll"><table>
-<tr><th>Time</th><th>Account</th><th class="num">Status</th><th>Error</th></tr>
+<div class="scroll"><table class="flow">
+<thead><tr><th>Time</th><th>Account</th><th class="num">Status</th><th>Error</th></tr></thead>
+<tbody>
 $errors
+</tbody>
 </table></div>
 </body>
 </html>
@@ -5987,40 +6026,51 @@ def when_text(ms: int | None, now: int) -> str:
     return f"in {duration_text(ms - now)}" if ms > now else f"{duration_text(now - ms)} ago"
 
 
-def window_cell(used: float | None, reset: int | None, now: int) -> str:
-    """Draw a rate-limit window: a bar of its real utilization and when it resets."""
+def window_cell(label: str, used: float | None, reset: int | None, now: int,
+                windowed: bool) -> str:
+    """Draw a rate-limit window: a bar of its real utilization and when it resets. Only
+    subscription (OAuth) accounts have these windows: for the others they are n/a."""
     if used is None:
-        return '<td class="muted">no data yet</td>'
+        return (f'<td class="window muted" data-label="{label}">'
+                f'{"no data yet" if windowed else "n/a"}</td>')
     if reset and reset <= now:
         used = 0.0
     level = "full" if used >= 0.9 else "high" if used >= 0.7 else ""
-    return (f'<td><span class="bar"><i class="{level}" style="width:{min(used, 1) * 100:.0f}%">'
-            f'</i></span>{used * 100:.0f}% <span class="muted">resets '
-            f'{escape(when_text(reset, now))}</span></td>')
+    resets = ("resets " if reset > now else "reset ") + when_text(reset, now) if reset else ""
+    return (f'<td class="window" data-label="{label}"><span class="bar"><i class="{level}" '
+            f'style="width:{min(used, 1) * 100:.0f}%"></i></span>{used * 100:.0f}%'
+            f'<span class="line muted">{escape(resets)}</span></td>')
 
 
 def account_row(account: Account, now: int, session_duration_ms: int) -> str:
-    """Draw one account as a table row."""
+    """Draw one account as a table row (a card on a phone: each cell says what it is)."""
     status = account.status(now)
     detail = ""
     if status == "rate_limited":
-        detail = f" until {when_text(account.rate_limited_until, now)}"
+        detail = f"limited, resets {when_text(account.rate_limited_until, now)}"
     elif status == "overage":
-        detail = f" (extra usage, billed) until {when_text(account.overage_until, now)}"
+        detail = f"extra usage (billed), quota back {when_text(account.overage_until, now)}"
     elif status == "needs_reauth":
-        detail = f": {redact(account.reauth_reason or '')}"
-    expires = when_text(account.expires_at, now) if account.type == "oauth" else "-"
-    return (f"<tr><td><b>{escape(account.name)}</b><br><span class=\"muted\">"
-            f"{escape(account.email or '')}</span></td><td>{escape(account.type)}</td>"
-            f"<td class=\"num\">{account.account_tier}</td>"
-            f"<td class=\"num\">{account.priority}</td>"
-            f"<td><span class=\"status {escape(status)}\">{escape(status)}</span>"
-            f"<span class=\"muted\">{escape(detail)}</span>{extra_usage_note(account, now)}</td>"
-            f"<td class=\"num\">{account.session_count(now, session_duration_ms)}/"
-            f"{account.request_count}</td><td>{escape(expires)}</td>"
-            f"{window_cell(account.utilization_5h, account.reset_5h, now)}"
-            f"{window_cell(account.utilization_7d, account.reset_7d, now)}"
-            f"<td>{escape(when_text(account.last_used, now))}</td></tr>")
+        detail = redact(account.reauth_reason or "")
+    windowed = account.type == "oauth"
+    expires = when_text(account.expires_at, now) if windowed else "-"
+    five_hours = window_cell("5-hour window", account.utilization_5h, account.reset_5h, now,
+                             windowed)
+    seven_days = window_cell("7-day window", account.utilization_7d, account.reset_7d, now,
+                             windowed)
+    return (f'<tr><td class="name wrap"><b>{escape(account.name)}</b>'
+            f'<span class="line muted">{escape(account.email or "")}</span></td>'
+            f'<td data-label="Type">{escape(account.type)}</td>'
+            f'<td class="num" data-label="Tier">{account.account_tier}</td>'
+            f'<td class="num" data-label="Priority">{account.priority}</td>'
+            f'<td class="wrap" data-label="Status"><span class="status {escape(status)}">'
+            f'{escape(status)}</span><span class="line muted">{escape(detail)}</span>'
+            f'{extra_usage_note(account, now)}</td>'
+            f'<td class="num" data-label="Requests">'
+            f'{account.session_count(now, session_duration_ms)}/<wbr>{account.request_count}</td>'
+            f'<td data-label="Token expires">{escape(expires)}</td>'
+            f'{five_hours}{seven_days}'
+            f'<td data-label="Last used">{escape(when_text(account.last_used, now))}</td></tr>')
 
 
 def extra_usage_note(account: Account, now: int) -> str:
@@ -6029,51 +6079,61 @@ def extra_usage_note(account: Account, now: int) -> str:
         return ""
     if not account.overage_enabled:
         reason = f" ({account.overage_disabled_reason})" if account.overage_disabled_reason else ""
-        return f'<br><span class="muted">extra usage off{escape(reason)}</span>'
+        return f'<span class="line muted">extra usage off{escape(reason)}</span>'
     reset = (f", allowance resets {when_text(account.overage_reset, now)}"
              if account.overage_reset else "")
-    return f'<br><span class="muted">extra usage on{escape(reset)}</span>'
+    return f'<span class="line muted">extra usage on{escape(reset)}</span>'
 
 
 def hourly_chart(series: list[dict]) -> str:
-    """Draw requests per hour as an inline SVG bar chart (errors in red at the bottom)."""
+    """Draw requests per hour as an inline SVG bar chart, the failed part of each bar in red.
+
+    The SVG stretches to the page's width, so its legend and hours are HTML around it: text
+    inside it would shrink with a narrow page."""
     width, height, top = 720, 120, max([point["requests"] for point in series] + [1])
     step = width / max(len(series), 1)
-    bars = []
+    bars, hours = [], []
     for index, point in enumerate(series):
         x = index * step
-        total = point["requests"] / top * (height - 14)
-        failed = point["failures"] / top * (height - 14)
+        total = point["requests"] / top * (height - 4)
+        failed = point["failures"] / top * (height - 4)
         moment = time.strftime("%H:00", time.gmtime(point["time"] / 1000))
-        bars.append(f'<rect x="{x + 1:.1f}" y="{height - 14 - total:.1f}" '
+        bars.append(f'<rect x="{x + 1:.1f}" y="{height - total:.1f}" '
                     f'width="{step - 2:.1f}" height="{total:.1f}"><title>{moment} UTC: '
-                    f'{point["requests"]} requests, {point["failures"]} errors</title></rect>')
+                    f'{point["requests"]} requests, {point["failures"]} failed</title></rect>')
         if failed:
-            bars.append(f'<rect class="errors" x="{x + 1:.1f}" y="{height - 14 - failed:.1f}" '
+            bars.append(f'<rect class="errors" x="{x + 1:.1f}" y="{height - failed:.1f}" '
                         f'width="{step - 2:.1f}" height="{failed:.1f}"></rect>')
-        if index % 6 == 0:
-            bars.append(f'<text x="{x + 1:.1f}" y="{height - 2}">{moment}</text>')
-    return (f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="Requests per hour">'
-            f'{"".join(bars)}<text x="2" y="10">max {top} requests/hour</text>'
-            f'</svg>')
+        if index % 6 == 3:  # under its bar, and never past either edge
+            hours.append(f'<span style="left:{(x + step / 2) / width * 100:.1f}%">'
+                         f'{moment}</span>')
+    return (f'<figure class="chart"><figcaption class="legend">'
+            f'<span><span class="key"></span>requests</span>'
+            f'<span><span class="key errors"></span>of which failed</span>'
+            f'<span>max {top} requests/hour · hours in UTC</span></figcaption>'
+            f'<svg viewBox="0 0 {width} {height}" preserveAspectRatio="none" role="img" '
+            f'aria-label="Requests per hour">{"".join(bars)}</svg>'
+            f'<div class="hours">{"".join(hours)}</div></figure>')
 
 
 def request_row(row: dict, now: int) -> str:
     """Draw one request record as a table row."""
     cost = "-" if row["costUsd"] is None else f"${row['costUsd']:.4f}"
     return (f"<tr><td>{escape(when_text(row['timestamp'], now))}</td>"
-            f"<td>{escape(row['accountName'] or 'client credentials')}</td>"
-            f"<td>{escape(row['model'] or '-')}</td><td class=\"num\">{escape(row['status'])}"
-            f"</td><td class=\"num\">{escape(row['responseTimeMs'])} ms</td>"
-            f"<td class=\"num\">{row['inputTokens']}/{row['outputTokens']}</td>"
+            f"<td class=\"wrap\">{escape(row['accountName'] or 'client credentials')}</td>"
+            f"<td>{escape(row['model'] or '-')}</td>"
+            f"<td class=\"num label\" data-label=\"status\">{escape(row['status'])}</td>"
+            f"<td class=\"num\">{escape(row['responseTimeMs'])} ms</td>"
+            f"<td class=\"num label\" data-label=\"tokens\">"
+            f"{row['inputTokens']}/{row['outputTokens']}</td>"
             f"<td class=\"num\">{escape(cost)}</td></tr>")
 
 
 def error_row(row: dict, now: int) -> str:
     """Draw one failed request as a table row."""
     return (f"<tr><td>{escape(when_text(row['timestamp'], now))}</td>"
-            f"<td>{escape(row['accountName'] or 'client credentials')}</td>"
-            f"<td class=\"num\">{escape(row['status'])}</td>"
+            f"<td class=\"wrap\">{escape(row['accountName'] or 'client credentials')}</td>"
+            f"<td class=\"num label\" data-label=\"status\">{escape(row['status'])}</td>"
             f"<td class=\"error\">{escape(row['error'] or '')}</td></tr>")
 
 

@@ -3538,7 +3538,7 @@ class TestPriority(RoutingTestCase):
         self.assertRegex(self.ok("list"), r"\nb\s+api_key\s+1\s+3\s+active")
         accounts = json.loads(self.proxy.request("GET", "/api/accounts")[2])
         self.assertEqual(accounts[1]["priority"], 3)
-        self.assertIn('<td class="num">7</td>', self.proxy.request("GET", "/")[2].decode())
+        self.assertIn('data-label="Priority">7</td>', self.proxy.request("GET", "/")[2].decode())
         code, _, err = self.cli("priority", "b", "first")
         self.assertEqual(code, 2)
         self.assertIn("expected a whole number", err)
@@ -3718,7 +3718,7 @@ class TestUsageReads(ServerWithAccounts):
 class PageChecker(html.parser.HTMLParser):
     """Checks that a page's tags nest and close, and collects its text."""
 
-    VOID = {"meta", "br", "img", "input", "link", "hr"}
+    VOID = {"meta", "br", "img", "input", "link", "hr", "wbr"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -4088,6 +4088,62 @@ class TestApi(ServerWithAccounts):
             self.assertIn('<meta name="viewport"', page)
             self.assertIn("<svg", page)
             self.assertNotIn("http://", page.replace("http://www.w3.org", ""))
+
+    def account_cells(self, page: str, name: str) -> dict:
+        """Return an account row's cells on the status page: label -> text."""
+        row = re.search(rf'<tr><td class="name wrap"><b>{name}</b>.*?</tr>', page).group(0)
+        return {label: " ".join(re.sub(r"<[^>]+>", " ", cell).split())
+                for label, cell in re.findall(r'<td[^>]* data-label="([^"]+)">(.*?)</td>', row)}
+
+    def test_status_page_accounts_are_cards_on_a_phone(self):
+        page = self.get("/")[1]
+        media = re.findall(r"@media \(max-width: (\d+)px\) \{\n(.*?)\n\}", page, re.S)
+        cards = [rules for width, rules in media if ".accounts tr { display: grid;" in rules]
+        self.assertEqual(len(cards), 1, media)
+        self.assertIn(".accounts thead { display: none; }", cards[0])
+        self.assertIn("content: attr(data-label)", cards[0])
+        headers = re.search(r'<table class="accounts">\n<thead>(.*?)</thead>', page, re.S)
+        labels = [re.sub(r"<[^>]+>", "", cell) for cell in re.findall(r"<th[^>]*>.*?</th>",
+                                                                     headers.group(1))]
+        self.assertEqual(labels[0], "Name")
+        self.assertEqual(list(self.account_cells(page, "b")), labels[1:])
+
+    def test_status_page_chart_has_a_legend_and_labels_that_keep_their_size(self):
+        page = self.get("/")[1]
+        chart = re.search(r'<figure class="chart">.*?</figure>', page, re.S).group(0)
+        self.assertIn('<rect class="errors"', chart)  # the 400 of setUp
+        self.assertIn('<span class="key"></span>requests</span>', chart)
+        self.assertIn('<span class="key errors"></span>of which failed</span>', chart)
+        svg = re.search(r"<svg.*?</svg>", chart, re.S).group(0)
+        self.assertNotIn("<text", svg)  # it stretches to the page: its text would shrink
+        self.assertEqual(len(re.findall(r'<div class="hours">(<span style="left:[\d.]+%">'
+                                        r'\d\d:00</span>){4}</div>', chart)), 1)
+        sizes = [int(size) for size in re.findall(r"font-size: (\d+)px", page)]
+        self.assertGreaterEqual(min(sizes), 11, sizes)
+
+    def test_status_page_says_what_is_known_of_limits_and_windows(self):
+        reset = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+        self.upstream.push_for("sk-ant-api03-a", reply_error(
+            429, "rate_limit_error", "Number of requests has exceeded your rate limit", [
+                ("anthropic-ratelimit-requests-remaining", "0"),
+                ("anthropic-ratelimit-requests-reset", reset.isoformat())]))
+        self.post_message()  # a is tried first, benched, and b serves
+        self.add_oauth("subscription")
+        self.add_oauth("weekly")
+        now = claudeflare.now_ms()
+        self.proxy.app.store.update_account("weekly", utilization_5h=0.97,
+                                            reset_5h=now - 600_000, utilization_7d=0.4,
+                                            reset_7d=now + 86_430_000)
+        self.proxy.settle()
+        page = self.get("/")[1]
+        limited = self.account_cells(page, "a")
+        self.assertRegex(limited["Status"], r"^rate_limited limited, resets in (59m|1h 0m)$")
+        self.assertEqual((limited["5-hour window"], limited["7-day window"]), ("n/a", "n/a"))
+        self.assertEqual(self.account_cells(page, "subscription")["5-hour window"],
+                         "no data yet")
+        weekly = self.account_cells(page, "weekly")
+        self.assertEqual(weekly["5-hour window"], "0% reset 10m ago")
+        self.assertEqual(weekly["7-day window"], "40% resets in 1d 0h")
 
     def test_cli_stats_and_requests_print_the_same_figures(self):
         stats = json.loads(self.ok("stats", "--json"))
