@@ -62,6 +62,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -2212,6 +2213,9 @@ class Upstream:
         self.where = base_url + (f" via proxy {self.proxy.display}" if self.proxy else "")
         #: How https connections verify the far end; None: the system's trusted CAs.
         self.tls = {"context": context} if self.https and context is not None else {}
+        #: The sockets of requests sent, for cut to end; and whether cut was called.
+        self.lent: weakref.WeakSet = weakref.WeakSet()
+        self.cut_off = False
 
     def new_connection(self) -> http.client.HTTPConnection:
         """Return an unconnected connection (through the proxy's tunnel, if there is one)."""
@@ -2284,6 +2288,25 @@ class Upstream:
         for connection in idle:
             connection.close()
 
+    def lend(self, connection: http.client.HTTPConnection) -> None:
+        """Note a connection about to carry a request, unless cut has ended this client."""
+        with self.lock:
+            if not self.cut_off:
+                self.lent.add(connection.sock)
+                return
+        connection.close()
+        raise UpstreamError(f"{self.where}: not sent, the server is shutting down", retry=False)
+
+    def cut(self) -> None:
+        """End every request in progress (its read fails at once) and send no more."""
+        with self.lock:
+            self.cut_off = True
+            lent = list(self.lent)
+        for sock in lent:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.close()
+
     def send(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes,
              timeout: float) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
         """Send one request and return the response (headers read, body not) and its connection.
@@ -2301,6 +2324,7 @@ class Upstream:
             except (OSError, http.client.HTTPException) as error:
                 connection.close()
                 raise UpstreamError(describe_network_error(error, self.where, timeout)) from None
+            self.lend(connection)
             try:
                 self.write_request(connection, method, target, headers, body, timeout)
                 return self.read_response(connection, method), connection
@@ -2359,6 +2383,14 @@ class Upstream:
         else:
             connection.response = response
         return response
+
+
+def finish_or_cut(thread: threading.Thread, client: Upstream, deadline: float) -> None:
+    """Let a background thread's call to client end until deadline (time.monotonic()), then
+    cut it short, so that shutdown waits on it no longer than on requests."""
+    thread.join(max(0.0, deadline - time.monotonic()))
+    client.cut()
+    thread.join()
 
 
 def forwardable_headers(message: http.client.HTTPMessage) -> list[tuple[str, str]]:
@@ -2975,9 +3007,10 @@ class BackgroundRefresher:
                 except TokenUnavailable:
                     pass  # already logged by the keeper, and shown on the account
 
-    def close(self) -> None:
+    def close(self, deadline: float) -> None:
+        """Stop; a refresh still running at deadline is cut short and keeps the old pair."""
         self.stopping.set()
-        self.thread.join()
+        finish_or_cut(self.thread, self.keeper.oauth.http, deadline)
 
 
 ###############################################################################
@@ -3394,10 +3427,10 @@ class UsagePoller:
         self.log.info("Usage read of account %s failed: %s; next try in %ds", account.name,
                       redact(error), wait // 1000)
 
-    def close(self) -> None:
+    def close(self, deadline: float) -> None:
+        """Stop; a read still running at deadline (time.monotonic()) is cut short."""
         self.stopping.set()
-        self.thread.join()
-        self.client.close()
+        finish_or_cut(self.thread, self.client, deadline)
 
 
 ###############################################################################
@@ -4583,11 +4616,19 @@ class App:
                 "databasePath": self.store.path, "logDir": default_log_dir(),
                 "version": __version__}
 
-    def close(self) -> None:
-        """Write the queued request log, then release the upstream connections and database."""
+    def stop_background(self) -> None:
+        """Start no more usage reads or token refreshes: the server is shutting down."""
+        self.usage.stopping.set()
+        self.refresher.stopping.set()
+
+    def close(self, deadline: float = 0.0) -> None:
+        """Write the queued request log, then release the upstream connections and database.
+
+        Usage reads and token refreshes still running at deadline (time.monotonic()) are cut.
+        """
         log.removeHandler(self.recent_logs)
-        self.usage.close()
-        self.refresher.close()
+        self.usage.close(deadline)
+        self.refresher.close(deadline)
         self.writer.close()
         self.tokens.keep_unsaved()
         self.upstream.close()
@@ -6762,6 +6803,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         server.serve_forever(poll_interval=0.2)
     finally:
         app.stopping = True
+        app.stop_background()
+        deadline = time.monotonic() + settings.shutdown_timeout_s
         server.server_close()
         server_log.info("Shutting down: waiting up to %gs for %d requests in flight",
                         settings.shutdown_timeout_s, app.running)
@@ -6773,7 +6816,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             unfinished = app.drain(CUT_GRACE_S)
         if unfinished:
             server_log.warning("Stopped waiting with %d requests still in flight", unfinished)
-        app.close()
+        app.close(deadline)
         lock.release()
         server_log.info("Server stopped")
         logs.close()

@@ -4336,6 +4336,31 @@ class TestShutdown(ServeTestCase):
         self.assertIn("Cut at shutdown: shutdown_timeout_s (0.5s) ran out", rows[0]["error"])
         self.assertIn("cut 1 answers short", server.log())
 
+    def test_hung_usage_reads_and_refreshes_wait_no_longer_than_the_shutdown_timeout(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        oauth = self.upstream.oauth
+        oauth.usage_failures.append(hang(gate))
+        oauth.failures.append(hang(gate))
+        store = claudeflare.Store(os.path.join(self.folder, "claudeflare.db"))
+        access, refresh = oauth.issue()
+        store.add_account("soon", "oauth", 5, access_token=access, refresh_token=refresh,
+                          expires_at=claudeflare.now_ms() + 600_000)  # due for a refresh
+        store.close()
+        server = self.serve(CLAUDEFLARE_SHUTDOWN_TIMEOUT_S="1")
+        wait_for(lambda: oauth.usage_reads and oauth.refresh_requests,
+                 what="a usage read and a refresh to hang")
+        started = time.monotonic()
+        self.assertEqual(server.stop(), 0)
+        self.assertLess(time.monotonic() - started, 1 + 3)
+        store = claudeflare.Store(server.db_path)
+        try:
+            kept = store.account("soon")
+        finally:
+            store.close()
+        self.assertEqual((kept.access_token, kept.refresh_token), (access, refresh))
+        self.assertIn("Server stopped", server.log())
+
     def test_serve_runs_from_another_folder_under_another_name(self):
         elsewhere = os.path.join(self.folder, "bin", "cf")  # no .py: installed as a command
         os.makedirs(os.path.dirname(elsewhere))
