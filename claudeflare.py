@@ -411,6 +411,18 @@ def redact(text: str) -> str:
     return text
 
 
+#: What must not reach a log line or a terminal as it is: controls but tab (newlines, ESC),
+#: DEL, C1 controls, and the Unicode line and paragraph separators.
+CONTROL_CHARACTER = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """Escape control characters in text from outside (\\n, \\x1b), so that it shows as one line
+    that can neither forge another log line nor move a terminal's cursor."""
+    return CONTROL_CHARACTER.sub(
+        lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def ensure_private_dir(path: str) -> None:
     """Create a folder (and its parents) readable only by the user, if it is missing."""
     if path and not os.path.isdir(path):
@@ -489,13 +501,18 @@ def survive(component: str, work: Callable[[], Any]) -> None:
 
 
 def record_fields(record: logging.LogRecord) -> tuple[str, str, str]:
-    """Return a record's level, component and redacted message (with its traceback, if any)."""
+    """Return a record's level, component and redacted message (with its traceback, if any).
+
+    The message is one line whatever it quotes; a traceback's lines follow it indented, so
+    no line of either can pass for a log line of its own.
+    """
     level = LEVEL_NAMES.get(record.levelname, record.levelname)
     component = record.name.rpartition(".")[2] if "." in record.name else "App"
-    message = record.getMessage()
+    message = printable(redact(record.getMessage()))
     if record.exc_info:
-        message += "\n" + logging.Formatter().formatException(record.exc_info)
-    return level, component, redact(message)
+        trace = redact(logging.Formatter().formatException(record.exc_info))
+        message += "".join("\n    " + printable(line) for line in trace.splitlines())
+    return level, component, message
 
 
 class PrettyFormatter(logging.Formatter):

@@ -4259,6 +4259,23 @@ class TestLogging(ServeTestCase):
         self.assertIn("DEBUG: [Proxy]", debug.stderr)
         self.assertIn("Request completed", debug.stderr)
 
+    def test_text_from_outside_cannot_add_a_line_of_its_own(self):
+        self.cli("add", "work", "--api-key", stdin="sk-ant-api03-secretvalue\n")
+        forged = "[2030-01-01T00:00:00.000Z] ERROR: [OAuth] Failed to refresh token for work"
+        self.upstream.push(reply_error(500, "api_error", f"Overloaded\n{forged}\r\x1b[2J"))
+        server = self.serve(RETRY_ATTEMPTS="0")
+        self.assertEqual(server.request("POST", "/v1/messages", b'{"model":"m"}')[0], 500)
+        self.assertEqual(server.stop(), 0)
+        lines = server.log().splitlines()
+        for line in lines:
+            self.assertRegex(line, self.PRETTY)
+        self.assertIn(f"got 500 Overloaded\\n{forged}\\r\\x1b[2J", server.log())
+        with unittest.mock.patch.dict(os.environ, CLAUDEFLARE_LOG_DIR=os.path.dirname(
+                server.log_path), CLAUDEFLARE_UPSTREAM_URL=self.upstream.url):
+            out = run_cli("--config", os.path.join(self.folder, "config.json"), "--db",
+                          server.db_path, "doctor")[1]
+        self.assertNotIn("warn  log: [2030", out)
+
     def test_rotation_keeps_three_files_and_the_newest_lines(self):
         folder = os.path.join(self.folder, "rotating")
         logs = claudeflare.LogSetup("INFO", "pretty", folder, False, rotate_bytes=4000)
