@@ -6920,7 +6920,8 @@ def identity(tokens: Tokens) -> dict:
 
 def who(tokens: Tokens) -> str:
     """Name whom a login's tokens belong to: "email, organization"."""
-    return ", ".join(filter(None, (tokens.email, tokens.organization))) or "identity not given"
+    return printable(", ".join(filter(None, (tokens.email, tokens.organization)))
+                     or "identity not given")
 
 
 def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
@@ -6997,7 +6998,8 @@ def status_text(account: Account, now: int) -> str:
 
 
 def print_table(rows: list[list[str]]) -> None:
-    """Print rows as columns padded to their widest cell."""
+    """Print rows as columns padded to their widest cell, control characters escaped."""
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[index]) for row in rows) for index in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -7201,8 +7203,9 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     if report["recentErrors"]:
         print("\nRecent errors:")
         for error in report["recentErrors"]:
-            print(f"  {iso_time(error['timestamp'])}  {error['accountName'] or '-'}  "
-                  f"{error['status']}  {error['error']}")
+            print(printable(f"  {iso_time(error['timestamp'])}  "
+                            f"{error['accountName'] or '-'}  {error['status']}  "
+                            f"{error['error']}"))
     return 0
 
 
@@ -7229,8 +7232,9 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     url = args.url or local_url(settings.host, settings.port, bool(settings.tls_cert))
     health = ask_health(url, health_context(settings))
     status, counts = health["status"], health["accounts"]
-    print(f"{status}: {counts.get('active', 0)} of {counts.get('total', 0)} accounts active, "
-          f"strategy {health.get('strategy')}, up {duration_text(health.get('uptime', 0))}")
+    print(printable(f"{status}: {counts.get('active', 0)} of {counts.get('total', 0)} accounts "
+                    f"active, strategy {health.get('strategy')}, up "
+                    f"{duration_text(health.get('uptime', 0))}"))
     return 0 if status == "ok" else 1
 
 
@@ -7254,8 +7258,8 @@ def cmd_doctor(args: argparse.Namespace, flags: dict) -> int:
     else:
         for check in checks:
             fix = f"; fix: {check.fix}" if check.fix else ""
-            print(redact(f"{DOCTOR_LABELS[check.status]:<4}  {check.name}: {check.message}"
-                         f"{fix}"))
+            print(printable(redact(f"{DOCTOR_LABELS[check.status]:<4}  {check.name}: "
+                                   f"{check.message}{fix}")))
         print(f"{counts['ok']} ok, {counts['warn']} warn, {counts['fail']} FAIL")
     return 1 if counts["fail"] else 0
 
@@ -7511,15 +7515,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config, flags, strict=args.command == "serve")
         if args.command != "serve":
             for problem in settings.config.problems:
-                print(f"claudeflare: warning: {problem}", file=sys.stderr)
+                print(f"claudeflare: warning: {printable(problem)}", file=sys.stderr)
         return args.handler(args, settings)
     except ClaudeflareError as error:
-        print(f"claudeflare: error: {error}", file=sys.stderr)
+        print(f"claudeflare: error: {printable(str(error))}", file=sys.stderr)
         return 1
     except sqlite3.Error as error:
         path = args.db or default_db_path()
         problem = locked_message(path) if is_locked(error) else f"database {path}: {error}"
-        print(f"claudeflare: error: {problem}", file=sys.stderr)
+        print(f"claudeflare: error: {printable(problem)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nclaudeflare: interrupted; nothing was changed", file=sys.stderr)

@@ -1837,6 +1837,22 @@ class TestUsingAccounts(ServerWithAccounts):
         self.assertRegex(line, r"\s\d+s ago(\s|$)")
         self.assertNotIn("(past)", line)
 
+    def test_text_from_outside_reaches_the_terminal_with_its_controls_escaped(self):
+        escapes = "\x1b]0;pwned\x07\x1b[2J\r\nfake"
+        self.add_key("work")
+        self.proxy.app.store.change_account("work", organization="Acme" + escapes)
+        self.proxy.request("POST", "/v1/messages", {"model": "claude" + escapes},
+                           {"content-type": "application/json"})
+        self.upstream.push(reply_error(500, "api_error", "Overloaded" + escapes))
+        self.proxy.request("POST", "/v1/messages", {"model": "claude" + escapes},
+                           {"content-type": "application/json"})
+        self.proxy.settle()
+        for command in ("list", "requests", "stats"):
+            out = self.ok(command)
+            self.assertNotIn("\x1b", out, command)
+            self.assertNotIn("\x07", out, command)
+            self.assertIn("\\x1b]0;pwned\\x07\\x1b[2J\\r\\nfake", out, command)
+
     def test_setting_a_rotating_strategy_warns_about_conversations(self):
         for strategy in ("round-robin", "weighted", "least-requests"):
             code, _, err = self.cli("config", "set", "lb_strategy", strategy)
