@@ -54,6 +54,7 @@ import signal
 import sqlite3
 import socket
 import ssl
+import stat
 import string
 import subprocess
 import sys
@@ -477,6 +478,53 @@ LOG_KEEP_FILES = 3
 LOG_BATCH_S = 0.02
 #: Python's level names as the guide spells them.
 LEVEL_NAMES = {"WARNING": "WARN", "CRITICAL": "ERROR"}
+#: Opens app.log itself, never a file a symbolic link put in its place (0 where there is none).
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+#: How to choose another log folder, where one cannot be used.
+CHOOSE_LOG_DIR = "set CLAUDEFLARE_LOG_DIR to a folder of yours"
+
+
+def log_folder_problem(path: str) -> str | None:
+    """Say why an existing folder is no safe place for this user's log, or None if it is.
+
+    In a folder another user owns or can write to, that user can read the log or put a link
+    at app.log. A missing folder is fine: it is created private. Windows gives every user a
+    temp folder of their own.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(info.st_mode):
+        return "is a file, not a folder"
+    if os.name == "nt":
+        return None
+    if info.st_uid != os.getuid():
+        return "belongs to another user"
+    return "can be written by other users" if info.st_mode & 0o022 else None
+
+
+def log_folder() -> tuple[str, str]:
+    """Return the log folder, and a warning when the shared default could not be used.
+
+    CLAUDEFLARE_LOG_DIR is used as it is. The default, claudeflare-logs in the temp folder
+    that all users share, is passed over for claudeflare-logs-<uid> when it is not safe.
+    """
+    shared = default_log_dir()
+    if os.environ.get("CLAUDEFLARE_LOG_DIR"):
+        return shared, ""
+    problem = log_folder_problem(shared)
+    if problem is None:
+        return shared, ""
+    private = f"{shared}-{os.getuid()}"
+    other = log_folder_problem(private)
+    if other is not None:
+        raise ClaudeflareError(f"Cannot log in {shared} ({problem}) nor in {private} ({other}): "
+                               f"{CHOOSE_LOG_DIR}")
+    return private, (f"{shared} {problem}: logging to {private} instead (to choose the "
+                     f"folder, {CHOOSE_LOG_DIR})")
 
 
 @functools.lru_cache(maxsize=None)
@@ -614,9 +662,31 @@ class LogSetup:
         self.thread.start()
 
     def open(self) -> Any:
-        """Open app.log for appending, creating it (and its folder) private."""
-        create_private_file(self.path)
-        return open(self.path, "a", encoding="utf-8")
+        """Open app.log for appending, creating it (and its folder) private.
+
+        Never through a symbolic link, nor a file another user owns: both would let another
+        user choose what the log overwrites, or read it.
+        """
+        folder = os.path.dirname(self.path)
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise ClaudeflareError(f"Cannot write the log: {folder} is a file, not a folder; "
+                                   f"{CHOOSE_LOG_DIR}")
+        try:
+            ensure_private_dir(folder)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | NO_FOLLOW, 0o600)
+        except OSError as error:
+            problem = ("is a symbolic link" if error.errno == errno.ELOOP
+                       else f"cannot be written: {error.strerror or error}")
+            raise ClaudeflareError(f"Cannot write the log: {self.path} {problem}; "
+                                   f"{CHOOSE_LOG_DIR}") from None
+        info = os.fstat(fd)
+        if os.name != "nt" and (info.st_uid != os.getuid() or not stat.S_ISREG(info.st_mode)):
+            os.close(fd)
+            raise ClaudeflareError(f"Cannot write the log: {self.path} belongs to another "
+                                   f"user; {CHOOSE_LOG_DIR}")
+        if os.name != "nt" and info.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "a", encoding="utf-8")
 
     def run(self) -> None:
         """Write what queued, in batches: one wake-up per LOG_BATCH_S at most, not per line."""
@@ -648,7 +718,7 @@ class LogSetup:
                 size += len(line)
             self.file.write("".join(chunk))
             self.file.flush()
-        except OSError as error:
+        except (OSError, ClaudeflareError) as error:
             sys.stderr.write(f"claudeflare: cannot write {self.path}: {error}\n")
         if self.console is not None:
             self.console.write("".join(lines))
@@ -6490,15 +6560,33 @@ def log_error_lines(path: str) -> list[str]:
             if re.match(r"\[[^\]]*\] ERROR: ", line) or '"level": "ERROR"' in line]
 
 
-def check_logs(log_dir: str) -> list[Check]:
-    """Check the log folder is writable, say how big app.log is, and show its last errors."""
+def check_logs() -> list[Check]:
+    """Check the log folder as serve will meet it, say how big app.log is, show its last errors."""
+    try:
+        log_dir, warning = log_folder()
+    except ClaudeflareError as error:
+        return [Check("fail", "logs", str(error))]
+    log_dir = os.path.abspath(log_dir)
     path = os.path.join(log_dir, LOG_FILE_NAME)
     existing = log_dir
     while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
         existing = os.path.dirname(existing)
+    below = os.path.join(existing, os.path.relpath(log_dir, existing).split(os.sep)[0])
     fix = "fix its permissions, or set CLAUDEFLARE_LOG_DIR to a folder this user can write"
-    if not os.access(existing, os.W_OK | os.X_OK):
+    info = os.lstat(path) if os.path.lexists(path) else None
+    if warning:
+        checks = [Check("warn", "logs", warning)]
+    elif existing != log_dir and os.path.lexists(below):
+        checks = [Check("fail", "logs", f"Cannot write the log: {below} is a file, not a "
+                        f"folder", CHOOSE_LOG_DIR)]
+    elif not os.access(existing, os.W_OK | os.X_OK):
         checks = [Check("fail", "logs", f"cannot write in {existing}", fix)]
+    elif info is not None and stat.S_ISLNK(info.st_mode):
+        checks = [Check("fail", "logs", f"Cannot write the log: {path} is a symbolic link",
+                        CHOOSE_LOG_DIR)]
+    elif info is not None and os.name != "nt" and info.st_uid != os.getuid():
+        checks = [Check("fail", "logs", f"Cannot write the log: {path} belongs to another "
+                        f"user", CHOOSE_LOG_DIR)]
     elif existing != log_dir:
         checks = [Check("ok", "logs", f"{log_dir} does not exist yet: serve creates it")]
     elif not os.path.exists(path):
@@ -6547,7 +6635,7 @@ def run_doctor(config_path: str, db_path: str, flags: dict, now: int) -> list[Ch
             checks.append(check_clock(headers.get("date"), (sent + now_ms()) // 2))
         checks.append(check_endpoint("token endpoint", settings.oauth_token_url, "POST", b"{}",
                                      "check the network and oauth_token_url")[0])
-    return checks + check_logs(default_log_dir())
+    return checks + check_logs()
 
 
 ###############################################################################
@@ -6581,7 +6669,7 @@ def service_plan(settings: Settings, config_path: str, db_path: str) -> ServiceP
     """
     command = [sys.executable, os.path.abspath(__file__), "serve",
                "--config", os.path.abspath(config_path), "--db", os.path.abspath(db_path)]
-    environment = {"CLAUDEFLARE_LOG_DIR": os.path.abspath(default_log_dir())}
+    environment = {"CLAUDEFLARE_LOG_DIR": os.path.abspath(log_folder()[0])}
     for setting in SETTINGS:
         if settings.sources[setting.key] in ("flag", "env"):
             environment[setting.env] = str(settings.values[setting.key])
@@ -6773,9 +6861,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     second signal exits at once.
     """
     threading.stack_size(THREAD_STACK_BYTES)
-    logs = LogSetup(settings.log_level, settings.log_format, default_log_dir(),
+    folder, warning = log_folder()
+    logs = LogSetup(settings.log_level, settings.log_format, folder,
                     os.environ.get("CLAUDEFLARE_DEBUG") == "1")
     server_log = component_logger("Server")
+    if warning:
+        server_log.warning("%s", warning)
+        print(f"claudeflare: warning: {warning}", file=sys.stderr, flush=True)
     for problem in settings.config.problems:
         server_log.error("%s", problem)
     db_path = args.db or default_db_path()

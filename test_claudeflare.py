@@ -4160,8 +4160,8 @@ class ServeProcess:
                         CLAUDEFLARE_TOKEN_URL=upstream_url + "/v1/oauth/token",
                         CLAUDEFLARE_CONFIG_PATH=os.path.join(folder, "config.json"),
                         CLAUDEFLARE_DB_PATH=self.db_path,
-                        CLAUDEFLARE_LOG_DIR=os.path.join(folder, "logs"), **env)
-        self.env["PYTHONDEVMODE"] = "1"  # ResourceWarnings show on its stderr
+                        CLAUDEFLARE_LOG_DIR=os.path.join(folder, "logs"))
+        self.env.update(env, PYTHONDEVMODE="1")  # ResourceWarnings show on its stderr
         self.stderr_file = tempfile.TemporaryFile("w+", encoding="utf-8")
         self.stderr = ""
         self.process = subprocess.Popen(
@@ -4286,11 +4286,97 @@ class TestLogging(ServeTestCase):
         for line in lines:
             self.assertRegex(line, self.PRETTY)
         self.assertIn(f"got 500 Overloaded\\n{forged}\\r\\x1b[2J", server.log())
-        with unittest.mock.patch.dict(os.environ, CLAUDEFLARE_LOG_DIR=os.path.dirname(
-                server.log_path), CLAUDEFLARE_UPSTREAM_URL=self.upstream.url):
-            out = run_cli("--config", os.path.join(self.folder, "config.json"), "--db",
-                          server.db_path, "doctor")[1]
+        out = self.doctor(CLAUDEFLARE_LOG_DIR=os.path.dirname(server.log_path))
         self.assertNotIn("warn  log: [2030", out)
+
+    def doctor(self, temp: str | None = None, **env: str) -> str:
+        """Run doctor in this process (with `temp` as the temp folder); return its output."""
+        with unittest.mock.patch.dict(os.environ, CLAUDEFLARE_UPSTREAM_URL=self.upstream.url,
+                                      **env), \
+                unittest.mock.patch.object(tempfile, "tempdir", temp or tempfile.gettempdir()):
+            return run_cli("--config", os.path.join(self.folder, "config.json"), "--db",
+                           os.path.join(self.folder, "claudeflare.db"), "doctor")[1]
+
+    def temp_folder(self) -> tuple[str, str, str]:
+        """Make a temp folder for serve; return it, its shared log folder and the private one."""
+        temp = os.path.join(self.folder, "tmp")
+        os.mkdir(temp)
+        shared = os.path.join(temp, "claudeflare-logs")
+        return temp, shared, f"{shared}-{os.getuid()}"
+
+    def serve_fails(self, **env: str) -> str:
+        """Start serve expecting it to refuse; return the one line it printed."""
+        done = subprocess.run(
+            [sys.executable, os.path.join(HERE, "claudeflare.py"), "serve", "--port", "0"],
+            env=dict(os.environ, CLAUDEFLARE_UPSTREAM_URL=self.upstream.url,
+                     CLAUDEFLARE_CONFIG_PATH=os.path.join(self.folder, "config.json"),
+                     CLAUDEFLARE_DB_PATH=os.path.join(self.folder, "claudeflare.db"), **env),
+            capture_output=True, text=True, timeout=DEADLINE_S * 3)
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+        return done.stderr
+
+    def test_the_shared_default_log_folder_is_made_private(self):
+        temp, shared, private = self.temp_folder()
+        server = self.serve(TMPDIR=temp, CLAUDEFLARE_LOG_DIR="")
+        self.assertEqual(server.stop(), 0)
+        self.assertEqual(server.stderr, "")
+        self.assertEqual(os.stat(shared).st_mode & 0o777, 0o700)
+        log_file = os.path.join(shared, "app.log")
+        self.assertEqual(os.stat(log_file).st_mode & 0o777, 0o600)
+        with open(log_file) as lines:
+            self.assertIn("Server stopped", lines.read())
+        self.assertFalse(os.path.exists(private))
+        self.assertIn(f"\nok    logs: {log_file}: ", self.doctor(temp, CLAUDEFLARE_LOG_DIR=""))
+
+    def test_a_shared_log_folder_others_can_write_is_passed_over_for_a_private_one(self):
+        temp, shared, private = self.temp_folder()
+        os.mkdir(shared)
+        os.chmod(shared, 0o777)
+        victim = os.path.join(self.folder, "victim")
+        with open(victim, "w") as out:
+            out.write("mine\n")
+        os.symlink(victim, os.path.join(shared, "app.log"))
+        server = self.serve(TMPDIR=temp, CLAUDEFLARE_LOG_DIR="")
+        self.assertEqual(server.stop(), 0)
+        warning = (f"{shared} can be written by other users: logging to {private} instead (to "
+                   f"choose the folder, set CLAUDEFLARE_LOG_DIR to a folder of yours)")
+        self.assertEqual(server.stderr, f"claudeflare: warning: {warning}\n")
+        with open(victim) as kept:
+            self.assertEqual(kept.read(), "mine\n")
+        self.assertEqual(os.stat(private).st_mode & 0o777, 0o700)
+        with open(os.path.join(private, "app.log")) as lines:
+            self.assertIn("Server stopped", lines.read())
+        self.assertIn(f"\nwarn  logs: {warning}\n", self.doctor(temp, CLAUDEFLARE_LOG_DIR=""))
+
+    def test_a_shared_log_folder_of_another_user_is_passed_over(self):
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            self.skipTest("only root can give a folder to another user")
+        temp, shared, private = self.temp_folder()
+        os.mkdir(shared, 0o700)
+        os.chown(shared, 54321, 54321)
+        server = self.serve(TMPDIR=temp, CLAUDEFLARE_LOG_DIR="")
+        self.assertEqual(server.stop(), 0)
+        self.assertIn(f"warning: {shared} belongs to another user: logging to {private}",
+                      server.stderr)
+        self.assertTrue(os.path.exists(os.path.join(private, "app.log")))
+        self.assertFalse(os.path.exists(os.path.join(shared, "app.log")))
+
+    def test_a_log_file_serve_cannot_use_is_named_in_one_line_by_serve_and_doctor(self):
+        victim = os.path.join(self.folder, "victim")
+        with open(victim, "w") as out:
+            out.write("mine\n")
+        linked = os.path.join(self.folder, "linked")
+        os.mkdir(linked)
+        os.symlink(victim, os.path.join(linked, "app.log"))
+        for folder, problem in ((linked, f"{linked}/app.log is a symbolic link"),
+                                (victim, f"{victim} is a file, not a folder")):
+            error = self.serve_fails(CLAUDEFLARE_LOG_DIR=folder)
+            self.assertIn(f"Cannot write the log: {problem}", error)
+            self.assertIn(f"\nFAIL  logs: Cannot write the log: {problem}",
+                          self.doctor(CLAUDEFLARE_LOG_DIR=folder))
+        with open(victim) as kept:
+            self.assertEqual(kept.read(), "mine\n")
 
     def test_rotation_keeps_three_files_and_the_newest_lines(self):
         folder = os.path.join(self.folder, "rotating")
