@@ -6676,6 +6676,13 @@ def service_plan(settings: Settings, config_path: str, db_path: str) -> ServiceP
     for name in PROXY_VARIABLES:
         if os.environ.get(name):
             environment[name] = os.environ[name]
+    named = [("the path of Python", command[0]), ("the path of claudeflare", command[1]),
+             ("--config", command[4]), ("--db", command[6]), *environment.items()]
+    for name, value in named:
+        if CONTROL_CHARACTER.search(value):
+            # A newline would add directives of its own to a unit; a plist cannot hold one.
+            raise ClaudeflareError(f"{name} holds a control character ({printable(value)}), "
+                                   f"which a service file cannot carry: choose a value without")
     return ServicePlan(command, environment, int(settings.shutdown_timeout_s) + STOP_GRACE_S)
 
 

@@ -5090,6 +5090,29 @@ class TestService(CliTestCase):
         printed = self.ok("service", "install", "--print")
         self.assertIn("[Service]" if sys.platform == "linux" else "<plist", printed)
 
+    def test_a_value_with_a_control_character_is_refused_and_the_rest_is_quoted(self):
+        injected = "/x\nExecStartPre=/bin/touch /tmp/p\n.db"
+        for system in ("systemd", "launchd"):
+            code, out, err = run_cli("--config", self.config_path, "--db", injected, "service",
+                                     "install", "--print", "--system", system)
+            self.assertEqual((code, out), (1, ""))
+            self.assertEqual(err, "claudeflare: error: --db holds a control character "
+                                  "(/x\\nExecStartPre=/bin/touch /tmp/p\\n.db), which a service "
+                                  "file cannot carry: choose a value without\n")
+            for name, value in (("CLIENT_ID", "id\nExecStartPre=/bin/true"),
+                                ("HTTPS_PROXY", "http://proxy:3128\x1b")):
+                with unittest.mock.patch.dict(os.environ, {name: value}):
+                    self.fails(f"{name} holds a control character", "service", "install",
+                               "--print", "--system", system)
+        odd = os.path.join(self.folder, 'a"b\\c$d;e f.db')
+        code, unit, err = run_cli("--config", self.config_path, "--db", odd, "service",
+                                  "install", "--print", "--system", "systemd")
+        self.assertEqual(code, 0, err)
+        self.assertIn(f'--db "{self.folder}/a\\"b\\\\c$$d;e f.db"\n', unit)
+        code, plist, err = run_cli("--config", self.config_path, "--db", odd, "service",
+                                   "install", "--print", "--system", "launchd")
+        self.assertEqual(plistlib.loads(plist.encode())["ProgramArguments"][-1], odd)
+
     def test_print_goes_with_install(self):
         self.fails("--print writes what service install would install", "service", "status",
                    "--print")
