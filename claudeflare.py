@@ -7372,6 +7372,20 @@ def run_service_command(command: list[str], check: bool = True) -> int:
     return code
 
 
+def systemd_user_problem() -> str | None:
+    """Ask whether this user's systemd answers systemctl --user; if not, return what it said.
+
+    A container, or an SSH login without lingering, has no user systemd: every command fails
+    with `Failed to connect to bus`.
+    """
+    done = subprocess.run(["systemctl", "--user", "show-environment"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode == 0:
+        return None
+    said = done.stderr.strip().splitlines()
+    return said[-1] if said else f"exit status {done.returncode}"
+
+
 def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
     """Install, remove or show the per-user service that runs `serve` and restarts it."""
     plan = service_plan(settings, args.config or default_config_path(),
@@ -7404,6 +7418,14 @@ def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
     path = service_path(system)
     unit = SERVICE_NAME + ".service"
     target = f"gui/{os.getuid()}" if system == "launchd" else ""
+    unreachable = systemd_user_problem() if system == "systemd" else None
+    if unreachable is not None and args.action != "uninstall":
+        raise ClaudeflareError(
+            f"systemctl --user cannot reach your user's systemd ({unreachable}): this session "
+            f"has none (a container, or an SSH login without lingering). Turn lingering on "
+            f"(loginctl enable-linger {getpass.getuser()}) and log in again, or write the unit "
+            f"with service install --print and install it as a system service "
+            f"(/etc/systemd/system, systemctl --system)")
     if args.action == "install":
         write_private_file(path, systemd_unit(plan) if system == "systemd"
                            else launchd_plist(plan))
@@ -7432,14 +7454,20 @@ def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
         command = (["systemctl", "--user", "status", "--no-pager", unit] if system == "systemd"
                    else ["launchctl", "print", f"{target}/{LAUNCHD_LABEL}"])
         return 0 if run_service_command(command, check=False) == 0 else 1
+    # The file goes whatever the service manager says: a unit left behind is not uninstalled.
+    if unreachable is not None:
+        os.unlink(path)
+        print(f"Removed {path}; nothing was stopped: systemctl --user cannot reach your user's "
+              f"systemd ({unreachable})")
+        return 0
     if system == "systemd":
-        run_service_command(["systemctl", "--user", "disable", "--now", unit])
+        run_service_command(["systemctl", "--user", "disable", "--now", unit], check=False)
     else:
         run_service_command(["launchctl", "bootout", f"{target}/{LAUNCHD_LABEL}"],
                             check=False)
     os.unlink(path)
     if system == "systemd":
-        run_service_command(["systemctl", "--user", "daemon-reload"])
+        run_service_command(["systemctl", "--user", "daemon-reload"], check=False)
     print(f"Stopped claudeflare and removed {path}")
     return 0
 

@@ -5113,6 +5113,67 @@ class TestService(CliTestCase):
                                    "install", "--print", "--system", "launchd")
         self.assertEqual(plistlib.loads(plist.encode())["ProgramArguments"][-1], odd)
 
+    def fake_systemctl(self) -> str:
+        """Put a fake systemctl first on PATH (FAKE_SYSTEMCTL: unreachable, failing or ok) and
+        the units under the test's folder; return the file where it notes its arguments."""
+        if os.name != "posix":
+            self.skipTest("the fake systemctl is a shell script")
+        folder = os.path.join(self.folder, "bin")
+        os.mkdir(folder)
+        calls = os.path.join(self.folder, "systemctl-calls")
+        with open(os.path.join(folder, "systemctl"), "w") as out:
+            out.write(f'#!/bin/sh\necho "$*" >> "{calls}"\n'
+                      f'case "$FAKE_SYSTEMCTL/$2" in\n'
+                      f'  unreachable/*) echo "Failed to connect to bus: No medium found" >&2;'
+                      f' exit 1;;\n'
+                      f'  failing/show-environment) exit 0;;\n'
+                      f'  failing/*) exit 1;;\n'
+                      f'esac\n')
+        os.chmod(os.path.join(folder, "systemctl"), 0o755)
+        patcher = unittest.mock.patch.dict(os.environ, {
+            "PATH": folder + os.pathsep + os.environ["PATH"],
+            "XDG_CONFIG_HOME": os.path.join(self.folder, "xdg"), "FAKE_SYSTEMCTL": "ok"})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        return calls
+
+    def test_an_unreachable_user_systemd_is_named_before_anything_is_written(self):
+        calls = self.fake_systemctl()
+        os.environ["FAKE_SYSTEMCTL"] = "unreachable"
+        unit = claudeflare.service_path("systemd")
+        for action in ("install", "status"):
+            err = self.fails("systemctl --user cannot reach your user's systemd (Failed to "
+                             "connect to bus: No medium found)", "service", action, "--system",
+                             "systemd")
+            for what_to_do in ("loginctl enable-linger", "service install --print",
+                               "systemctl --system"):
+                self.assertIn(what_to_do, err)
+            self.assertFalse(os.path.exists(unit))
+        os.makedirs(os.path.dirname(unit))
+        with open(unit, "w") as out:
+            out.write("[Service]\n")
+        out = self.ok("service", "uninstall", "--system", "systemd")
+        self.assertIn(f"Removed {unit}; nothing was stopped", out)
+        self.assertFalse(os.path.exists(unit))
+        with open(calls) as made:
+            self.assertEqual(made.read().splitlines(), ["--user show-environment"] * 3)
+
+    def test_install_runs_systemctl_and_uninstall_removes_the_unit_whatever_it_says(self):
+        calls = self.fake_systemctl()
+        unit = claudeflare.service_path("systemd")
+        out = self.ok("service", "install", "--system", "systemd")
+        self.assertIn(f"Wrote {unit}", out)
+        self.assertTrue(os.path.exists(unit))
+        os.environ["FAKE_SYSTEMCTL"] = "failing"
+        out = self.ok("service", "uninstall", "--system", "systemd")
+        self.assertFalse(os.path.exists(unit))
+        with open(calls) as made:
+            self.assertEqual(made.read().splitlines(), [
+                "--user show-environment", "--user daemon-reload",
+                "--user enable claudeflare.service", "--user restart claudeflare.service",
+                "--user show-environment", "--user disable --now claudeflare.service",
+                "--user daemon-reload"])
+
     def test_print_goes_with_install(self):
         self.fails("--print writes what service install would install", "service", "status",
                    "--print")
