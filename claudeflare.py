@@ -1251,6 +1251,40 @@ class ClientKey:
 ACCOUNT_COLUMNS = ", ".join(field.name for field in dataclasses.fields(Account))
 SELECT_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY id"
 SELECT_ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = ?"
+#: The columns of accounts that hold numbers: column -> (the type read, whether it may be NULL).
+NUMBER_COLUMNS = {
+    field.name: (float if field.type.startswith("float") else int, "None" in field.type)
+    for field in dataclasses.fields(Account) if field.type.split()[0] in ("int", "float", "bool")}
+
+
+def account_from_row(row: sqlite3.Row) -> Account:
+    """Build an Account from its row; a number column holding text (an edit by hand) reads as
+    the number it spells, else as unset, rather than crash whatever compares it."""
+    values = dict(row)
+    for column, (kind, nullable) in NUMBER_COLUMNS.items():
+        value = values[column]
+        if value is not None and not isinstance(value, (int, float)):
+            try:
+                values[column] = kind(value)
+            except (TypeError, ValueError):
+                values[column] = None if nullable else 0
+    return Account(**values)
+
+
+def database_problem(path: str) -> str | None:
+    """Say why the database at path cannot be reached, or None if it exists or can be made.
+
+    A folder on its way that is a file, or that this user may not enter, hides it: it looks
+    missing, and making it fails.
+    """
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return (f"Cannot reach database {path}: {error.strerror or error} (a folder on its path "
+                f"is a file, or this user may not enter it)")
+    return None
 
 
 @dataclass
@@ -1608,7 +1642,7 @@ class Store:
         """Return every account, oldest first."""
         with self.read_lock:
             rows = self.reader.execute(SELECT_ACCOUNTS).fetchall()
-        return [Account(**row) for row in rows]
+        return [account_from_row(row) for row in rows]
 
     def account(self, name: str) -> Account:
         """Return one account by name, or fail with `Account not found: NAME`."""
@@ -1616,7 +1650,7 @@ class Store:
             row = self.reader.execute(SELECT_ACCOUNT, (name,)).fetchone()
         if row is None:
             raise NotFound(f"Account not found: {name}")
-        return Account(**row)
+        return account_from_row(row)
 
     def add_account(self, name: str, account_type: str, tier: int, **fields: Any) -> Account:
         """Create an account; credentials and identity come as column=value fields."""
@@ -6302,13 +6336,39 @@ def open_read_only(path: str) -> sqlite3.Connection:
 
     Without a -wal file nobody has the database open, so all of it is in the main file and
     it can be read as immutable, the one way SQLite reads WAL databases without making them.
+    A -wal without its -shm (left by a crash) would make SQLite create the -shm even read-only:
+    then a copy of both, in a private temporary folder, is read into memory instead.
     """
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-    if not os.path.exists(path + "-wal"):
-        uri += "&immutable=1"
-    connection = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
+    if os.path.exists(path + "-wal") and not os.path.exists(path + "-shm"):
+        connection = sqlite3.connect(":memory:")
+        with tempfile.TemporaryDirectory(prefix="claudeflare-doctor-") as folder:
+            copy = os.path.join(folder, "copy.db")
+            shutil.copyfile(path, copy)
+            shutil.copyfile(path + "-wal", copy + "-wal")
+            source = sqlite3.connect(copy)
+            try:
+                source.backup(connection)
+            finally:
+                source.close()
+    else:
+        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+        if not os.path.exists(path + "-wal"):
+            uri += "&immutable=1"
+        connection = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
     connection.row_factory = sqlite3.Row
     return connection
+
+
+def number_column_checks(db: sqlite3.Connection, path: str) -> list[Check]:
+    """Name the accounts whose number columns hold something else (text put in by hand)."""
+    found = [f"{row[0]}.{column} = {row[1]!r}" for column in NUMBER_COLUMNS
+             for row in db.execute(f"SELECT name, {column} FROM accounts WHERE typeof({column}) "
+                                   f"NOT IN ('integer', 'real', 'null')")]
+    if not found:
+        return []
+    return [Check("warn", "database", f"{path}: not a number where accounts needs one: "
+                  f"{', '.join(found[:3])}; read as unset (0 where one is required)", "set it again (tier NAME N, "
+                  "priority NAME N, resume NAME), or remove the account and add it again")]
 
 
 def check_database(path: str) -> tuple[list[Check], list[Account] | None, int]:
@@ -6316,13 +6376,17 @@ def check_database(path: str) -> tuple[list[Check], list[Account] | None, int]:
 
     Returns the checks, the accounts (None when they cannot be read) and the client key count.
     """
+    problem = database_problem(path)
+    if problem is not None:
+        return [Check("fail", "database", problem, "make every folder on the way one this user "
+                      "can enter, or point --db elsewhere")], None, 0
     if not os.path.exists(path):
         return [Check("ok", "database", f"{path} does not exist yet: the first command "
                       f"creates it")], [], 0
     checks = []
     try:
         db = open_read_only(path)
-    except sqlite3.Error as error:
+    except (sqlite3.Error, OSError) as error:
         return [Check("fail", "database", f"Cannot open database {path}: {error}",
                       "make it readable by this user, or point --db elsewhere")], None, 0
     try:
@@ -6342,7 +6406,8 @@ def check_database(path: str) -> tuple[list[Check], list[Account] | None, int]:
                                 f"next command or server upgrades it to {SCHEMA_VERSION}"))
             accounts, keys = None, 0
         else:
-            accounts = [Account(**row) for row in db.execute(SELECT_ACCOUNTS)]
+            accounts = [account_from_row(row) for row in db.execute(SELECT_ACCOUNTS)]
+            checks += number_column_checks(db, path)
             keys = db.execute("SELECT COUNT(*) FROM client_keys").fetchone()[0]
     except sqlite3.DatabaseError as error:
         return [Check("fail", "database", f"Cannot use database {path}: {error}. Is it a "
@@ -6879,6 +6944,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         server_log.error("%s", problem)
     db_path = args.db or default_db_path()
     try:
+        problem = database_problem(db_path)
+        if problem is not None:
+            raise ClaudeflareError(problem)
         ensure_private_dir(os.path.dirname(os.path.abspath(db_path)))
         lock = ServerLock(db_path)
         try:

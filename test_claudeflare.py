@@ -4223,6 +4223,18 @@ class ServeTestCase(unittest.TestCase):
         self.assertNotIn("Warning", server.stderr.replace("WARNING: Listening", ""))
         self.assertNotIn("Traceback", server.stderr)
 
+    def serve_fails(self, **env: str) -> str:
+        """Start serve expecting it to refuse; return the one line it printed."""
+        done = subprocess.run(
+            [sys.executable, os.path.join(HERE, "claudeflare.py"), "serve", "--port", "0"],
+            env={**os.environ, "CLAUDEFLARE_UPSTREAM_URL": self.upstream.url,
+                 "CLAUDEFLARE_CONFIG_PATH": os.path.join(self.folder, "config.json"),
+                 "CLAUDEFLARE_DB_PATH": os.path.join(self.folder, "claudeflare.db"), **env},
+            capture_output=True, text=True, timeout=DEADLINE_S * 3)
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+        return done.stderr
+
     def cli(self, *args: str, stdin: str = "") -> str:
         code, out, err = run_cli("--config", os.path.join(self.folder, "config.json"), "--db",
                                  os.path.join(self.folder, "claudeflare.db"), *args, stdin=stdin)
@@ -4303,18 +4315,6 @@ class TestLogging(ServeTestCase):
         os.mkdir(temp)
         shared = os.path.join(temp, "claudeflare-logs")
         return temp, shared, f"{shared}-{os.getuid()}"
-
-    def serve_fails(self, **env: str) -> str:
-        """Start serve expecting it to refuse; return the one line it printed."""
-        done = subprocess.run(
-            [sys.executable, os.path.join(HERE, "claudeflare.py"), "serve", "--port", "0"],
-            env=dict(os.environ, CLAUDEFLARE_UPSTREAM_URL=self.upstream.url,
-                     CLAUDEFLARE_CONFIG_PATH=os.path.join(self.folder, "config.json"),
-                     CLAUDEFLARE_DB_PATH=os.path.join(self.folder, "claudeflare.db"), **env),
-            capture_output=True, text=True, timeout=DEADLINE_S * 3)
-        self.assertEqual(done.returncode, 1, done.stderr)
-        self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
-        return done.stderr
 
     def test_the_shared_default_log_folder_is_made_private(self):
         temp, shared, private = self.temp_folder()
@@ -5034,6 +5034,52 @@ class TestDoctor(ServeTestCase):
         self.assertEqual([line.split("failure ")[1][0] for line in shown], ["2", "3", "4"])
         self.assertNotIn("leaked", out)
         self.assertIn("[REDACTED]", shown[0])
+
+    def test_a_database_serve_cannot_reach_is_named_by_doctor_and_serve(self):
+        blocker = os.path.join(self.folder, "a-file")
+        open(blocker, "w").close()
+        cases = [(os.path.join(blocker, "claudeflare.db"), "Not a directory")]
+        if os.geteuid() != 0:  # root enters every folder
+            locked = os.path.join(self.folder, "locked")
+            os.mkdir(locked, 0)
+            self.addCleanup(os.chmod, locked, 0o700)
+            cases.append((os.path.join(locked, "claudeflare.db"), "Permission denied"))
+        for self.db_path, reason in cases:
+            problem = f"Cannot reach database {self.db_path}: {reason} (a folder on its path"
+            code, out = self.doctor()
+            self.assertEqual(code, 1)
+            self.assertIn(f"\nFAIL  database: {problem}", out)
+            self.assertIn(problem, self.serve_fails(CLAUDEFLARE_DB_PATH=self.db_path,
+                                                    **self.env))
+
+    def test_a_wal_left_without_its_shm_is_read_and_nothing_is_created(self):
+        self.cli("add", "first", "--api-key", stdin="sk-ant-api03-first\n")
+        crash = os.path.join(self.folder, "crash")
+        os.mkdir(crash)
+        db = sqlite3.connect(self.db_path)
+        db.execute("PRAGMA wal_autocheckpoint = 0")
+        db.execute("UPDATE accounts SET name = 'renamed'")
+        db.commit()
+        for suffix in ("", "-wal"):  # what a crash leaves: the change only in the -wal
+            shutil.copyfile(self.db_path + suffix, os.path.join(crash, "claudeflare.db" + suffix))
+        db.close()
+        self.db_path = os.path.join(crash, "claudeflare.db")
+        code, out = self.doctor()
+        self.assertIn("account renamed: active", out)
+        self.assertEqual(sorted(os.listdir(crash)), ["claudeflare.db", "claudeflare.db-wal"])
+
+    def test_text_in_a_number_column_crashes_neither_doctor_nor_list(self):
+        self.cli("add", "work", "--api-key", stdin="sk-ant-api03-work\n")
+        db = sqlite3.connect(self.db_path)
+        db.execute("UPDATE accounts SET rate_limited_until = 'soon', account_tier = 'x'")
+        db.commit()
+        db.close()
+        code, out = self.doctor()
+        self.assertIn("\nwarn  database: ", out)
+        self.assertIn("work.account_tier = 'x', work.rate_limited_until = 'soon'", out)
+        self.assertIn("\nok    account work: active (api_key, tier 0)", out)
+        listed = self.cli("list")
+        self.assertRegex(listed, r"\nwork +api_key +0 +0 +active ")
 
     def test_doctor_creates_and_changes_nothing(self):
         def snapshot() -> dict:
