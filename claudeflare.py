@@ -4734,7 +4734,7 @@ class App:
         return {"settings": {camel(key): value for key, value in settings.values.items()},
                 "sources": {camel(key): source for key, source in settings.sources.items()},
                 "strategies": list(STRATEGY_NAMES), "configPath": settings.config.path,
-                "databasePath": self.store.path, "logDir": default_log_dir(),
+                "databasePath": self.store.path, "logDir": log_folder()[0],
                 "version": __version__}
 
     def stop_background(self) -> None:
@@ -6367,8 +6367,9 @@ def number_column_checks(db: sqlite3.Connection, path: str) -> list[Check]:
     if not found:
         return []
     return [Check("warn", "database", f"{path}: not a number where accounts needs one: "
-                  f"{', '.join(found[:3])}; read as unset (0 where one is required)", "set it again (tier NAME N, "
-                  "priority NAME N, resume NAME), or remove the account and add it again")]
+                  f"{', '.join(found[:3])}; read as unset (0 where one is required)",
+                  "set it again (tier NAME N, priority NAME N, resume NAME), or remove the "
+                  "account and add it again")]
 
 
 def check_database(path: str) -> tuple[list[Check], list[Account] | None, int]:
