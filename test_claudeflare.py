@@ -4480,6 +4480,25 @@ class TestShutdown(ServeTestCase):
         self.assertEqual((kept.access_token, kept.refresh_token), (access, refresh))
         self.assertIn("Server stopped", server.log())
 
+    def test_a_refresh_that_finishes_within_the_shutdown_timeout_keeps_its_new_pair(self):
+        oauth = self.upstream.oauth
+        oauth.delay = 1.0
+        store = claudeflare.Store(os.path.join(self.folder, "claudeflare.db"))
+        access, refresh = oauth.issue()
+        store.add_account("soon", "oauth", 5, access_token=access, refresh_token=refresh,
+                          expires_at=claudeflare.now_ms() + 600_000)  # due for a refresh
+        store.close()
+        server = self.serve(CLAUDEFLARE_SHUTDOWN_TIMEOUT_S="20")
+        wait_for(lambda: oauth.refresh_requests, what="a refresh to begin")
+        self.assertEqual(server.stop(), 0)
+        store = claudeflare.Store(server.db_path)
+        try:
+            kept = store.account("soon")
+        finally:
+            store.close()
+        self.assertNotEqual(kept.refresh_token, refresh)
+        self.assertIn(kept.refresh_token, oauth.refresh_tokens)
+
     def test_serve_runs_from_another_folder_under_another_name(self):
         elsewhere = os.path.join(self.folder, "bin", "cf")  # no .py: installed as a command
         os.makedirs(os.path.dirname(elsewhere))
