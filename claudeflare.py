@@ -54,6 +54,7 @@ import signal
 import sqlite3
 import socket
 import ssl
+import stat
 import string
 import subprocess
 import sys
@@ -62,6 +63,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -410,6 +412,18 @@ def redact(text: str) -> str:
     return text
 
 
+#: What must not reach a log line or a terminal as it is: controls but tab (newlines, ESC),
+#: DEL, C1 controls, and the Unicode line and paragraph separators.
+CONTROL_CHARACTER = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """Escape control characters in text from outside (\\n, \\x1b), so that it shows as one line
+    that can neither forge another log line nor move a terminal's cursor."""
+    return CONTROL_CHARACTER.sub(
+        lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def ensure_private_dir(path: str) -> None:
     """Create a folder (and its parents) readable only by the user, if it is missing."""
     if path and not os.path.isdir(path):
@@ -464,6 +478,53 @@ LOG_KEEP_FILES = 3
 LOG_BATCH_S = 0.02
 #: Python's level names as the guide spells them.
 LEVEL_NAMES = {"WARNING": "WARN", "CRITICAL": "ERROR"}
+#: Opens app.log itself, never a file a symbolic link put in its place (0 where there is none).
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+#: How to choose another log folder, where one cannot be used.
+CHOOSE_LOG_DIR = "set CLAUDEFLARE_LOG_DIR to a folder of yours"
+
+
+def log_folder_problem(path: str) -> str | None:
+    """Say why an existing folder is no safe place for this user's log, or None if it is.
+
+    In a folder another user owns or can write to, that user can read the log or put a link
+    at app.log. A missing folder is fine: it is created private. Windows gives every user a
+    temp folder of their own.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(info.st_mode):
+        return "is a file, not a folder"
+    if os.name == "nt":
+        return None
+    if info.st_uid != os.getuid():
+        return "belongs to another user"
+    return "can be written by other users" if info.st_mode & 0o022 else None
+
+
+def log_folder() -> tuple[str, str]:
+    """Return the log folder, and a warning when the shared default could not be used.
+
+    CLAUDEFLARE_LOG_DIR is used as it is. The default, claudeflare-logs in the temp folder
+    that all users share, is passed over for claudeflare-logs-<uid> when it is not safe.
+    """
+    shared = default_log_dir()
+    if os.environ.get("CLAUDEFLARE_LOG_DIR"):
+        return shared, ""
+    problem = log_folder_problem(shared)
+    if problem is None:
+        return shared, ""
+    private = f"{shared}-{os.getuid()}"
+    other = log_folder_problem(private)
+    if other is not None:
+        raise ClaudeflareError(f"Cannot log in {shared} ({problem}) nor in {private} ({other}): "
+                               f"{CHOOSE_LOG_DIR}")
+    return private, (f"{shared} {problem}: logging to {private} instead (to choose the "
+                     f"folder, {CHOOSE_LOG_DIR})")
 
 
 @functools.lru_cache(maxsize=None)
@@ -488,13 +549,18 @@ def survive(component: str, work: Callable[[], Any]) -> None:
 
 
 def record_fields(record: logging.LogRecord) -> tuple[str, str, str]:
-    """Return a record's level, component and redacted message (with its traceback, if any)."""
+    """Return a record's level, component and redacted message (with its traceback, if any).
+
+    The message is one line whatever it quotes; a traceback's lines follow it indented, so
+    no line of either can pass for a log line of its own.
+    """
     level = LEVEL_NAMES.get(record.levelname, record.levelname)
     component = record.name.rpartition(".")[2] if "." in record.name else "App"
-    message = record.getMessage()
+    message = printable(redact(record.getMessage()))
     if record.exc_info:
-        message += "\n" + logging.Formatter().formatException(record.exc_info)
-    return level, component, redact(message)
+        trace = redact(logging.Formatter().formatException(record.exc_info))
+        message += "".join("\n    " + printable(line) for line in trace.splitlines())
+    return level, component, message
 
 
 class PrettyFormatter(logging.Formatter):
@@ -596,9 +662,31 @@ class LogSetup:
         self.thread.start()
 
     def open(self) -> Any:
-        """Open app.log for appending, creating it (and its folder) private."""
-        create_private_file(self.path)
-        return open(self.path, "a", encoding="utf-8")
+        """Open app.log for appending, creating it (and its folder) private.
+
+        Never through a symbolic link, nor a file another user owns: both would let another
+        user choose what the log overwrites, or read it.
+        """
+        folder = os.path.dirname(self.path)
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise ClaudeflareError(f"Cannot write the log: {folder} is a file, not a folder; "
+                                   f"{CHOOSE_LOG_DIR}")
+        try:
+            ensure_private_dir(folder)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | NO_FOLLOW, 0o600)
+        except OSError as error:
+            problem = ("is a symbolic link" if error.errno == errno.ELOOP
+                       else f"cannot be written: {error.strerror or error}")
+            raise ClaudeflareError(f"Cannot write the log: {self.path} {problem}; "
+                                   f"{CHOOSE_LOG_DIR}") from None
+        info = os.fstat(fd)
+        if os.name != "nt" and (info.st_uid != os.getuid() or not stat.S_ISREG(info.st_mode)):
+            os.close(fd)
+            raise ClaudeflareError(f"Cannot write the log: {self.path} belongs to another "
+                                   f"user; {CHOOSE_LOG_DIR}")
+        if os.name != "nt" and info.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "a", encoding="utf-8")
 
     def run(self) -> None:
         """Write what queued, in batches: one wake-up per LOG_BATCH_S at most, not per line."""
@@ -630,7 +718,7 @@ class LogSetup:
                 size += len(line)
             self.file.write("".join(chunk))
             self.file.flush()
-        except OSError as error:
+        except (OSError, ClaudeflareError) as error:
             sys.stderr.write(f"claudeflare: cannot write {self.path}: {error}\n")
         if self.console is not None:
             self.console.write("".join(lines))
@@ -1163,6 +1251,40 @@ class ClientKey:
 ACCOUNT_COLUMNS = ", ".join(field.name for field in dataclasses.fields(Account))
 SELECT_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY id"
 SELECT_ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = ?"
+#: The columns of accounts that hold numbers: column -> (the type read, whether it may be NULL).
+NUMBER_COLUMNS = {
+    field.name: (float if field.type.startswith("float") else int, "None" in field.type)
+    for field in dataclasses.fields(Account) if field.type.split()[0] in ("int", "float", "bool")}
+
+
+def account_from_row(row: sqlite3.Row) -> Account:
+    """Build an Account from its row; a number column holding text (an edit by hand) reads as
+    the number it spells, else as unset, rather than crash whatever compares it."""
+    values = dict(row)
+    for column, (kind, nullable) in NUMBER_COLUMNS.items():
+        value = values[column]
+        if value is not None and not isinstance(value, (int, float)):
+            try:
+                values[column] = kind(value)
+            except (TypeError, ValueError):
+                values[column] = None if nullable else 0
+    return Account(**values)
+
+
+def database_problem(path: str) -> str | None:
+    """Say why the database at path cannot be reached, or None if it exists or can be made.
+
+    A folder on its way that is a file, or that this user may not enter, hides it: it looks
+    missing, and making it fails.
+    """
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return (f"Cannot reach database {path}: {error.strerror or error} (a folder on its path "
+                f"is a file, or this user may not enter it)")
+    return None
 
 
 @dataclass
@@ -1522,7 +1644,7 @@ class Store:
         """Return every account, oldest first."""
         with self.read_lock:
             rows = self.reader.execute(SELECT_ACCOUNTS).fetchall()
-        return [Account(**row) for row in rows]
+        return [account_from_row(row) for row in rows]
 
     def account(self, name: str) -> Account:
         """Return one account by name, or fail with `Account not found: NAME`."""
@@ -1530,7 +1652,7 @@ class Store:
             row = self.reader.execute(SELECT_ACCOUNT, (name,)).fetchone()
         if row is None:
             raise NotFound(f"Account not found: {name}")
-        return Account(**row)
+        return account_from_row(row)
 
     def add_account(self, name: str, account_type: str, tier: int, **fields: Any) -> Account:
         """Create an account; credentials and identity come as column=value fields."""
@@ -2216,6 +2338,9 @@ class Upstream:
         self.where = base_url + (f" via proxy {self.proxy.display}" if self.proxy else "")
         #: How https connections verify the far end; None: the system's trusted CAs.
         self.tls = {"context": context} if self.https and context is not None else {}
+        #: The sockets of requests sent, for cut to end; and whether cut was called.
+        self.lent: weakref.WeakSet = weakref.WeakSet()
+        self.cut_off = False
 
     def new_connection(self) -> http.client.HTTPConnection:
         """Return an unconnected connection (through the proxy's tunnel, if there is one)."""
@@ -2288,6 +2413,25 @@ class Upstream:
         for connection in idle:
             connection.close()
 
+    def lend(self, connection: http.client.HTTPConnection) -> None:
+        """Note a connection about to carry a request, unless cut has ended this client."""
+        with self.lock:
+            if not self.cut_off:
+                self.lent.add(connection.sock)
+                return
+        connection.close()
+        raise UpstreamError(f"{self.where}: not sent, the server is shutting down", retry=False)
+
+    def cut(self) -> None:
+        """End every request in progress (its read fails at once) and send no more."""
+        with self.lock:
+            self.cut_off = True
+            lent = list(self.lent)
+        for sock in lent:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.close()
+
     def send(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes,
              timeout: float) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
         """Send one request and return the response (headers read, body not) and its connection.
@@ -2305,6 +2449,7 @@ class Upstream:
             except (OSError, http.client.HTTPException) as error:
                 connection.close()
                 raise UpstreamError(describe_network_error(error, self.where, timeout)) from None
+            self.lend(connection)
             try:
                 self.write_request(connection, method, target, headers, body, timeout)
                 return self.read_response(connection, method), connection
@@ -2363,6 +2508,14 @@ class Upstream:
         else:
             connection.response = response
         return response
+
+
+def finish_or_cut(thread: threading.Thread, client: Upstream, deadline: float) -> None:
+    """Let a background thread's call to client end until deadline (time.monotonic()), then
+    cut it short, so that shutdown waits on it no longer than on requests."""
+    thread.join(max(0.0, deadline - time.monotonic()))
+    client.cut()
+    thread.join()
 
 
 def forwardable_headers(message: http.client.HTTPMessage) -> list[tuple[str, str]]:
@@ -2997,9 +3150,10 @@ class BackgroundRefresher:
                 except TokenUnavailable:
                     pass  # already logged by the keeper, and shown on the account
 
-    def close(self) -> None:
+    def close(self, deadline: float) -> None:
+        """Stop; a refresh still running at deadline is cut short and keeps the old pair."""
         self.stopping.set()
-        self.thread.join()
+        finish_or_cut(self.thread, self.keeper.oauth.http, deadline)
 
 
 ###############################################################################
@@ -3423,10 +3577,10 @@ class UsagePoller:
         self.log.info("Usage read of account %s failed: %s; next try in %ds", account.name,
                       redact(error), wait // 1000)
 
-    def close(self) -> None:
+    def close(self, deadline: float) -> None:
+        """Stop; a read still running at deadline (time.monotonic()) is cut short."""
         self.stopping.set()
-        self.thread.join()
-        self.client.close()
+        finish_or_cut(self.thread, self.client, deadline)
 
 
 ###############################################################################
@@ -4644,14 +4798,22 @@ class App:
         return {"settings": {camel(key): value for key, value in settings.values.items()},
                 "sources": {camel(key): source for key, source in settings.sources.items()},
                 "strategies": list(STRATEGY_NAMES), "configPath": settings.config.path,
-                "databasePath": self.store.path, "logDir": default_log_dir(),
+                "databasePath": self.store.path, "logDir": log_folder()[0],
                 "version": __version__}
 
-    def close(self) -> None:
-        """Write the queued request log, then release the upstream connections and database."""
+    def stop_background(self) -> None:
+        """Start no more usage reads or token refreshes: the server is shutting down."""
+        self.usage.stopping.set()
+        self.refresher.stopping.set()
+
+    def close(self, deadline: float = 0.0) -> None:
+        """Write the queued request log, then release the upstream connections and database.
+
+        Usage reads and token refreshes still running at deadline (time.monotonic()) are cut.
+        """
         log.removeHandler(self.recent_logs)
-        self.usage.close()
-        self.refresher.close()
+        self.usage.close(deadline)
+        self.refresher.close(deadline)
         self.writer.close()
         self.tokens.keep_unsaved()
         self.upstream.close()
@@ -6355,13 +6517,40 @@ def open_read_only(path: str) -> sqlite3.Connection:
 
     Without a -wal file nobody has the database open, so all of it is in the main file and
     it can be read as immutable, the one way SQLite reads WAL databases without making them.
+    A -wal without its -shm (left by a crash) would make SQLite create the -shm even read-only:
+    then a copy of both, in a private temporary folder, is read into memory instead.
     """
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-    if not os.path.exists(path + "-wal"):
-        uri += "&immutable=1"
-    connection = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
+    if os.path.exists(path + "-wal") and not os.path.exists(path + "-shm"):
+        connection = sqlite3.connect(":memory:")
+        with tempfile.TemporaryDirectory(prefix="claudeflare-doctor-") as folder:
+            copy = os.path.join(folder, "copy.db")
+            shutil.copyfile(path, copy)
+            shutil.copyfile(path + "-wal", copy + "-wal")
+            source = sqlite3.connect(copy)
+            try:
+                source.backup(connection)
+            finally:
+                source.close()
+    else:
+        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+        if not os.path.exists(path + "-wal"):
+            uri += "&immutable=1"
+        connection = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
     connection.row_factory = sqlite3.Row
     return connection
+
+
+def number_column_checks(db: sqlite3.Connection, path: str) -> list[Check]:
+    """Name the accounts whose number columns hold something else (text put in by hand)."""
+    found = [f"{row[0]}.{column} = {row[1]!r}" for column in NUMBER_COLUMNS
+             for row in db.execute(f"SELECT name, {column} FROM accounts WHERE typeof({column}) "
+                                   f"NOT IN ('integer', 'real', 'null')")]
+    if not found:
+        return []
+    return [Check("warn", "database", f"{path}: not a number where accounts needs one: "
+                  f"{', '.join(found[:3])}; read as unset (0 where one is required)",
+                  "set it again (tier NAME N, priority NAME N, resume NAME), or remove the "
+                  "account and add it again")]
 
 
 def check_database(path: str) -> tuple[list[Check], list[Account] | None, int]:
@@ -6369,13 +6558,17 @@ def check_database(path: str) -> tuple[list[Check], list[Account] | None, int]:
 
     Returns the checks, the accounts (None when they cannot be read) and the client key count.
     """
+    problem = database_problem(path)
+    if problem is not None:
+        return [Check("fail", "database", problem, "make every folder on the way one this user "
+                      "can enter, or point --db elsewhere")], None, 0
     if not os.path.exists(path):
         return [Check("ok", "database", f"{path} does not exist yet: the first command "
                       f"creates it")], [], 0
     checks = []
     try:
         db = open_read_only(path)
-    except sqlite3.Error as error:
+    except (sqlite3.Error, OSError) as error:
         return [Check("fail", "database", f"Cannot open database {path}: {error}",
                       "make it readable by this user, or point --db elsewhere")], None, 0
     try:
@@ -6395,7 +6588,8 @@ def check_database(path: str) -> tuple[list[Check], list[Account] | None, int]:
                                 f"next command or server upgrades it to {SCHEMA_VERSION}"))
             accounts, keys = None, 0
         else:
-            accounts = [Account(**row) for row in db.execute(SELECT_ACCOUNTS)]
+            accounts = [account_from_row(row) for row in db.execute(SELECT_ACCOUNTS)]
+            checks += number_column_checks(db, path)
             keys = db.execute("SELECT COUNT(*) FROM client_keys").fetchone()[0]
     except sqlite3.DatabaseError as error:
         return [Check("fail", "database", f"Cannot use database {path}: {error}. Is it a "
@@ -6613,15 +6807,33 @@ def log_error_lines(path: str) -> list[str]:
             if re.match(r"\[[^\]]*\] ERROR: ", line) or '"level": "ERROR"' in line]
 
 
-def check_logs(log_dir: str) -> list[Check]:
-    """Check the log folder is writable, say how big app.log is, and show its last errors."""
+def check_logs() -> list[Check]:
+    """Check the log folder as serve will meet it, say how big app.log is, show its last errors."""
+    try:
+        log_dir, warning = log_folder()
+    except ClaudeflareError as error:
+        return [Check("fail", "logs", str(error))]
+    log_dir = os.path.abspath(log_dir)
     path = os.path.join(log_dir, LOG_FILE_NAME)
     existing = log_dir
     while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
         existing = os.path.dirname(existing)
+    below = os.path.join(existing, os.path.relpath(log_dir, existing).split(os.sep)[0])
     fix = "fix its permissions, or set CLAUDEFLARE_LOG_DIR to a folder this user can write"
-    if not os.access(existing, os.W_OK | os.X_OK):
+    info = os.lstat(path) if os.path.lexists(path) else None
+    if warning:
+        checks = [Check("warn", "logs", warning)]
+    elif existing != log_dir and os.path.lexists(below):
+        checks = [Check("fail", "logs", f"Cannot write the log: {below} is a file, not a "
+                        f"folder", CHOOSE_LOG_DIR)]
+    elif not os.access(existing, os.W_OK | os.X_OK):
         checks = [Check("fail", "logs", f"cannot write in {existing}", fix)]
+    elif info is not None and stat.S_ISLNK(info.st_mode):
+        checks = [Check("fail", "logs", f"Cannot write the log: {path} is a symbolic link",
+                        CHOOSE_LOG_DIR)]
+    elif info is not None and os.name != "nt" and info.st_uid != os.getuid():
+        checks = [Check("fail", "logs", f"Cannot write the log: {path} belongs to another "
+                        f"user", CHOOSE_LOG_DIR)]
     elif existing != log_dir:
         checks = [Check("ok", "logs", f"{log_dir} does not exist yet: serve creates it")]
     elif not os.path.exists(path):
@@ -6670,7 +6882,7 @@ def run_doctor(config_path: str, db_path: str, flags: dict, now: int) -> list[Ch
             checks.append(check_clock(headers.get("date"), (sent + now_ms()) // 2))
         checks.append(check_endpoint("token endpoint", settings.oauth_token_url, "POST", b"{}",
                                      "check the network and oauth_token_url")[0])
-    return checks + check_logs(default_log_dir())
+    return checks + check_logs()
 
 
 ###############################################################################
@@ -6704,13 +6916,20 @@ def service_plan(settings: Settings, config_path: str, db_path: str) -> ServiceP
     """
     command = [sys.executable, os.path.abspath(__file__), "serve",
                "--config", os.path.abspath(config_path), "--db", os.path.abspath(db_path)]
-    environment = {"CLAUDEFLARE_LOG_DIR": os.path.abspath(default_log_dir())}
+    environment = {"CLAUDEFLARE_LOG_DIR": os.path.abspath(log_folder()[0])}
     for setting in SETTINGS:
         if settings.sources[setting.key] in ("flag", "env"):
             environment[setting.env] = str(settings.values[setting.key])
     for name in PROXY_VARIABLES:
         if os.environ.get(name):
             environment[name] = os.environ[name]
+    named = [("the path of Python", command[0]), ("the path of claudeflare", command[1]),
+             ("--config", command[4]), ("--db", command[6]), *environment.items()]
+    for name, value in named:
+        if CONTROL_CHARACTER.search(value):
+            # A newline would add directives of its own to a unit; a plist cannot hold one.
+            raise ClaudeflareError(f"{name} holds a control character ({printable(value)}), "
+                                   f"which a service file cannot carry: choose a value without")
     return ServicePlan(command, environment, int(settings.shutdown_timeout_s) + STOP_GRACE_S)
 
 
@@ -6896,13 +7115,20 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     second signal exits at once.
     """
     threading.stack_size(THREAD_STACK_BYTES)
-    logs = LogSetup(settings.log_level, settings.log_format, default_log_dir(),
+    folder, warning = log_folder()
+    logs = LogSetup(settings.log_level, settings.log_format, folder,
                     os.environ.get("CLAUDEFLARE_DEBUG") == "1")
     server_log = component_logger("Server")
+    if warning:
+        server_log.warning("%s", warning)
+        print(f"claudeflare: warning: {warning}", file=sys.stderr, flush=True)
     for problem in settings.config.problems:
         server_log.error("%s", problem)
     db_path = args.db or default_db_path()
     try:
+        problem = database_problem(db_path)
+        if problem is not None:
+            raise ClaudeflareError(problem)
         ensure_private_dir(os.path.dirname(os.path.abspath(db_path)))
         lock = ServerLock(db_path)
         try:
@@ -6943,6 +7169,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         server.serve_forever(poll_interval=0.2)
     finally:
         app.stopping = True
+        app.stop_background()
+        deadline = time.monotonic() + settings.shutdown_timeout_s
         server.server_close()
         server_log.info("Shutting down: waiting up to %gs for %d requests in flight",
                         settings.shutdown_timeout_s, app.running)
@@ -6954,7 +7182,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             unfinished = app.drain(CUT_GRACE_S)
         if unfinished:
             server_log.warning("Stopped waiting with %d requests still in flight", unfinished)
-        app.close()
+        app.close(deadline)
         lock.release()
         server_log.info("Server stopped")
         logs.close()
@@ -7045,7 +7273,8 @@ def identity(tokens: Tokens) -> dict:
 
 def who(tokens: Tokens) -> str:
     """Name whom a login's tokens belong to: "email, organization"."""
-    return ", ".join(filter(None, (tokens.email, tokens.organization))) or "identity not given"
+    return printable(", ".join(filter(None, (tokens.email, tokens.organization)))
+                     or "identity not given")
 
 
 def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
@@ -7122,7 +7351,8 @@ def status_text(account: Account, now: int) -> str:
 
 
 def print_table(rows: list[list[str]]) -> None:
-    """Print rows as columns padded to their widest cell."""
+    """Print rows as columns padded to their widest cell, control characters escaped."""
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[index]) for row in rows) for index in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -7326,8 +7556,9 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     if report["recentErrors"]:
         print("\nRecent errors:")
         for error in report["recentErrors"]:
-            print(f"  {iso_time(error['timestamp'])}  {error['accountName'] or '-'}  "
-                  f"{error['status']}  {error['error']}")
+            print(printable(f"  {iso_time(error['timestamp'])}  "
+                            f"{error['accountName'] or '-'}  {error['status']}  "
+                            f"{error['error']}"))
     return 0
 
 
@@ -7354,8 +7585,9 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     url = args.url or local_url(settings.host, settings.port, bool(settings.tls_cert))
     health = ask_health(url, health_context(settings))
     status, counts = health["status"], health["accounts"]
-    print(f"{status}: {counts.get('active', 0)} of {counts.get('total', 0)} accounts active, "
-          f"strategy {health.get('strategy')}, up {duration_text(health.get('uptime', 0))}")
+    print(printable(f"{status}: {counts.get('active', 0)} of {counts.get('total', 0)} accounts "
+                    f"active, strategy {health.get('strategy')}, up "
+                    f"{duration_text(health.get('uptime', 0))}"))
     return 0 if status == "ok" else 1
 
 
@@ -7379,8 +7611,8 @@ def cmd_doctor(args: argparse.Namespace, flags: dict) -> int:
     else:
         for check in checks:
             fix = f"; fix: {check.fix}" if check.fix else ""
-            print(redact(f"{DOCTOR_LABELS[check.status]:<4}  {check.name}: {check.message}"
-                         f"{fix}"))
+            print(printable(redact(f"{DOCTOR_LABELS[check.status]:<4}  {check.name}: "
+                                   f"{check.message}{fix}")))
         print(f"{counts['ok']} ok, {counts['warn']} warn, {counts['fail']} FAIL")
     return 1 if counts["fail"] else 0
 
@@ -7392,6 +7624,20 @@ def run_service_command(command: list[str], check: bool = True) -> int:
     if check and code != 0:
         raise ClaudeflareError(f"{shlex.join(command)} failed (exit status {code})")
     return code
+
+
+def systemd_user_problem() -> str | None:
+    """Ask whether this user's systemd answers systemctl --user; if not, return what it said.
+
+    A container, or an SSH login without lingering, has no user systemd: every command fails
+    with `Failed to connect to bus`.
+    """
+    done = subprocess.run(["systemctl", "--user", "show-environment"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode == 0:
+        return None
+    said = done.stderr.strip().splitlines()
+    return said[-1] if said else f"exit status {done.returncode}"
 
 
 def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
@@ -7426,6 +7672,14 @@ def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
     path = service_path(system)
     unit = SERVICE_NAME + ".service"
     target = f"gui/{os.getuid()}" if system == "launchd" else ""
+    unreachable = systemd_user_problem() if system == "systemd" else None
+    if unreachable is not None and args.action != "uninstall":
+        raise ClaudeflareError(
+            f"systemctl --user cannot reach your user's systemd ({unreachable}): this session "
+            f"has none (a container, or an SSH login without lingering). Turn lingering on "
+            f"(loginctl enable-linger {getpass.getuser()}) and log in again, or write the unit "
+            f"with service install --print and install it as a system service "
+            f"(/etc/systemd/system, systemctl --system)")
     if args.action == "install":
         write_private_file(path, systemd_unit(plan) if system == "systemd"
                            else launchd_plist(plan))
@@ -7454,14 +7708,20 @@ def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
         command = (["systemctl", "--user", "status", "--no-pager", unit] if system == "systemd"
                    else ["launchctl", "print", f"{target}/{LAUNCHD_LABEL}"])
         return 0 if run_service_command(command, check=False) == 0 else 1
+    # The file goes whatever the service manager says: a unit left behind is not uninstalled.
+    if unreachable is not None:
+        os.unlink(path)
+        print(f"Removed {path}; nothing was stopped: systemctl --user cannot reach your user's "
+              f"systemd ({unreachable})")
+        return 0
     if system == "systemd":
-        run_service_command(["systemctl", "--user", "disable", "--now", unit])
+        run_service_command(["systemctl", "--user", "disable", "--now", unit], check=False)
     else:
         run_service_command(["launchctl", "bootout", f"{target}/{LAUNCHD_LABEL}"],
                             check=False)
     os.unlink(path)
     if system == "systemd":
-        run_service_command(["systemctl", "--user", "daemon-reload"])
+        run_service_command(["systemctl", "--user", "daemon-reload"], check=False)
     print(f"Stopped claudeflare and removed {path}")
     return 0
 
@@ -7636,15 +7896,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config, flags, strict=args.command == "serve")
         if args.command != "serve":
             for problem in settings.config.problems:
-                print(f"claudeflare: warning: {problem}", file=sys.stderr)
+                print(f"claudeflare: warning: {printable(problem)}", file=sys.stderr)
         return args.handler(args, settings)
     except ClaudeflareError as error:
-        print(f"claudeflare: error: {error}", file=sys.stderr)
+        print(f"claudeflare: error: {printable(str(error))}", file=sys.stderr)
         return 1
     except sqlite3.Error as error:
         path = args.db or default_db_path()
         problem = locked_message(path) if is_locked(error) else f"database {path}: {error}"
-        print(f"claudeflare: error: {problem}", file=sys.stderr)
+        print(f"claudeflare: error: {printable(problem)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nclaudeflare: interrupted; nothing was changed", file=sys.stderr)

@@ -1872,6 +1872,22 @@ class TestUsingAccounts(ServerWithAccounts):
         self.assertRegex(line, r"\s\d+s ago(\s|$)")
         self.assertNotIn("(past)", line)
 
+    def test_text_from_outside_reaches_the_terminal_with_its_controls_escaped(self):
+        escapes = "\x1b]0;pwned\x07\x1b[2J\r\nfake"
+        self.add_key("work")
+        self.proxy.app.store.change_account("work", organization="Acme" + escapes)
+        self.proxy.request("POST", "/v1/messages", {"model": "claude" + escapes},
+                           {"content-type": "application/json"})
+        self.upstream.push(reply_error(500, "api_error", "Overloaded" + escapes))
+        self.proxy.request("POST", "/v1/messages", {"model": "claude" + escapes},
+                           {"content-type": "application/json"})
+        self.proxy.settle()
+        for command in ("list", "requests", "stats"):
+            out = self.ok(command)
+            self.assertNotIn("\x1b", out, command)
+            self.assertNotIn("\x07", out, command)
+            self.assertIn("\\x1b]0;pwned\\x07\\x1b[2J\\r\\nfake", out, command)
+
     def test_setting_a_rotating_strategy_warns_about_conversations(self):
         for strategy in ("round-robin", "weighted", "least-requests"):
             code, _, err = self.cli("config", "set", "lb_strategy", strategy)
@@ -4345,8 +4361,8 @@ class ServeProcess:
                         CLAUDEFLARE_TOKEN_URL=upstream_url + "/v1/oauth/token",
                         CLAUDEFLARE_CONFIG_PATH=os.path.join(folder, "config.json"),
                         CLAUDEFLARE_DB_PATH=self.db_path,
-                        CLAUDEFLARE_LOG_DIR=os.path.join(folder, "logs"), **env)
-        self.env["PYTHONDEVMODE"] = "1"  # ResourceWarnings show on its stderr
+                        CLAUDEFLARE_LOG_DIR=os.path.join(folder, "logs"))
+        self.env.update(env, PYTHONDEVMODE="1")  # ResourceWarnings show on its stderr
         self.stderr_file = tempfile.TemporaryFile("w+", encoding="utf-8")
         self.stderr = ""
         self.process = subprocess.Popen(
@@ -4408,6 +4424,18 @@ class ServeTestCase(unittest.TestCase):
         self.assertNotIn("Warning", server.stderr.replace("WARNING: Listening", ""))
         self.assertNotIn("Traceback", server.stderr)
 
+    def serve_fails(self, **env: str) -> str:
+        """Start serve expecting it to refuse; return the one line it printed."""
+        done = subprocess.run(
+            [sys.executable, os.path.join(HERE, "claudeflare.py"), "serve", "--port", "0"],
+            env={**os.environ, "CLAUDEFLARE_UPSTREAM_URL": self.upstream.url,
+                 "CLAUDEFLARE_CONFIG_PATH": os.path.join(self.folder, "config.json"),
+                 "CLAUDEFLARE_DB_PATH": os.path.join(self.folder, "claudeflare.db"), **env},
+            capture_output=True, text=True, timeout=DEADLINE_S * 3)
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+        return done.stderr
+
     def cli(self, *args: str, stdin: str = "") -> str:
         code, out, err = run_cli("--config", os.path.join(self.folder, "config.json"), "--db",
                                  os.path.join(self.folder, "claudeflare.db"), *args, stdin=stdin)
@@ -4459,6 +4487,97 @@ class TestLogging(ServeTestCase):
         debug.stop()
         self.assertIn("DEBUG: [Proxy]", debug.stderr)
         self.assertIn("Request completed", debug.stderr)
+
+    def test_text_from_outside_cannot_add_a_line_of_its_own(self):
+        self.cli("add", "work", "--api-key", stdin="sk-ant-api03-secretvalue\n")
+        forged = "[2030-01-01T00:00:00.000Z] ERROR: [OAuth] Failed to refresh token for work"
+        self.upstream.push(reply_error(500, "api_error", f"Overloaded\n{forged}\r\x1b[2J"))
+        server = self.serve(RETRY_ATTEMPTS="0")
+        self.assertEqual(server.request("POST", "/v1/messages", b'{"model":"m"}')[0], 500)
+        self.assertEqual(server.stop(), 0)
+        lines = server.log().splitlines()
+        for line in lines:
+            self.assertRegex(line, self.PRETTY)
+        self.assertIn(f"got 500 Overloaded\\n{forged}\\r\\x1b[2J", server.log())
+        out = self.doctor(CLAUDEFLARE_LOG_DIR=os.path.dirname(server.log_path))
+        self.assertNotIn("warn  log: [2030", out)
+
+    def doctor(self, temp: str | None = None, **env: str) -> str:
+        """Run doctor in this process (with `temp` as the temp folder); return its output."""
+        with unittest.mock.patch.dict(os.environ, CLAUDEFLARE_UPSTREAM_URL=self.upstream.url,
+                                      **env), \
+                unittest.mock.patch.object(tempfile, "tempdir", temp or tempfile.gettempdir()):
+            return run_cli("--config", os.path.join(self.folder, "config.json"), "--db",
+                           os.path.join(self.folder, "claudeflare.db"), "doctor")[1]
+
+    def temp_folder(self) -> tuple[str, str, str]:
+        """Make a temp folder for serve; return it, its shared log folder and the private one."""
+        temp = os.path.join(self.folder, "tmp")
+        os.mkdir(temp)
+        shared = os.path.join(temp, "claudeflare-logs")
+        return temp, shared, f"{shared}-{os.getuid()}"
+
+    def test_the_shared_default_log_folder_is_made_private(self):
+        temp, shared, private = self.temp_folder()
+        server = self.serve(TMPDIR=temp, CLAUDEFLARE_LOG_DIR="")
+        self.assertEqual(server.stop(), 0)
+        self.assertEqual(server.stderr, "")
+        self.assertEqual(os.stat(shared).st_mode & 0o777, 0o700)
+        log_file = os.path.join(shared, "app.log")
+        self.assertEqual(os.stat(log_file).st_mode & 0o777, 0o600)
+        with open(log_file) as lines:
+            self.assertIn("Server stopped", lines.read())
+        self.assertFalse(os.path.exists(private))
+        self.assertIn(f"\nok    logs: {log_file}: ", self.doctor(temp, CLAUDEFLARE_LOG_DIR=""))
+
+    def test_a_shared_log_folder_others_can_write_is_passed_over_for_a_private_one(self):
+        temp, shared, private = self.temp_folder()
+        os.mkdir(shared)
+        os.chmod(shared, 0o777)
+        victim = os.path.join(self.folder, "victim")
+        with open(victim, "w") as out:
+            out.write("mine\n")
+        os.symlink(victim, os.path.join(shared, "app.log"))
+        server = self.serve(TMPDIR=temp, CLAUDEFLARE_LOG_DIR="")
+        self.assertEqual(server.stop(), 0)
+        warning = (f"{shared} can be written by other users: logging to {private} instead (to "
+                   f"choose the folder, set CLAUDEFLARE_LOG_DIR to a folder of yours)")
+        self.assertEqual(server.stderr, f"claudeflare: warning: {warning}\n")
+        with open(victim) as kept:
+            self.assertEqual(kept.read(), "mine\n")
+        self.assertEqual(os.stat(private).st_mode & 0o777, 0o700)
+        with open(os.path.join(private, "app.log")) as lines:
+            self.assertIn("Server stopped", lines.read())
+        self.assertIn(f"\nwarn  logs: {warning}\n", self.doctor(temp, CLAUDEFLARE_LOG_DIR=""))
+
+    def test_a_shared_log_folder_of_another_user_is_passed_over(self):
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            self.skipTest("only root can give a folder to another user")
+        temp, shared, private = self.temp_folder()
+        os.mkdir(shared, 0o700)
+        os.chown(shared, 54321, 54321)
+        server = self.serve(TMPDIR=temp, CLAUDEFLARE_LOG_DIR="")
+        self.assertEqual(server.stop(), 0)
+        self.assertIn(f"warning: {shared} belongs to another user: logging to {private}",
+                      server.stderr)
+        self.assertTrue(os.path.exists(os.path.join(private, "app.log")))
+        self.assertFalse(os.path.exists(os.path.join(shared, "app.log")))
+
+    def test_a_log_file_serve_cannot_use_is_named_in_one_line_by_serve_and_doctor(self):
+        victim = os.path.join(self.folder, "victim")
+        with open(victim, "w") as out:
+            out.write("mine\n")
+        linked = os.path.join(self.folder, "linked")
+        os.mkdir(linked)
+        os.symlink(victim, os.path.join(linked, "app.log"))
+        for folder, problem in ((linked, f"{linked}/app.log is a symbolic link"),
+                                (victim, f"{victim} is a file, not a folder")):
+            error = self.serve_fails(CLAUDEFLARE_LOG_DIR=folder)
+            self.assertIn(f"Cannot write the log: {problem}", error)
+            self.assertIn(f"\nFAIL  logs: Cannot write the log: {problem}",
+                          self.doctor(CLAUDEFLARE_LOG_DIR=folder))
+        with open(victim) as kept:
+            self.assertEqual(kept.read(), "mine\n")
 
     def test_rotation_keeps_three_files_and_the_newest_lines(self):
         folder = os.path.join(self.folder, "rotating")
@@ -4536,6 +4655,50 @@ class TestShutdown(ServeTestCase):
                          (200, 0, 12))
         self.assertIn("Cut at shutdown: shutdown_timeout_s (0.5s) ran out", rows[0]["error"])
         self.assertIn("cut 1 answers short", server.log())
+
+    def test_hung_usage_reads_and_refreshes_wait_no_longer_than_the_shutdown_timeout(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        oauth = self.upstream.oauth
+        oauth.usage_failures.append(hang(gate))
+        oauth.failures.append(hang(gate))
+        store = claudeflare.Store(os.path.join(self.folder, "claudeflare.db"))
+        access, refresh = oauth.issue()
+        store.add_account("soon", "oauth", 5, access_token=access, refresh_token=refresh,
+                          expires_at=claudeflare.now_ms() + 600_000)  # due for a refresh
+        store.close()
+        server = self.serve(CLAUDEFLARE_SHUTDOWN_TIMEOUT_S="1")
+        wait_for(lambda: oauth.usage_reads and oauth.refresh_requests,
+                 what="a usage read and a refresh to hang")
+        started = time.monotonic()
+        self.assertEqual(server.stop(), 0)
+        self.assertLess(time.monotonic() - started, 1 + 3)
+        store = claudeflare.Store(server.db_path)
+        try:
+            kept = store.account("soon")
+        finally:
+            store.close()
+        self.assertEqual((kept.access_token, kept.refresh_token), (access, refresh))
+        self.assertIn("Server stopped", server.log())
+
+    def test_a_refresh_that_finishes_within_the_shutdown_timeout_keeps_its_new_pair(self):
+        oauth = self.upstream.oauth
+        oauth.delay = 1.0
+        store = claudeflare.Store(os.path.join(self.folder, "claudeflare.db"))
+        access, refresh = oauth.issue()
+        store.add_account("soon", "oauth", 5, access_token=access, refresh_token=refresh,
+                          expires_at=claudeflare.now_ms() + 600_000)  # due for a refresh
+        store.close()
+        server = self.serve(CLAUDEFLARE_SHUTDOWN_TIMEOUT_S="20")
+        wait_for(lambda: oauth.refresh_requests, what="a refresh to begin")
+        self.assertEqual(server.stop(), 0)
+        store = claudeflare.Store(server.db_path)
+        try:
+            kept = store.account("soon")
+        finally:
+            store.close()
+        self.assertNotEqual(kept.refresh_token, refresh)
+        self.assertIn(kept.refresh_token, oauth.refresh_tokens)
 
     def test_serve_runs_from_another_folder_under_another_name(self):
         elsewhere = os.path.join(self.folder, "bin", "cf")  # no .py: installed as a command
@@ -5092,6 +5255,52 @@ class TestDoctor(ServeTestCase):
         self.assertNotIn("leaked", out)
         self.assertIn("[REDACTED]", shown[0])
 
+    def test_a_database_serve_cannot_reach_is_named_by_doctor_and_serve(self):
+        blocker = os.path.join(self.folder, "a-file")
+        open(blocker, "w").close()
+        cases = [(os.path.join(blocker, "claudeflare.db"), "Not a directory")]
+        if os.geteuid() != 0:  # root enters every folder
+            locked = os.path.join(self.folder, "locked")
+            os.mkdir(locked, 0)
+            self.addCleanup(os.chmod, locked, 0o700)
+            cases.append((os.path.join(locked, "claudeflare.db"), "Permission denied"))
+        for self.db_path, reason in cases:
+            problem = f"Cannot reach database {self.db_path}: {reason} (a folder on its path"
+            code, out = self.doctor()
+            self.assertEqual(code, 1)
+            self.assertIn(f"\nFAIL  database: {problem}", out)
+            self.assertIn(problem, self.serve_fails(CLAUDEFLARE_DB_PATH=self.db_path,
+                                                    **self.env))
+
+    def test_a_wal_left_without_its_shm_is_read_and_nothing_is_created(self):
+        self.cli("add", "first", "--api-key", stdin="sk-ant-api03-first\n")
+        crash = os.path.join(self.folder, "crash")
+        os.mkdir(crash)
+        db = sqlite3.connect(self.db_path)
+        db.execute("PRAGMA wal_autocheckpoint = 0")
+        db.execute("UPDATE accounts SET name = 'renamed'")
+        db.commit()
+        for suffix in ("", "-wal"):  # what a crash leaves: the change only in the -wal
+            shutil.copyfile(self.db_path + suffix, os.path.join(crash, "claudeflare.db" + suffix))
+        db.close()
+        self.db_path = os.path.join(crash, "claudeflare.db")
+        code, out = self.doctor()
+        self.assertIn("account renamed: active", out)
+        self.assertEqual(sorted(os.listdir(crash)), ["claudeflare.db", "claudeflare.db-wal"])
+
+    def test_text_in_a_number_column_crashes_neither_doctor_nor_list(self):
+        self.cli("add", "work", "--api-key", stdin="sk-ant-api03-work\n")
+        db = sqlite3.connect(self.db_path)
+        db.execute("UPDATE accounts SET rate_limited_until = 'soon', account_tier = 'x'")
+        db.commit()
+        db.close()
+        code, out = self.doctor()
+        self.assertIn("\nwarn  database: ", out)
+        self.assertIn("work.account_tier = 'x', work.rate_limited_until = 'soon'", out)
+        self.assertIn("\nok    account work: active (api_key, tier 0)", out)
+        listed = self.cli("list")
+        self.assertRegex(listed, r"\nwork +api_key +0 +0 +active ")
+
     def test_doctor_creates_and_changes_nothing(self):
         def snapshot() -> dict:
             return {name: os.stat(os.path.join(self.folder, name)).st_mtime_ns
@@ -5146,6 +5355,90 @@ class TestService(CliTestCase):
             self.skipTest("no per-user service manager claudeflare knows here")
         printed = self.ok("service", "install", "--print")
         self.assertIn("[Service]" if sys.platform == "linux" else "<plist", printed)
+
+    def test_a_value_with_a_control_character_is_refused_and_the_rest_is_quoted(self):
+        injected = "/x\nExecStartPre=/bin/touch /tmp/p\n.db"
+        for system in ("systemd", "launchd"):
+            code, out, err = run_cli("--config", self.config_path, "--db", injected, "service",
+                                     "install", "--print", "--system", system)
+            self.assertEqual((code, out), (1, ""))
+            self.assertEqual(err, "claudeflare: error: --db holds a control character "
+                                  "(/x\\nExecStartPre=/bin/touch /tmp/p\\n.db), which a service "
+                                  "file cannot carry: choose a value without\n")
+            for name, value in (("CLIENT_ID", "id\nExecStartPre=/bin/true"),
+                                ("HTTPS_PROXY", "http://proxy:3128\x1b")):
+                with unittest.mock.patch.dict(os.environ, {name: value}):
+                    self.fails(f"{name} holds a control character", "service", "install",
+                               "--print", "--system", system)
+        odd = os.path.join(self.folder, 'a"b\\c$d;e f.db')
+        code, unit, err = run_cli("--config", self.config_path, "--db", odd, "service",
+                                  "install", "--print", "--system", "systemd")
+        self.assertEqual(code, 0, err)
+        self.assertIn(f'--db "{self.folder}/a\\"b\\\\c$$d;e f.db"\n', unit)
+        code, plist, err = run_cli("--config", self.config_path, "--db", odd, "service",
+                                   "install", "--print", "--system", "launchd")
+        self.assertEqual(plistlib.loads(plist.encode())["ProgramArguments"][-1], odd)
+
+    def fake_systemctl(self) -> str:
+        """Put a fake systemctl first on PATH (FAKE_SYSTEMCTL: unreachable, failing or ok) and
+        the units under the test's folder; return the file where it notes its arguments."""
+        if os.name != "posix":
+            self.skipTest("the fake systemctl is a shell script")
+        folder = os.path.join(self.folder, "bin")
+        os.mkdir(folder)
+        calls = os.path.join(self.folder, "systemctl-calls")
+        with open(os.path.join(folder, "systemctl"), "w") as out:
+            out.write(f'#!/bin/sh\necho "$*" >> "{calls}"\n'
+                      f'case "$FAKE_SYSTEMCTL/$2" in\n'
+                      f'  unreachable/*) echo "Failed to connect to bus: No medium found" >&2;'
+                      f' exit 1;;\n'
+                      f'  failing/show-environment) exit 0;;\n'
+                      f'  failing/*) exit 1;;\n'
+                      f'esac\n')
+        os.chmod(os.path.join(folder, "systemctl"), 0o755)
+        patcher = unittest.mock.patch.dict(os.environ, {
+            "PATH": folder + os.pathsep + os.environ["PATH"],
+            "XDG_CONFIG_HOME": os.path.join(self.folder, "xdg"), "FAKE_SYSTEMCTL": "ok"})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        return calls
+
+    def test_an_unreachable_user_systemd_is_named_before_anything_is_written(self):
+        calls = self.fake_systemctl()
+        os.environ["FAKE_SYSTEMCTL"] = "unreachable"
+        unit = claudeflare.service_path("systemd")
+        for action in ("install", "status"):
+            err = self.fails("systemctl --user cannot reach your user's systemd (Failed to "
+                             "connect to bus: No medium found)", "service", action, "--system",
+                             "systemd")
+            for what_to_do in ("loginctl enable-linger", "service install --print",
+                               "systemctl --system"):
+                self.assertIn(what_to_do, err)
+            self.assertFalse(os.path.exists(unit))
+        os.makedirs(os.path.dirname(unit))
+        with open(unit, "w") as out:
+            out.write("[Service]\n")
+        out = self.ok("service", "uninstall", "--system", "systemd")
+        self.assertIn(f"Removed {unit}; nothing was stopped", out)
+        self.assertFalse(os.path.exists(unit))
+        with open(calls) as made:
+            self.assertEqual(made.read().splitlines(), ["--user show-environment"] * 3)
+
+    def test_install_runs_systemctl_and_uninstall_removes_the_unit_whatever_it_says(self):
+        calls = self.fake_systemctl()
+        unit = claudeflare.service_path("systemd")
+        out = self.ok("service", "install", "--system", "systemd")
+        self.assertIn(f"Wrote {unit}", out)
+        self.assertTrue(os.path.exists(unit))
+        os.environ["FAKE_SYSTEMCTL"] = "failing"
+        out = self.ok("service", "uninstall", "--system", "systemd")
+        self.assertFalse(os.path.exists(unit))
+        with open(calls) as made:
+            self.assertEqual(made.read().splitlines(), [
+                "--user show-environment", "--user daemon-reload",
+                "--user enable claudeflare.service", "--user restart claudeflare.service",
+                "--user show-environment", "--user disable --now claudeflare.service",
+                "--user daemon-reload"])
 
     def test_print_goes_with_install(self):
         self.fails("--print writes what service install would install", "service", "status",
