@@ -5829,8 +5829,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if refusal is None:
             self.admitted = key.name
             return allowed
-        component_logger("Proxy").warning("Refused %s %s: %s", self.command, record.path,
-                                          refusal.message)
+        component_logger("Proxy").warning("Refused %s %s: %s", self.command,
+                                          self.path.partition("?")[0], refusal.message)
         self.send_json(refusal.status, anthropic_error(refusal.error_type, refusal.message),
                        [("retry-after", str(refusal.retry_after_s))]
                        if refusal.retry_after_s else [])

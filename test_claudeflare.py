@@ -1322,6 +1322,7 @@ class TestSettings(CliTestCase):
         "tls_cert": ("/file/cert.pem", "/env/cert.pem"),
         "tls_key": ("/file/key.pem", "/env/key.pem"), "overage": ("never", "allow"),
         "usage_poll_s": ("60", "0"), "login_timeout_s": ("30", "40"),
+        "budget_timezone": ("UTC+02:00", "Europe/Paris"),
     }
 
     def test_every_setting_follows_the_precedence(self):
@@ -4684,7 +4685,10 @@ class TestClientKeyLimits(ServerWithAccounts):
             db.execute("UPDATE requests SET timestamp = ?",
                        (int(day_start.timestamp() * 1000) - 60_000,))
         self.restart()
+        self.upstream.push(costly_answer(), costly_answer())
         self.assertEqual(self.post_as(key)[0], 200)
+        self.assertEqual(self.post_as(key)[0], 200)  # the new day counts from 0
+        self.refusal(self.post_as(key), 429, "rate_limit_error")
 
     def test_week_and_month_budgets_count_the_same_spending(self):
         key = self.new_key("bob", "--budget-week", "0.2")
