@@ -1229,7 +1229,7 @@ class ClientKey:
 
 
 SELECT_CLIENT_KEYS = (f"SELECT {', '.join(field.name for field in dataclasses.fields(ClientKey))}"
-                      f" FROM client_keys ORDER BY id")
+                      " FROM client_keys ORDER BY id")
 ACCOUNT_COLUMNS = ", ".join(field.name for field in dataclasses.fields(Account))
 SELECT_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY id"
 SELECT_ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = ?"
