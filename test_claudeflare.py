@@ -4627,11 +4627,16 @@ class TestClientKeyLimits(ServerWithAccounts):
         """Add a client key with limits through the CLI; return its secret."""
         return re.search(r"cfk-\S+", self.ok("keys", "add", name, *options)).group(0)
 
-    def post_as(self, key: str, model: str = "claude-sonnet-4-5"):
+    def post_as(self, key: str, model: str = "claude-sonnet-4-5", counted: bool = True):
+        """Send a message with a client key; unless told not to, wait until the server has
+        counted it (a client has its answer a moment before that)."""
         body = {"model": model, "max_tokens": 64,
                 "messages": [{"role": "user", "content": "Hi"}]}
-        return self.proxy.request("POST", "/v1/messages", body,
-                                  {"content-type": "application/json", "x-api-key": key})
+        answer = self.proxy.request("POST", "/v1/messages", body,
+                                    {"content-type": "application/json", "x-api-key": key})
+        if counted:
+            wait_for(lambda: self.proxy.app.running == 0, what="the request to be counted")
+        return answer
 
     def refusal(self, answer, status: int, error_type: str) -> str:
         """Check an Anthropic-shaped refusal; return its message."""
@@ -4721,7 +4726,7 @@ class TestClientKeyLimits(ServerWithAccounts):
         connection.request("POST", "/v1/messages", json.dumps(body),
                            {"content-type": "application/json", "x-api-key": key})
         self.assertTrue(self.upstream.holding.wait(DEADLINE_S))
-        answer = self.post_as(key)
+        answer = self.post_as(key, counted=False)
         self.assertIn("requests in flight", self.refusal(answer, 429, "rate_limit_error"))
         self.assertEqual(answer[1]["retry-after"], "1")
         gate.set()
