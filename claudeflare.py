@@ -7599,9 +7599,10 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
 
 #: The limits `keys add` and `keys set` take: option -> column, and how its value is read.
 KEY_OPTIONS = {
-    "owner": ("owner", parse_text), "budget_day": ("budget_day", number(0, 10 ** 9, True)),
-    "budget_week": ("budget_week", number(0, 10 ** 9, True)),
-    "budget_month": ("budget_month", number(0, 10 ** 9, True)),
+    "owner": ("owner", parse_text),
+    "budget_day": ("budget_day", number(0, 10 ** 9, inclusive=True)),
+    "budget_week": ("budget_week", number(0, 10 ** 9, inclusive=True)),
+    "budget_month": ("budget_month", number(0, 10 ** 9, inclusive=True)),
     "tokens_day": ("tokens_day", parse_positive_int),
     "max_concurrent": ("max_concurrent", parse_positive_int),
     "rpm": ("rpm", parse_positive_int), "models": ("models", parse_text),
