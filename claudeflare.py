@@ -29,6 +29,7 @@ import dataclasses
 import datetime
 import email.utils
 import errno
+import fnmatch
 import functools
 import getpass
 import hashlib
@@ -64,6 +65,7 @@ import time
 import traceback
 import urllib.parse
 import weakref
+import zoneinfo
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -230,6 +232,37 @@ def parse_log_format(text: str) -> str:
     return name
 
 
+#: A fixed offset from UTC: UTC+2, UTC-05:30, +0530.
+UTC_OFFSET = re.compile(r"(?:UTC)?([+-])(\d{1,2})(?::?(\d{2}))?", re.IGNORECASE)
+
+
+def parse_timezone(text: str) -> str:
+    """Read a time zone: "" or local (the machine's), UTC, UTC+HH:MM, or an IANA name."""
+    name = str(text or "").strip()
+    time_zone(name)
+    return name
+
+
+def time_zone(name: str) -> datetime.tzinfo | None:
+    """Return the tzinfo a time-zone setting names; None is the machine's local time."""
+    if name.lower() in ("", "local"):
+        return None
+    if name.upper() in ("UTC", "Z"):
+        return datetime.timezone.utc
+    offset = UTC_OFFSET.fullmatch(name)
+    if offset:
+        sign, hours, minutes = offset.groups()
+        delta = datetime.timedelta(hours=int(hours), minutes=int(minutes or 0))
+        if delta > datetime.timedelta(hours=14):
+            raise ValueError(f"a UTC offset is at most 14 hours, not {name!r}")
+        return datetime.timezone(-delta if sign == "-" else delta)
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (ValueError, OSError, LookupError):  # no such zone, or no zone database
+        raise ValueError(f"Unknown time zone: {name!r}; use local, UTC, UTC+HH:MM or a name "
+                         f"such as Europe/Paris") from None
+
+
 @dataclass(frozen=True)
 class Setting:
     """One key of config.json with its environment variable, default and validator."""
@@ -282,6 +315,9 @@ SETTINGS = (
             "when an account on extra usage (billed) serves: last, never or allow"),
     Setting("usage_poll_s", "CLAUDEFLARE_USAGE_POLL_S", 300, number(0, DAY_S, inclusive=True),
             "seconds between reads of each OAuth account's usage windows; 0: never"),
+    Setting("budget_timezone", "CLAUDEFLARE_BUDGET_TIMEZONE", "", parse_timezone,
+            "when client-key budgets' days, weeks (Monday) and months begin: local (the "
+            "machine's time), UTC, UTC+HH:MM or a name such as Europe/Paris"),
     Setting("login_timeout_s", "CLAUDEFLARE_LOGIN_TIMEOUT_S", 600, parse_timeout,
             "seconds `add` and `reauth` wait for the browser or a pasted code"),
     Setting("log_level", "LOG_LEVEL", "INFO", parse_log_level, "DEBUG, INFO, WARN or ERROR"),
@@ -1117,6 +1153,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE usage_hourly ADD COLUMN overage_cost_usd REAL NOT NULL DEFAULT 0",
         "ALTER TABLE usage_hourly ADD COLUMN claude_code_only INTEGER NOT NULL DEFAULT 0",
     ),
+    (  # 6: an owner, budgets and limits on each client key; its spending read back at start
+        "ALTER TABLE client_keys ADD COLUMN owner TEXT",
+        "ALTER TABLE client_keys ADD COLUMN budget_day REAL",
+        "ALTER TABLE client_keys ADD COLUMN budget_week REAL",
+        "ALTER TABLE client_keys ADD COLUMN budget_month REAL",
+        "ALTER TABLE client_keys ADD COLUMN tokens_day INTEGER",
+        "ALTER TABLE client_keys ADD COLUMN max_concurrent INTEGER",
+        "ALTER TABLE client_keys ADD COLUMN rpm INTEGER",
+        "ALTER TABLE client_keys ADD COLUMN models TEXT",
+        "ALTER TABLE client_keys ADD COLUMN expires_at INTEGER",
+        "ALTER TABLE client_keys ADD COLUMN priority_floor INTEGER",
+        "ALTER TABLE client_keys ADD COLUMN paused INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX requests_by_client_key ON requests(client_key, timestamp)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1237,6 +1287,24 @@ class ClientKey:
     salt: str
     key_hash: str
     created_at: int
+    #: Who the key belongs to (a person, a CI job).
+    owner: str | None = None
+    #: The most it may spend (USD, API-equivalent) in the calendar day, week and month.
+    budget_day: float | None = None
+    budget_week: float | None = None
+    budget_month: float | None = None
+    #: The most weighted tokens a day (see weighted_tokens).
+    tokens_day: int | None = None
+    #: Requests in flight at once, and requests per minute.
+    max_concurrent: int | None = None
+    rpm: int | None = None
+    #: The models it may use: comma-separated patterns (claude-sonnet-*).
+    models: str | None = None
+    #: After this, the key is refused.
+    expires_at: int | None = None
+    #: It may use only accounts whose priority number is at least this.
+    priority_floor: int | None = None
+    paused: bool = False
 
     @staticmethod
     def digest(salt: str, key: str) -> str:
@@ -1248,6 +1316,8 @@ class ClientKey:
         return hmac.compare_digest(self.digest(self.salt, presented), self.key_hash)
 
 
+SELECT_CLIENT_KEYS = (f"SELECT {', '.join(field.name for field in dataclasses.fields(ClientKey))}"
+                      " FROM client_keys ORDER BY id")
 ACCOUNT_COLUMNS = ", ".join(field.name for field in dataclasses.fields(Account))
 SELECT_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY id"
 SELECT_ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = ?"
@@ -1705,24 +1775,53 @@ class Store:
     def client_keys(self) -> list[ClientKey]:
         """Return every client key (hashes only), oldest first."""
         with self.read_lock:
-            rows = self.reader.execute("SELECT id, name, salt, key_hash, created_at "
-                                       "FROM client_keys ORDER BY id").fetchall()
+            rows = self.reader.execute(SELECT_CLIENT_KEYS).fetchall()
         return [ClientKey(**row) for row in rows]
 
-    def add_client_key(self, name: str) -> str:
-        """Create a client key and return it: the only time it exists in clear."""
+    def add_client_key(self, name: str, **limits: Any) -> str:
+        """Create a client key with its limits (column=value) and return it: the only time it
+        exists in clear."""
         validate_account_name(name)
         key = CLIENT_KEY_PREFIX + secrets.token_urlsafe(32)
         salt = secrets.token_hex(16)
+        columns = {"name": name, "salt": salt, "key_hash": ClientKey.digest(salt, key),
+                   "created_at": now_ms(), **limits}
         try:
             with self.transaction() as db:
-                db.execute("INSERT INTO client_keys (name, salt, key_hash, created_at) "
-                           "VALUES (?, ?, ?, ?)",
-                           (name, salt, ClientKey.digest(salt, key), now_ms()))
+                db.execute(f"INSERT INTO client_keys ({', '.join(columns)}) "
+                           f"VALUES ({', '.join('?' * len(columns))})", tuple(columns.values()))
         except sqlite3.IntegrityError:
             raise ClaudeflareError(f"Client key already exists: {name}. Choose another name, or "
                                    f"remove it first.") from None
         return key
+
+    def change_client_key(self, name: str, **limits: Any) -> None:
+        """Set some limits of a client key (None removes one); its secret stays."""
+        assignments = ", ".join(f"{column} = ?" for column in limits)
+        with self.transaction() as db:
+            if not db.execute("SELECT 1 FROM client_keys WHERE name = ?", (name,)).fetchone():
+                raise NotFound(f"Client key not found: {name}")
+            if limits:
+                db.execute(f"UPDATE client_keys SET {assignments} WHERE name = ?",
+                           (*limits.values(), name))
+
+    def key_spending(self, since: int) -> tuple[list[sqlite3.Row], dict[str, int]]:
+        """Return the client keys' usage since a time, summed per key and minute (every time
+        zone's day begins on a minute), and when each key was last used. Read at start and by
+        the CLI, never on the request path."""
+        with self.stats_lock:
+            rows = self.stats_reader.execute(
+                "SELECT client_key, timestamp / 60000 * 60000 AS minute, "
+                "COALESCE(SUM(cost_usd), 0) AS cost_usd, SUM(input_tokens) AS input_tokens, "
+                "SUM(output_tokens) AS output_tokens, "
+                "SUM(cache_creation_tokens) AS cache_creation_tokens, "
+                "SUM(cache_read_tokens) AS cache_read_tokens FROM requests "
+                "WHERE client_key IS NOT NULL AND timestamp >= ? GROUP BY 1, 2",
+                (since,)).fetchall()
+            last_used = dict(self.stats_reader.execute(
+                "SELECT client_key, MAX(timestamp) FROM requests WHERE client_key IS NOT NULL "
+                "GROUP BY client_key").fetchall())
+        return rows, last_used
 
     def remove_client_key(self, name: str) -> None:
         """Delete a client key; clients using it are refused from the next request."""
@@ -3734,6 +3833,11 @@ class UsageReader:
         return self.usage
 
 
+def metric_label(value: str) -> str:
+    """Escape a Prometheus label value."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 class Metrics:
     """Prometheus counters since the server started; the writer thread feeds them."""
 
@@ -3758,9 +3862,7 @@ class Metrics:
 
     def render(self, accounts: list[Account], now: int, uptime_s: float) -> str:
         """Write the Prometheus text format, with account gauges read now."""
-        def label(value: str) -> str:
-            return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
+        label = metric_label
         lines = ["# HELP claudeflare_requests_total Proxied requests by account and status.",
                  "# TYPE claudeflare_requests_total counter"]
         with self.lock:
@@ -3801,6 +3903,325 @@ class Metrics:
                   "# TYPE claudeflare_uptime_seconds gauge",
                   f"claudeflare_uptime_seconds {uptime_s:.0f}"]
         return "\n".join(lines) + "\n"
+
+
+###############################################################################
+# Client key limits ###########################################################
+###############################################################################
+
+#: The calendar periods a key's budgets count over.
+PERIODS = ("day", "week", "month")
+#: The window of --rpm, and the retry-after (s) a refusal for load (--max-concurrent) carries.
+RPM_WINDOW_MS = 60_000
+BUSY_RETRY_S = 1
+
+
+def weighted_tokens(input_tokens: int, output_tokens: int, cache_creation_tokens: int,
+                    cache_read_tokens: int) -> int:
+    """Count tokens against --tokens-day: input and output whole, cache writes and reads as the
+    price table weighs them against input (1.25x and 0.1x)."""
+    return round(input_tokens + output_tokens + cache_creation_tokens * CACHE_WRITE_5M
+                 + cache_read_tokens * CACHE_READ)
+
+
+def period_bounds(when: int, zone: datetime.tzinfo | None) -> dict[str, tuple[int, int]]:
+    """Return the start and end (epoch ms) of the calendar day, week (from Monday) and month
+    holding a time, in a time zone (None: the machine's)."""
+    day = datetime.datetime.fromtimestamp(when / 1000, zone).replace(
+        hour=0, minute=0, second=0, microsecond=0)
+    week = day - datetime.timedelta(days=day.weekday())
+    month = day.replace(day=1)
+    ends = (day + datetime.timedelta(days=1), week + datetime.timedelta(days=7),
+            (month + datetime.timedelta(days=32)).replace(day=1))
+    return {period: (int(start.timestamp() * 1000), int(end.timestamp() * 1000))
+            for period, start, end in zip(PERIODS, (day, week, month), ends)}
+
+
+def usd(value: float) -> str:
+    """Say an amount of dollars: cents, or four decimals below one dollar."""
+    return f"${value:,.2f}" if value >= 1 or value == 0 else f"${value:.4f}"
+
+
+def model_patterns(key: ClientKey) -> list[str]:
+    """Return the model patterns a key is limited to (none: every model)."""
+    return [pattern.strip() for pattern in (key.models or "").split(",") if pattern.strip()]
+
+
+def requested_model(body: bytes) -> str | None:
+    """Return the model a request body asks for, if it names one."""
+    try:
+        payload = json.loads(body) if body[:1] == b"{" else None
+    except JSON_ERRORS:
+        return None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def key_accounts(key: ClientKey | None, accounts: list[Account]) -> list[Account]:
+    """Keep the accounts a key may use: those whose priority is at least its floor."""
+    if key is None or key.priority_floor is None:
+        return accounts
+    return [account for account in accounts if account.priority >= key.priority_floor]
+
+
+def key_status(key: ClientKey, now: int) -> str:
+    """Return active, paused or expired."""
+    if key.paused:
+        return "paused"
+    if key.expires_at is not None and now >= key.expires_at:
+        return "expired"
+    return "active"
+
+
+@dataclass
+class KeyUsage:
+    """What a client key spent in its current periods, and its load, at one moment."""
+
+    #: period -> USD spent since it began; and weighted tokens today.
+    spent: dict[str, float]
+    tokens_day: int
+    #: period -> when it ends (and the spending starts again from 0).
+    resets: dict[str, int]
+    in_flight: int = 0
+    #: Requests begun in the last minute, and when the oldest of them leaves that minute.
+    last_minute: int = 0
+    rpm_free_at: int | None = None
+    last_used: int | None = None
+
+
+@dataclass
+class KeyRefusal:
+    """Why a client key's request is refused, in the words the client gets."""
+
+    status: int
+    error_type: str
+    message: str
+    #: A short name for /metrics: paused, expired, model, budget_day, tokens_day, ...
+    reason: str
+    retry_after_s: int | None = None
+
+
+def key_access_refusal(key: ClientKey, now: int) -> KeyRefusal | None:
+    """Refuse a paused or expired key (401), saying which: not the generic "key required"."""
+    status = key_status(key, now)
+    if status == "paused":
+        return KeyRefusal(401, "authentication_error",
+                          f"The claudeflare client key {key.name} is paused. Its owner can "
+                          f"resume it: python3 claudeflare.py keys set {key.name} --resume",
+                          "paused")
+    if status == "expired":
+        return KeyRefusal(401, "authentication_error",
+                          f"The claudeflare client key {key.name} expired at "
+                          f"{iso_time(key.expires_at)}", "expired")
+    return None
+
+
+def check_key_limits(key: ClientKey, usage: KeyUsage, model: str | None,
+                     now: int) -> KeyRefusal | None:
+    """Decide whether a key may start one more request; return the refusal, or None."""
+    patterns = model_patterns(key)
+    if patterns and model is not None and \
+            not any(fnmatch.fnmatchcase(model, pattern) for pattern in patterns):
+        return KeyRefusal(403, "permission_error",
+                          f"The claudeflare client key {key.name} may not use {model}; it may "
+                          f"use {', '.join(patterns)}", "model")
+    for period in PERIODS:
+        budget = getattr(key, f"budget_{period}")
+        if budget is not None and usage.spent[period] >= budget:
+            return over_limit(key, f"budget_{period}", f"{period} budget",
+                              f"{usd(usage.spent[period])} spent of {usd(budget)}",
+                              usage.resets[period], now)
+    if key.tokens_day is not None and usage.tokens_day >= key.tokens_day:
+        return over_limit(key, "tokens_day", "daily token limit",
+                          f"{usage.tokens_day:,} tokens used of {key.tokens_day:,}",
+                          usage.resets["day"], now)
+    if key.max_concurrent is not None and usage.in_flight >= key.max_concurrent:
+        return KeyRefusal(429, "rate_limit_error",
+                          f"The claudeflare client key {key.name} has {usage.in_flight} "
+                          f"requests in flight, its most at once (max_concurrent); retry when "
+                          f"one finishes", "max_concurrent", BUSY_RETRY_S)
+    if key.rpm is not None and usage.last_minute >= key.rpm:
+        wait_ms = (usage.rpm_free_at or now) - now
+        return KeyRefusal(429, "rate_limit_error",
+                          f"The claudeflare client key {key.name} sent {usage.last_minute} "
+                          f"requests in the last minute, its most (rpm {key.rpm})", "rpm",
+                          max(1, -(-wait_ms // 1000)))
+    return None
+
+
+def over_limit(key: ClientKey, reason: str, limit: str, spent: str, reset: int,
+               now: int) -> KeyRefusal:
+    """Refuse a key over a budget or its token limit until the period resets."""
+    return KeyRefusal(429, "rate_limit_error",
+                      f"The claudeflare client key {key.name} reached its {limit} ({reason}): "
+                      f"{spent}. It resets at {iso_time(reset)}", reason,
+                      max(1, -(-(reset - now) // 1000)))
+
+
+@dataclass
+class KeySpend:
+    """One client key's running totals: per period, (its start, USD, weighted tokens)."""
+
+    periods: dict[str, tuple[int, float, int]] = dataclasses.field(default_factory=dict)
+    in_flight: int = 0
+    #: When its requests of the last minute began, oldest first.
+    recent: collections.deque = dataclasses.field(default_factory=collections.deque)
+    last_used: int | None = None
+
+    def add(self, bounds: dict[str, tuple[int, int]], cost: float, tokens: int) -> None:
+        """Count a request into the periods that hold it; a newer period starts from 0."""
+        for period, (start, _) in bounds.items():
+            known, spent, used = self.periods.get(period, (start, 0.0, 0))
+            if start > known:
+                known, spent, used = start, 0.0, 0
+            if start == known:
+                self.periods[period] = (start, spent + cost, used + tokens)
+
+    def usage(self, bounds: dict[str, tuple[int, int]], now: int) -> KeyUsage:
+        """Read the totals of the periods holding now (0 for one that has not begun here)."""
+        while self.recent and self.recent[0] <= now - RPM_WINDOW_MS:
+            self.recent.popleft()
+        current = {period: self.periods[period][1:] if period in self.periods
+                   and self.periods[period][0] == start else (0.0, 0)
+                   for period, (start, _) in bounds.items()}
+        return KeyUsage({period: spent for period, (spent, _) in current.items()},
+                        current["day"][1], {period: end for period, (_, end) in bounds.items()},
+                        self.in_flight, len(self.recent),
+                        self.recent[0] + RPM_WINDOW_MS if self.recent else None, self.last_used)
+
+
+class KeyLedger:
+    """Every client key's spending and load, in memory: kept current as requests finish and
+    rebuilt from the request log at start, so that no limit check waits for the database."""
+
+    def __init__(self, zone: datetime.tzinfo | None) -> None:
+        self.zone = zone
+        self.lock = threading.Lock()
+        self.spends: dict[str, KeySpend] = collections.defaultdict(KeySpend)
+        #: (key name, reason) -> requests refused.
+        self.refusals: collections.Counter = collections.Counter()
+        #: The periods holding the latest time asked about: computed again once a day.
+        self.current = period_bounds(0, zone)
+
+    def bounds(self, when: int) -> dict[str, tuple[int, int]]:
+        """Return the periods holding a time (called with the lock held)."""
+        day_start, day_end = self.current["day"]
+        if day_start <= when < day_end:
+            return self.current
+        bounds = period_bounds(when, self.zone)
+        if when >= day_end:
+            self.current = bounds
+        return bounds
+
+    def load(self, store: Store, now: int) -> None:
+        """Rebuild the totals from the request log (at start, and for the CLI)."""
+        since = min(start for start, _ in period_bounds(now, self.zone).values())
+        rows, last_used = store.key_spending(since)
+        with self.lock:
+            for row in rows:
+                self.spends[row["client_key"]].add(
+                    self.bounds(row["minute"]), row["cost_usd"],
+                    weighted_tokens(row["input_tokens"], row["output_tokens"],
+                                    row["cache_creation_tokens"], row["cache_read_tokens"]))
+            for name, when in last_used.items():
+                self.spends[name].last_used = when
+
+    def add(self, record: RequestRecord) -> None:
+        """Count a finished request against its key, at once: the next check sees it."""
+        if record.client_key is None:
+            return
+        tokens = weighted_tokens(record.input_tokens, record.output_tokens,
+                                 record.cache_creation_tokens, record.cache_read_tokens)
+        with self.lock:
+            spend = self.spends[record.client_key]
+            spend.add(self.bounds(record.timestamp), record.cost_usd or 0.0, tokens)
+            spend.last_used = max(spend.last_used or 0, record.timestamp)
+
+    def admit(self, key: ClientKey, model: str | None, now: int) -> KeyRefusal | None:
+        """Check a key's limits and, when it may go, count the request as in flight."""
+        with self.lock:
+            spend = self.spends[key.name]
+            refusal = check_key_limits(key, spend.usage(self.bounds(now), now), model, now)
+            if refusal is not None:
+                self.refusals[key.name, refusal.reason] += 1
+                return refusal
+            spend.in_flight += 1
+            spend.recent.append(now)
+        return None
+
+    def release(self, name: str) -> None:
+        """Count an admitted request as finished."""
+        with self.lock:
+            self.spends[name].in_flight -= 1
+
+    def refused(self, name: str, reason: str) -> None:
+        """Count a request refused before the limits were checked (paused, expired, floor)."""
+        with self.lock:
+            self.refusals[name, reason] += 1
+
+    def usage(self, name: str, now: int) -> KeyUsage:
+        """Return what a key spent and its load now."""
+        with self.lock:
+            return self.spends[name].usage(self.bounds(now), now)
+
+    def metrics(self, keys: list[ClientKey], now: int) -> list[str]:
+        """Write each key's spending, budgets and refusals in the Prometheus text format."""
+        lines = ["# HELP claudeflare_client_key_spend_usd API-equivalent USD a client key "
+                 "spent in the current period.", "# TYPE claudeflare_client_key_spend_usd gauge"]
+        budgets = ["# HELP claudeflare_client_key_budget_usd A client key's budget.",
+                   "# TYPE claudeflare_client_key_budget_usd gauge"]
+        for key in keys:
+            usage = self.usage(key.name, now)
+            for period in PERIODS:
+                labels = f'key="{metric_label(key.name)}",period="{period}"'
+                lines.append(f"claudeflare_client_key_spend_usd{{{labels}}} "
+                             f"{usage.spent[period]:.6f}")
+                if getattr(key, f"budget_{period}") is not None:
+                    budgets.append(f"claudeflare_client_key_budget_usd{{{labels}}} "
+                                   f"{getattr(key, f'budget_{period}'):g}")
+        lines += budgets + ["# HELP claudeflare_client_key_refusals_total Requests a client "
+                            "key's limits refused, by reason.",
+                            "# TYPE claudeflare_client_key_refusals_total counter"]
+        with self.lock:
+            refusals = sorted(self.refusals.items())
+        lines += [f'claudeflare_client_key_refusals_total{{key="{metric_label(name)}",'
+                  f'reason="{reason}"}} {count}' for (name, reason), count in refusals]
+        return lines
+
+
+def key_json(key: ClientKey, usage: KeyUsage, now: int) -> dict:
+    """Describe a client key for `keys list --json`, /api/keys and the page: never its hash."""
+    return {
+        "name": key.name, "owner": key.owner, "status": key_status(key, now),
+        "paused": bool(key.paused), "createdAt": key.created_at, "expiresAt": key.expires_at,
+        "limits": {"budgetDay": key.budget_day, "budgetWeek": key.budget_week,
+                   "budgetMonth": key.budget_month, "tokensDay": key.tokens_day,
+                   "maxConcurrent": key.max_concurrent, "rpm": key.rpm,
+                   "models": model_patterns(key), "priorityFloor": key.priority_floor},
+        "spent": {"day": round(usage.spent["day"], 6), "week": round(usage.spent["week"], 6),
+                  "month": round(usage.spent["month"], 6), "tokensDay": usage.tokens_day},
+        "resets": usage.resets, "inFlight": usage.in_flight,
+        "requestsLastMinute": usage.last_minute, "lastUsed": usage.last_used,
+    }
+
+
+def limits_text(key: dict) -> str:
+    """Say a key's limits other than budgets briefly, for `keys list`."""
+    limits = key["limits"]
+    parts = [f"{limits['tokensDay']:,} tokens/day" if limits["tokensDay"] else "",
+             f"{limits['maxConcurrent']} at once" if limits["maxConcurrent"] else "",
+             f"{limits['rpm']}/min" if limits["rpm"] else "",
+             "models " + ",".join(limits["models"]) if limits["models"] else "",
+             f"priority >= {limits['priorityFloor']}" if limits["priorityFloor"] is not None
+             else ""]
+    return "; ".join(part for part in parts if part) or "-"
+
+
+def spent_text(key: dict, period: str) -> str:
+    """Say what a key spent in a period, against its budget if it has one."""
+    budget = key["limits"][f"budget{period.title()}"]
+    spent = usd(key["spent"][period])
+    return spent if budget is None else f"{spent}/{usd(budget)}"
 
 
 ###############################################################################
@@ -4417,6 +4838,9 @@ class App:
         #: is the client key, or the connection without keys, never what another client can send.
         self.not_claude_code: dict[tuple[str, str], int] = {}
         self.connection_numbers = itertools.count(1)
+        #: What each client key spent, and its requests in flight.
+        self.key_ledger = KeyLedger(time_zone(settings.budget_timezone))
+        self.key_ledger.load(store, now_ms())
         self.writer = BackgroundWriter(store, settings, self.after_write)
         self.refresher = BackgroundRefresher(self.tokens, self.accounts)
         self.usage = UsagePoller(settings, self.accounts, self.tokens, self.apply_usage)
@@ -4454,6 +4878,11 @@ class App:
     def client_keys(self) -> list[ClientKey]:
         """Return the client keys, as fresh as the accounts."""
         return self.snapshot()[1]
+
+    def keys_json(self, now: int) -> list[dict]:
+        """Describe every client key with its spending and load, for /api/keys."""
+        return [key_json(key, self.key_ledger.usage(key.name, now), now)
+                for key in self.client_keys()]
 
     def snapshot(self) -> tuple[list[Account], list[ClientKey]]:
         """Return the accounts and client keys, re-read whenever anyone changed the database."""
@@ -5211,6 +5640,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         route it."""
         self.unread_conversation = None
         self.key_name = self.key_header = None
+        #: The client key the request came with, and its name once its limits admitted it.
+        self.client_key: ClientKey | None = None
+        self.admitted: str | None = None
         app = self.app
         if app.stopping:
             self.close_connection = True
@@ -5243,7 +5675,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     "permission_error", "A web page of another site may not use claudeflare's "
                                         "accounts: cross-site request refused"))
                 return
-            self.proxy(accounts)
+            try:
+                self.proxy(accounts)
+            finally:
+                if self.admitted is not None:
+                    app.key_ledger.release(self.admitted)
             return
         try:
             self.answer_locally(path, urllib.parse.parse_qs(query))
@@ -5268,12 +5704,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                             [("Cache-Control", "no-store")])
         elif path == "/metrics" and reading:
             uptime = time.monotonic() - app.started
-            self.send_bytes(200, app.metrics.render(app.accounts(), now, uptime).encode(),
-                            "text/plain; version=0.0.4; charset=utf-8")
+            text = app.metrics.render(app.accounts(), now, uptime) + "\n".join(
+                app.key_ledger.metrics(app.client_keys(), now)) + "\n"
+            self.send_bytes(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
         elif path == "/api/stats" and reading:
             self.send_json(200, stats_report(app.store, now))
         elif path == "/api/accounts" and reading:
             self.send_json(200, app.accounts_json(now))
+        elif path == "/api/keys" and reading:
+            self.send_json(200, app.keys_json(now))
         elif path == "/api/requests" and reading:
             limit = query_limit(query, 50, 1000)
             self.send_json(200, [request_json(row) for row in app.store.recent_requests(limit)])
@@ -5346,8 +5785,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         for header, value in self.presented_credentials():
             for key in keys:
                 if key.matches(value):
-                    self.key_name, self.key_header = key.name, header
-                    return True
+                    self.key_name, self.key_header, self.client_key = key.name, header, key
+                    return self.key_usable(key, proxied)
         component_logger("Server").warning("Refused %s %s from %s without a valid client key",
                                            self.command, self.path.partition("?")[0],
                                            self.client_address[0])
@@ -5360,6 +5799,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_json(401, {"error": message},
                            [("WWW-Authenticate", 'Basic realm="claudeflare", charset="UTF-8"')])
+        return False
+
+    def key_usable(self, key: ClientKey, proxied: bool) -> bool:
+        """Answer 401 for a paused or expired key, saying which, and return False."""
+        refusal = key_access_refusal(key, now_ms())
+        if refusal is None:
+            return True
+        self.app.key_ledger.refused(key.name, refusal.reason)
+        component_logger("Server").warning("Refused %s %s: %s", self.command,
+                                           self.path.partition("?")[0], refusal.message)
+        self.close_connection = self.close_connection or self.request_has_body()
+        self.send_json(401, anthropic_error(refusal.error_type, refusal.message) if proxied
+                       else {"error": refusal.message})
         return False
 
     def host_allowed(self) -> bool:
@@ -5579,6 +6031,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.finish_record(record, started, error.status, str(error))
             self.discard_rest_of_request()
             return
+        accounts = self.admit_key(body, accounts, record, started)
+        if accounts is None:
+            return
         app, proxy_log = self.app, component_logger("Proxy")
         # The conversation picks the account only when there is a choice (the session strategy
         # over several accounts); otherwise it is read once the answer is out.
@@ -5628,6 +6083,34 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.set_retry_after(answer, now_ms())
         self.send_answer(answer)
         self.finish_record(record, started, answer.status, answer.error_message or None)
+
+    def admit_key(self, body: bytes, accounts: list[Account], record: RequestRecord,
+                  started: float) -> list[Account] | None:
+        """Apply the client key's limits before any account is used: return the accounts it
+        may use, or answer its refusal and return None."""
+        key, ledger = self.client_key, self.app.key_ledger
+        if key is None:
+            return accounts
+        allowed = key_accounts(key, accounts)
+        if accounts and not allowed:
+            ledger.refused(key.name, "priority_floor")
+            refusal = KeyRefusal(403, "permission_error",
+                                 f"The claudeflare client key {key.name} may use only accounts "
+                                 f"of priority {key.priority_floor} or more, and the pool has "
+                                 f"none", "priority_floor")
+        else:
+            refusal = ledger.admit(key, requested_model(body) if key.models else None,
+                                   record.timestamp)
+        if refusal is None:
+            self.admitted = key.name
+            return allowed
+        component_logger("Proxy").warning("Refused %s %s: %s", self.command,
+                                          self.path.partition("?")[0], refusal.message)
+        self.send_json(refusal.status, anthropic_error(refusal.error_type, refusal.message),
+                       [("retry-after", str(refusal.retry_after_s))]
+                       if refusal.retry_after_s else [])
+        self.finish_record(record, started, refusal.status, refusal.message)
+        return None
 
     def all_limited(self, record: RequestRecord, started: float) -> bool:
         """Answer 429 when every account is rate-limited and the client has no credentials.
@@ -5861,6 +6344,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                                        else 0)
             if usage.output_tokens and generating_ms > 0:
                 record.tokens_per_second = round(usage.output_tokens * 1000 / generating_ms, 1)
+        self.app.key_ledger.add(record)
         self.app.writer.record(record)
 
     def relay(self, response: http.client.HTTPResponse,
@@ -6141,6 +6625,13 @@ svg rect.errors { fill: var(--bad); }
 $accounts
 </tbody>
 </table></div>
+<h2>Client keys</h2>
+<div class="scroll"><table>
+<tr><th>Name</th><th>Owner</th><th>Status</th><th>Today</th><th>This week</th>
+<th>This month</th><th class="num">Tokens today</th><th class="num">In flight</th>
+<th>Limits</th><th>Last used</th><th>Expires</th></tr>
+$keys
+</table></div>
 <h2>Requests per hour, last 24 hours</h2>
 $chart
 <h2>Last 20 requests</h2>
@@ -6235,6 +6726,30 @@ def account_row(account: Account, now: int, session_duration_ms: int) -> str:
             f'<td data-label="Last used">{escape(when_text(account.last_used, now))}</td></tr>')
 
 
+def key_row(key: dict, now: int) -> str:
+    """Draw one client key as a table row: what it spent against each budget as a bar."""
+    cells = "".join(budget_cell(key["spent"][period], key["limits"][f"budget{period.title()}"])
+                    for period in PERIODS)
+    status = escape(key["status"])
+    return (f"<tr><td><b>{escape(key['name'])}</b></td><td>{escape(key['owner'] or '-')}</td>"
+            f"<td><span class=\"status {status}\">{status}</span></td>{cells}"
+            f"<td class=\"num\">{key['spent']['tokensDay']:,}</td>"
+            f"<td class=\"num\">{key['inFlight']}</td><td>{escape(limits_text(key))}</td>"
+            f"<td>{escape(when_text(key['lastUsed'], now))}</td>"
+            f"<td>{escape(when_text(key['expiresAt'], now))}</td></tr>")
+
+
+def budget_cell(spent: float, budget: float | None) -> str:
+    """Draw what a key spent in a period: against its budget as a bar, if it has one."""
+    if budget is None:
+        return f"<td>{escape(usd(spent))}</td>"
+    used = spent / budget if budget else 1.0
+    level = "full" if used >= 1 else "high" if used >= 0.8 else ""
+    return (f'<td><span class="bar"><i class="{level}" style="width:{min(used, 1) * 100:.0f}%">'
+            f'</i></span>{escape(usd(spent))} <span class="muted">of {escape(usd(budget))}'
+            f'</span></td>')
+
+
 def extra_usage_note(account: Account, now: int) -> str:
     """Say, under an account's status, whether extra usage is on for it, where known."""
     if account.overage_enabled is None:
@@ -6321,6 +6836,9 @@ def render_status_page(app: App, now: int) -> str:
         accounts="".join(account_row(account, now, app.settings.session_duration_ms)
                          for account in app.accounts())
         or empty.format("No accounts yet: python3 claudeflare.py add NAME"),
+        keys="".join(key_row(key, now) for key in app.keys_json(now))
+        or empty.format("No client keys: anyone who can reach the proxy may use it. Add one: "
+                        "python3 claudeflare.py keys add NAME"),
         chart=hourly_chart(series),
         requests_rows="".join(request_row(row, now) for row in recent)
         or empty.format("No requests yet"),
@@ -7494,33 +8012,106 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+#: The limits `keys add` and `keys set` take: option -> column, and how its value is read.
+KEY_OPTIONS = {
+    "owner": ("owner", parse_text),
+    "budget_day": ("budget_day", number(0, 10 ** 9, inclusive=True)),
+    "budget_week": ("budget_week", number(0, 10 ** 9, inclusive=True)),
+    "budget_month": ("budget_month", number(0, 10 ** 9, inclusive=True)),
+    "tokens_day": ("tokens_day", parse_positive_int),
+    "max_concurrent": ("max_concurrent", parse_positive_int),
+    "rpm": ("rpm", parse_positive_int), "models": ("models", parse_text),
+    "expires": ("expires_at", None), "priority_floor": ("priority_floor", parse_priority),
+}
+
+
+def parse_expiry(text: str, zone: datetime.tzinfo | None) -> int:
+    """Read --expires: a date (the key works through that day) or a date and time, in the
+    budget time zone unless the text names one; return epoch ms."""
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ClaudeflareError(f"Invalid --expires {text!r}: use a date (2027-01-31) or a date "
+                               f"and time (2027-01-31T18:00)") from None
+    if len(text.strip()) == 10:
+        moment += datetime.timedelta(days=1)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone) if zone else moment.astimezone()
+    return int(moment.timestamp() * 1000)
+
+
+def key_changes(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """Collect the limits a `keys add` or `keys set` asks for: column -> value, None to remove."""
+    changes: dict[str, Any] = {}
+    for option, (column, _) in KEY_OPTIONS.items():
+        value, removed = getattr(args, option), getattr(args, f"no_{option}")
+        if value is not None and removed:
+            raise ClaudeflareError(f"--{option.replace('_', '-')} and --no-"
+                                   f"{option.replace('_', '-')} contradict each other")
+        if value is not None:
+            changes[column] = (parse_expiry(value, time_zone(settings.budget_timezone))
+                               if option == "expires" else value)
+        elif removed or (args.no_budget and option.startswith("budget")):
+            changes[column] = None
+    if changes.get("models"):
+        changes["models"] = ",".join(pattern.strip() for pattern in changes["models"].split(",")
+                                     if pattern.strip())
+    if args.pause or args.resume:
+        changes["paused"] = int(args.pause)
+    return changes
+
+
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     """Manage client keys: once any exists, every client must present one."""
+    changes = key_changes(args, settings)
+    if changes and args.action in ("list", "remove"):
+        raise ClaudeflareError(f"keys {args.action} takes no limit options")
     with open_store(args) as store:
         if args.action == "add":
-            key = store.add_client_key(args.name)
+            key = store.add_client_key(args.name, **changes)
             print(f"Client key {args.name}: {key}")
             print("It is shown this once; claudeflare keeps only a salted hash. Clients send it "
                   "as ANTHROPIC_API_KEY (x-api-key) or ANTHROPIC_AUTH_TOKEN (Bearer).")
             if len(store.client_keys()) == 1:
                 print("From now on every /v1 request, the API and the status page need a key.")
+        elif args.action == "set":
+            if not changes:
+                raise ClaudeflareError("Nothing to change: give keys set a limit option, such "
+                                       "as --budget-day 5, --no-rpm or --pause")
+            store.change_client_key(args.name, **changes)
+            print(f"Changed client key {args.name}: "
+                  f"{', '.join(sorted(changes))}; a running server applies it at once")
         elif args.action == "remove":
             store.remove_client_key(args.name)
             print(f"Removed client key {args.name}")
             if not store.client_keys():
                 print("No client keys left: the proxy is open to anyone who can reach it again.")
         else:
-            keys = store.client_keys()
-            usage = {row["name"]: row["requests"] for row in store.usage(0, "client_key")}
-            if not keys:
-                print("No client keys: the proxy accepts every client that can reach it. "
-                      "Add one: python3 claudeflare.py keys add NAME")
-                return 0
-            rows = [["NAME", "CREATED", "REQUESTS"]]
-            rows += [[key.name, iso_time(key.created_at), str(usage.get(key.name, 0))]
-                     for key in keys]
-            print_table(rows)
+            print_keys(store, settings, args.json)
     return 0
+
+
+def print_keys(store: Store, settings: Settings, as_json: bool) -> None:
+    """Print each key's owner, limits, spending against its budgets, last use and expiry."""
+    now, ledger = now_ms(), KeyLedger(time_zone(settings.budget_timezone))
+    ledger.load(store, now)
+    keys = [key_json(key, ledger.usage(key.name, now), now) for key in store.client_keys()]
+    if as_json:
+        print(json.dumps(keys, indent=2))
+        return
+    if not keys:
+        print("No client keys: the proxy accepts every client that can reach it. "
+              "Add one: python3 claudeflare.py keys add NAME")
+        return
+    rows = [["NAME", "OWNER", "STATUS", "TODAY", "THIS WEEK", "THIS MONTH", "TOKENS TODAY",
+             "LIMITS", "LAST USED", "EXPIRES"]]
+    rows += [[key["name"], key["owner"] or "-", key["status"], spent_text(key, "day"),
+              spent_text(key, "week"), spent_text(key, "month"),
+              f"{key['spent']['tokensDay']:,}", limits_text(key),
+              when_text(key["lastUsed"], now), iso_time(key["expiresAt"])] for key in keys]
+    print_table(rows)
+    print(f"Budgets count API-equivalent cost in {settings.budget_timezone or 'local'} time; "
+          f"requests in flight: GET /api/keys or the status page")
 
 
 def usage_line(usage: dict) -> str:
@@ -7829,8 +8420,36 @@ def build_parser() -> argparse.ArgumentParser:
     keys = command("keys", cmd_keys,
                    "manage client keys: once any exists, clients must present one",
                    "python3 claudeflare.py keys add laptop")
-    keys.add_argument("action", choices=("add", "list", "remove"))
-    keys.add_argument("name", nargs="?", help="the key's name (add, remove)")
+    keys.add_argument("action", choices=("add", "set", "list", "remove"))
+    keys.add_argument("name", nargs="?", help="the key's name (add, set, remove)")
+    keys.add_argument("--json", action="store_true", help="list: print JSON for scripts")
+    limits = keys.add_argument_group(
+        "limits (add, set)", "budgets count the price table's cost, subscription use at its "
+                             "API-equivalent price, per calendar day, week (from Monday) and "
+                             "month in budget_timezone; --no-LIMIT removes one")
+    for option, metavar, text in (
+            ("owner", "TEXT", "who the key belongs to (a person, a CI job)"),
+            ("budget-day", "USD", "the most it may spend today"),
+            ("budget-week", "USD", "the most it may spend this week"),
+            ("budget-month", "USD", "the most it may spend this month"),
+            ("tokens-day", "N", "the most tokens a day: input + output, cache writes 1.25x, "
+                                "cache reads 0.1x"),
+            ("max-concurrent", "N", "requests in flight at once"),
+            ("rpm", "N", "requests per minute"),
+            ("models", "PATTERN[,PATTERN]", "the models it may use (claude-sonnet-*)"),
+            ("expires", "DATE", "refused after this date (it works through that day) or time"),
+            ("priority-floor", "N", "use only accounts whose priority is at least N")):
+        parse = KEY_OPTIONS[option.replace("-", "_")][1]
+        limits.add_argument(f"--{option}", metavar=metavar, help=text,
+                            type=argument(parse) if parse else None)
+        limits.add_argument(f"--no-{option}", action="store_true", help=argparse.SUPPRESS)
+    limits.add_argument("--no-budget", action="store_true",
+                        help="remove every budget not given (also --no-owner, --no-rpm, "
+                             "...)")
+    pausing = limits.add_mutually_exclusive_group()
+    pausing.add_argument("--pause", action="store_true",
+                         help="refuse the key (401) until --resume")
+    pausing.add_argument("--resume", action="store_true", help="accept a paused key again")
 
     config = command("config", cmd_config, "show or change settings in config.json",
                      "python3 claudeflare.py config set lb_strategy round-robin")
@@ -7885,7 +8504,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "config" and args.action in ("get", "set", "unset") and not args.key:
         parser.error(f"config {args.action} needs a KEY")
-    if args.command == "keys" and args.action in ("add", "remove") and not args.name:
+    if args.command == "keys" and args.action in ("add", "set", "remove") and not args.name:
         parser.error(f"keys {args.action} needs a NAME")
     if args.command == "serve" and __name__ == "__main__" and os.name == "posix":
         serve_as_module()

@@ -1349,6 +1349,7 @@ class TestSettings(CliTestCase):
         "tls_cert": ("/file/cert.pem", "/env/cert.pem"),
         "tls_key": ("/file/key.pem", "/env/key.pem"), "overage": ("never", "allow"),
         "usage_poll_s": ("60", "0"), "login_timeout_s": ("30", "40"),
+        "budget_timezone": ("UTC+02:00", "Europe/Paris"),
     }
 
     def test_every_setting_follows_the_precedence(self):
@@ -4964,6 +4965,239 @@ class TestClientKeys(ServerWithAccounts):
         self.assertEqual(self.post_message()[0], 200)
         code, _, err = self.cli("keys", "remove", "laptop")
         self.assertIn("Client key not found: laptop", err)
+
+
+#: budget_timezone in the budget tests: half an hour off UTC, so UTC days would not match.
+BUDGET_ZONE = datetime.timezone(datetime.timedelta(hours=5, minutes=30))
+
+
+def costly_answer(input_tokens: int = 100_000, cache_read: int = 0):
+    """A Sonnet answer whose usage costs $0.30 per 100,000 input tokens."""
+    return reply_json(200, message_body(usage={
+        "input_tokens": input_tokens, "output_tokens": 0, "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cache_read}))
+
+
+class TestClientKeyLimits(ServerWithAccounts):
+    """Budgets, limits and owners on client keys, enforced on real requests."""
+
+    settings = {"budget_timezone": "UTC+05:30"}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.add_key("account")
+
+    def new_key(self, name: str, *options: str) -> str:
+        """Add a client key with limits through the CLI; return its secret."""
+        return re.search(r"cfk-\S+", self.ok("keys", "add", name, *options)).group(0)
+
+    def post_as(self, key: str, model: str = "claude-sonnet-4-5", counted: bool = True):
+        """Send a message with a client key; unless told not to, wait until the server has
+        counted it (a client has its answer a moment before that)."""
+        body = {"model": model, "max_tokens": 64,
+                "messages": [{"role": "user", "content": "Hi"}]}
+        answer = self.proxy.request("POST", "/v1/messages", body,
+                                    {"content-type": "application/json", "x-api-key": key})
+        if counted:
+            wait_for(lambda: self.proxy.app.running == 0, what="the request to be counted")
+        return answer
+
+    def refusal(self, answer, status: int, error_type: str) -> str:
+        """Check an Anthropic-shaped refusal; return its message."""
+        self.assertEqual(answer[0], status, answer[2])
+        error = json.loads(answer[2])["error"]
+        self.assertEqual(error["type"], error_type)
+        return error["message"]
+
+    def restart(self) -> None:
+        """Stop the server and start another on the same database and settings."""
+        proxy = self.proxy
+        proxy.stop()
+        proxy.server = claudeflare.make_server(proxy.app.settings, proxy.db_path)
+        proxy.app, proxy.port = proxy.server.app, proxy.server.server_address[1]
+        proxy.thread = threading.Thread(target=proxy.server.serve_forever, args=(0.05,),
+                                        daemon=True)
+        proxy.thread.start()
+
+    def spend_past_a_day_budget(self) -> str:
+        """Cross a $0.50 day budget with two $0.30 answers; return the key."""
+        key = self.new_key("alice", "--owner", "Alice", "--budget-day", "0.5")
+        self.upstream.push(costly_answer(), costly_answer())
+        self.assertEqual(self.post_as(key)[0], 200)
+        self.assertEqual(self.post_as(key)[0], 200)  # under budget when it starts: it runs
+        return key
+
+    def test_a_day_budget_crossed_by_recorded_costs_refuses_until_the_day_resets(self):
+        key = self.spend_past_a_day_budget()
+        answer = self.post_as(key)
+        message = self.refusal(answer, 429, "rate_limit_error")
+        local = datetime.datetime.now(BUDGET_ZONE)
+        reset = local.replace(hour=0, minute=0, second=0, microsecond=0) + \
+            datetime.timedelta(days=1)
+        self.assertIn("day budget (budget_day): $0.6000 spent of $0.5000", message)
+        self.assertIn(f"resets at {claudeflare.iso_time(int(reset.timestamp() * 1000))}",
+                      message)
+        self.assertAlmostEqual(int(answer[1]["retry-after"]),
+                               (reset - local).total_seconds(), delta=30)
+        self.assertEqual(len(self.upstream.messages()), 2)  # no account was used
+
+    def test_counters_survive_a_restart_and_a_new_day_serves_again(self):
+        key = self.spend_past_a_day_budget()
+        self.proxy.settle()
+        self.restart()
+        self.refusal(self.post_as(key), 429, "rate_limit_error")
+        self.proxy.stop()
+        # The day's requests become yesterday's: a minute before midnight in budget_timezone.
+        day_start = datetime.datetime.now(BUDGET_ZONE).replace(hour=0, minute=0, second=0,
+                                                               microsecond=0)
+        with contextlib.closing(sqlite3.connect(self.proxy.db_path)) as db, db:
+            db.execute("UPDATE requests SET timestamp = ?",
+                       (int(day_start.timestamp() * 1000) - 60_000,))
+        self.restart()
+        self.upstream.push(costly_answer(), costly_answer())
+        self.assertEqual(self.post_as(key)[0], 200)
+        self.assertEqual(self.post_as(key)[0], 200)  # the new day counts from 0
+        self.refusal(self.post_as(key), 429, "rate_limit_error")
+
+    def test_week_and_month_budgets_count_the_same_spending(self):
+        key = self.new_key("bob", "--budget-week", "0.2")
+        self.upstream.push(costly_answer())
+        self.assertEqual(self.post_as(key)[0], 200)
+        self.assertIn("week budget (budget_week)",
+                      self.refusal(self.post_as(key), 429, "rate_limit_error"))
+        self.ok("keys", "set", "bob", "--no-budget", "--budget-month", "0.25")
+        self.assertIn("month budget (budget_month): $0.3000 spent of $0.2500",
+                      self.refusal(self.post_as(key), 429, "rate_limit_error"))
+
+    def test_the_token_limit_weighs_cache_reads_as_the_price_table_does(self):
+        key = self.new_key("carol", "--tokens-day", "25")
+        self.upstream.push(costly_answer(input_tokens=10, cache_read=100),
+                           costly_answer(input_tokens=10, cache_read=100))
+        self.assertEqual(self.post_as(key)[0], 200)  # 10 + 100 x 0.1 = 20 tokens
+        self.assertEqual(self.post_as(key)[0], 200)
+        message = self.refusal(self.post_as(key), 429, "rate_limit_error")
+        self.assertIn("daily token limit (tokens_day): 40 tokens used of 25", message)
+
+    def test_max_concurrent_refuses_with_a_short_retry_after_while_one_runs(self):
+        key = self.new_key("dave", "--max-concurrent", "1")
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.upstream.push(reply_stream(message_events(), hold_after=2, gate=gate))
+        body = {"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": True,
+                "messages": [{"role": "user", "content": "Hi"}]}
+        connection = self.proxy.connect()
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/messages", json.dumps(body),
+                           {"content-type": "application/json", "x-api-key": key})
+        self.assertTrue(self.upstream.holding.wait(DEADLINE_S))
+        answer = self.post_as(key, counted=False)
+        self.assertIn("requests in flight", self.refusal(answer, 429, "rate_limit_error"))
+        self.assertEqual(answer[1]["retry-after"], "1")
+        gate.set()
+        connection.getresponse().read()
+        self.proxy.settle()
+        self.assertEqual(self.post_as(key)[0], 200)
+
+    def test_rpm_refuses_the_requests_past_it_within_a_minute(self):
+        key = self.new_key("erin", "--rpm", "2")
+        self.assertEqual(self.post_as(key)[0], 200)
+        self.assertEqual(self.post_as(key)[0], 200)
+        answer = self.post_as(key)
+        self.assertIn("(rpm 2)", self.refusal(answer, 429, "rate_limit_error"))
+        self.assertTrue(1 <= int(answer[1]["retry-after"]) <= 60)
+        self.assertEqual(len(self.upstream.messages()), 2)
+
+    def test_a_model_outside_the_patterns_gets_403_naming_the_allowed_ones(self):
+        key = self.new_key("frank", "--models", "claude-haiku-*, claude-sonnet-4-*")
+        self.assertEqual(self.post_as(key, "claude-sonnet-4-5")[0], 200)
+        message = self.refusal(self.post_as(key, "claude-opus-4-5"), 403, "permission_error")
+        self.assertIn("may not use claude-opus-4-5; it may use claude-haiku-*, "
+                      "claude-sonnet-4-*", message)
+        self.assertEqual(len(self.upstream.messages()), 1)
+
+    def test_expired_and_paused_keys_get_401_saying_so_and_keys_set_applies_at_once(self):
+        key = self.new_key("gina", "--expires", "2020-01-31")
+        self.assertIn("expired at 2020-01-31T18:30:00",  # the day's end in budget_timezone
+                      self.refusal(self.post_as(key), 401, "authentication_error"))
+        self.ok("keys", "set", "gina", "--no-expires")
+        self.assertEqual(self.post_as(key)[0], 200)
+        self.ok("keys", "set", "gina", "--pause")
+        self.assertIn("gina is paused", self.refusal(self.post_as(key), 401,
+                                                     "authentication_error"))
+        status, _, body = self.proxy.request("GET", "/api/keys", headers={"x-api-key": key})
+        self.assertEqual(status, 401)
+        self.assertIn(b"paused", body)
+        self.ok("keys", "set", "gina", "--resume", "--budget-day", "0")
+        self.refusal(self.post_as(key), 429, "rate_limit_error")
+        self.ok("keys", "set", "gina", "--no-budget-day")
+        self.assertEqual(self.post_as(key)[0], 200)
+
+    def test_a_priority_floor_keeps_the_key_off_better_accounts(self):
+        self.add_key("team")
+        self.ok("priority", "team", "1")
+        key = self.new_key("ci", "--priority-floor", "1")
+        for _ in range(3):
+            self.assertEqual(self.post_as(key)[0], 200)
+        self.assertEqual({request.headers["x-api-key"] for request in self.upstream.messages()},
+                         {"sk-ant-api03-team"})
+        self.ok("keys", "set", "ci", "--priority-floor", "2")
+        self.assertIn("priority 2 or more", self.refusal(self.post_as(key), 403,
+                                                         "permission_error"))
+        self.assertEqual(len(self.upstream.messages()), 3)
+
+    def test_no_database_query_on_the_request_path_even_while_the_writer_lags(self):
+        key = self.new_key("hank", "--budget-day", "0.5")
+        self.upstream.push(costly_answer(), costly_answer())
+        store = self.proxy.app.store
+        statements: list[str] = []
+        for connection in (store.db, store.reader, store.stats_reader):
+            connection.set_trace_callback(statements.append)
+        self.addCleanup(lambda: [connection.set_trace_callback(None) for connection in
+                                 (store.db, store.reader, store.stats_reader)])
+        holder = DatabaseHolder(self.proxy.db_path)  # the request log cannot be written
+        self.addCleanup(holder.release)
+        self.assertEqual(self.post_as(key)[0], 200)
+        self.assertEqual(self.post_as(key)[0], 200)
+        self.refusal(self.post_as(key), 429, "rate_limit_error")
+        self.assertEqual([statement for statement in statements
+                          if re.search(r"SELECT .*FROM requests", statement, re.S)], [])
+        self.assertEqual(store.query("SELECT COUNT(*) FROM requests")[0][0], 0)
+
+    def test_owner_limits_and_spending_in_keys_list_the_api_the_page_and_metrics(self):
+        key = self.spend_past_a_day_budget()
+        self.new_key("ivan", "--rpm", "10", "--models", "claude-haiku-*")
+        self.refusal(self.post_as(key), 429, "rate_limit_error")
+        self.proxy.settle()
+        listed = self.ok("keys", "list")
+        self.assertRegex(listed, r"alice +Alice +active +\$0\.6000/\$0\.5000 +\$0\.6000 ")
+        self.assertIn("10/min; models claude-haiku-*", listed)
+        self.assertNotIn(key, listed)
+        headers = {"x-api-key": key}
+        keys = json.loads(self.proxy.request("GET", "/api/keys", headers=headers)[2])
+        alice = keys[0]
+        self.assertEqual((alice["owner"], alice["limits"]["budgetDay"], alice["spent"]["day"],
+                          alice["inFlight"]), ("Alice", 0.5, 0.6, 0))
+        self.assertEqual(keys[1]["limits"]["models"], ["claude-haiku-*"])
+        text = json.dumps(keys)
+        self.assertNotIn(key, text)
+        self.assertNotIn("hash", text)
+        page = self.proxy.request("GET", "/", headers=headers)[2].decode()
+        self.assertIn("<h2>Client keys</h2>", page)
+        self.assertIn('<i class="full" style="width:100%"></i></span>$0.6000', page)
+        metrics = self.proxy.request("GET", "/metrics", headers=headers)[2].decode()
+        self.assertIn('claudeflare_client_key_spend_usd{key="alice",period="day"} 0.600000',
+                      metrics)
+        self.assertIn('claudeflare_client_key_refusals_total{key="alice",reason="budget_day"} 1',
+                      metrics)
+
+    def test_budget_timezone_and_limit_options_are_checked(self):
+        self.assertIn("Unknown time zone: 'Mars/Base'",
+                      self.cli("config", "set", "budget_timezone", "Mars/Base")[2])
+        self.assertIn("contradict", self.cli("keys", "add", "x", "--rpm", "2", "--no-rpm")[2])
+        self.assertIn("Invalid --expires", self.cli("keys", "add", "x", "--expires", "soon")[2])
+        self.assertIn("Client key not found: nobody",
+                      self.cli("keys", "set", "nobody", "--pause")[2])
+        self.assertIn("takes no limit options", self.cli("keys", "list", "--rpm", "2")[2])
 
 
 ###############################################################################
