@@ -847,9 +847,10 @@ def load_settings(config_path: str | None = None, flags: dict | None = None,
                   config: ConfigFile | None = None) -> Settings:
     """Resolve every setting from flags, the environment, config.json and the defaults.
 
-    Unless strict, an invalid value in the file is reported in config.problems and the default
-    used instead, so that commands such as `config set` can still repair the file. `config`
-    replaces the file at config_path (the doctor passes one that never writes).
+    Unless strict, an invalid value in the environment or the file is reported in
+    config.problems and the default used instead, so that read-only commands run and `config
+    set` can repair the file. `config` replaces the file at config_path (the doctor passes one
+    that never writes).
     """
     environ = os.environ if environ is None else environ
     config = config or ConfigFile(config_path or default_config_path())
@@ -860,14 +861,13 @@ def load_settings(config_path: str | None = None, flags: dict | None = None,
         values[setting.key], sources[setting.key] = setting.default, "default"
         if flag is not None:
             values[setting.key], sources[setting.key] = flag, "flag"
-        elif environ.get(setting.env):
-            values[setting.key] = validate_setting(setting.key, environ[setting.env], setting.env)
-            sources[setting.key] = "env"
-        elif setting.key in file_values:
+        elif environ.get(setting.env) or setting.key in file_values:
+            raw, origin, source = ((environ[setting.env], setting.env, "env")
+                                   if environ.get(setting.env)
+                                   else (file_values[setting.key], config.path, "config"))
             try:
-                values[setting.key] = validate_setting(setting.key, file_values[setting.key],
-                                                       config.path)
-                sources[setting.key] = "config"
+                values[setting.key] = validate_setting(setting.key, raw, origin)
+                sources[setting.key] = source
             except ClaudeflareError as error:
                 if strict:
                     raise
@@ -1377,7 +1377,9 @@ class Store:
     BEGIN IMMEDIATE transaction, so two processes never deadlock on a lock upgrade.
     """
 
-    def __init__(self, path: str, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+    def __init__(self, path: str, busy_timeout_s: float = BUSY_TIMEOUT_S,
+                 create: bool = True) -> None:
+        """Open the database at path; unless create, a missing one is an error, not a new file."""
         self.path = path
         self.busy_timeout_s = busy_timeout_s
         if sqlite3.sqlite_version_info < MIN_SQLITE:
@@ -1388,6 +1390,10 @@ class Store:
             raise ClaudeflareError(f"Cannot use database {path}: it is a folder. Point --db or "
                                    f"CLAUDEFLARE_DB_PATH at a file.")
         if not os.path.exists(path):
+            if not create:
+                raise ClaudeflareError(
+                    f"No database at {path}: nothing is stored there yet. Check --db or "
+                    f"CLAUDEFLARE_DB_PATH, or add an account: python3 claudeflare.py add NAME")
             create_private_file(path)
         self.db = self.connect(busy_timeout_s)
         #: Guards the connection: the server's threads share it.
@@ -1690,6 +1696,10 @@ class Store:
         """Copy the database consistently, even while the server is writing, to a new file."""
         if os.path.exists(path):
             raise ClaudeflareError(f"Backup target exists: {path}. Choose a new file name.")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ClaudeflareError(f"The folder {folder} does not exist: create it first, or "
+                                   f"choose another path for the backup.")
         create_private_file(path)
         target = sqlite3.connect(path)
         try:
@@ -2455,11 +2465,11 @@ class PkceLogin:
         if not separator or not code or not state:
             raise ClaudeflareError(
                 "The authorization code looks truncated: paste the whole value the page shows, "
-                "in the form code#state, without changing it. Start the login again.")
+                "in the form code#state, without changing it")
         if state not in self.redirects:
             raise ClaudeflareError(
-                "State mismatch: the pasted code belongs to another login attempt. Start the "
-                "login again and paste the code shown for this one.")
+                "State mismatch: the pasted code belongs to another login attempt: paste the "
+                "code shown for this one")
         return code, state
 
 
@@ -3788,6 +3798,16 @@ def tail_metadata(body: bytes) -> tuple[Any] | None:
         return None
 
 
+def requested_model(body: bytes) -> str | None:
+    """Return the model a request body names: read only for an answer that names none (an
+    error), so the whole body is parsed off the path of answers that do."""
+    try:
+        model = json.loads(body).get("model")
+    except (*JSON_ERRORS, AttributeError):
+        return None
+    return model[:200] if isinstance(model, str) and model else None
+
+
 def metadata_session(metadata: Any) -> str | None:
     """Return the session metadata.user_id names (either format), or None."""
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
@@ -4479,14 +4499,16 @@ class App:
                 until = now + min(wait, MAX_COOLDOWN_MS)
         status, reset = limit.summary()
         status = status or "rate_limited"
+        known = account.rate_limited_until == until  # requests answered at once say it once
         self.mark(account, rate_limited_until=until, rate_limit_status=status,
                   rate_limit_reset=reset or until,
                   **{field: getattr(limit, field) for field in WINDOW_FIELDS
                      if getattr(limit, field) is not None})
         self.usage.soon(account, now)
-        component_logger("Proxy").warning(
-            "Account %s rate limited until %s (%s%s); moving on", account.name, iso_time(until),
-            status, f", {limit.claim}" if limit.claim else "")
+        if not known:
+            component_logger("Proxy").warning(
+                "Account %s rate limited until %s (%s%s); moving on", account.name,
+                iso_time(until), status, f", {limit.claim}" if limit.claim else "")
         return until
 
     def note_success(self, account: Account) -> None:
@@ -4779,6 +4801,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.relaying: http.client.HTTPResponse | None = None
         #: A body whose conversation is read once the answer is out (routing did not need it).
         self.unread_conversation: bytes | None = None
+        #: The request's body, for the model of an answer that names none.
+        self.request_body = b""
 
     def log_message(self, format: str, *args: Any) -> None:
         component_logger("Server").debug("%s - " + format, self.address_string(), *args)
@@ -4973,6 +4997,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """Answer one request: refuse it while stopping, check path, host, key and site, then
         route it."""
         self.unread_conversation = None
+        self.request_body = b""
         self.key_name = self.key_header = None
         app = self.app
         if app.stopping:
@@ -5306,6 +5331,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.finish_record(record, started, error.status, str(error))
             self.discard_rest_of_request()
             return
+        self.request_body = body
         app, proxy_log = self.app, component_logger("Proxy")
         # The conversation picks the account only when there is a choice (the session strategy
         # over several accounts); otherwise it is read once the answer is out.
@@ -5570,6 +5596,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         record.response_time_ms = int((time.monotonic() - started) * 1000)
         if usage is not None:
             record.model = usage.model
+        if record.model is None and status >= 400:
+            record.model = requested_model(self.request_body)
+        if usage is not None:
             record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens
             record.cache_creation_tokens = usage.cache_creation_tokens
             record.cache_read_tokens = usage.cache_read_tokens
@@ -5734,6 +5763,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                 f"{response.length} bytes short")
 
 
+def machine_addresses() -> list[str]:
+    """Return the IPv4 addresses this machine is known by, loopback first (as far as the
+    standard library can tell: those its host name resolves to)."""
+    found = ["127.0.0.1"]
+    with contextlib.suppress(OSError):
+        for *_, address in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            if address[0] not in found:
+                found.append(address[0])
+    return found
+
+
 def make_server(settings: Settings, db_path: str) -> ProxyServer:
     """Build the listening server for the settings' host and port, on the database at db_path."""
     tls = server_tls_context(settings.tls_cert, settings.tls_key)
@@ -5742,9 +5782,16 @@ def make_server(settings: Settings, db_path: str) -> ProxyServer:
         server = ProxyServer((settings.host, settings.port), app)
     except OSError as error:
         app.close()
-        raise ClaudeflareError(f"Cannot listen on {settings.host}:{settings.port}: "
-                               f"{error.strerror or error}. Is another server running there? "
-                               f"Choose another port with --port or PORT.") from None
+        where = f"Cannot listen on {settings.host}:{settings.port}"
+        if error.errno == errno.EADDRNOTAVAIL:
+            raise ClaudeflareError(
+                f"{where}: {settings.host} is not an address of this machine (it has "
+                f"{', '.join(machine_addresses())}). Bind one of those, or 0.0.0.0 for all of "
+                f"them, with --host or CLAUDEFLARE_HOST.") from None
+        if error.errno == errno.EADDRINUSE:
+            raise ClaudeflareError(f"{where}: {error.strerror}. Is another server running "
+                                   f"there? Choose another port with --port or PORT.") from None
+        raise ClaudeflareError(f"{where}: {error.strerror or error}") from None
     if tls is not None:
         # Accepting only wraps the socket; the handshake waits for the connection's thread.
         server.socket = tls.wrap_socket(server.socket, server_side=True,
@@ -6000,7 +6047,7 @@ CLOCK_SKEW_FAIL_MS = REFRESH_BEFORE_USE_MS
 LOG_TAIL_BYTES = 256 * 1024
 LOG_ERRORS_SHOWN = 3
 #: What the server's lock file says while it runs: see ServerLock.note.
-LOCK_HOLDER = re.compile(r"pid (\d+), port (\d+), (https?)://(.*):\d+$")
+LOCK_HOLDER = re.compile(r"pid (\d+), port (\d+), (https?)://(\S*):\d+(?:, certificate (.+))?$")
 #: The guide's fixes, where several checks share one.
 FIX_PROXY = "check HTTPS_PROXY (HTTP_PROXY for http:// URLs), its credentials and NO_PROXY"
 FIX_REAUTH = "log it in again: python3 claudeflare.py reauth {name}"
@@ -6058,8 +6105,31 @@ class ConfigSnapshot(ConfigFile):
         return dict(self.values)
 
 
+@dataclass
+class RunningServer:
+    """The server that holds a database's lock, as it described itself there."""
+
+    pid: int
+    port: int
+    url: str
+    #: The certificate it serves HTTPS with (absolute), which the CLI trusts to reach it.
+    cert: str | None
+
+
+def running_server(db_path: str) -> RunningServer | None:
+    """Return the server running on the database, or None (none, or one still starting)."""
+    match = LOCK_HOLDER.search(server_lock_holder(db_path) or "")
+    if match is None:
+        return None
+    port = int(match.group(2))
+    return RunningServer(int(match.group(1)), port,
+                         local_url(match.group(4), port, match.group(3) == "https"),
+                         match.group(5))
+
+
 def ask_health(url: str, context: ssl.SSLContext | None) -> dict:
-    """GET a server's /health and return its JSON; a ClaudeflareError says why that failed."""
+    """GET a server's /health and return its JSON; a ClaudeflareError says why that failed,
+    and whose mistake it is when the client spoke the wrong protocol."""
     origin, prefix = split_url(url)
     client = Upstream(origin, context=context)
     try:
@@ -6069,9 +6139,16 @@ def ask_health(url: str, context: ssl.SSLContext | None) -> dict:
         body = response.read()
         connection.close()
     except (UpstreamError, OSError, http.client.HTTPException) as error:
-        hint = ("Set tls_cert to the server's certificate to trust it"
-                if "CERTIFICATE_VERIFY_FAILED" in str(error)
-                else "Is the server running (python3 claudeflare.py serve)?")
+        text, scheme = str(error), url.partition(":")[0]
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            hint = "Set tls_cert to the server's certificate to trust it"
+        elif scheme == "http" and "ECONNRESET" in text:
+            hint = ("An HTTPS server closes plain-HTTP connections like this: if it serves "
+                    "HTTPS, ask https://" + url.partition("://")[2])
+        elif scheme == "https" and "WRONG_VERSION_NUMBER" in text:
+            hint = "It answered in plain HTTP: ask http://" + url.partition("://")[2]
+        else:
+            hint = "Is the server running (python3 claudeflare.py serve)?"
         raise ClaudeflareError(f"No answer from {url}: {error}. {hint}") from None
     finally:
         client.close()
@@ -6084,9 +6161,12 @@ def ask_health(url: str, context: ssl.SSLContext | None) -> dict:
     return health
 
 
-def health_context(settings: Settings | None) -> ssl.SSLContext | None:
-    """Return how to verify this machine's own HTTPS server: pinned to its certificate."""
-    return pinned_tls_context(settings.tls_cert) if settings and settings.tls_cert else None
+def health_context(settings: Settings | None,
+                   server: RunningServer | None) -> ssl.SSLContext | None:
+    """Return how to verify this machine's own HTTPS server: pinned to its certificate, the
+    configured one or else the one the running server said it serves."""
+    cert = (settings.tls_cert if settings else None) or (server.cert if server else None)
+    return pinned_tls_context(cert) if cert else None
 
 
 def check_runtime() -> Check:
@@ -6133,7 +6213,8 @@ def check_config(path: str) -> tuple[list[Check], dict]:
             continue
         valid[key] = raw
     if not checks:
-        checks.append(Check("ok", "config", f"{path} is valid ({len(values)} keys)"))
+        checks.append(Check("ok", "config", f"{path} is valid ({len(values)} "
+                            f"key{'' if len(values) == 1 else 's'})"))
     return checks, valid
 
 
@@ -6240,13 +6321,12 @@ def check_server(db_path: str, settings: Settings | None) -> tuple[Check, int | 
         return Check("warn", "server", f"no claudeflare server is running on {db_path}",
                      "start one: python3 claudeflare.py serve (or keep one running: "
                      "python3 claudeflare.py service install)"), None
-    match = LOCK_HOLDER.search(holder)
-    if match is None:
+    server = running_server(db_path)
+    if server is None:
         return Check("warn", "server", f"a server is starting on {db_path} ({holder})"), None
-    pid, port, scheme, host = match.group(1), int(match.group(2)), match.group(3), match.group(4)
-    url = local_url(host, port, scheme == "https")
+    pid, port, url = server.pid, server.port, server.url
     try:
-        health = ask_health(url, health_context(settings))
+        health = ask_health(url, health_context(settings, server))
     except ClaudeflareError as error:
         return Check("fail", "server", f"pid {pid} holds {db_path}, but: {error}",
                      "see its log; stop it and start it again"), port
@@ -6417,6 +6497,21 @@ def size_text(size: int) -> str:
     return f"{size:.1f} MB"
 
 
+#: The time a log line begins with (pretty) or carries as its "ts" (JSON).
+LOG_LINE_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+#: How far back `doctor` shows log errors when no server runs on the database.
+LOG_ERRORS_WITHIN_MS = 3_600_000
+
+
+def log_line_time(line: str) -> int:
+    """Return when a log line was written, in epoch ms (0 if it does not say)."""
+    found = LOG_LINE_TIME.search(line)
+    if found is None:
+        return 0
+    moment = datetime.datetime.strptime(found.group(), "%Y-%m-%dT%H:%M:%S.%fZ")
+    return int(moment.replace(tzinfo=datetime.timezone.utc).timestamp() * 1000)
+
+
 def log_error_lines(path: str) -> list[str]:
     """Return the ERROR lines near the end of a log file, pretty or JSON, oldest first."""
     try:
@@ -6432,8 +6527,9 @@ def log_error_lines(path: str) -> list[str]:
             if re.match(r"\[[^\]]*\] ERROR: ", line) or '"level": "ERROR"' in line]
 
 
-def check_logs(log_dir: str) -> list[Check]:
-    """Check the log folder is writable, say how big app.log is, and show its last errors."""
+def check_logs(log_dir: str, since: int, now: int) -> list[Check]:
+    """Check the log folder is writable, say how big app.log is, and show its last errors
+    written since `since` (when the server started), each with its age."""
     path = os.path.join(log_dir, LOG_FILE_NAME)
     existing = log_dir
     while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
@@ -6450,8 +6546,10 @@ def check_logs(log_dir: str) -> list[Check]:
     else:
         checks = [Check("ok", "logs", f"{path}: {size_text(os.path.getsize(path))} (rotates "
                         f"at {LOG_ROTATE_BYTES // (1024 * 1024)} MB)")]
-    checks += [Check("warn", "log", line[:300])
-               for line in log_error_lines(path)[-LOG_ERRORS_SHOWN:]]
+    recent = [(log_line_time(line), line) for line in log_error_lines(path)]
+    checks += [Check("warn", "log", f"{when_text(written, now)}: {line[:300]}")
+               for written, line in [item for item in recent if item[0] >= since]
+               [-LOG_ERRORS_SHOWN:]]
     return checks
 
 
@@ -6489,7 +6587,9 @@ def run_doctor(config_path: str, db_path: str, flags: dict, now: int) -> list[Ch
             checks.append(check_clock(headers.get("date"), (sent + now_ms()) // 2))
         checks.append(check_endpoint("token endpoint", settings.oauth_token_url, "POST", b"{}",
                                      "check the network and oauth_token_url")[0])
-    return checks + check_logs(default_log_dir())
+    lock = server_lock_path(db_path)
+    started = int(os.stat(lock).st_mtime * 1000) if server_port is not None else 0
+    return checks + check_logs(default_log_dir(), started or now - LOG_ERRORS_WITHIN_MS, now)
 
 
 ###############################################################################
@@ -6622,20 +6722,54 @@ def argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 @contextlib.contextmanager
-def open_store(args: argparse.Namespace) -> Iterator[Store]:
-    """Open the database a command works on (--db, CLAUDEFLARE_DB_PATH, or the default)."""
-    store = Store(args.db or default_db_path())
+def open_store(args: argparse.Namespace, create: bool = False) -> Iterator[Store]:
+    """Open the database a command works on (--db, CLAUDEFLARE_DB_PATH, or the default).
+
+    Only commands that add something create it: a mistyped path must not leave files behind.
+    """
+    store = Store(args.db or default_db_path(), create=create)
     try:
         yield store
     finally:
         store.close()
 
 
-def read_secret(prompt: str) -> str:
-    """Read one secret line from stdin; prompt without echo only when a person is typing."""
-    if sys.stdin.isatty():
-        return getpass.getpass(prompt)
-    return sys.stdin.readline()
+#: What Ctrl+D at a prompt says; Ctrl+C is main's KeyboardInterrupt.
+CANCELLED = "Cancelled (end of input): nothing was changed"
+
+
+def ask(prompt: str, secret: bool = False) -> str:
+    """Read one line: typed at a prompt (a secret without echo), or piped in, unprompted
+    for a secret. Ctrl+D at a terminal cancels the command; the end of a pipe reads ""."""
+    if not sys.stdin.isatty():
+        if not secret:
+            print(prompt, end="", flush=True)
+        return sys.stdin.readline().strip()
+    try:
+        return (getpass.getpass(prompt) if secret else input(prompt)).strip()
+    except EOFError:
+        print()
+        raise ClaudeflareError(CANCELLED) from None
+
+
+def confirm(question: str, skip: bool) -> None:
+    """Go on only when the user answers yes (or skip: --yes); otherwise change nothing."""
+    if not skip and ask(f"{question} [y/N] ").lower() not in ("y", "yes"):
+        raise ClaudeflareError("Not confirmed: nothing was changed (--yes skips the question)")
+
+
+def read_api_key() -> str:
+    """Read an API key from stdin; warn when it does not look like an Anthropic key."""
+    key = ask("Paste the API key: ", secret=True)
+    if not key or not API_KEY_PATTERN.fullmatch(key):
+        raise ClaudeflareError("No valid API key read from stdin (one line of printable "
+                               "ASCII, no spaces). Pipe it in: "
+                               "echo \"$ANTHROPIC_API_KEY\" | claudeflare.py add NAME "
+                               "--api-key")
+    if not key.startswith("sk-ant-"):
+        print("claudeflare: warning: this does not look like an Anthropic API key "
+              "(sk-ant-...); stored anyway", file=sys.stderr)
+    return key
 
 
 class ServerLock:
@@ -6664,11 +6798,14 @@ class ServerLock:
                 f"Another claudeflare server is already running on {db_path} ({holder}). Stop "
                 f"it first, or start this one with another --db.") from None
 
-    def note(self, host: str, port: int, scheme: str = "http") -> None:
-        """Write who holds the lock, for the message a second server shows (and `doctor`)."""
+    def note(self, host: str, port: int, cert: str = "") -> None:
+        """Write who holds the lock, for the message a second server shows, and where it
+        answers with which certificate, for `health` and `doctor` (see running_server)."""
         self.file.seek(0)
         self.file.truncate()
-        self.file.write(f"pid {os.getpid()}, port {port}, {scheme}://{host}:{port}\n")
+        scheme, served = ("https", f", certificate {os.path.abspath(cert)}") if cert else \
+            ("http", "")
+        self.file.write(f"pid {os.getpid()}, port {port}, {scheme}://{host}:{port}{served}\n")
         self.file.flush()
 
     def release(self) -> None:
@@ -6677,7 +6814,8 @@ class ServerLock:
 
 #: What the interpreter runs to start this file again as an imported module: from this file's
 #: folder, never the current one (-c would put that first on the module path), whatever the
-#: file is called.
+#: file is called. It goes in the environment, and the command line (what `ps` shows) reads
+#: `python3 -B -c <one short line> /path/claudeflare.py serve ...`.
 AS_MODULE = ("import os, sys\n"
              "path = sys.argv.pop(1)\n"
              "sys.path[0] = os.path.dirname(path)\n"
@@ -6687,6 +6825,8 @@ AS_MODULE = ("import os, sys\n"
              "module = sys.modules['claudeflare'] = importlib.util.module_from_spec(spec)\n"
              "loader.exec_module(module)\n"
              "sys.exit(module.main())\n")
+AS_MODULE_ENV = "CLAUDEFLARE_AS_MODULE"
+AS_MODULE_BOOT = f"import os; exec(os.environ.pop('{AS_MODULE_ENV}'))"
 
 
 def serve_as_module() -> None:
@@ -6703,8 +6843,25 @@ def serve_as_module() -> None:
     if "-B" not in flags:
         flags.insert(0, "-B")
     with contextlib.suppress(OSError):  # could not: serve as the script, then
-        os.execv(sys.executable, [sys.executable, *flags, "-c", AS_MODULE,
-                                  os.path.abspath(__file__), *sys.argv[1:]])
+        os.execve(sys.executable, [sys.executable, *flags, "-c", AS_MODULE_BOOT,
+                                   os.path.abspath(__file__), *sys.argv[1:]],
+                  {**os.environ, AS_MODULE_ENV: AS_MODULE})
+
+
+def print_start(app: App, url: str, local: str, log_path: str) -> None:
+    """Say on the terminal where the server answers, where it logs, and what it serves with."""
+    accounts = app.store.accounts()
+    serving = sum(can_serve(account, now_ms(), app.settings.overage) for account in accounts)
+    add = "add one: python3 claudeflare.py add NAME (or add NAME --api-key)"
+    pool = (f"{serving} of {len(accounts)} can serve" if serving else
+            f"none can serve (python3 claudeflare.py list says why); {add}" if accounts else
+            f"none: requests go upstream with each client's own credentials; {add}")
+    print(f"claudeflare {__version__} listening on {url}\n"
+          f"  status page: {local}/\n"
+          f"  log:         {log_path}\n"
+          f"  accounts:    {pool}\n"
+          f"  strategy:    {app.settings.lb_strategy}\n"
+          f"Ctrl+C stops it.", flush=True)
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -6721,8 +6878,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     for problem in settings.config.problems:
         server_log.error("%s", problem)
     db_path = args.db or default_db_path()
+    folder = os.path.dirname(os.path.abspath(db_path))
+    made = [name for name in (folder, db_path) if not os.path.exists(name)]
     try:
-        ensure_private_dir(os.path.dirname(os.path.abspath(db_path)))
+        ensure_private_dir(folder)
         lock = ServerLock(db_path)
         try:
             server = make_server(settings, db_path)
@@ -6732,11 +6891,18 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     except ClaudeflareError as error:
         server_log.error("%s", error)
         logs.close()
+        if db_path in made:  # a server that never started leaves no new database behind
+            for name in (db_path, db_path + "-wal", db_path + "-shm", server_lock_path(db_path)):
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
+            if folder in made:
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
         raise
     app = server.app
     host, port = server.server_address[:2]
     scheme = "https" if settings.tls_cert else "http"
-    lock.note(host, port, scheme)
+    lock.note(host, port, settings.tls_cert)
     stop = threading.Event()
 
     def request_stop(signum: int, frame: Any) -> None:
@@ -6756,7 +6922,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                    f"(python3 claudeflare.py keys add NAME) or bind 127.0.0.1.")
         server_log.warning("%s", warning)
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
-    print(f"claudeflare {__version__} listening on {scheme}://{host}:{port}", flush=True)
+    print_start(app, f"{scheme}://{host}:{port}", local_url(host, port, scheme == "https"),
+                logs.path)
     release_free_memory()  # what compiling this file and starting up used, and no longer needs
     try:
         server.serve_forever(poll_interval=0.2)
@@ -6765,6 +6932,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         server.server_close()
         server_log.info("Shutting down: waiting up to %gs for %d requests in flight",
                         settings.shutdown_timeout_s, app.running)
+        print(f"stopping: waiting up to {settings.shutdown_timeout_s:g}s for {app.running} "
+              f"requests in flight (Ctrl+C again quits at once)", flush=True)
         unfinished = app.drain(settings.shutdown_timeout_s)
         if unfinished:
             cut = app.cut_streams()
@@ -6777,7 +6946,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         lock.release()
         server_log.info("Server stopped")
         logs.close()
+        print("stopped", flush=True)
     return 0
+
+
+#: Where a login waits for a code from a browser on another machine.
+PASTE_PROMPT = "Paste the authorization code: "
 
 
 def oauth_login(settings: Settings, mode: str,
@@ -6801,7 +6975,7 @@ def oauth_login(settings: Settings, mode: str,
         print("Browser on another machine (SSH, no screen)? Open this URL there instead, and "
               "paste the code its page shows:")
         print(paste_url)
-        print("Paste the authorization code: ", end="", flush=True)
+        print(PASTE_PROMPT, end="", flush=True)
         threading.Thread(target=read_pasted_code, args=(results,), name="claudeflare-paste",
                          daemon=True).start()
         code, state = wait_for_code(login, results, settings.login_timeout_s)
@@ -6831,26 +7005,39 @@ def start_browser(url: str) -> bool:
 
 
 def read_pasted_code(results: queue.Queue) -> None:
-    """Wait for a code pasted on standard input (blank lines are skipped; at its end, stop)."""
+    """Pass on each code pasted on standard input (blank lines are skipped), then its end."""
     for line in sys.stdin:
         if line.strip():
             results.put(("paste", line))
-            return
+    results.put(("end", ""))
 
 
 def wait_for_code(login: PkceLogin, results: queue.Queue, timeout_s: float) -> tuple[str, str]:
-    """Return the code and state of whichever way back arrives first, within timeout_s."""
-    try:
-        kind, value = results.get(timeout=timeout_s)
-    except queue.Empty:
-        raise ClaudeflareError(
-            f"The login timed out after {timeout_s:g}s: the browser did not come back and no "
-            f"code was pasted. Start it again.") from None
-    if kind == "paste":
-        return login.code_from(value)
-    if kind == "refused":
-        raise ClaudeflareError(f"The login did not go through: {value}. Start it again.")
-    return value
+    """Return the code and state of whichever way back arrives first, within timeout_s.
+
+    A pasted code that cannot be right is explained and asked for again; the browser may come
+    back meanwhile. Ctrl+D at a terminal cancels; a pipe's end leaves the browser's way open.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            kind, value = results.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise ClaudeflareError(
+                f"The login timed out after {timeout_s:g}s: the browser did not come back and "
+                f"no code was pasted. Start it again.") from None
+        if kind == "end" and sys.stdin.isatty():
+            print()
+            raise ClaudeflareError(CANCELLED)
+        if kind == "paste":
+            try:
+                return login.code_from(value)
+            except ClaudeflareError as error:
+                print(f"{error}.\n{PASTE_PROMPT}", end="", flush=True)
+        elif kind == "refused":
+            raise ClaudeflareError(f"The login did not go through: {value}. Start it again.")
+        elif kind != "end":
+            return value
 
 
 def identity(tokens: Tokens) -> dict:
@@ -6866,18 +7053,12 @@ def who(tokens: Tokens) -> str:
 def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
     """Add an account: an API key read from stdin, or an OAuth login."""
     validate_account_name(args.name)
-    with open_store(args) as store:
+    with open_store(args, create=True) as store:
         if any(account.name == args.name for account in store.accounts()):
             raise ClaudeflareError(f"Account already exists: {args.name}. Choose another name, "
                                    f"or log it in again with: reauth {args.name}")
         if args.api_key:
-            key = read_secret("Paste the API key: ").strip()
-            if not key or not API_KEY_PATTERN.fullmatch(key):
-                raise ClaudeflareError("No valid API key read from stdin (one line of printable "
-                                       "ASCII, no spaces). Pipe it in: "
-                                       "echo \"$ANTHROPIC_API_KEY\" | claudeflare.py add NAME "
-                                       "--api-key")
-            store.add_account(args.name, "api_key", args.tier, api_key=key,
+            store.add_account(args.name, "api_key", args.tier, api_key=read_api_key(),
                               priority=args.priority)
             print(f"Added API-key account {args.name} (tier {args.tier})")
             return 0
@@ -6899,7 +7080,19 @@ def cmd_reauth(args: argparse.Namespace, settings: Settings) -> int:
     """Log an existing account in again, keeping its name, tier and history."""
     with open_store(args) as store:
         account = store.account(args.name)
-        mode = args.mode or ("max" if account.type == "oauth" else "console")
+        if args.api_key or account.type == "api_key" and args.mode is None:
+            if account.type != "api_key":
+                raise ClaudeflareError(f"{args.name} is an oauth account: --api-key would change "
+                                       f"its kind. Remove it and add it again instead.")
+            if not args.api_key:
+                raise ClaudeflareError(
+                    f"{args.name} is an API-key account: give it a new key with reauth "
+                    f"{args.name} --api-key (read from stdin), or mint one with --mode console")
+            store.change_account(args.name, api_key=read_api_key(), needs_reauth=0,
+                                 reauth_reason=None)
+            print(f"Replaced the API key of account {args.name}")
+            return 0
+        mode = args.mode or "max"
         if (mode == "max") != (account.type == "oauth"):
             raise ClaudeflareError(
                 f"{args.name} is an {account.type} account; --mode {mode} would change its kind. "
@@ -6976,8 +7169,7 @@ def cmd_remove(args: argparse.Namespace, settings: Settings) -> int:
     with open_store(args) as store:
         store.account(args.name)
         if not args.force:
-            print(f"Type the account name ({args.name}) to remove it: ", end="", flush=True)
-            if sys.stdin.readline().strip() != args.name:
+            if ask(f"Type the account name ({args.name}) to remove it: ") != args.name:
                 raise ClaudeflareError(f"Confirmation did not match; {args.name} was not "
                                        f"removed (use --force to skip the question)")
         store.remove_account(args.name)
@@ -6995,6 +7187,10 @@ def change_account(args: argparse.Namespace, done: str, **fields: Any) -> int:
 
 def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
     """Stop routing requests to an account until it is resumed."""
+    with open_store(args) as store:
+        if store.account(args.name).paused:
+            print(f"Account {args.name} is already paused")
+            return 0
     return change_account(args, f"Paused account {args.name}", paused=1)
 
 
@@ -7036,6 +7232,9 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
         print(settings.values[args.key])
         return 0
     if args.action == "unset":
+        if args.key not in settings.file_values:
+            print(f"{args.key} is not set in {settings.config.path}: nothing to remove")
+            return 0
         settings.config.update(args.key, None)
         print(f"Removed {args.key} from {settings.config.path}: the default, "
               f"{setting.default}, applies unless {setting.env} is set")
@@ -7045,7 +7244,8 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     value = validate_setting(args.key, args.value, "the command line")
     settings.config.update(args.key, value)
     print(f"Set {args.key} = {value} in {settings.config.path}")
-    if args.key == "lb_strategy" and value in ROTATING_STRATEGIES:
+    if args.key == "lb_strategy" and value in ROTATING_STRATEGIES and \
+            settings.lb_strategy not in ROTATING_STRATEGIES:  # said once, when switching
         print(f"note: {value} moves a conversation to another account on every request: it "
               f"loses prompt-cache hits and does not look like one person's use of an account. "
               f"session (the default) keeps each conversation on one account.", file=sys.stderr)
@@ -7056,16 +7256,18 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_clear_history(args: argparse.Namespace, settings: Settings) -> int:
-    """Delete the request log."""
+    """Delete the request log, once the user confirms."""
     with open_store(args) as store:
+        confirm("Delete every recorded request?", args.yes)
         count = store.clear_history()
     print(f"Cleared {count} request records")
     return 0
 
 
 def cmd_reset_stats(args: argparse.Namespace, settings: Settings) -> int:
-    """Zero the per-account request counters."""
+    """Zero the per-account request counters, once the user confirms."""
     with open_store(args) as store:
+        confirm("Zero every account's request counters?", args.yes)
         count = store.reset_stats()
     print(f"Reset request counters of {count} accounts")
     return 0
@@ -7081,7 +7283,7 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     """Manage client keys: once any exists, every client must present one."""
-    with open_store(args) as store:
+    with open_store(args, create=args.action == "add") as store:
         if args.action == "add":
             key = store.add_client_key(args.name)
             print(f"Client key {args.name}: {key}")
@@ -7108,12 +7310,17 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def dash(value: Any) -> str:
+    """Show a figure, or '-' when there is none (0 ms is a figure)."""
+    return "-" if value is None else str(value)
+
+
 def usage_line(usage: dict) -> str:
     """Summarize usage in one line for the terminal."""
     rate = "-" if usage["successRate"] is None else f"{usage['successRate'] * 100:.1f}%"
     line = (f"{usage['requests']} requests, {rate} ok, {usage['inputTokens']:,} in / "
             f"{usage['outputTokens']:,} out tokens, ${usage['costUsd']:.2f}, avg "
-            f"{usage['avgLatencyMs'] or '-'} ms, p95 {usage['p95LatencyMs'] or '-'} ms")
+            f"{dash(usage['avgLatencyMs'])} ms, p95 {dash(usage['p95LatencyMs'])} ms")
     if usage["overageRequests"]:
         line += (f"; {usage['overageRequests']} on extra usage, ${usage['overageCostUsd']:.2f} "
                  f"billed")
@@ -7136,7 +7343,7 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
             rows += [[item["name"] or "-", str(item["requests"]),
                       f"{(item['successRate'] or 0) * 100:.1f}%", f"{item['inputTokens']:,}",
                       f"{item['outputTokens']:,}", f"${item['costUsd']:.2f}",
-                      str(item["avgLatencyMs"] or "-")] for item in report[key]]
+                      dash(item["avgLatencyMs"])] for item in report[key]]
             print_table(rows)
     if report["recentErrors"]:
         print("\nRecent errors:")
@@ -7166,8 +7373,10 @@ def cmd_requests(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     """Ask a running server for /health; exit 0 only when it says ok."""
-    url = args.url or local_url(settings.host, settings.port, bool(settings.tls_cert))
-    health = ask_health(url, health_context(settings))
+    server = running_server(args.db or default_db_path())
+    url = args.url or (server.url if server else
+                       local_url(settings.host, settings.port, bool(settings.tls_cert)))
+    health = ask_health(url, health_context(settings, server))
     status, counts = health["status"], health["accounts"]
     print(f"{status}: {counts.get('active', 0)} of {counts.get('total', 0)} accounts active, "
           f"strategy {health.get('strategy')}, up {duration_text(health.get('uptime', 0))}")
@@ -7359,6 +7568,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="max for OAuth accounts (default), console for minted API keys")
     reauth.add_argument("--no-browser", action="store_true",
                         help="do not open a browser: print the login URLs only")
+    reauth.add_argument("--api-key", action="store_true",
+                        help="an API-key account: read its new key from stdin, as add does")
 
     listing = command("list", cmd_list, "list accounts with status, usage and rate limits",
                       "python3 claudeflare.py list --json")
@@ -7393,10 +7604,12 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("key", nargs="?", help="a setting: " + ", ".join(SETTINGS_BY_KEY))
     config.add_argument("value", nargs="?", help="the new value (with set)")
 
-    command("clear-history", cmd_clear_history, "delete the request log",
-            "python3 claudeflare.py clear-history")
-    command("reset-stats", cmd_reset_stats, "zero the per-account request counters",
-            "python3 claudeflare.py reset-stats")
+    for name, handler, summary in (
+            ("clear-history", cmd_clear_history, "delete the request log (asks first)"),
+            ("reset-stats", cmd_reset_stats, "zero the per-account request counters (asks "
+             "first)")):
+        command(name, handler, summary, f"python3 claudeflare.py {name} --yes").add_argument(
+            "--yes", action="store_true", help="do not ask (for scripts)")
     stats = command("stats", cmd_stats, "print usage: totals, per account and model, errors",
                     "python3 claudeflare.py stats --json")
     stats.add_argument("--json", action="store_true", help="print JSON for scripts")

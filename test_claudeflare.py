@@ -1458,6 +1458,43 @@ class TestSettingsThatCannotWork(CliTestCase):
         self.assertIn("must be a finite number", done.stderr)
         self.assertNotIn("Traceback", done.stderr)
 
+    def serve(self, *args: str, **env: str) -> subprocess.CompletedProcess:
+        """Run serve on a database in a folder of its own; it must fail to start."""
+        return subprocess.run(
+            [sys.executable, os.path.join(HERE, "claudeflare.py"), "--config", self.config_path,
+             "--db", os.path.join(self.folder, "new", "other.db"), "serve", *args],
+            env=dict(os.environ, CLAUDEFLARE_LOG_DIR=os.path.join(self.folder, "logs"), **env),
+            capture_output=True, text=True, timeout=60)
+
+    def test_a_bad_environment_value_warns_commands_and_stops_serve(self):
+        with unittest.mock.patch.dict(os.environ, {"LB_STRATEGY": "fastest"}):
+            code, out, err = self.cli("config", "get", "lb_strategy")
+        self.assertEqual((code, out), (0, "session\n"))
+        self.assertEqual(err, "claudeflare: warning: Invalid strategy: fastest; valid: session, "
+                              "round-robin, weighted, least-requests, headroom (for "
+                              "lb_strategy, from LB_STRATEGY); using the default, session\n")
+        done = self.serve("--port", "0", LB_STRATEGY="fastest")
+        self.assertEqual((done.returncode, done.stdout), (1, ""))
+        self.assertTrue(done.stderr.startswith("claudeflare: error: Invalid strategy: fastest"),
+                        done.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.folder, "new")))
+
+    def test_a_serve_that_cannot_listen_says_why_and_leaves_no_database(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            done = self.serve("--port", str(taken.getsockname()[1]))
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("Address already in use. Is another server running there?", done.stderr)
+        done = self.serve("--host", "192.0.2.1", "--port", "0")  # TEST-NET-1: nobody's address
+        self.assertEqual(done.returncode, 1)
+        self.assertRegex(done.stderr, r"^claudeflare: error: Cannot listen on 192\.0\.2\.1:0: "
+                                      r"192\.0\.2\.1 is not an address of this machine \(it "
+                                      r"has 127\.0\.0\.1[^)]*\)\. Bind one of those, or "
+                                      r"0\.0\.0\.0 for all of them, with --host or "
+                                      r"CLAUDEFLARE_HOST\.\n$")
+        self.assertFalse(os.path.exists(os.path.join(self.folder, "new")))
+
     def test_a_config_path_that_is_a_folder_gets_one_line(self):
         os.mkdir(self.config_path)
         self.fails(f"Cannot read config file {self.config_path}", "list")
@@ -1507,7 +1544,7 @@ class TestSettingsThatCannotWork(CliTestCase):
         self.assertFalse(os.path.exists(self.db_path + "-wal"))
 
     def test_config_holds_only_what_the_user_set(self):
-        self.ok("list")
+        self.ok("config", "get", "port")
         with open(self.config_path) as written:
             self.assertEqual(json.load(written), {})
         listing = self.ok("config", "list")
@@ -1560,6 +1597,7 @@ class TestAccountCommands(CliTestCase):
         self.assertRegex(lines[2], r"^beta\s+api_key\s+20\s+0\s+paused")
 
     def test_unknown_account_is_named(self):
+        self.ok("add", "work", "--api-key", stdin="sk-ant-api03-x\n")
         for command in (("pause", "ghost"), ("resume", "ghost"), ("unpause", "ghost"),
                         ("tier", "ghost", "5"), ("remove", "ghost", "--force")):
             self.fails("Account not found: ghost", *command)
@@ -1611,10 +1649,75 @@ class TestAccountCommands(CliTestCase):
             for index in range(3)], 3_600_000)
         self.assertEqual(self.accounts()["work"]["requests"], 3)
         self.assertEqual(self.accounts()["work"]["sessionRequests"], 3)
-        self.assertEqual(self.ok("clear-history").strip(), "Cleared 3 request records")
-        self.assertEqual(self.ok("clear-history").strip(), "Cleared 0 request records")
-        self.ok("reset-stats")
+        self.fails("Not confirmed: nothing was changed (--yes skips the question)",
+                   "clear-history", stdin="n\n")
+        self.fails("Not confirmed", "reset-stats", stdin="")
+        self.assertEqual(self.accounts()["work"]["requests"], 3)
+        self.assertTrue(self.ok("clear-history", stdin="y\n").endswith(
+            "[y/N] Cleared 3 request records\n"))
+        self.assertEqual(self.ok("clear-history", "--yes").strip(), "Cleared 0 request records")
+        self.ok("reset-stats", "--yes")
         self.assertEqual(self.accounts()["work"]["requests"], 0)
+
+    def test_read_only_commands_never_create_a_database(self):
+        typo = os.path.join(self.folder, "typo", "x.db")
+        for command in (("list",), ("stats",), ("requests",), ("keys", "list"),
+                        ("clear-history", "--yes"), ("reset-stats", "--yes"), ("pause", "w"),
+                        ("remove", "w", "--force"), ("backup", os.path.join(self.folder, "b.db"))):
+            with self.subTest(command=command):
+                code, out, err = run_cli("--config", self.config_path, "--db", typo, *command)
+                self.assertEqual((code, out), (1, ""))
+                self.assertEqual(err, f"claudeflare: error: No database at {typo}: nothing is "
+                                      f"stored there yet. Check --db or CLAUDEFLARE_DB_PATH, or "
+                                      f"add an account: python3 claudeflare.py add NAME\n")
+        self.assertEqual(sorted(os.listdir(self.folder)), ["config.json"])
+        self.ok("add", "work", "--api-key", stdin="sk-ant-api03-x\n")
+        nowhere = os.path.join(self.folder, "nonexistent", "dir")
+        self.fails(f"The folder {nowhere} does not exist: create it first", "backup",
+                   os.path.join(nowhere, "x.db"))
+        self.assertFalse(os.path.exists(os.path.dirname(nowhere)))
+        self.assertIn("Backed up", self.ok("backup", os.path.join(self.folder, "b.db")))
+
+    def test_repeated_changes_say_what_they_did(self):
+        self.ok("add", "work", "--api-key", stdin="sk-ant-api03-x\n")
+        self.assertEqual(self.ok("pause", "work"), "Paused account work\n")
+        self.assertEqual(self.ok("pause", "work"), "Account work is already paused\n")
+        self.assertEqual(self.ok("config", "unset", "overage"),
+                         f"overage is not set in {self.config_path}: nothing to remove\n")
+        self.ok("config", "set", "overage", "never")
+        self.assertIn("Removed overage", self.ok("config", "unset", "overage"))
+        notes = [self.cli("config", "set", "lb_strategy", strategy)[2]
+                 for strategy in ("round-robin", "round-robin", "weighted", "session",
+                                  "weighted")]
+        self.assertEqual([bool(note) for note in notes], [True, False, False, False, True])
+        self.assertIn("note: round-robin moves a conversation", notes[0])
+
+    def test_a_key_that_does_not_look_like_one_is_stored_with_a_warning(self):
+        code, out, err = self.cli("add", "y", "--api-key", stdin="not-a-key\n")
+        self.assertEqual((code, out), (0, "Added API-key account y (tier 1)\n"))
+        self.assertEqual(err, "claudeflare: warning: this does not look like an Anthropic API "
+                              "key (sk-ant-...); stored anyway\n")
+        self.assertEqual(self.cli("add", "z", "--api-key", stdin="sk-ant-api03-z\n")[2], "")
+
+    def test_reauth_api_key_replaces_the_key_keeping_the_account(self):
+        self.ok("add", "ci", "--api-key", "--tier", "5", "--priority", "2",
+                stdin="sk-ant-api03-old\n")
+        store = claudeflare.Store(self.db_path)
+        self.addCleanup(store.close)
+        store.update_account("ci", request_count=7, needs_reauth=1, reauth_reason="bad key")
+        self.fails("ci is an API-key account: give it a new key with reauth ci --api-key (read "
+                   "from stdin), or mint one with --mode console", "reauth", "ci")
+        self.fails("No valid API key read from stdin", "reauth", "ci", "--api-key", stdin="")
+        self.assertEqual(self.ok("reauth", "ci", "--api-key", stdin="sk-ant-api03-new\n"),
+                         "Replaced the API key of account ci\n")
+        account = store.account("ci")
+        self.assertEqual((account.api_key, account.account_tier, account.priority,
+                          account.request_count, account.needs_reauth),
+                         ("sk-ant-api03-new", 5, 2, 7, 0))
+        store.add_account("max", "oauth", 1, access_token="sk-ant-oat01-x")
+        self.fails("max is an oauth account: --api-key would change its kind", "reauth", "max",
+                   "--api-key", stdin="sk-ant-api03-y\n")
+        self.assertEqual(store.account("max").access_token, "sk-ant-oat01-x")
 
     def test_every_command_has_help_with_an_example(self):
         for command in ("serve", "add", "list", "remove", "pause", "resume", "unpause", "tier",
