@@ -7016,9 +7016,10 @@ def wait_for_code(login: PkceLogin, results: queue.Queue, timeout_s: float) -> t
     """Return the code and state of whichever way back arrives first, within timeout_s.
 
     A pasted code that cannot be right is explained and asked for again; the browser may come
-    back meanwhile. Ctrl+D at a terminal cancels; a pipe's end leaves the browser's way open.
+    back meanwhile. Ctrl+D at a terminal cancels; a pipe's end leaves the browser's way open,
+    unless what it gave was wrong.
     """
-    deadline = time.monotonic() + timeout_s
+    deadline, wrong = time.monotonic() + timeout_s, None
     while True:
         try:
             kind, value = results.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -7026,13 +7027,14 @@ def wait_for_code(login: PkceLogin, results: queue.Queue, timeout_s: float) -> t
             raise ClaudeflareError(
                 f"The login timed out after {timeout_s:g}s: the browser did not come back and "
                 f"no code was pasted. Start it again.") from None
-        if kind == "end" and sys.stdin.isatty():
+        if kind == "end" and (wrong or sys.stdin.isatty()):
             print()
-            raise ClaudeflareError(CANCELLED)
+            raise wrong or ClaudeflareError(CANCELLED)
         if kind == "paste":
             try:
                 return login.code_from(value)
             except ClaudeflareError as error:
+                wrong = error
                 print(f"{error}.\n{PASTE_PROMPT}", end="", flush=True)
         elif kind == "refused":
             raise ClaudeflareError(f"The login did not go through: {value}. Start it again.")

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import plistlib
+import pty
 import socket
 import sqlite3
 import ssl
@@ -1729,6 +1730,75 @@ class TestAccountCommands(CliTestCase):
             self.assertIn("python3 claudeflare.py", out, command)
 
 
+#: Makes the terminal on its stdin the controlling terminal of a session of its own (getpass
+#: and Ctrl+C need one), then runs the command line given after it.
+ON_A_TERMINAL = ("import os, sys\n"
+                 "os.close(os.open(os.ttyname(0), os.O_RDWR))\n"
+                 "os.execv(sys.executable, sys.argv[1:])\n")
+
+
+@unittest.skipUnless(os.path.exists("/proc/self/stat"), "needs /proc to see a program wait")
+class TestPrompts(CliTestCase):
+    """Ctrl+D and Ctrl+C typed at each prompt, on a real terminal (a pty)."""
+
+    def type_at_prompt(self, prompt: str, key: bytes, *args: str) -> tuple[int, str]:
+        """Run the CLI on a terminal; once it shows prompt, type key; return status, screen."""
+        master, slave = pty.openpty()
+        environ = {name: value for name, value in os.environ.items()
+                   if name not in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER")}
+        process = subprocess.Popen(
+            [sys.executable, "-c", ON_A_TERMINAL, sys.executable,
+             os.path.join(HERE, "claudeflare.py"), "--config", self.config_path, "--db",
+             self.db_path, *args],
+            stdin=slave, stdout=slave, stderr=slave, start_new_session=True, env=environ)
+        os.close(slave)
+        screen, typed = b"", False
+        try:
+            while select.select([master], [], [], DEADLINE_S * 3)[0]:
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # EIO: the program is gone and its terminal with it
+                    break
+                if not data:
+                    break
+                screen += data
+                if not typed and prompt.encode() in screen:
+                    # A signal that came before the read began would not interrupt it: type
+                    # once the program sleeps, waiting for the key.
+                    wait_for(lambda: self.sleeping(process.pid), what="the program to wait")
+                    os.write(master, key)
+                    typed = True
+            code = process.wait(timeout=DEADLINE_S)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            os.close(master)
+        self.assertTrue(typed, screen)
+        return code, screen.decode().replace("\r\n", "\n")
+
+    @staticmethod
+    def sleeping(pid: int) -> bool:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "S"
+
+    def test_ctrl_d_and_ctrl_c_at_every_prompt_change_nothing(self):
+        self.ok("add", "work", "--api-key", stdin="sk-ant-api03-x\n")
+        cancelled = "\nclaudeflare: error: Cancelled (end of input): nothing was changed\n"
+        interrupted = "\nclaudeflare: interrupted; nothing was changed\n"
+        for prompt, args in (("Paste the API key: ", ("add", "ci", "--api-key")),
+                             ("Paste the authorization code: ", ("add", "max", "--no-browser")),
+                             ("to remove it: ", ("remove", "work")),
+                             ("[y/N] ", ("clear-history",)), ("[y/N] ", ("reset-stats",))):
+            for key, expected in ((b"\x04", (1, cancelled)), (b"\x03", (130, interrupted))):
+                with self.subTest(args=args, key=key):
+                    code, screen = self.type_at_prompt(prompt, key, *args)
+                    shown = screen[screen.rindex(prompt) + len(prompt):]
+                    self.assertEqual((code, shown[2:] if shown.startswith("^C") else shown),
+                                     expected)  # the terminal may echo ^C
+                    self.assertEqual(list(self.accounts()), ["work"])
+
+
 class TestSchema(CliTestCase):
     def test_database_from_an_older_version_is_upgraded(self):
         old = sqlite3.connect(self.db_path)
@@ -2342,6 +2412,28 @@ class TestOAuthLogin(ServerWithAccounts):
         self.assertEqual(len(err.strip().splitlines()), 1, err)
         self.assertNotIn("Traceback", err)
         self.assertEqual(json.loads(self.ok("list", "--json")), [])
+
+    def test_a_wrong_paste_is_explained_and_asked_for_again(self):
+        process, urls, _ = self.start_login("add", "work", "--no-browser")
+        with process:
+            try:
+                code, state = self.upstream.oauth.authorize(urls["paste"]).split("#")
+                for wrong, said in ((code, "The authorization code looks truncated: paste the "
+                                           "whole value the page shows, in the form code#state, "
+                                           "without changing it.\n"),
+                                    (code + "#otherstate", "State mismatch: the pasted code "
+                                                           "belongs to another login attempt: "
+                                                           "paste the code shown for this one.\n")):
+                    process.stdin.write(wrong + "\n")
+                    process.stdin.flush()
+                    self.assertEqual(process.stdout.readline(), said)
+                    self.assertEqual(process.stdout.read(len(self.PROMPT)), self.PROMPT)
+                out, err = process.communicate(f"{code}#{state}\n", timeout=DEADLINE_S * 3)
+            except BaseException:
+                process.kill()
+                raise
+        self.assertEqual(process.returncode, 0, err)
+        self.assertIn("Added work (dev@example.com, Acme)", out)
 
     def test_reauth_restores_an_account_keeping_its_history(self):
         self.add_oauth("work", tier=5, refresh_token="sk-ant-ort01-dead")
@@ -4807,6 +4899,25 @@ class TestTLS(ServeTestCase):
         self.assertIn(f"ok    server: pid {server.process.pid} answers at "
                       f"https://127.0.0.1:{server.port}/health: ok", out)
         self.assertIn(f"ok    tls: serves HTTPS with {self.cert}", out)
+
+    def test_a_server_started_with_tls_flags_is_found_and_trusted(self):
+        server = self.serve("--tls-cert", self.cert, "--tls-key", self.key)
+        url = f"https://127.0.0.1:{server.port}"
+        paths = ("--config", os.path.join(self.folder, "config.json"), "--db", server.db_path)
+        for args in ((), ("--url", url), ("--url", f"https://localhost:{server.port}")):
+            code, out, err = run_cli(*paths, "health", *args)
+            self.assertEqual((code, out.split(":")[0], err), (0, "ok", ""))
+        code, out, err = run_cli(*paths, "health", "--url", f"http://127.0.0.1:{server.port}")
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err, f"claudeflare: error: No answer from http://127.0.0.1:"
+                              f"{server.port}: ECONNRESET: http://127.0.0.1:{server.port} closed "
+                              f"the connection. An HTTPS server closes plain-HTTP connections "
+                              f"like this: if it serves HTTPS, ask {url}\n")
+        with unittest.mock.patch.dict(os.environ, {"CLAUDEFLARE_UPSTREAM_URL": self.upstream.url}):
+            code, out, _ = run_cli(*paths, "doctor")
+        self.assertIn(f"\nok    server: pid {server.process.pid} answers at {url}/health: ok",
+                      out)
+        self.assertEqual(os.stat(server.db_path + ".lock").st_mode & 0o777, 0o600)
 
     def test_a_wrong_or_missing_key_is_refused_at_start(self):
         env = dict(os.environ, CLAUDEFLARE_CONFIG_PATH=os.path.join(self.folder, "config.json"),
