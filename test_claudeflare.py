@@ -2421,9 +2421,9 @@ class TestOAuthLogin(ServerWithAccounts):
                 for wrong, said in ((code, "The authorization code looks truncated: paste the "
                                            "whole value the page shows, in the form code#state, "
                                            "without changing it.\n"),
-                                    (code + "#otherstate", "State mismatch: the pasted code "
-                                                           "belongs to another login attempt: "
-                                                           "paste the code shown for this one.\n")):
+                                    (code + "#otherstate",
+                                     "State mismatch: the pasted code belongs to another login "
+                                     "attempt: paste the code shown for this one.\n")):
                     process.stdin.write(wrong + "\n")
                     process.stdin.flush()
                     self.assertEqual(process.stdout.readline(), said)
