@@ -3836,6 +3836,44 @@ class TestUsage(ServerWithAccounts):
         self.assertEqual((record["accountName"], record["success"], record["streaming"]),
                          ("work", True, False))
 
+    def test_a_refused_request_keeps_the_model_its_body_named(self):
+        self.upstream.push(reply_error(400, "invalid_request_error", "max_tokens: too large"))
+        self.assertEqual(self.post_message()[0], 400)
+        record = self.last_record()
+        self.assertEqual((record["status"], record["model"]), (400, "claude-sonnet-4-5"))
+        self.assertRegex(self.ok("requests"), r"\n\S+\s+work\s+claude-sonnet-4-5\s+400 ")
+
+    def test_stats_show_zero_milliseconds_as_a_figure(self):
+        account = self.proxy.app.store.account("work")
+        self.proxy.app.store.write_requests([claudeflare.RequestRecord(
+            id="fast", timestamp=claudeflare.now_ms(), method="POST", path="/v1/messages",
+            account_name="work", account_id=account.id, model="claude-haiku-4-5", status=200,
+            success=True, response_time_ms=0)], 3_600_000)
+        text = self.ok("stats")
+        self.assertRegex(text, r"\nclaude-haiku-4-5\s+1\s+100\.0%\s+0\s+0\s+\$0\.00\s+0\n")
+        self.assertIn("avg 0 ms, p95 0 ms", text)
+
+    def test_requests_limited_at_once_log_the_limit_once(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        limited = reply_error(429, "rate_limit_error", "limited", unified_headers())
+
+        def held(handler: FakeHandler, request: Recorded) -> None:
+            gate.wait(DEADLINE_S)
+            limited(handler, request)
+
+        self.upstream.push(held, held)
+        clients = [threading.Thread(target=self.post_message) for _ in range(2)]
+        for client in clients:
+            client.start()
+        wait_for(lambda: len(self.upstream.messages()) == 2, what="both requests upstream")
+        gate.set()
+        for client in clients:
+            client.join()
+        self.proxy.settle()
+        self.assertEqual(CAPTURED_LOG.text().count("[Proxy] Account work rate limited until"),
+                         1)
+
     def test_record_keeps_the_client_product_and_the_conversation(self):
         self.post_message(headers={"User-Agent": "claude-cli/2.1.3 (external, cli)",
                                    "X-Claude-Code-Session-Id": "conv-42"})
@@ -4353,6 +4391,8 @@ class ServeProcess:
             raise AssertionError(f"server did not start: {line}{self.stderr}")
         self.port = int(line.rsplit(":", 1)[1])
         self.url = f"http://127.0.0.1:{self.port}"
+        #: What it printed on the terminal, complete once it stopped.
+        self.stdout = line
 
     def request(self, method: str, path: str, body=None, headers=None):
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE_S)
@@ -4368,10 +4408,13 @@ class ServeProcess:
         if self.process.poll() is None and signum is not None:
             self.process.send_signal(signum)
         try:
-            self.process.communicate(timeout=DEADLINE_S * 3)
+            self.process.wait(timeout=DEADLINE_S * 3)  # it prints a few lines: the pipe holds them
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.communicate()
+            self.process.wait()
+        if not self.process.stdout.closed:
+            self.stdout += self.process.stdout.read()
+            self.process.stdout.close()
         if not self.stderr_file.closed:
             self.stderr_file.seek(0)
             self.stderr = self.stderr_file.read()
@@ -4470,6 +4513,40 @@ class TestLogging(ServeTestCase):
         for name in names:
             self.assertLessEqual(os.path.getsize(os.path.join(folder, name)), 4000)
             self.assertEqual(os.stat(os.path.join(folder, name)).st_mode & 0o777, 0o600)
+
+
+class TestServeOnTheTerminal(ServeTestCase):
+    def test_serve_says_where_it_answers_and_when_it_stopped(self):
+        server = self.serve()
+        with open(f"/proc/{server.process.pid}/cmdline", "rb") as cmdline:
+            shown = cmdline.read().decode().replace("\0", " ")  # what ps shows
+        self.assertIn(f" {os.path.join(HERE, 'claudeflare.py')} serve --port 0", shown)
+        self.assertNotIn("\n", shown)
+        self.assertLess(len(shown), 250)
+        self.assertEqual(server.stop(signal.SIGINT), 0)
+        self.assertEqual(server.stdout, (
+            f"claudeflare {claudeflare.__version__} listening on {server.url}\n"
+            f"  status page: {server.url}/\n"
+            f"  log:         {server.log_path}\n"
+            f"  accounts:    none: requests go upstream with each client's own credentials; add "
+            f"one: python3 claudeflare.py add NAME (or add NAME --api-key)\n"
+            f"  strategy:    session\n"
+            f"Ctrl+C stops it.\n"
+            f"stopping: waiting up to 30s for 0 requests in flight (Ctrl+C again quits at once)\n"
+            f"stopped\n"))
+        self.cli("add", "work", "--api-key", stdin="sk-ant-api03-x\n")
+        self.cli("add", "home", "--api-key", stdin="sk-ant-api03-y\n")
+        self.cli("pause", "home")
+        server = self.serve(LB_STRATEGY="headroom")
+        self.assertEqual(server.stop(), 0)
+        self.assertIn("\n  accounts:    1 of 2 can serve\n  strategy:    headroom\n",
+                      server.stdout)
+        self.cli("pause", "work")
+        server = self.serve()
+        self.assertEqual(server.stop(), 0)
+        self.assertIn("\n  accounts:    none can serve (python3 claudeflare.py list says why); "
+                      "add one: python3 claudeflare.py add NAME (or add NAME --api-key)\n",
+                      server.stdout)
 
 
 class TestShutdown(ServeTestCase):
@@ -5094,16 +5171,28 @@ class TestDoctor(ServeTestCase):
 
     def test_last_log_errors_are_shown_redacted(self):
         os.makedirs(os.path.join(self.folder, "logs"))
+        now = claudeflare.now_ms()
         with open(os.path.join(self.folder, "logs", "app.log"), "w") as log:
-            for number in range(5):
-                log.write(f"[2024-01-20T10:30:4{number}.123Z] ERROR: [Proxy] failure {number} "
-                          f"x-api-key: sk-ant-api03-leaked{number}\n")
-                log.write("[2024-01-20T10:30:45.123Z] INFO: [Proxy] Request completed\n")
+            for number, minutes in enumerate((121, 50, 40, 30, 20)):
+                log.write(f"[{claudeflare.iso_time(now - minutes * 60_000)}] ERROR: [Proxy] "
+                          f"failure {number} x-api-key: sk-ant-api03-leaked{number}\n")
+                log.write(f"[{claudeflare.iso_time(now)}] INFO: [Proxy] Request completed\n")
+            log.write(json.dumps({"ts": claudeflare.iso_time(now - 10 * 60_000),
+                                  "level": "ERROR", "msg": "failure 5"}) + "\n")
         code, out = self.doctor()
         shown = [line for line in out.splitlines() if line.startswith("warn  log: ")]
-        self.assertEqual([line.split("failure ")[1][0] for line in shown], ["2", "3", "4"])
+        self.assertEqual([line.split("failure ")[1][0] for line in shown], ["3", "4", "5"])
+        self.assertEqual([line.split(": ")[1] for line in shown], ["30m ago", "20m ago",
+                                                                    "10m ago"])
         self.assertNotIn("leaked", out)
         self.assertIn("[REDACTED]", shown[0])
+        server = self.serve()  # from now on, only what this server logged counts
+        code, out = self.doctor(PORT=str(server.port))
+        self.assertNotIn("\nwarn  log: ", out)
+        with open(self.config_path, "w") as config:
+            json.dump({"overage": "never"}, config)
+        code, out = self.doctor()
+        self.assertIn(f"\nok    config: {self.config_path} is valid (1 key)\n", out)
 
     def test_doctor_creates_and_changes_nothing(self):
         def snapshot() -> dict:
