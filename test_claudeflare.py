@@ -2012,6 +2012,7 @@ class TestUsingAccounts(ServerWithAccounts):
 
     def test_setting_a_rotating_strategy_warns_about_conversations(self):
         for strategy in ("round-robin", "weighted", "least-requests"):
+            self.ok("config", "set", "lb_strategy", "session")
             code, _, err = self.cli("config", "set", "lb_strategy", strategy)
             self.assertEqual(code, 0)
             self.assertIn("loses prompt-cache hits", err)
