@@ -5596,9 +5596,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         record.response_time_ms = int((time.monotonic() - started) * 1000)
         if usage is not None:
             record.model = usage.model
-        if record.model is None and status >= 400:
-            record.model = requested_model(self.request_body)
-        if usage is not None:
             record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens
             record.cache_creation_tokens = usage.cache_creation_tokens
             record.cache_read_tokens = usage.cache_read_tokens
@@ -5607,6 +5604,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                                        else 0)
             if usage.output_tokens and generating_ms > 0:
                 record.tokens_per_second = round(usage.output_tokens * 1000 / generating_ms, 1)
+        if record.model is None and status >= 400:
+            record.model = requested_model(self.request_body)
         self.app.writer.record(record)
 
     def relay(self, response: http.client.HTTPResponse,
@@ -6546,10 +6545,9 @@ def check_logs(log_dir: str, since: int, now: int) -> list[Check]:
     else:
         checks = [Check("ok", "logs", f"{path}: {size_text(os.path.getsize(path))} (rotates "
                         f"at {LOG_ROTATE_BYTES // (1024 * 1024)} MB)")]
-    recent = [(log_line_time(line), line) for line in log_error_lines(path)]
-    checks += [Check("warn", "log", f"{when_text(written, now)}: {line[:300]}")
-               for written, line in [item for item in recent if item[0] >= since]
-               [-LOG_ERRORS_SHOWN:]]
+    recent = [line for line in log_error_lines(path) if log_line_time(line) >= since]
+    checks += [Check("warn", "log", f"{when_text(log_line_time(line), now)}: {line[:300]}")
+               for line in recent[-LOG_ERRORS_SHOWN:]]
     return checks
 
 
@@ -6587,8 +6585,8 @@ def run_doctor(config_path: str, db_path: str, flags: dict, now: int) -> list[Ch
             checks.append(check_clock(headers.get("date"), (sent + now_ms()) // 2))
         checks.append(check_endpoint("token endpoint", settings.oauth_token_url, "POST", b"{}",
                                      "check the network and oauth_token_url")[0])
-    lock = server_lock_path(db_path)
-    started = int(os.stat(lock).st_mtime * 1000) if server_port is not None else 0
+    started = (int(os.stat(server_lock_path(db_path)).st_mtime * 1000)
+               if server_port is not None else 0)
     return checks + check_logs(default_log_dir(), started or now - LOG_ERRORS_WITHIN_MS, now)
 
 
