@@ -7051,29 +7051,32 @@ def who(tokens: Tokens) -> str:
 
 
 def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
-    """Add an account: an API key read from stdin, or an OAuth login."""
+    """Add an account: an API key read from stdin, or an OAuth login.
+
+    The database is created once there is an account to put in it: a login given up leaves
+    nothing behind.
+    """
     validate_account_name(args.name)
-    with open_store(args, create=True) as store:
-        if any(account.name == args.name for account in store.accounts()):
-            raise ClaudeflareError(f"Account already exists: {args.name}. Choose another name, "
-                                   f"or log it in again with: reauth {args.name}")
-        if args.api_key:
-            store.add_account(args.name, "api_key", args.tier, api_key=read_api_key(),
-                              priority=args.priority)
-            print(f"Added API-key account {args.name} (tier {args.tier})")
-            return 0
+    if os.path.exists(args.db or default_db_path()):
+        with open_store(args) as store:
+            if any(account.name == args.name for account in store.accounts()):
+                raise ClaudeflareError(f"Account already exists: {args.name}. Choose another "
+                                       f"name, or log it in again with: reauth {args.name}")
+    if args.api_key:
+        kind, fields = "api_key", {"api_key": read_api_key()}
+        done = f"Added API-key account {args.name} (tier {args.tier})"
+    else:
         tokens, api_key = oauth_login(settings, args.mode, not args.no_browser)
-        if api_key is not None:
-            store.add_account(args.name, "api_key", args.tier, api_key=api_key,
-                              priority=args.priority, **identity(tokens))
-        else:
-            store.add_account(args.name, "oauth", args.tier, priority=args.priority,
-                              access_token=tokens.access_token,
-                              refresh_token=tokens.refresh_token, expires_at=tokens.expires_at,
-                              **identity(tokens))
-        print(f"Added {args.name} ({who(tokens)})"
-              + (" with a new API key" if api_key is not None else ""))
-        return 0
+        kind, fields = ("api_key", {"api_key": api_key}) if api_key is not None else (
+            "oauth", {"access_token": tokens.access_token,
+                      "refresh_token": tokens.refresh_token, "expires_at": tokens.expires_at})
+        fields.update(identity(tokens))
+        done = (f"Added {args.name} ({who(tokens)})"
+                + (" with a new API key" if api_key is not None else ""))
+    with open_store(args, create=True) as store:
+        store.add_account(args.name, kind, args.tier, priority=args.priority, **fields)
+    print(done)
+    return 0
 
 
 def cmd_reauth(args: argparse.Namespace, settings: Settings) -> int:
