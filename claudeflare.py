@@ -971,9 +971,10 @@ def load_settings(config_path: str | None = None, flags: dict | None = None,
                   config: ConfigFile | None = None) -> Settings:
     """Resolve every setting from flags, the environment, config.json and the defaults.
 
-    Unless strict, an invalid value in the file is reported in config.problems and the default
-    used instead, so that commands such as `config set` can still repair the file. `config`
-    replaces the file at config_path (the doctor passes one that never writes).
+    Unless strict, an invalid value in the environment or the file is reported in
+    config.problems and the default used instead, so that read-only commands run and `config
+    set` can repair the file. `config` replaces the file at config_path (the doctor passes one
+    that never writes).
     """
     environ = os.environ if environ is None else environ
     config = config or ConfigFile(config_path or default_config_path())
@@ -984,14 +985,13 @@ def load_settings(config_path: str | None = None, flags: dict | None = None,
         values[setting.key], sources[setting.key] = setting.default, "default"
         if flag is not None:
             values[setting.key], sources[setting.key] = flag, "flag"
-        elif environ.get(setting.env):
-            values[setting.key] = validate_setting(setting.key, environ[setting.env], setting.env)
-            sources[setting.key] = "env"
-        elif setting.key in file_values:
+        elif environ.get(setting.env) or setting.key in file_values:
+            raw, origin, source = ((environ[setting.env], setting.env, "env")
+                                   if environ.get(setting.env)
+                                   else (file_values[setting.key], config.path, "config"))
             try:
-                values[setting.key] = validate_setting(setting.key, file_values[setting.key],
-                                                       config.path)
-                sources[setting.key] = "config"
+                values[setting.key] = validate_setting(setting.key, raw, origin)
+                sources[setting.key] = source
             except ClaudeflareError as error:
                 if strict:
                     raise
@@ -1571,7 +1571,9 @@ class Store:
     BEGIN IMMEDIATE transaction, so two processes never deadlock on a lock upgrade.
     """
 
-    def __init__(self, path: str, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+    def __init__(self, path: str, busy_timeout_s: float = BUSY_TIMEOUT_S,
+                 create: bool = True) -> None:
+        """Open the database at path; unless create, a missing one is an error, not a new file."""
         self.path = path
         self.busy_timeout_s = busy_timeout_s
         if sqlite3.sqlite_version_info < MIN_SQLITE:
@@ -1582,6 +1584,10 @@ class Store:
             raise ClaudeflareError(f"Cannot use database {path}: it is a folder. Point --db or "
                                    f"CLAUDEFLARE_DB_PATH at a file.")
         if not os.path.exists(path):
+            if not create:
+                raise ClaudeflareError(
+                    f"No database at {path}: nothing is stored there yet. Check --db or "
+                    f"CLAUDEFLARE_DB_PATH, or add an account: python3 claudeflare.py add NAME")
             create_private_file(path)
         self.db = self.connect(busy_timeout_s)
         #: Guards the connection: the server's threads share it.
@@ -1913,6 +1919,10 @@ class Store:
         """Copy the database consistently, even while the server is writing, to a new file."""
         if os.path.exists(path):
             raise ClaudeflareError(f"Backup target exists: {path}. Choose a new file name.")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ClaudeflareError(f"The folder {folder} does not exist: create it first, or "
+                                   f"choose another path for the backup.")
         create_private_file(path)
         target = sqlite3.connect(path)
         try:
@@ -2711,11 +2721,11 @@ class PkceLogin:
         if not separator or not code or not state:
             raise ClaudeflareError(
                 "The authorization code looks truncated: paste the whole value the page shows, "
-                "in the form code#state, without changing it. Start the login again.")
+                "in the form code#state, without changing it")
         if state not in self.redirects:
             raise ClaudeflareError(
-                "State mismatch: the pasted code belongs to another login attempt. Start the "
-                "login again and paste the code shown for this one.")
+                "State mismatch: the pasted code belongs to another login attempt: paste the "
+                "code shown for this one")
         return code, state
 
 
@@ -3948,13 +3958,14 @@ def model_patterns(key: ClientKey) -> list[str]:
 
 
 def requested_model(body: bytes) -> str | None:
-    """Return the model a request body asks for, if it names one."""
+    """Return the model a request body names, if it names one (the whole body is parsed: call
+    it only where the model decides something or an answer named none)."""
     try:
-        payload = json.loads(body) if body[:1] == b"{" else None
+        payload = json.loads(body) if body.lstrip()[:1] == b"{" else None
     except JSON_ERRORS:
         return None
     model = payload.get("model") if isinstance(payload, dict) else None
-    return model if isinstance(model, str) else None
+    return model[:200] if isinstance(model, str) and model else None
 
 
 def key_accounts(key: ClientKey | None, accounts: list[Account]) -> list[Account]:
@@ -5126,14 +5137,16 @@ class App:
                 until = now + min(wait, MAX_COOLDOWN_MS)
         status, reset = limit.summary()
         status = status or "rate_limited"
+        known = account.rate_limited_until == until  # requests answered at once say it once
         self.mark(account, rate_limited_until=until, rate_limit_status=status,
                   rate_limit_reset=reset or until,
                   **{field: getattr(limit, field) for field in WINDOW_FIELDS
                      if getattr(limit, field) is not None})
         self.usage.soon(account, now)
-        component_logger("Proxy").warning(
-            "Account %s rate limited until %s (%s%s); moving on", account.name, iso_time(until),
-            status, f", {limit.claim}" if limit.claim else "")
+        if not known:
+            component_logger("Proxy").warning(
+                "Account %s rate limited until %s (%s%s); moving on", account.name,
+                iso_time(until), status, f", {limit.claim}" if limit.claim else "")
         return until
 
     def note_success(self, account: Account) -> None:
@@ -5443,6 +5456,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.unread_conversation: bytes | None = None
         #: The credentials of the account whose answer is relayed, masked in it.
         self.secrets: re.Pattern | None = None
+        #: The request's body, for the model of an answer that names none.
+        self.request_body = b""
 
     def log_message(self, format: str, *args: Any) -> None:
         component_logger("Server").debug("%s - " + format, self.address_string(), *args)
@@ -5639,6 +5654,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """Answer one request: refuse it while stopping, check path, host, key and site, then
         route it."""
         self.unread_conversation = None
+        self.request_body = b""
         self.key_name = self.key_header = None
         #: The client key the request came with, and its name once its limits admitted it.
         self.client_key: ClientKey | None = None
@@ -6034,6 +6050,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         accounts = self.admit_key(body, accounts, record, started)
         if accounts is None:
             return
+        self.request_body = body
         app, proxy_log = self.app, component_logger("Proxy")
         # The conversation picks the account only when there is a choice (the session strategy
         # over several accounts); otherwise it is read once the answer is out.
@@ -6345,6 +6362,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if usage.output_tokens and generating_ms > 0:
                 record.tokens_per_second = round(usage.output_tokens * 1000 / generating_ms, 1)
         self.app.key_ledger.add(record)
+        if record.model is None and status >= 400:
+            record.model = requested_model(self.request_body)
         self.app.writer.record(record)
 
     def relay(self, response: http.client.HTTPResponse,
@@ -6501,6 +6520,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                 f"{response.length} bytes short")
 
 
+def machine_addresses() -> list[str]:
+    """Return the IPv4 addresses this machine is known by, loopback first (as far as the
+    standard library can tell: those its host name resolves to)."""
+    found = ["127.0.0.1"]
+    with contextlib.suppress(OSError):
+        for *_, address in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            if address[0] not in found:
+                found.append(address[0])
+    return found
+
+
 def make_server(settings: Settings, db_path: str) -> ProxyServer:
     """Build the listening server for the settings' host and port, on the database at db_path."""
     tls = server_tls_context(settings.tls_cert, settings.tls_key)
@@ -6509,9 +6539,16 @@ def make_server(settings: Settings, db_path: str) -> ProxyServer:
         server = ProxyServer((settings.host, settings.port), app)
     except OSError as error:
         app.close()
-        raise ClaudeflareError(f"Cannot listen on {settings.host}:{settings.port}: "
-                               f"{error.strerror or error}. Is another server running there? "
-                               f"Choose another port with --port or PORT.") from None
+        where = f"Cannot listen on {settings.host}:{settings.port}"
+        if error.errno == errno.EADDRNOTAVAIL:
+            raise ClaudeflareError(
+                f"{where}: {settings.host} is not an address of this machine (it has "
+                f"{', '.join(machine_addresses())}). Bind one of those, or 0.0.0.0 for all of "
+                f"them, with --host or CLAUDEFLARE_HOST.") from None
+        if error.errno == errno.EADDRINUSE:
+            raise ClaudeflareError(f"{where}: {error.strerror}. Is another server running "
+                                   f"there? Choose another port with --port or PORT.") from None
+        raise ClaudeflareError(f"{where}: {error.strerror or error}") from None
     if tls is not None:
         # Accepting only wraps the socket; the handshake waits for the connection's thread.
         server.socket = tls.wrap_socket(server.socket, server_side=True,
@@ -6861,7 +6898,7 @@ CLOCK_SKEW_FAIL_MS = REFRESH_BEFORE_USE_MS
 LOG_TAIL_BYTES = 256 * 1024
 LOG_ERRORS_SHOWN = 3
 #: What the server's lock file says while it runs: see ServerLock.note.
-LOCK_HOLDER = re.compile(r"pid (\d+), port (\d+), (https?)://(.*):\d+$")
+LOCK_HOLDER = re.compile(r"pid (\d+), port (\d+), (https?)://(\S*):\d+(?:, certificate (.+))?$")
 #: The guide's fixes, where several checks share one.
 FIX_PROXY = "check HTTPS_PROXY (HTTP_PROXY for http:// URLs), its credentials and NO_PROXY"
 FIX_REAUTH = "log it in again: python3 claudeflare.py reauth {name}"
@@ -6919,8 +6956,31 @@ class ConfigSnapshot(ConfigFile):
         return dict(self.values)
 
 
+@dataclass
+class RunningServer:
+    """The server that holds a database's lock, as it described itself there."""
+
+    pid: int
+    port: int
+    url: str
+    #: The certificate it serves HTTPS with (absolute), which the CLI trusts to reach it.
+    cert: str | None
+
+
+def running_server(db_path: str) -> RunningServer | None:
+    """Return the server running on the database, or None (none, or one still starting)."""
+    match = LOCK_HOLDER.search(server_lock_holder(db_path) or "")
+    if match is None:
+        return None
+    port = int(match.group(2))
+    return RunningServer(int(match.group(1)), port,
+                         local_url(match.group(4), port, match.group(3) == "https"),
+                         match.group(5))
+
+
 def ask_health(url: str, context: ssl.SSLContext | None) -> dict:
-    """GET a server's /health and return its JSON; a ClaudeflareError says why that failed."""
+    """GET a server's /health and return its JSON; a ClaudeflareError says why that failed,
+    and whose mistake it is when the client spoke the wrong protocol."""
     origin, prefix = split_url(url)
     client = Upstream(origin, context=context)
     try:
@@ -6930,9 +6990,16 @@ def ask_health(url: str, context: ssl.SSLContext | None) -> dict:
         body = response.read()
         connection.close()
     except (UpstreamError, OSError, http.client.HTTPException) as error:
-        hint = ("Set tls_cert to the server's certificate to trust it"
-                if "CERTIFICATE_VERIFY_FAILED" in str(error)
-                else "Is the server running (python3 claudeflare.py serve)?")
+        text, scheme = str(error), url.partition(":")[0]
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            hint = "Set tls_cert to the server's certificate to trust it"
+        elif scheme == "http" and "ECONNRESET" in text:
+            hint = ("An HTTPS server closes plain-HTTP connections like this: if it serves "
+                    "HTTPS, ask https://" + url.partition("://")[2])
+        elif scheme == "https" and "WRONG_VERSION_NUMBER" in text:
+            hint = "It answered in plain HTTP: ask http://" + url.partition("://")[2]
+        else:
+            hint = "Is the server running (python3 claudeflare.py serve)?"
         raise ClaudeflareError(f"No answer from {url}: {error}. {hint}") from None
     finally:
         client.close()
@@ -6945,9 +7012,12 @@ def ask_health(url: str, context: ssl.SSLContext | None) -> dict:
     return health
 
 
-def health_context(settings: Settings | None) -> ssl.SSLContext | None:
-    """Return how to verify this machine's own HTTPS server: pinned to its certificate."""
-    return pinned_tls_context(settings.tls_cert) if settings and settings.tls_cert else None
+def health_context(settings: Settings | None,
+                   server: RunningServer | None) -> ssl.SSLContext | None:
+    """Return how to verify this machine's own HTTPS server: pinned to its certificate, the
+    configured one or else the one the running server said it serves."""
+    cert = (settings.tls_cert if settings else None) or (server.cert if server else None)
+    return pinned_tls_context(cert) if cert else None
 
 
 def check_runtime() -> Check:
@@ -6994,7 +7064,8 @@ def check_config(path: str) -> tuple[list[Check], dict]:
             continue
         valid[key] = raw
     if not checks:
-        checks.append(Check("ok", "config", f"{path} is valid ({len(values)} keys)"))
+        checks.append(Check("ok", "config", f"{path} is valid ({len(values)} "
+                            f"key{'' if len(values) == 1 else 's'})"))
     return checks, valid
 
 
@@ -7133,13 +7204,12 @@ def check_server(db_path: str, settings: Settings | None) -> tuple[Check, int | 
         return Check("warn", "server", f"no claudeflare server is running on {db_path}",
                      "start one: python3 claudeflare.py serve (or keep one running: "
                      "python3 claudeflare.py service install)"), None
-    match = LOCK_HOLDER.search(holder)
-    if match is None:
+    server = running_server(db_path)
+    if server is None:
         return Check("warn", "server", f"a server is starting on {db_path} ({holder})"), None
-    pid, port, scheme, host = match.group(1), int(match.group(2)), match.group(3), match.group(4)
-    url = local_url(host, port, scheme == "https")
+    pid, port, url = server.pid, server.port, server.url
     try:
-        health = ask_health(url, health_context(settings))
+        health = ask_health(url, health_context(settings, server))
     except ClaudeflareError as error:
         return Check("fail", "server", f"pid {pid} holds {db_path}, but: {error}",
                      "see its log; stop it and start it again"), port
@@ -7310,6 +7380,21 @@ def size_text(size: int) -> str:
     return f"{size:.1f} MB"
 
 
+#: The time a log line begins with (pretty) or carries as its "ts" (JSON).
+LOG_LINE_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+#: How far back `doctor` shows log errors when no server runs on the database.
+LOG_ERRORS_WITHIN_MS = 3_600_000
+
+
+def log_line_time(line: str) -> int:
+    """Return when a log line was written, in epoch ms (0 if it does not say)."""
+    found = LOG_LINE_TIME.search(line)
+    if found is None:
+        return 0
+    moment = datetime.datetime.strptime(found.group(), "%Y-%m-%dT%H:%M:%S.%fZ")
+    return int(moment.replace(tzinfo=datetime.timezone.utc).timestamp() * 1000)
+
+
 def log_error_lines(path: str) -> list[str]:
     """Return the ERROR lines near the end of a log file, pretty or JSON, oldest first."""
     try:
@@ -7325,8 +7410,9 @@ def log_error_lines(path: str) -> list[str]:
             if re.match(r"\[[^\]]*\] ERROR: ", line) or '"level": "ERROR"' in line]
 
 
-def check_logs() -> list[Check]:
-    """Check the log folder as serve will meet it, say how big app.log is, show its last errors."""
+def check_logs(since: int, now: int) -> list[Check]:
+    """Check the log folder as serve will meet it, say how big app.log is, and show its
+    last errors written since `since` (when the server started), each with its age."""
     try:
         log_dir, warning = log_folder()
     except ClaudeflareError as error:
@@ -7361,8 +7447,9 @@ def check_logs() -> list[Check]:
     else:
         checks = [Check("ok", "logs", f"{path}: {size_text(os.path.getsize(path))} (rotates "
                         f"at {LOG_ROTATE_BYTES // (1024 * 1024)} MB)")]
-    checks += [Check("warn", "log", line[:300])
-               for line in log_error_lines(path)[-LOG_ERRORS_SHOWN:]]
+    recent = [line for line in log_error_lines(path) if log_line_time(line) >= since]
+    checks += [Check("warn", "log", f"{when_text(log_line_time(line), now)}: {line[:300]}")
+               for line in recent[-LOG_ERRORS_SHOWN:]]
     return checks
 
 
@@ -7400,7 +7487,9 @@ def run_doctor(config_path: str, db_path: str, flags: dict, now: int) -> list[Ch
             checks.append(check_clock(headers.get("date"), (sent + now_ms()) // 2))
         checks.append(check_endpoint("token endpoint", settings.oauth_token_url, "POST", b"{}",
                                      "check the network and oauth_token_url")[0])
-    return checks + check_logs()
+    started = (int(os.stat(server_lock_path(db_path)).st_mtime * 1000)
+               if server_port is not None else 0)
+    return checks + check_logs(started or now - LOG_ERRORS_WITHIN_MS, now)
 
 
 ###############################################################################
@@ -7540,20 +7629,54 @@ def argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 @contextlib.contextmanager
-def open_store(args: argparse.Namespace) -> Iterator[Store]:
-    """Open the database a command works on (--db, CLAUDEFLARE_DB_PATH, or the default)."""
-    store = Store(args.db or default_db_path())
+def open_store(args: argparse.Namespace, create: bool = False) -> Iterator[Store]:
+    """Open the database a command works on (--db, CLAUDEFLARE_DB_PATH, or the default).
+
+    Only commands that add something create it: a mistyped path must not leave files behind.
+    """
+    store = Store(args.db or default_db_path(), create=create)
     try:
         yield store
     finally:
         store.close()
 
 
-def read_secret(prompt: str) -> str:
-    """Read one secret line from stdin; prompt without echo only when a person is typing."""
-    if sys.stdin.isatty():
-        return getpass.getpass(prompt)
-    return sys.stdin.readline()
+#: What Ctrl+D at a prompt says; Ctrl+C is main's KeyboardInterrupt.
+CANCELLED = "Cancelled (end of input): nothing was changed"
+
+
+def ask(prompt: str, secret: bool = False) -> str:
+    """Read one line: typed at a prompt (a secret without echo), or piped in, unprompted
+    for a secret. Ctrl+D at a terminal cancels the command; the end of a pipe reads ""."""
+    if not sys.stdin.isatty():
+        if not secret:
+            print(prompt, end="", flush=True)
+        return sys.stdin.readline().strip()
+    try:
+        return (getpass.getpass(prompt) if secret else input(prompt)).strip()
+    except EOFError:
+        print()
+        raise ClaudeflareError(CANCELLED) from None
+
+
+def confirm(question: str, skip: bool) -> None:
+    """Go on only when the user answers yes (or skip: --yes); otherwise change nothing."""
+    if not skip and ask(f"{question} [y/N] ").lower() not in ("y", "yes"):
+        raise ClaudeflareError("Not confirmed: nothing was changed (--yes skips the question)")
+
+
+def read_api_key() -> str:
+    """Read an API key from stdin; warn when it does not look like an Anthropic key."""
+    key = ask("Paste the API key: ", secret=True)
+    if not key or not API_KEY_PATTERN.fullmatch(key):
+        raise ClaudeflareError("No valid API key read from stdin (one line of printable "
+                               "ASCII, no spaces). Pipe it in: "
+                               "echo \"$ANTHROPIC_API_KEY\" | claudeflare.py add NAME "
+                               "--api-key")
+    if not key.startswith("sk-ant-"):
+        print("claudeflare: warning: this does not look like an Anthropic API key "
+              "(sk-ant-...); stored anyway", file=sys.stderr)
+    return key
 
 
 class ServerLock:
@@ -7582,11 +7705,14 @@ class ServerLock:
                 f"Another claudeflare server is already running on {db_path} ({holder}). Stop "
                 f"it first, or start this one with another --db.") from None
 
-    def note(self, host: str, port: int, scheme: str = "http") -> None:
-        """Write who holds the lock, for the message a second server shows (and `doctor`)."""
+    def note(self, host: str, port: int, cert: str = "") -> None:
+        """Write who holds the lock, for the message a second server shows, and where it
+        answers with which certificate, for `health` and `doctor` (see running_server)."""
         self.file.seek(0)
         self.file.truncate()
-        self.file.write(f"pid {os.getpid()}, port {port}, {scheme}://{host}:{port}\n")
+        scheme, served = ("https", f", certificate {os.path.abspath(cert)}") if cert else \
+            ("http", "")
+        self.file.write(f"pid {os.getpid()}, port {port}, {scheme}://{host}:{port}{served}\n")
         self.file.flush()
 
     def release(self) -> None:
@@ -7595,7 +7721,8 @@ class ServerLock:
 
 #: What the interpreter runs to start this file again as an imported module: from this file's
 #: folder, never the current one (-c would put that first on the module path), whatever the
-#: file is called.
+#: file is called. It goes in the environment, and the command line (what `ps` shows) reads
+#: `python3 -B -c <one short line> /path/claudeflare.py serve ...`.
 AS_MODULE = ("import os, sys\n"
              "path = sys.argv.pop(1)\n"
              "sys.path[0] = os.path.dirname(path)\n"
@@ -7605,6 +7732,8 @@ AS_MODULE = ("import os, sys\n"
              "module = sys.modules['claudeflare'] = importlib.util.module_from_spec(spec)\n"
              "loader.exec_module(module)\n"
              "sys.exit(module.main())\n")
+AS_MODULE_ENV = "CLAUDEFLARE_AS_MODULE"
+AS_MODULE_BOOT = f"import os; exec(os.environ.pop('{AS_MODULE_ENV}'))"
 
 
 def serve_as_module() -> None:
@@ -7621,8 +7750,25 @@ def serve_as_module() -> None:
     if "-B" not in flags:
         flags.insert(0, "-B")
     with contextlib.suppress(OSError):  # could not: serve as the script, then
-        os.execv(sys.executable, [sys.executable, *flags, "-c", AS_MODULE,
-                                  os.path.abspath(__file__), *sys.argv[1:]])
+        os.execve(sys.executable, [sys.executable, *flags, "-c", AS_MODULE_BOOT,
+                                   os.path.abspath(__file__), *sys.argv[1:]],
+                  {**os.environ, AS_MODULE_ENV: AS_MODULE})
+
+
+def print_start(app: App, url: str, local: str, log_path: str) -> None:
+    """Say on the terminal where the server answers, where it logs, and what it serves with."""
+    accounts = app.store.accounts()
+    serving = sum(can_serve(account, now_ms(), app.settings.overage) for account in accounts)
+    add = "add one: python3 claudeflare.py add NAME (or add NAME --api-key)"
+    pool = (f"{serving} of {len(accounts)} can serve" if serving else
+            f"none can serve (python3 claudeflare.py list says why); {add}" if accounts else
+            f"none: requests go upstream with each client's own credentials; {add}")
+    print(f"claudeflare {__version__} listening on {url}\n"
+          f"  status page: {local}/\n"
+          f"  log:         {log_path}\n"
+          f"  accounts:    {pool}\n"
+          f"  strategy:    {app.settings.lb_strategy}\n"
+          f"Ctrl+C stops it.", flush=True)
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -7643,11 +7789,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     for problem in settings.config.problems:
         server_log.error("%s", problem)
     db_path = args.db or default_db_path()
+    db_folder = os.path.dirname(os.path.abspath(db_path))
+    made = [name for name in (db_folder, db_path) if not os.path.exists(name)]
     try:
         problem = database_problem(db_path)
         if problem is not None:
             raise ClaudeflareError(problem)
-        ensure_private_dir(os.path.dirname(os.path.abspath(db_path)))
+        ensure_private_dir(db_folder)
         lock = ServerLock(db_path)
         try:
             server = make_server(settings, db_path)
@@ -7657,11 +7805,18 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     except ClaudeflareError as error:
         server_log.error("%s", error)
         logs.close()
+        if db_path in made:  # a server that never started leaves no new database behind
+            for name in (db_path, db_path + "-wal", db_path + "-shm", server_lock_path(db_path)):
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
+            if db_folder in made:
+                with contextlib.suppress(OSError):
+                    os.rmdir(db_folder)
         raise
     app = server.app
     host, port = server.server_address[:2]
     scheme = "https" if settings.tls_cert else "http"
-    lock.note(host, port, scheme)
+    lock.note(host, port, settings.tls_cert)
     stop = threading.Event()
 
     def request_stop(signum: int, frame: Any) -> None:
@@ -7681,7 +7836,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                    f"(python3 claudeflare.py keys add NAME) or bind 127.0.0.1.")
         server_log.warning("%s", warning)
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
-    print(f"claudeflare {__version__} listening on {scheme}://{host}:{port}", flush=True)
+    print_start(app, f"{scheme}://{host}:{port}", local_url(host, port, scheme == "https"),
+                logs.path)
     release_free_memory()  # what compiling this file and starting up used, and no longer needs
     try:
         server.serve_forever(poll_interval=0.2)
@@ -7692,6 +7848,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         server.server_close()
         server_log.info("Shutting down: waiting up to %gs for %d requests in flight",
                         settings.shutdown_timeout_s, app.running)
+        print(f"stopping: waiting up to {settings.shutdown_timeout_s:g}s for {app.running} "
+              f"requests in flight (Ctrl+C again quits at once)", flush=True)
         unfinished = app.drain(settings.shutdown_timeout_s)
         if unfinished:
             cut = app.cut_streams()
@@ -7704,7 +7862,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         lock.release()
         server_log.info("Server stopped")
         logs.close()
+        print("stopped", flush=True)
     return 0
+
+
+#: Where a login waits for a code from a browser on another machine.
+PASTE_PROMPT = "Paste the authorization code: "
 
 
 def oauth_login(settings: Settings, mode: str,
@@ -7728,7 +7891,7 @@ def oauth_login(settings: Settings, mode: str,
         print("Browser on another machine (SSH, no screen)? Open this URL there instead, and "
               "paste the code its page shows:")
         print(paste_url)
-        print("Paste the authorization code: ", end="", flush=True)
+        print(PASTE_PROMPT, end="", flush=True)
         threading.Thread(target=read_pasted_code, args=(results,), name="claudeflare-paste",
                          daemon=True).start()
         code, state = wait_for_code(login, results, settings.login_timeout_s)
@@ -7762,26 +7925,41 @@ def start_browser(url: str) -> bool:
 
 
 def read_pasted_code(results: queue.Queue) -> None:
-    """Wait for a code pasted on standard input (blank lines are skipped; at its end, stop)."""
+    """Pass on each code pasted on standard input (blank lines are skipped), then its end."""
     for line in sys.stdin:
         if line.strip():
             results.put(("paste", line))
-            return
+    results.put(("end", ""))
 
 
 def wait_for_code(login: PkceLogin, results: queue.Queue, timeout_s: float) -> tuple[str, str]:
-    """Return the code and state of whichever way back arrives first, within timeout_s."""
-    try:
-        kind, value = results.get(timeout=timeout_s)
-    except queue.Empty:
-        raise ClaudeflareError(
-            f"The login timed out after {timeout_s:g}s: the browser did not come back and no "
-            f"code was pasted. Start it again.") from None
-    if kind == "paste":
-        return login.code_from(value)
-    if kind == "refused":
-        raise ClaudeflareError(f"The login did not go through: {value}. Start it again.")
-    return value
+    """Return the code and state of whichever way back arrives first, within timeout_s.
+
+    A pasted code that cannot be right is explained and asked for again; the browser may come
+    back meanwhile. Ctrl+D at a terminal cancels; a pipe's end leaves the browser's way open,
+    unless what it gave was wrong.
+    """
+    deadline, wrong = time.monotonic() + timeout_s, None
+    while True:
+        try:
+            kind, value = results.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise ClaudeflareError(
+                f"The login timed out after {timeout_s:g}s: the browser did not come back and "
+                f"no code was pasted. Start it again.") from None
+        if kind == "end" and (wrong or sys.stdin.isatty()):
+            print()
+            raise wrong or ClaudeflareError(CANCELLED)
+        if kind == "paste":
+            try:
+                return login.code_from(value)
+            except ClaudeflareError as error:
+                wrong = error
+                print(f"{error}.\n{PASTE_PROMPT}", end="", flush=True)
+        elif kind == "refused":
+            raise ClaudeflareError(f"The login did not go through: {value}. Start it again.")
+        elif kind != "end":
+            return value
 
 
 def identity(tokens: Tokens) -> dict:
@@ -7796,42 +7974,51 @@ def who(tokens: Tokens) -> str:
 
 
 def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
-    """Add an account: an API key read from stdin, or an OAuth login."""
+    """Add an account: an API key read from stdin, or an OAuth login.
+
+    The database is created once there is an account to put in it: a login given up leaves
+    nothing behind.
+    """
     validate_account_name(args.name)
-    with open_store(args) as store:
-        if any(account.name == args.name for account in store.accounts()):
-            raise ClaudeflareError(f"Account already exists: {args.name}. Choose another name, "
-                                   f"or log it in again with: reauth {args.name}")
-        if args.api_key:
-            key = read_secret("Paste the API key: ").strip()
-            if not key or not API_KEY_PATTERN.fullmatch(key):
-                raise ClaudeflareError("No valid API key read from stdin (one line of printable "
-                                       "ASCII, no spaces). Pipe it in: "
-                                       "echo \"$ANTHROPIC_API_KEY\" | claudeflare.py add NAME "
-                                       "--api-key")
-            store.add_account(args.name, "api_key", args.tier, api_key=key,
-                              priority=args.priority)
-            print(f"Added API-key account {args.name} (tier {args.tier})")
-            return 0
+    if os.path.exists(args.db or default_db_path()):
+        with open_store(args) as store:
+            if any(account.name == args.name for account in store.accounts()):
+                raise ClaudeflareError(f"Account already exists: {args.name}. Choose another "
+                                       f"name, or log it in again with: reauth {args.name}")
+    if args.api_key:
+        kind, fields = "api_key", {"api_key": read_api_key()}
+        done = f"Added API-key account {args.name} (tier {args.tier})"
+    else:
         tokens, api_key = oauth_login(settings, args.mode, not args.no_browser)
-        if api_key is not None:
-            store.add_account(args.name, "api_key", args.tier, api_key=api_key,
-                              priority=args.priority, **identity(tokens))
-        else:
-            store.add_account(args.name, "oauth", args.tier, priority=args.priority,
-                              access_token=tokens.access_token,
-                              refresh_token=tokens.refresh_token, expires_at=tokens.expires_at,
-                              **identity(tokens))
-        print(f"Added {args.name} ({who(tokens)})"
-              + (" with a new API key" if api_key is not None else ""))
-        return 0
+        kind, fields = ("api_key", {"api_key": api_key}) if api_key is not None else (
+            "oauth", {"access_token": tokens.access_token,
+                      "refresh_token": tokens.refresh_token, "expires_at": tokens.expires_at})
+        fields.update(identity(tokens))
+        done = (f"Added {args.name} ({who(tokens)})"
+                + (" with a new API key" if api_key is not None else ""))
+    with open_store(args, create=True) as store:
+        store.add_account(args.name, kind, args.tier, priority=args.priority, **fields)
+    print(done)
+    return 0
 
 
 def cmd_reauth(args: argparse.Namespace, settings: Settings) -> int:
     """Log an existing account in again, keeping its name, tier and history."""
     with open_store(args) as store:
         account = store.account(args.name)
-        mode = args.mode or ("max" if account.type == "oauth" else "console")
+        if args.api_key or account.type == "api_key" and args.mode is None:
+            if account.type != "api_key":
+                raise ClaudeflareError(f"{args.name} is an oauth account: --api-key would change "
+                                       f"its kind. Remove it and add it again instead.")
+            if not args.api_key:
+                raise ClaudeflareError(
+                    f"{args.name} is an API-key account: give it a new key with reauth "
+                    f"{args.name} --api-key (read from stdin), or mint one with --mode console")
+            store.change_account(args.name, api_key=read_api_key(), needs_reauth=0,
+                                 reauth_reason=None)
+            print(f"Replaced the API key of account {args.name}")
+            return 0
+        mode = args.mode or "max"
         if (mode == "max") != (account.type == "oauth"):
             raise ClaudeflareError(
                 f"{args.name} is an {account.type} account; --mode {mode} would change its kind. "
@@ -7909,8 +8096,7 @@ def cmd_remove(args: argparse.Namespace, settings: Settings) -> int:
     with open_store(args) as store:
         store.account(args.name)
         if not args.force:
-            print(f"Type the account name ({args.name}) to remove it: ", end="", flush=True)
-            if sys.stdin.readline().strip() != args.name:
+            if ask(f"Type the account name ({args.name}) to remove it: ") != args.name:
                 raise ClaudeflareError(f"Confirmation did not match; {args.name} was not "
                                        f"removed (use --force to skip the question)")
         store.remove_account(args.name)
@@ -7928,6 +8114,10 @@ def change_account(args: argparse.Namespace, done: str, **fields: Any) -> int:
 
 def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
     """Stop routing requests to an account until it is resumed."""
+    with open_store(args) as store:
+        if store.account(args.name).paused:
+            print(f"Account {args.name} is already paused")
+            return 0
     return change_account(args, f"Paused account {args.name}", paused=1)
 
 
@@ -7969,6 +8159,9 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
         print(settings.values[args.key])
         return 0
     if args.action == "unset":
+        if args.key not in settings.file_values:
+            print(f"{args.key} is not set in {settings.config.path}: nothing to remove")
+            return 0
         settings.config.update(args.key, None)
         print(f"Removed {args.key} from {settings.config.path}: the default, "
               f"{setting.default}, applies unless {setting.env} is set")
@@ -7978,7 +8171,8 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     value = validate_setting(args.key, args.value, "the command line")
     settings.config.update(args.key, value)
     print(f"Set {args.key} = {value} in {settings.config.path}")
-    if args.key == "lb_strategy" and value in ROTATING_STRATEGIES:
+    if args.key == "lb_strategy" and value in ROTATING_STRATEGIES and \
+            settings.lb_strategy not in ROTATING_STRATEGIES:  # said once, when switching
         print(f"note: {value} moves a conversation to another account on every request: it "
               f"loses prompt-cache hits and does not look like one person's use of an account. "
               f"session (the default) keeps each conversation on one account.", file=sys.stderr)
@@ -7989,16 +8183,18 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_clear_history(args: argparse.Namespace, settings: Settings) -> int:
-    """Delete the request log."""
+    """Delete the request log, once the user confirms."""
     with open_store(args) as store:
+        confirm("Delete every recorded request?", args.yes)
         count = store.clear_history()
     print(f"Cleared {count} request records")
     return 0
 
 
 def cmd_reset_stats(args: argparse.Namespace, settings: Settings) -> int:
-    """Zero the per-account request counters."""
+    """Zero the per-account request counters, once the user confirms."""
     with open_store(args) as store:
+        confirm("Zero every account's request counters?", args.yes)
         count = store.reset_stats()
     print(f"Reset request counters of {count} accounts")
     return 0
@@ -8066,7 +8262,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     changes = key_changes(args, settings)
     if changes and args.action in ("list", "remove"):
         raise ClaudeflareError(f"keys {args.action} takes no limit options")
-    with open_store(args) as store:
+    with open_store(args, create=args.action == "add") as store:
         if args.action == "add":
             key = store.add_client_key(args.name, **changes)
             print(f"Client key {args.name}: {key}")
@@ -8112,6 +8308,9 @@ def print_keys(store: Store, settings: Settings, as_json: bool) -> None:
     print_table(rows)
     print(f"Budgets count API-equivalent cost in {settings.budget_timezone or 'local'} time; "
           f"requests in flight: GET /api/keys or the status page")
+def dash(value: Any) -> str:
+    """Show a figure, or '-' when there is none (0 ms is a figure)."""
+    return "-" if value is None else str(value)
 
 
 def usage_line(usage: dict) -> str:
@@ -8119,7 +8318,7 @@ def usage_line(usage: dict) -> str:
     rate = "-" if usage["successRate"] is None else f"{usage['successRate'] * 100:.1f}%"
     line = (f"{usage['requests']} requests, {rate} ok, {usage['inputTokens']:,} in / "
             f"{usage['outputTokens']:,} out tokens, ${usage['costUsd']:.2f}, avg "
-            f"{usage['avgLatencyMs'] or '-'} ms, p95 {usage['p95LatencyMs'] or '-'} ms")
+            f"{dash(usage['avgLatencyMs'])} ms, p95 {dash(usage['p95LatencyMs'])} ms")
     if usage["overageRequests"]:
         line += (f"; {usage['overageRequests']} on extra usage, ${usage['overageCostUsd']:.2f} "
                  f"billed")
@@ -8142,7 +8341,7 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
             rows += [[item["name"] or "-", str(item["requests"]),
                       f"{(item['successRate'] or 0) * 100:.1f}%", f"{item['inputTokens']:,}",
                       f"{item['outputTokens']:,}", f"${item['costUsd']:.2f}",
-                      str(item["avgLatencyMs"] or "-")] for item in report[key]]
+                      dash(item["avgLatencyMs"])] for item in report[key]]
             print_table(rows)
     if report["recentErrors"]:
         print("\nRecent errors:")
@@ -8173,8 +8372,10 @@ def cmd_requests(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     """Ask a running server for /health; exit 0 only when it says ok."""
-    url = args.url or local_url(settings.host, settings.port, bool(settings.tls_cert))
-    health = ask_health(url, health_context(settings))
+    server = running_server(args.db or default_db_path())
+    url = args.url or (server.url if server else
+                       local_url(settings.host, settings.port, bool(settings.tls_cert)))
+    health = ask_health(url, health_context(settings, server))
     status, counts = health["status"], health["accounts"]
     print(printable(f"{status}: {counts.get('active', 0)} of {counts.get('total', 0)} accounts "
                     f"active, strategy {health.get('strategy')}, up "
@@ -8395,6 +8596,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="max for OAuth accounts (default), console for minted API keys")
     reauth.add_argument("--no-browser", action="store_true",
                         help="do not open a browser: print the login URLs only")
+    reauth.add_argument("--api-key", action="store_true",
+                        help="an API-key account: read its new key from stdin, as add does")
 
     listing = command("list", cmd_list, "list accounts with status, usage and rate limits",
                       "python3 claudeflare.py list --json")
@@ -8457,10 +8660,12 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("key", nargs="?", help="a setting: " + ", ".join(SETTINGS_BY_KEY))
     config.add_argument("value", nargs="?", help="the new value (with set)")
 
-    command("clear-history", cmd_clear_history, "delete the request log",
-            "python3 claudeflare.py clear-history")
-    command("reset-stats", cmd_reset_stats, "zero the per-account request counters",
-            "python3 claudeflare.py reset-stats")
+    for name, handler, summary in (
+            ("clear-history", cmd_clear_history, "delete the request log (asks first)"),
+            ("reset-stats", cmd_reset_stats, "zero the per-account request counters (asks "
+             "first)")):
+        command(name, handler, summary, f"python3 claudeflare.py {name} --yes").add_argument(
+            "--yes", action="store_true", help="do not ask (for scripts)")
     stats = command("stats", cmd_stats, "print usage: totals, per account and model, errors",
                     "python3 claudeflare.py stats --json")
     stats.add_argument("--json", action="store_true", help="print JSON for scripts")

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import plistlib
+import pty
 import socket
 import sqlite3
 import ssl
@@ -1486,6 +1487,43 @@ class TestSettingsThatCannotWork(CliTestCase):
         self.assertIn("must be a finite number", done.stderr)
         self.assertNotIn("Traceback", done.stderr)
 
+    def serve(self, *args: str, **env: str) -> subprocess.CompletedProcess:
+        """Run serve on a database in a folder of its own; it must fail to start."""
+        return subprocess.run(
+            [sys.executable, os.path.join(HERE, "claudeflare.py"), "--config", self.config_path,
+             "--db", os.path.join(self.folder, "new", "other.db"), "serve", *args],
+            env=dict(os.environ, CLAUDEFLARE_LOG_DIR=os.path.join(self.folder, "logs"), **env),
+            capture_output=True, text=True, timeout=60)
+
+    def test_a_bad_environment_value_warns_commands_and_stops_serve(self):
+        with unittest.mock.patch.dict(os.environ, {"LB_STRATEGY": "fastest"}):
+            code, out, err = self.cli("config", "get", "lb_strategy")
+        self.assertEqual((code, out), (0, "session\n"))
+        self.assertEqual(err, "claudeflare: warning: Invalid strategy: fastest; valid: session, "
+                              "round-robin, weighted, least-requests, headroom (for "
+                              "lb_strategy, from LB_STRATEGY); using the default, session\n")
+        done = self.serve("--port", "0", LB_STRATEGY="fastest")
+        self.assertEqual((done.returncode, done.stdout), (1, ""))
+        self.assertTrue(done.stderr.startswith("claudeflare: error: Invalid strategy: fastest"),
+                        done.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.folder, "new")))
+
+    def test_a_serve_that_cannot_listen_says_why_and_leaves_no_database(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            done = self.serve("--port", str(taken.getsockname()[1]))
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("Address already in use. Is another server running there?", done.stderr)
+        done = self.serve("--host", "192.0.2.1", "--port", "0")  # TEST-NET-1: nobody's address
+        self.assertEqual(done.returncode, 1)
+        self.assertRegex(done.stderr, r"^claudeflare: error: Cannot listen on 192\.0\.2\.1:0: "
+                                      r"192\.0\.2\.1 is not an address of this machine \(it "
+                                      r"has 127\.0\.0\.1[^)]*\)\. Bind one of those, or "
+                                      r"0\.0\.0\.0 for all of them, with --host or "
+                                      r"CLAUDEFLARE_HOST\.\n$")
+        self.assertFalse(os.path.exists(os.path.join(self.folder, "new")))
+
     def test_a_config_path_that_is_a_folder_gets_one_line(self):
         os.mkdir(self.config_path)
         self.fails(f"Cannot read config file {self.config_path}", "list")
@@ -1535,7 +1573,7 @@ class TestSettingsThatCannotWork(CliTestCase):
         self.assertFalse(os.path.exists(self.db_path + "-wal"))
 
     def test_config_holds_only_what_the_user_set(self):
-        self.ok("list")
+        self.ok("config", "get", "port")
         with open(self.config_path) as written:
             self.assertEqual(json.load(written), {})
         listing = self.ok("config", "list")
@@ -1596,6 +1634,7 @@ class TestAccountCommands(CliTestCase):
         self.assertRegex(lines[2], r"^beta\s+api_key\s+20\s+0\s+paused")
 
     def test_unknown_account_is_named(self):
+        self.ok("add", "work", "--api-key", stdin="sk-ant-api03-x\n")
         for command in (("pause", "ghost"), ("resume", "ghost"), ("unpause", "ghost"),
                         ("tier", "ghost", "5"), ("remove", "ghost", "--force")):
             self.fails("Account not found: ghost", *command)
@@ -1647,10 +1686,75 @@ class TestAccountCommands(CliTestCase):
             for index in range(3)], 3_600_000)
         self.assertEqual(self.accounts()["work"]["requests"], 3)
         self.assertEqual(self.accounts()["work"]["sessionRequests"], 3)
-        self.assertEqual(self.ok("clear-history").strip(), "Cleared 3 request records")
-        self.assertEqual(self.ok("clear-history").strip(), "Cleared 0 request records")
-        self.ok("reset-stats")
+        self.fails("Not confirmed: nothing was changed (--yes skips the question)",
+                   "clear-history", stdin="n\n")
+        self.fails("Not confirmed", "reset-stats", stdin="")
+        self.assertEqual(self.accounts()["work"]["requests"], 3)
+        self.assertTrue(self.ok("clear-history", stdin="y\n").endswith(
+            "[y/N] Cleared 3 request records\n"))
+        self.assertEqual(self.ok("clear-history", "--yes").strip(), "Cleared 0 request records")
+        self.ok("reset-stats", "--yes")
         self.assertEqual(self.accounts()["work"]["requests"], 0)
+
+    def test_read_only_commands_never_create_a_database(self):
+        typo = os.path.join(self.folder, "typo", "x.db")
+        for command in (("list",), ("stats",), ("requests",), ("keys", "list"),
+                        ("clear-history", "--yes"), ("reset-stats", "--yes"), ("pause", "w"),
+                        ("remove", "w", "--force"), ("backup", os.path.join(self.folder, "b.db"))):
+            with self.subTest(command=command):
+                code, out, err = run_cli("--config", self.config_path, "--db", typo, *command)
+                self.assertEqual((code, out), (1, ""))
+                self.assertEqual(err, f"claudeflare: error: No database at {typo}: nothing is "
+                                      f"stored there yet. Check --db or CLAUDEFLARE_DB_PATH, or "
+                                      f"add an account: python3 claudeflare.py add NAME\n")
+        self.assertEqual(sorted(os.listdir(self.folder)), ["config.json"])
+        self.ok("add", "work", "--api-key", stdin="sk-ant-api03-x\n")
+        nowhere = os.path.join(self.folder, "nonexistent", "dir")
+        self.fails(f"The folder {nowhere} does not exist: create it first", "backup",
+                   os.path.join(nowhere, "x.db"))
+        self.assertFalse(os.path.exists(os.path.dirname(nowhere)))
+        self.assertIn("Backed up", self.ok("backup", os.path.join(self.folder, "b.db")))
+
+    def test_repeated_changes_say_what_they_did(self):
+        self.ok("add", "work", "--api-key", stdin="sk-ant-api03-x\n")
+        self.assertEqual(self.ok("pause", "work"), "Paused account work\n")
+        self.assertEqual(self.ok("pause", "work"), "Account work is already paused\n")
+        self.assertEqual(self.ok("config", "unset", "overage"),
+                         f"overage is not set in {self.config_path}: nothing to remove\n")
+        self.ok("config", "set", "overage", "never")
+        self.assertIn("Removed overage", self.ok("config", "unset", "overage"))
+        notes = [self.cli("config", "set", "lb_strategy", strategy)[2]
+                 for strategy in ("round-robin", "round-robin", "weighted", "session",
+                                  "weighted")]
+        self.assertEqual([bool(note) for note in notes], [True, False, False, False, True])
+        self.assertIn("note: round-robin moves a conversation", notes[0])
+
+    def test_a_key_that_does_not_look_like_one_is_stored_with_a_warning(self):
+        code, out, err = self.cli("add", "y", "--api-key", stdin="not-a-key\n")
+        self.assertEqual((code, out), (0, "Added API-key account y (tier 1)\n"))
+        self.assertEqual(err, "claudeflare: warning: this does not look like an Anthropic API "
+                              "key (sk-ant-...); stored anyway\n")
+        self.assertEqual(self.cli("add", "z", "--api-key", stdin="sk-ant-api03-z\n")[2], "")
+
+    def test_reauth_api_key_replaces_the_key_keeping_the_account(self):
+        self.ok("add", "ci", "--api-key", "--tier", "5", "--priority", "2",
+                stdin="sk-ant-api03-old\n")
+        store = claudeflare.Store(self.db_path)
+        self.addCleanup(store.close)
+        store.update_account("ci", request_count=7, needs_reauth=1, reauth_reason="bad key")
+        self.fails("ci is an API-key account: give it a new key with reauth ci --api-key (read "
+                   "from stdin), or mint one with --mode console", "reauth", "ci")
+        self.fails("No valid API key read from stdin", "reauth", "ci", "--api-key", stdin="")
+        self.assertEqual(self.ok("reauth", "ci", "--api-key", stdin="sk-ant-api03-new\n"),
+                         "Replaced the API key of account ci\n")
+        account = store.account("ci")
+        self.assertEqual((account.api_key, account.account_tier, account.priority,
+                          account.request_count, account.needs_reauth),
+                         ("sk-ant-api03-new", 5, 2, 7, 0))
+        store.add_account("max", "oauth", 1, access_token="sk-ant-oat01-x")
+        self.fails("max is an oauth account: --api-key would change its kind", "reauth", "max",
+                   "--api-key", stdin="sk-ant-api03-y\n")
+        self.assertEqual(store.account("max").access_token, "sk-ant-oat01-x")
 
     def test_every_command_has_help_with_an_example(self):
         for command in ("serve", "add", "list", "remove", "pause", "resume", "unpause", "tier",
@@ -1660,6 +1764,77 @@ class TestAccountCommands(CliTestCase):
             self.assertEqual(code, 0, command)
             self.assertIn("example:", out, command)
             self.assertIn("python3 claudeflare.py", out, command)
+
+
+#: Makes the terminal on its stdin the controlling terminal of a session of its own (getpass
+#: and Ctrl+C need one), then runs the command line given after it.
+ON_A_TERMINAL = ("import os, sys\n"
+                 "os.close(os.open(os.ttyname(0), os.O_RDWR))\n"
+                 "os.execv(sys.executable, sys.argv[1:])\n")
+
+
+@unittest.skipUnless(os.path.exists("/proc/self/stat"), "needs /proc to see a program wait")
+class TestPrompts(CliTestCase):
+    """Ctrl+D and Ctrl+C typed at each prompt, on a real terminal (a pty)."""
+
+    def type_at_prompt(self, prompt: str, key: bytes, *args: str) -> tuple[int, str]:
+        """Run the CLI on a terminal; once it shows prompt, type key; return status, screen."""
+        master, slave = pty.openpty()
+        environ = {name: value for name, value in os.environ.items()
+                   if name not in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER")}
+        process = subprocess.Popen(
+            [sys.executable, "-c", ON_A_TERMINAL, sys.executable,
+             os.path.join(HERE, "claudeflare.py"), "--config", self.config_path, "--db",
+             self.db_path, *args],
+            stdin=slave, stdout=slave, stderr=slave, start_new_session=True, env=environ)
+        os.close(slave)
+        screen, typed = b"", False
+        try:
+            while select.select([master], [], [], DEADLINE_S * 3)[0]:
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # EIO: the program is gone and its terminal with it
+                    break
+                if not data:
+                    break
+                screen += data
+                if not typed and prompt.encode() in screen:
+                    # A signal that came before the read began would not interrupt it: type
+                    # once the program sleeps, waiting for the key.
+                    wait_for(lambda: self.sleeping(process.pid), what="the program to wait")
+                    os.write(master, key)
+                    typed = True
+            code = process.wait(timeout=DEADLINE_S)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            os.close(master)
+        self.assertTrue(typed, screen)
+        return code, screen.decode().replace("\r\n", "\n")
+
+    @staticmethod
+    def sleeping(pid: int) -> bool:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "S"
+
+    def test_ctrl_d_and_ctrl_c_at_every_prompt_change_nothing(self):
+        cancelled = "\nclaudeflare: error: Cancelled (end of input): nothing was changed\n"
+        interrupted = "\nclaudeflare: interrupted; nothing was changed\n"
+        for prompt, args in (("Paste the API key: ", ("add", "ci", "--api-key")),
+                             ("Paste the authorization code: ", ("add", "max", "--no-browser")),
+                             ("to remove it: ", ("remove", "work")),
+                             ("[y/N] ", ("clear-history",)), ("[y/N] ", ("reset-stats",))):
+            if args[0] == "remove":  # the adds created nothing; these need an account
+                self.assertFalse(os.path.exists(self.db_path))
+                self.ok("add", "work", "--api-key", stdin="sk-ant-api03-x\n")
+            for key, expected in ((b"\x04", (1, cancelled)), (b"\x03", (130, interrupted))):
+                with self.subTest(args=args, key=key):
+                    code, screen = self.type_at_prompt(prompt, key, *args)
+                    shown = screen[screen.rindex(prompt) + len(prompt):]
+                    self.assertEqual((code, shown[2:] if shown.startswith("^C") else shown),
+                                     expected)  # the terminal may echo ^C
+        self.assertEqual(list(self.accounts()), ["work"])
 
 
 class TestSchema(CliTestCase):
@@ -1891,6 +2066,7 @@ class TestUsingAccounts(ServerWithAccounts):
 
     def test_setting_a_rotating_strategy_warns_about_conversations(self):
         for strategy in ("round-robin", "weighted", "least-requests"):
+            self.ok("config", "set", "lb_strategy", "session")
             code, _, err = self.cli("config", "set", "lb_strategy", strategy)
             self.assertEqual(code, 0)
             self.assertIn("loses prompt-cache hits", err)
@@ -2305,6 +2481,28 @@ class TestOAuthLogin(ServerWithAccounts):
         self.assertEqual(len(err.strip().splitlines()), 1, err)
         self.assertNotIn("Traceback", err)
         self.assertEqual(json.loads(self.ok("list", "--json")), [])
+
+    def test_a_wrong_paste_is_explained_and_asked_for_again(self):
+        process, urls, _ = self.start_login("add", "work", "--no-browser")
+        with process:
+            try:
+                code, state = self.upstream.oauth.authorize(urls["paste"]).split("#")
+                for wrong, said in ((code, "The authorization code looks truncated: paste the "
+                                           "whole value the page shows, in the form code#state, "
+                                           "without changing it.\n"),
+                                    (code + "#otherstate",
+                                     "State mismatch: the pasted code belongs to another login "
+                                     "attempt: paste the code shown for this one.\n")):
+                    process.stdin.write(wrong + "\n")
+                    process.stdin.flush()
+                    self.assertEqual(process.stdout.readline(), said)
+                    self.assertEqual(process.stdout.read(len(self.PROMPT)), self.PROMPT)
+                out, err = process.communicate(f"{code}#{state}\n", timeout=DEADLINE_S * 3)
+            except BaseException:
+                process.kill()
+                raise
+        self.assertEqual(process.returncode, 0, err)
+        self.assertIn("Added work (dev@example.com, Acme)", out)
 
     def test_reauth_restores_an_account_keeping_its_history(self):
         self.add_oauth("work", tier=5, refresh_token="sk-ant-ort01-dead")
@@ -3780,6 +3978,44 @@ class TestUsage(ServerWithAccounts):
         self.assertEqual((record["accountName"], record["success"], record["streaming"]),
                          ("work", True, False))
 
+    def test_a_refused_request_keeps_the_model_its_body_named(self):
+        self.upstream.push(reply_error(400, "invalid_request_error", "max_tokens: too large"))
+        self.assertEqual(self.post_message()[0], 400)
+        record = self.last_record()
+        self.assertEqual((record["status"], record["model"]), (400, "claude-sonnet-4-5"))
+        self.assertRegex(self.ok("requests"), r"\n\S+\s+work\s+claude-sonnet-4-5\s+400 ")
+
+    def test_stats_show_zero_milliseconds_as_a_figure(self):
+        account = self.proxy.app.store.account("work")
+        self.proxy.app.store.write_requests([claudeflare.RequestRecord(
+            id="fast", timestamp=claudeflare.now_ms(), method="POST", path="/v1/messages",
+            account_name="work", account_id=account.id, model="claude-haiku-4-5", status=200,
+            success=True, response_time_ms=0)], 3_600_000)
+        text = self.ok("stats")
+        self.assertRegex(text, r"\nclaude-haiku-4-5\s+1\s+100\.0%\s+0\s+0\s+\$0\.00\s+0\n")
+        self.assertIn("avg 0 ms, p95 0 ms", text)
+
+    def test_requests_limited_at_once_log_the_limit_once(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        limited = reply_error(429, "rate_limit_error", "limited", unified_headers())
+
+        def held(handler: FakeHandler, request: Recorded) -> None:
+            gate.wait(DEADLINE_S)
+            limited(handler, request)
+
+        self.upstream.push(held, held)
+        clients = [threading.Thread(target=self.post_message) for _ in range(2)]
+        for client in clients:
+            client.start()
+        wait_for(lambda: len(self.upstream.messages()) == 2, what="both requests upstream")
+        gate.set()
+        for client in clients:
+            client.join()
+        self.proxy.settle()
+        self.assertEqual(CAPTURED_LOG.text().count("[Proxy] Account work rate limited until"),
+                         1)
+
     def test_record_keeps_the_client_product_and_the_conversation(self):
         self.post_message(headers={"User-Agent": "claude-cli/2.1.3 (external, cli)",
                                    "X-Claude-Code-Session-Id": "conv-42"})
@@ -4376,6 +4612,8 @@ class ServeProcess:
             raise AssertionError(f"server did not start: {line}{self.stderr}")
         self.port = int(line.rsplit(":", 1)[1])
         self.url = f"http://127.0.0.1:{self.port}"
+        #: What it printed on the terminal, complete once it stopped.
+        self.stdout = line
 
     def request(self, method: str, path: str, body=None, headers=None):
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE_S)
@@ -4391,10 +4629,13 @@ class ServeProcess:
         if self.process.poll() is None and signum is not None:
             self.process.send_signal(signum)
         try:
-            self.process.communicate(timeout=DEADLINE_S * 3)
+            self.process.wait(timeout=DEADLINE_S * 3)  # it prints a few lines: the pipe holds them
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.communicate()
+            self.process.wait()
+        if not self.process.stdout.closed:
+            self.stdout += self.process.stdout.read()
+            self.process.stdout.close()
         if not self.stderr_file.closed:
             self.stderr_file.seek(0)
             self.stderr = self.stderr_file.read()
@@ -4596,6 +4837,40 @@ class TestLogging(ServeTestCase):
         for name in names:
             self.assertLessEqual(os.path.getsize(os.path.join(folder, name)), 4000)
             self.assertEqual(os.stat(os.path.join(folder, name)).st_mode & 0o777, 0o600)
+
+
+class TestServeOnTheTerminal(ServeTestCase):
+    def test_serve_says_where_it_answers_and_when_it_stopped(self):
+        server = self.serve()
+        with open(f"/proc/{server.process.pid}/cmdline", "rb") as cmdline:
+            shown = cmdline.read().decode().replace("\0", " ")  # what ps shows
+        self.assertIn(f" {os.path.join(HERE, 'claudeflare.py')} serve --port 0", shown)
+        self.assertNotIn("\n", shown)
+        self.assertLess(len(shown), 250)
+        self.assertEqual(server.stop(signal.SIGINT), 0)
+        self.assertEqual(server.stdout, (
+            f"claudeflare {claudeflare.__version__} listening on {server.url}\n"
+            f"  status page: {server.url}/\n"
+            f"  log:         {server.log_path}\n"
+            f"  accounts:    none: requests go upstream with each client's own credentials; add "
+            f"one: python3 claudeflare.py add NAME (or add NAME --api-key)\n"
+            f"  strategy:    session\n"
+            f"Ctrl+C stops it.\n"
+            f"stopping: waiting up to 30s for 0 requests in flight (Ctrl+C again quits at once)\n"
+            f"stopped\n"))
+        self.cli("add", "work", "--api-key", stdin="sk-ant-api03-x\n")
+        self.cli("add", "home", "--api-key", stdin="sk-ant-api03-y\n")
+        self.cli("pause", "home")
+        server = self.serve(LB_STRATEGY="headroom")
+        self.assertEqual(server.stop(), 0)
+        self.assertIn("\n  accounts:    1 of 2 can serve\n  strategy:    headroom\n",
+                      server.stdout)
+        self.cli("pause", "work")
+        server = self.serve()
+        self.assertEqual(server.stop(), 0)
+        self.assertIn("\n  accounts:    none can serve (python3 claudeflare.py list says why); "
+                      "add one: python3 claudeflare.py add NAME (or add NAME --api-key)\n",
+                      server.stdout)
 
 
 class TestShutdown(ServeTestCase):
@@ -5303,6 +5578,25 @@ class TestTLS(ServeTestCase):
                       f"https://127.0.0.1:{server.port}/health: ok", out)
         self.assertIn(f"ok    tls: serves HTTPS with {self.cert}", out)
 
+    def test_a_server_started_with_tls_flags_is_found_and_trusted(self):
+        server = self.serve("--tls-cert", self.cert, "--tls-key", self.key)
+        url = f"https://127.0.0.1:{server.port}"
+        paths = ("--config", os.path.join(self.folder, "config.json"), "--db", server.db_path)
+        for args in ((), ("--url", url), ("--url", f"https://localhost:{server.port}")):
+            code, out, err = run_cli(*paths, "health", *args)
+            self.assertEqual((code, out.split(":")[0], err), (0, "ok", ""))
+        code, out, err = run_cli(*paths, "health", "--url", f"http://127.0.0.1:{server.port}")
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err, f"claudeflare: error: No answer from http://127.0.0.1:"
+                              f"{server.port}: ECONNRESET: http://127.0.0.1:{server.port} closed "
+                              f"the connection. An HTTPS server closes plain-HTTP connections "
+                              f"like this: if it serves HTTPS, ask {url}\n")
+        with unittest.mock.patch.dict(os.environ, {"CLAUDEFLARE_UPSTREAM_URL": self.upstream.url}):
+            code, out, _ = run_cli(*paths, "doctor")
+        self.assertIn(f"\nok    server: pid {server.process.pid} answers at {url}/health: ok",
+                      out)
+        self.assertEqual(os.stat(server.db_path + ".lock").st_mode & 0o777, 0o600)
+
     def test_a_wrong_or_missing_key_is_refused_at_start(self):
         env = dict(os.environ, CLAUDEFLARE_CONFIG_PATH=os.path.join(self.folder, "config.json"),
                    CLAUDEFLARE_DB_PATH=os.path.join(self.folder, "claudeflare.db"))
@@ -5478,16 +5772,28 @@ class TestDoctor(ServeTestCase):
 
     def test_last_log_errors_are_shown_redacted(self):
         os.makedirs(os.path.join(self.folder, "logs"))
+        now = claudeflare.now_ms()
         with open(os.path.join(self.folder, "logs", "app.log"), "w") as log:
-            for number in range(5):
-                log.write(f"[2024-01-20T10:30:4{number}.123Z] ERROR: [Proxy] failure {number} "
-                          f"x-api-key: sk-ant-api03-leaked{number}\n")
-                log.write("[2024-01-20T10:30:45.123Z] INFO: [Proxy] Request completed\n")
+            for number, minutes in enumerate((121, 50, 40, 30, 20)):
+                log.write(f"[{claudeflare.iso_time(now - minutes * 60_000)}] ERROR: [Proxy] "
+                          f"failure {number} x-api-key: sk-ant-api03-leaked{number}\n")
+                log.write(f"[{claudeflare.iso_time(now)}] INFO: [Proxy] Request completed\n")
+            log.write(json.dumps({"ts": claudeflare.iso_time(now - 10 * 60_000),
+                                  "level": "ERROR", "msg": "failure 5"}) + "\n")
         code, out = self.doctor()
         shown = [line for line in out.splitlines() if line.startswith("warn  log: ")]
-        self.assertEqual([line.split("failure ")[1][0] for line in shown], ["2", "3", "4"])
+        self.assertEqual([line.split("failure ")[1][0] for line in shown], ["3", "4", "5"])
+        self.assertEqual([line.split(": ")[1] for line in shown], ["30m ago", "20m ago",
+                                                                    "10m ago"])
         self.assertNotIn("leaked", out)
         self.assertIn("[REDACTED]", shown[0])
+        server = self.serve()  # from now on, only what this server logged counts
+        code, out = self.doctor(PORT=str(server.port))
+        self.assertNotIn("\nwarn  log: ", out)
+        with open(self.config_path, "w") as config:
+            json.dump({"overage": "never"}, config)
+        code, out = self.doctor()
+        self.assertIn(f"\nok    config: {self.config_path} is valid (1 key)\n", out)
 
     def test_a_database_serve_cannot_reach_is_named_by_doctor_and_serve(self):
         blocker = os.path.join(self.folder, "a-file")
