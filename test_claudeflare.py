@@ -261,7 +261,12 @@ def reply_default(handler: FakeHandler, request: Recorded) -> None:
     elif request.path == "/v1/messages" and request.method == "POST":
         payload = json.loads(request.body or b"{}")
         model = payload.get("model", "claude-sonnet-4-5")
-        if payload.get("fake_stream_bytes"):
+        refused, limits = handler.server.fake.meter(request, model)
+        if refused:
+            handler.send_whole(429, json.dumps({"type": "error", "error": {
+                "type": "rate_limit_error", "message": "Rate limited"}}).encode(),
+                headers=limits)
+        elif payload.get("fake_stream_bytes"):
             handler.start_chunked()
             delta = {"type": "text_delta", "text": "x" * 8000}
             event = sse("content_block_delta", {"type": "content_block_delta", "index": 0,
@@ -274,14 +279,14 @@ def reply_default(handler: FakeHandler, request: Recorded) -> None:
             # between events (a slow stream).
             words = (" word",) * payload["fake_words"] if "fake_words" in payload else None
             interval = payload.get("fake_interval", 0)
-            handler.start_chunked()
+            handler.start_chunked(headers=limits)
             for index, event in enumerate(message_events(model, words or ("Hello", " world"))):
                 if index and interval:
                     time.sleep(interval)
                 handler.send_chunk(event)
             handler.end_chunked()
         else:
-            handler.send_whole(200, json.dumps(message_body(model)).encode())
+            handler.send_whole(200, json.dumps(message_body(model)).encode(), headers=limits)
     elif request.path == "/v1/models":
         handler.send_whole(200, b'{"data":[{"id":"claude-sonnet-4-5","type":"model"}]}')
     else:
@@ -517,6 +522,26 @@ class FakeOAuth:
         return token.startswith("sk-ant-oat01-") and token not in self.access_tokens
 
 
+class Quota:
+    """A rate-limit window of the fake: `limit` requests per `seconds`, counted from the first
+    request after a reset, as the real windows are. Resets fall on whole seconds (the headers
+    give epoch seconds)."""
+
+    def __init__(self, limit: int, seconds: float, used: int = 0) -> None:
+        self.limit, self.seconds, self.used = limit, seconds, used
+        self.reset = math.ceil(time.time() + seconds) if used else None
+
+    def current(self, now: float) -> tuple[int, int]:
+        """Return the requests used and the reset (epoch s), a passed reset starting afresh."""
+        if self.reset is not None and now >= self.reset:
+            self.used, self.reset = 0, None
+        return self.used, self.reset or math.ceil(now + self.seconds)
+
+    def take(self, now: float) -> None:
+        used, reset = self.current(now)
+        self.used, self.reset = used + 1, reset
+
+
 class FakeUpstream:
     """A fake Anthropic API on 127.0.0.1 port 0 that records requests and runs scripted faults."""
 
@@ -532,6 +557,10 @@ class FakeUpstream:
             collections.deque)
         self.holding = threading.Event()
         self.stream_aborted = threading.Event()
+        #: credential -> window (5h, 7d, 7d_sonnet, 7d_opus, ...) -> its Quota: the windows
+        #: each answer's headers report and a spent one refuses with a 429. A 7d_<family>
+        #: window counts only the requests for that family's models.
+        self.quotas: dict[str, dict[str, Quota]] = {}
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHandler,
                                                       bind_and_activate=False)
         self.server.daemon_threads = True
@@ -567,6 +596,37 @@ class FakeUpstream:
         if self.queued:
             return self.queued.popleft()
         return reply_default
+
+    def meter(self, request: Recorded, model: str) -> tuple[bool, list]:
+        """Count a Messages request against its account's windows: return whether a spent
+        window refuses it (a 429) and the rate-limit headers of the answer."""
+        credential = request.headers["x-api-key"] or (
+            request.headers["Authorization"] or "").replace("Bearer ", "")
+        now, headers = time.time(), []
+        with self.lock:
+            windows = self.quotas.get(credential, {})
+            counting = [name for name in windows
+                        if "_" not in name or name.split("_", 1)[1] in model.split("-")]
+            refused = [name for name in counting
+                       if windows[name].current(now)[0] >= windows[name].limit]
+            if not refused:
+                for name in counting:
+                    windows[name].take(now)
+            resets = []
+            for name, quota in windows.items():
+                used, reset = quota.current(now)
+                resets += [reset] if name in refused else []
+                headers += [(f"anthropic-ratelimit-unified-{name}-status",
+                             "rejected" if used >= quota.limit else "allowed"),
+                            (f"anthropic-ratelimit-unified-{name}-utilization",
+                             f"{used / quota.limit if quota.limit else 1.0:.2f}"),
+                            (f"anthropic-ratelimit-unified-{name}-reset", str(reset))]
+        if refused:
+            claim = refused[0].replace("5h", "five_hour").replace("7d", "seven_day")
+            headers += [("anthropic-ratelimit-unified-status", "rejected"),
+                        ("anthropic-ratelimit-unified-representative-claim", claim),
+                        ("retry-after", str(max(1, math.ceil(min(resets) - now))))]
+        return bool(refused), headers
 
     def messages(self) -> list[Recorded]:
         """The requests that were not for the OAuth endpoints."""
@@ -3439,6 +3499,103 @@ class TestPriority(RoutingTestCase):
         self.assertIn("expected a whole number", err)
         code, _, err = self.cli("priority", "ghost", "1")
         self.assertIn("Account not found: ghost", err)
+
+
+SONNET, HAIKU, OPUS = "claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1"
+
+
+def ask(proxy: Proxy, model: str, stream: bool = False, headers=None):
+    """Send a Messages request for a model; return (status, headers, body)."""
+    body = {"model": model, "max_tokens": 64, "stream": stream,
+            "messages": [{"role": "user", "content": "Hi"}]}
+    return proxy.request("POST", "/v1/messages", body,
+                         {"content-type": "application/json", **(headers or {})})
+
+
+class TestModelWindows(RoutingTestCase):
+    """A spent per-model weekly window keeps that family's models off the account, only them."""
+
+    def served(self, model: str, count: int) -> collections.Counter:
+        """Send requests for a model (each must succeed); count the accounts that served."""
+        first = len(self.upstream.messages())
+        for _ in range(count):
+            status, _, body = ask(self.proxy, model)
+            self.assertEqual(status, 200, body)
+        return collections.Counter(self.key_of(request) for request in
+                                   self.upstream.messages()[first:]
+                                   if json.loads(request.body)["model"] == model)
+
+    def test_a_spent_sonnet_window_sends_sonnet_elsewhere_and_keeps_haiku_and_opus(self):
+        self.upstream.quotas["sk-ant-api03-a"] = {"7d_sonnet": Quota(0, 3600)}
+        tried = self.served(SONNET, 6)
+        self.assertEqual(tried["a"], 1)  # its 429, once: then it is known
+        self.assertEqual(self.served(SONNET, 6)["a"], 0)
+        self.assertEqual(self.served(HAIKU, 3), {"a": 1, "b": 1, "c": 1})
+        self.assertEqual(self.served(OPUS, 3), {"a": 1, "b": 1, "c": 1})
+        account = self.listed()["a"]
+        self.assertEqual((account["status"], account["rateLimitedUntil"]), ("active", None))
+        window = account["modelWindows"]["seven_day_sonnet"]
+        self.assertTrue(window["limited"])
+        self.assertAlmostEqual(window["resetsAt"] / 1000, time.time() + 3600, delta=5)
+        self.assertIn("Account a has spent its weekly seven_day_sonnet", CAPTURED_LOG.text())
+        self.assertRegex(self.ok("list"), r"\na\s.*active, weekly Sonnet limited until")
+        api = {entry["name"]: entry for entry in
+               json.loads(self.proxy.request("GET", "/api/accounts")[2])}
+        self.assertTrue(api["a"]["modelWindows"]["seven_day_sonnet"]["limited"])
+        self.assertFalse(api["b"]["modelWindows"])
+        page = self.proxy.request("GET", "/")[2].decode()
+        self.assertIn("weekly Sonnet: </span>limited", page)
+        metrics = self.proxy.request("GET", "/metrics")[2].decode()
+        self.assertIn('claudeflare_account_utilization{account="a",window="7d_sonnet"} 1', metrics)
+        self.assertIn('claudeflare_account_model_limited{account="a",window="7d_sonnet"} 1',
+                      metrics)
+
+    def test_a_200_for_another_model_teaches_the_spent_window(self):
+        self.upstream.quotas["sk-ant-api03-b"] = {"7d_opus": Quota(5, 3600, used=5)}
+        self.assertEqual(self.served(HAIKU, 3), {"a": 1, "b": 1, "c": 1})
+        self.assertEqual(self.served(OPUS, 6), {"a": 3, "c": 3})  # b is never asked
+        self.assertEqual(self.listed()["b"]["status"], "active")
+
+    def test_the_window_is_forgotten_at_its_reset(self):
+        self.ok("pause", "b")
+        self.ok("pause", "c")
+        self.upstream.quotas["sk-ant-api03-a"] = {"7d_opus": Quota(1, 2)}
+        self.assertEqual(self.served(OPUS, 1), {"a": 1})  # uses it up: 100%, learned
+        status, headers, body = ask(self.proxy, OPUS)
+        self.assertEqual(status, 429)
+        self.assertEqual(len(self.upstream.messages()), 1)
+        reset = self.listed()["a"]["modelWindows"]["seven_day_opus"]["resetsAt"]
+        wait_for(lambda: claudeflare.now_ms() >= reset, what="the window's reset")
+        self.assertEqual(self.served(OPUS, 1), {"a": 1})
+
+    def test_every_account_spent_for_a_family_gives_a_429_naming_it(self):
+        for name, reset_in in (("a", 900), ("b", 300), ("c", 600)):
+            self.upstream.quotas[f"sk-ant-api03-{name}"] = {
+                "7d_opus": Quota(2, reset_in, used=2)}
+        status, headers, body = ask(self.proxy, OPUS)
+        self.assertEqual(status, 429)
+        self.assertAlmostEqual(int(headers["retry-after"]), 300, delta=5)
+        self.assertEqual(len(self.upstream.messages()), 3)
+        for _ in range(2):  # now known: no account is asked
+            status, headers, body = ask(self.proxy, OPUS)
+            self.assertEqual(status, 429)
+            self.assertIn("weekly Opus limit (seven_day_opus)",
+                          json.loads(body)["error"]["message"])
+            self.assertAlmostEqual(int(headers["retry-after"]), 300, delta=5)
+        self.assertEqual(len(self.upstream.messages()), 3)
+        self.assertEqual(self.served(SONNET, 3), {"a": 1, "b": 1, "c": 1})
+        self.assertEqual({account["status"] for account in self.listed().values()}, {"active"})
+
+    def test_headroom_ranks_by_the_windows_of_the_model(self):
+        self.ok("config", "set", "lb_strategy", "headroom")
+        self.ok("pause", "c")
+        later = claudeflare.now_ms() + 3_600_000
+        store = self.proxy.app.store
+        store.update_account("a", utilization_5h=0.1, reset_5h=later, model_windows=json.dumps(
+            {"seven_day_sonnet": {"utilization": 0.9, "resetsAt": later}}))
+        store.update_account("b", utilization_5h=0.5, reset_5h=later)
+        self.assertEqual(self.served(SONNET, 2), {"b": 2})
+        self.assertEqual(self.served(HAIKU, 2), {"a": 2})
 
 
 def usage_window(percent: float, resets_in_s: int) -> dict:
