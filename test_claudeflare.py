@@ -3501,6 +3501,56 @@ class TestPriority(RoutingTestCase):
         self.assertIn("Account not found: ghost", err)
 
 
+class TestResetFirst(RoutingTestCase):
+    """reset-first spends first the quota that expires first."""
+
+    settings = {**RoutingTestCase.settings, "lb_strategy": "reset-first"}
+
+    def windows(self, **accounts) -> None:
+        """Set each account's 5h window: (utilization, seconds to its reset)."""
+        now = claudeflare.now_ms()
+        for name, (used, reset_in) in accounts.items():
+            self.proxy.app.store.update_account(name, utilization_5h=used,
+                                                reset_5h=now + reset_in * 1000)
+
+    def test_new_conversations_go_to_the_soonest_reset_and_stay(self):
+        self.windows(a=(0.5, 3 * 3600), b=(0.3, 600))
+        conversation = {"X-Claude-Code-Session-Id": "soon"}
+        self.assertEqual(self.distribution(2, conversation), {"b": 2})
+        self.assertEqual(self.distribution(2, {"X-Claude-Code-Session-Id": "other"}), {"b": 2})
+        self.windows(a=(0.5, 60))  # a now resets sooner: new conversations go there
+        self.assertEqual(self.distribution(1, {"X-Claude-Code-Session-Id": "new"}), {"a": 1})
+        self.assertEqual(self.distribution(2, conversation), {"b": 2})  # sticky as session
+
+    def new_conversations(self, count: int) -> collections.Counter:
+        """Send one request for each of `count` new conversations; count who served them."""
+        served = collections.Counter()
+        for _ in range(count):
+            self.turn = getattr(self, "turn", 0) + 1
+            served += self.distribution(1, {"X-Claude-Code-Session-Id": f"new-{self.turn}"})
+        return served
+
+    def test_unknown_windows_come_last_soft_limited_after_and_ties_by_utilization(self):
+        self.assertEqual(len(self.new_conversations(3)), 3)  # nothing known: they rotate
+        self.windows(a=(0.6, 600), b=(0.2, 600))
+        self.assertEqual(self.new_conversations(2), {"b": 2})
+        self.proxy.app.store.update_account("b", rate_limit_status="allowed_warning",
+                                            rate_limit_reset=claudeflare.now_ms() + 60_000)
+        self.assertEqual(self.new_conversations(2), {"a": 2})
+        self.ok("pause", "a")
+        self.assertEqual(self.new_conversations(2), {"c": 2})  # unknown, still before b
+
+    def test_the_strategy_is_validated_and_listed(self):
+        self.ok("config", "set", "lb_strategy", "round-robin")
+        self.ok("config", "set", "lb_strategy", "reset-first")
+        code, _, err = self.cli("config", "set", "lb_strategy", "soonest")
+        self.assertEqual(code, 1)
+        self.assertIn("Invalid strategy: soonest", err)
+        self.assertIn("reset-first", err)
+        config = json.loads(self.proxy.request("GET", "/api/config")[2])
+        self.assertIn("reset-first", config["strategies"])
+
+
 SONNET, HAIKU, OPUS = "claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1"
 
 
@@ -3596,6 +3646,147 @@ class TestModelWindows(RoutingTestCase):
         store.update_account("b", utilization_5h=0.5, reset_5h=later)
         self.assertEqual(self.served(SONNET, 2), {"b": 2})
         self.assertEqual(self.served(HAIKU, 2), {"a": 2})
+
+
+class TestHold(ServerWithAccounts):
+    """hold_s: a request waits for a window's real reset instead of getting the 429."""
+
+    settings = {"hold_s": 30, "retry_delay_ms": 1}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.add_key("a")
+        # The documented knob, as a test reaches it: pings every 0.2 s instead of 15 s.
+        self.proxy.app.holds.ping_interval_s = 0.2
+
+    def spend(self, seconds: float = 2) -> float:
+        """Spend account a's 5-hour window of the fake; return its reset (epoch s)."""
+        quota = Quota(1, seconds, used=1)
+        self.upstream.quotas["sk-ant-api03-a"] = {"5h": quota}
+        return quota.reset
+
+    def waiting(self) -> int:
+        return json.loads(self.proxy.request("GET", "/api/stats")[2])["waiting"]
+
+    def in_background(self, *args, **kwargs) -> dict:
+        """Send ask(...) on a thread of its own; the dict gets its answer."""
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(
+            answer=ask(self.proxy, *args, **kwargs)))
+        worker.start()
+        self.addCleanup(worker.join, DEADLINE_S)
+        result["thread"] = worker
+        return result
+
+    def test_a_plain_request_waits_for_the_reset_and_is_served(self):
+        reset = self.spend()
+        result = self.in_background(SONNET)
+        wait_for(lambda: self.waiting() == 1, what="the request to wait")
+        self.assertIn("Waiting for a reset</span><b>1</b>",
+                      self.proxy.request("GET", "/")[2].decode())
+        result["thread"].join(DEADLINE_S)
+        status, _, body = result["answer"]
+        self.assertEqual(status, 200, body)
+        self.assertEqual(len(self.upstream.messages()), 2)  # its 429; no try while it waited
+        quota = self.upstream.quotas["sk-ant-api03-a"]["5h"]
+        self.assertEqual(quota.used, 1)
+        self.assertGreater(quota.reset, reset)  # served in the window after the reset
+        self.assertEqual(self.waiting(), 0)
+
+    def test_a_stream_gets_its_200_at_once_pings_while_it_waits_then_the_events(self):
+        self.spend(3)
+        connection = self.proxy.connect()
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/messages", json.dumps(
+            {"model": SONNET, "stream": True, "messages": []}).encode(),
+            {"content-type": "application/json"})
+        response = connection.getresponse()
+        self.assertEqual((response.status, response.getheader("Content-Type")),
+                         (200, "text/event-stream"))
+        self.assertEqual(self.waiting(), 1)  # the 200 came before the wait ended
+        data = response.read()
+        self.assertIn(b'event: ping\ndata: {"type": "ping"}\n\n', data)
+        self.assertEqual(data[data.index(b"event: message_start"):],
+                         b"".join(message_events()))
+        self.assertNotIn(b"error", data)
+
+    def test_a_stream_whose_wait_ends_without_an_account_gets_an_error_event(self):
+        self.upstream.push_for("sk-ant-api03-a", *[
+            reply_error(429, "rate_limit_error", "limited", unified_headers("rejected", reset))
+            for reset in (2, 3600)])
+        connection = self.proxy.connect()
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/messages", json.dumps(
+            {"model": SONNET, "stream": True, "messages": []}).encode())
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        data = response.read()
+        self.assertIn(b"event: ping", data)
+        event = json.loads(data[data.index(b"event: error"):].split(b"data: ", 1)[1])
+        self.assertEqual(event["error"]["type"], "rate_limit_error")
+        self.assertRegex(event["error"]["message"], r"retry after 3[56]\d\ds")
+        self.assertEqual(len(self.upstream.messages()), 2)
+
+    def test_past_hold_max_the_429_comes_at_once(self):
+        self.ok("config", "set", "hold_max", "1")
+        self.spend()
+        result = self.in_background(SONNET)
+        wait_for(lambda: self.waiting() == 1, what="the first request to wait")
+        status, headers, body = ask(self.proxy, SONNET)
+        self.assertEqual(status, 429)
+        self.assertIn("All accounts are rate limited", json.loads(body)["error"]["message"])
+        self.assertIn("hold_max", CAPTURED_LOG.text())
+        result["thread"].join(DEADLINE_S)
+        self.assertEqual(result["answer"][0], 200)
+
+    def test_a_reset_beyond_hold_s_gets_the_429_at_once(self):
+        self.ok("config", "set", "hold_s", "1")
+        self.spend(5)
+        status, headers, body = ask(self.proxy, SONNET)
+        self.assertEqual(status, 429)
+        self.assertEqual(self.waiting(), 0)
+
+    def test_a_client_gone_while_waiting_is_forgotten(self):
+        reset = self.spend()
+        body = json.dumps({"model": SONNET, "messages": []}).encode()
+        client = socket.create_connection(("127.0.0.1", self.proxy.port))
+        client.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: self.waiting() == 1, what="the request to wait")
+        client.close()
+        wait_for(lambda: self.waiting() == 0, what="the waiter to be forgotten")
+        wait_for(lambda: time.time() >= reset, what="the reset")
+        self.assertEqual(ask(self.proxy, SONNET)[0], 200)
+        self.assertEqual(len(self.upstream.messages()), 2)  # the 429, then the new request
+        self.proxy.settle()
+        records = json.loads(self.proxy.request("GET", "/api/requests")[2])
+        self.assertIn("Client disconnected while waiting", records[-1]["error"])
+
+    def test_waiters_whose_reset_passed_go_on_in_arrival_order(self):
+        holds, until = claudeflare.HoldQueue(), claudeflare.now_ms() + 300
+        order, first_picked = [], threading.Event()
+
+        def waiter(name: str) -> None:
+            self.assertEqual(holds.wait(name, until, 10, None, lambda: False), "ready")
+            order.append((name, holds.waiting))
+            if name == "first":
+                first_picked.wait(DEADLINE_S)  # still picking its account
+            holds.done(name)
+
+        threads = []
+        for name in ("first", "second", "third"):
+            threads.append(threading.Thread(target=waiter, args=(name,)))
+            threads[-1].start()
+            wait_for(lambda: holds.waiting == len(threads), what=f"{name} to wait")
+        wait_for(lambda: order, what="the first to be ready")
+        first_picked.set()
+        for thread in threads:
+            thread.join(DEADLINE_S)
+        self.assertEqual(order, [("first", 3), ("second", 2), ("third", 1)])
+        self.assertEqual(holds.wait("late", until, 3, None, lambda: False), "ready")
+        holds.done("late")
+        holds.close()
+        self.assertEqual(holds.wait("later", until, 3, None, lambda: False), "closed")
 
 
 def usage_window(percent: float, resets_in_s: int) -> dict:
@@ -4492,6 +4683,36 @@ class TestShutdown(ServeTestCase):
                          (200, 0, 12))
         self.assertIn("Cut at shutdown: shutdown_timeout_s (0.5s) ran out", rows[0]["error"])
         self.assertIn("cut 1 answers short", server.log())
+
+    def test_sigterm_releases_the_requests_waiting_for_a_reset_with_a_clear_error(self):
+        server = self.serve(CLAUDEFLARE_HOLD_S="120", CLAUDEFLARE_SHUTDOWN_TIMEOUT_S="60")
+        self.cli("add", "a", "--api-key", stdin="sk-ant-api03-a\n")
+        self.upstream.quotas["sk-ant-api03-a"] = {"5h": Quota(1, 60, used=1)}
+        body = json.dumps({"model": SONNET, "messages": []}).encode()
+        plain = {}
+        worker = threading.Thread(target=lambda: plain.update(
+            answer=server.request("POST", "/v1/messages", body)))
+        worker.start()
+        self.addCleanup(worker.join, DEADLINE_S)
+        wait_for(lambda: "waiting for the reset" in server.log(), what="a request to wait")
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=DEADLINE_S)
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/messages", json.dumps(
+            {"model": SONNET, "stream": True, "messages": []}).encode())
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        wait_for(lambda: server.log().count("waiting for the reset") == 2,
+                 what="the stream to wait too")
+        server.process.send_signal(signal.SIGTERM)
+        data = response.read()  # at once, not after shutdown_timeout_s
+        worker.join(DEADLINE_S)
+        self.assertIn(b"event: error", data)
+        self.assertIn(b"claudeflare is shutting down", data)
+        status, _, answer = plain["answer"]
+        self.assertEqual(status, 503)
+        self.assertIn("claudeflare is shutting down", json.loads(answer)["error"]["message"])
+        self.assertEqual(server.stop(None), 0)
+        self.assertEqual(len(self.upstream.messages()), 1)
 
     def test_serve_runs_from_another_folder_under_another_name(self):
         elsewhere = os.path.join(self.folder, "bin", "cf")  # no .py: installed as a command
