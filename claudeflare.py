@@ -4759,7 +4759,7 @@ class App:
             newer = (cached.windows_at or 0) > started
         if newer or not any(field in fields for field in WINDOW_FIELDS):
             fields = {field: value for field, value in fields.items()
-                      if field not in WINDOW_FIELDS}
+                      if field not in WINDOW_FIELDS and (field != "model_windows" or not newer)}
         else:
             fields["windows_at"] = started
         self.mark(account, usage_read_at=now_ms(), **fields)
@@ -5660,10 +5660,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                 record.path, app.settings.lb_strategy, record.conversation,
                                 ", ".join(account.name for account in candidates) or
                                 "client credentials")
-            tries = Tries()
+            tries, round_started = Tries(), time.monotonic()  # a wait for a reset is not spent
             budget_s = app.settings.request_timeout_s
             for account in candidates or [None]:  # None: the client's own credentials
-                if tries.count and time.monotonic() - started > budget_s:
+                if tries.count and time.monotonic() - round_started > budget_s:
                     tries.last_error += f" (gave up after {budget_s:g}s, request_timeout_s)"
                     break
                 if tries.claude_code_only and account is not None and account.type == "oauth":
