@@ -3705,7 +3705,7 @@ class TestHold(ServerWithAccounts):
                          (200, "text/event-stream"))
         self.assertEqual(self.waiting(), 1)  # the 200 came before the wait ended
         data = response.read()
-        self.assertIn(b'event: ping\ndata: {"type": "ping"}\n\n', data)
+        self.assertTrue(data.startswith(b'event: ping\ndata: {"type": "ping"}\n\n'), data)
         self.assertEqual(data[data.index(b"event: message_start"):],
                          b"".join(message_events()))
         self.assertNotIn(b"error", data)
