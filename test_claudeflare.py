@@ -1382,6 +1382,7 @@ class TestSettings(CliTestCase):
         "tls_cert": ("/file/cert.pem", "/env/cert.pem"),
         "tls_key": ("/file/key.pem", "/env/key.pem"), "overage": ("never", "allow"),
         "usage_poll_s": ("60", "0"), "login_timeout_s": ("30", "40"),
+        "hold_s": ("300", "0"), "hold_max": ("5", "6"),
     }
 
     def test_every_setting_follows_the_precedence(self):
@@ -3303,10 +3304,11 @@ class TestClaudeCodeOnly(ServerWithAccounts):
         self.assert_no_account_marked()
         self.proxy.settle()
         stats = json.loads(self.proxy.request("GET", "/api/stats")[2])
-        self.assertEqual(stats["totals"]["claudeCodeOnlyRefusals"], 5)
+        strategies = len(claudeflare.STRATEGY_NAMES)
+        self.assertEqual(stats["totals"]["claudeCodeOnlyRefusals"], strategies)
         self.assertEqual(stats["totals"]["failures"], 0)
         self.assertEqual(self.listed()["max1"]["requests"] + self.listed()["max2"]["requests"],
-                         5)  # the Claude Code requests only
+                         strategies)  # the Claude Code requests only
         self.assertIn("go to API-key accounts first", CAPTURED_LOG.text())
 
     def test_claude_code_is_not_sent_to_api_keys_because_a_script_sharing_its_name_was(self):
@@ -5232,7 +5234,7 @@ class TestDoctor(ServeTestCase):
         code, out = self.doctor(LB_STRATEGY="")
         self.assertEqual(code, 1)
         self.assertIn("\nFAIL  config: Invalid strategy: fastest; valid: session, round-robin, "
-                      "weighted, least-requests, headroom (for lb_strategy, from "
+                      "weighted, least-requests, headroom, reset-first (for lb_strategy, from "
                       f"{self.config_path}); fix: python3 claudeflare.py config set lb_strategy "
                       f"VALUE\n", out)
         self.assertIn("\nFAIL  config: must not be negative, not -1 (for retry_attempts", out)
