@@ -4142,37 +4142,33 @@ class HoldQueue:
             if len(self.waiters) >= limit:
                 return "full"
             self.waiters[waiter] = until
-        next_ping = time.monotonic() + self.ping_interval_s
-        outcome = "ready"
+        next_ping, ready = time.monotonic() + self.ping_interval_s, False
         try:
             while True:
                 with self.changed:
                     if self.closed:
-                        outcome = "closed"
-                        break
+                        return "closed"
                     now = now_ms()
-                    if self.first_ready(now) is waiter:
-                        return outcome
-                    pause = max(0.0, (until - now) / 1000) if until > now else None
-                    pause = min(filter(None, (pause, self.check_interval_s,
-                                              ping and max(0.001,
-                                                           next_ping - time.monotonic()))))
-                    self.changed.wait(pause)
+                    ready = self.first_ready(now) is waiter
+                    if ready:
+                        return "ready"
+                    pauses = [self.check_interval_s]
+                    if until > now:
+                        pauses.append((until - now) / 1000)
+                    if ping is not None:
+                        pauses.append(max(0.0, next_ping - time.monotonic()))
+                    self.changed.wait(min(pauses))
                 if ping is not None and time.monotonic() >= next_ping:
                     next_ping = time.monotonic() + self.ping_interval_s
                     try:
                         ping()
                     except OSError:
-                        outcome = "gone"
-                        break
+                        return "gone"
                 if gone():
-                    outcome = "gone"
-                    break
-        except BaseException:
-            self.done(waiter)
-            raise
-        self.done(waiter)
-        return outcome
+                    return "gone"
+        finally:
+            if not ready:
+                self.done(waiter)
 
     def first_ready(self, now: int) -> Any:
         """Return the earliest-arrived waiter whose reset has passed, or None."""
