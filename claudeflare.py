@@ -5740,13 +5740,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         reset = app.earliest_reset(now, self.model)
         if not settings.hold_s or reset is None or reset > self.hold_until:
             return "skip", []
-        if not self.held_stream and request_streams(body):
-            self.open_held_stream()
-        ping = (lambda: self.write_held(SSE_PING)) if self.held_stream else None
-        component_logger("Proxy").info("No account can serve %s now; waiting for the reset at "
-                                       "%s (hold_s)", record.path, iso_time(reset))
-        outcome = app.holds.wait(self, reset, settings.hold_max, ping,
-                                 lambda: client_gone(self.connection))
+        outcome = "full" if app.holds.waiting >= settings.hold_max else None
+        if outcome is None:  # a stream past hold_max gets its 429 as a 429, not in a 200
+            if not self.held_stream and request_streams(body):
+                self.open_held_stream()
+            ping = (lambda: self.write_held(SSE_PING)) if self.held_stream else None
+            component_logger("Proxy").info("No account can serve a request now; waiting for "
+                                           "the reset at %s (hold_s)", iso_time(reset))
+            outcome = app.holds.wait(self, reset, settings.hold_max, ping,
+                                     lambda: client_gone(self.connection))
         if outcome == "full":
             component_logger("Proxy").warning("%d requests wait for a reset already (hold_max); "
                                               "answering 429", settings.hold_max)

@@ -3734,9 +3734,10 @@ class TestHold(ServerWithAccounts):
         self.spend()
         result = self.in_background(SONNET)
         wait_for(lambda: self.waiting() == 1, what="the first request to wait")
-        status, headers, body = ask(self.proxy, SONNET)
-        self.assertEqual(status, 429)
-        self.assertIn("All accounts are rate limited", json.loads(body)["error"]["message"])
+        for stream in (False, True):
+            status, headers, body = ask(self.proxy, SONNET, stream=stream)
+            self.assertEqual(status, 429)
+            self.assertIn("All accounts are rate limited", json.loads(body)["error"]["message"])
         self.assertIn("hold_max", CAPTURED_LOG.text())
         result["thread"].join(DEADLINE_S)
         self.assertEqual(result["answer"][0], 200)
