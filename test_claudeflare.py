@@ -3830,6 +3830,21 @@ class TestUsageReads(ServerWithAccounts):
         self.assertEqual(set(self.upstream.oauth.usage_reads), {access})
         self.assertIn("15%", self.proxy.request("GET", "/")[2].decode())
 
+    def test_a_spent_model_window_read_keeps_that_model_off_the_account(self):
+        self.upstream.oauth.usage_answer = {"seven_day_sonnet": usage_window(100.0, 3600)}
+        access, _ = self.add_oauth("max")
+        self.add_key("key")
+        wait_for(lambda: self.listed()["max"]["modelWindows"].get("seven_day_sonnet", {}).get(
+            "limited"), what="the read of a spent window")
+        self.ok("config", "set", "lb_strategy", "round-robin")
+        for model in (SONNET, SONNET, SONNET, SONNET, HAIKU, HAIKU, HAIKU, HAIKU):
+            self.assertEqual(ask(self.proxy, model)[0], 200)
+        served = collections.Counter(
+            (request.json()["model"], request.headers["x-api-key"] or "max")
+            for request in self.upstream.messages())
+        self.assertEqual(served, {(SONNET, "sk-ant-api03-key"): 4, (HAIKU, "max"): 2,
+                                  (HAIKU, "sk-ant-api03-key"): 2})
+
     def test_reads_are_paced_and_can_be_turned_off(self):
         self.add_oauth("max")
         self.add_key("key")  # API-key accounts have no usage endpoint
