@@ -4190,19 +4190,24 @@ class HoldQueue:
 def client_gone(connection: socket.socket) -> bool:
     """Tell whether a client waiting for its answer closed its connection.
 
-    Its socket then reads as ready with nothing to read; the peek is made on the raw socket,
-    so a TLS connection is looked at the same way.
+    Its socket then reads as ready with nothing to read. The peek is made on the raw socket,
+    so a TLS connection is looked at the same way, and without select() where it can be:
+    select() refuses descriptors past 1023, which a busy server hands out.
     """
+    dont_wait = getattr(socket, "MSG_DONTWAIT", 0)
     try:
-        readable, _, _ = select.select([connection], [], [], 0)
-        if not readable:
-            return False
+        if not dont_wait:  # Windows, whose select() takes any socket
+            readable, _, _ = select.select([connection], [], [], 0)
+            if not readable:
+                return False
         raw = socket.socket(fileno=connection.fileno())
         try:
-            return raw.recv(1, socket.MSG_PEEK) == b""
+            return raw.recv(1, socket.MSG_PEEK | dont_wait) == b""
         finally:
             raw.detach()
-    except (OSError, ValueError):
+    except BlockingIOError:
+        return False
+    except OSError:
         return True
 
 
