@@ -3613,8 +3613,7 @@ class TestModelWindows(RoutingTestCase):
         self.ok("pause", "c")
         self.upstream.quotas["sk-ant-api03-a"] = {"7d_opus": Quota(1, 2)}
         self.assertEqual(self.served(OPUS, 1), {"a": 1})  # uses it up: 100%, learned
-        status, headers, body = ask(self.proxy, OPUS)
-        self.assertEqual(status, 429)
+        self.assertEqual(ask(self.proxy, OPUS)[0], 429)
         self.assertEqual(len(self.upstream.messages()), 1)
         reset = self.listed()["a"]["modelWindows"]["seven_day_opus"]["resetsAt"]
         wait_for(lambda: claudeflare.now_ms() >= reset, what="the window's reset")
@@ -3745,8 +3744,7 @@ class TestHold(ServerWithAccounts):
     def test_a_reset_beyond_hold_s_gets_the_429_at_once(self):
         self.ok("config", "set", "hold_s", "1")
         self.spend(5)
-        status, headers, body = ask(self.proxy, SONNET)
-        self.assertEqual(status, 429)
+        self.assertEqual(ask(self.proxy, SONNET)[0], 429)
         self.assertEqual(self.waiting(), 0)
 
     def test_a_client_gone_while_waiting_is_forgotten(self):
