@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 __all__ = [
-    "Account", "App", "Check", "ChunkedFraming", "ClaudeflareError", "ClientKey",
+    "Account", "App", "Check", "ChunkedFraming", "ClaudeflareError", "ClientKey", "HoldQueue",
     "LoginListener", "OAuthClient", "PkceLogin", "ProxyHandler", "ProxyServer", "RateLimit",
     "SETTINGS", "STRATEGIES", "Settings", "Store", "TokenKeeper", "Upstream", "UpstreamError",
     "Usage", "UsagePoller", "UsageReader", "build_parser", "can_serve", "conversation_key",
@@ -275,7 +275,8 @@ class Setting:
 
 
 #: The strategy names the CLI and the API accept; the functions live in STRATEGIES below.
-STRATEGY_NAMES = ("session", "round-robin", "weighted", "least-requests", "headroom")
+STRATEGY_NAMES = ("session", "round-robin", "weighted", "least-requests", "headroom",
+                  "reset-first")
 
 #: Every setting, in the order `config list` prints them.
 SETTINGS = (
@@ -318,6 +319,10 @@ SETTINGS = (
     Setting("budget_timezone", "CLAUDEFLARE_BUDGET_TIMEZONE", "", parse_timezone,
             "when client-key budgets' days, weeks (Monday) and months begin: local (the "
             "machine's time), UTC, UTC+HH:MM or a name such as Europe/Paris"),
+    Setting("hold_s", "CLAUDEFLARE_HOLD_S", 0, number(0, DAY_S, inclusive=True),
+            "seconds a request may wait for a window's reset instead of a 429; 0: never"),
+    Setting("hold_max", "CLAUDEFLARE_HOLD_MAX", 100, whole_number(0, 100_000),
+            "requests that may wait for a reset at once (hold_s); more get the 429"),
     Setting("login_timeout_s", "CLAUDEFLARE_LOGIN_TIMEOUT_S", 600, parse_timeout,
             "seconds `add` and `reauth` wait for the browser or a pasted code"),
     Setting("log_level", "LOG_LEVEL", "INFO", parse_log_level, "DEBUG, INFO, WARN or ERROR"),
@@ -327,7 +332,7 @@ SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
 #: Keys a running server picks up from config.json without a restart.
 LIVE_SETTINGS = frozenset({
     "lb_strategy", "retry_attempts", "retry_delay_ms", "retry_backoff", "session_duration_ms",
-    "request_timeout_s", "overage", "usage_poll_s",
+    "request_timeout_s", "overage", "usage_poll_s", "hold_s", "hold_max",
 })
 
 
@@ -1258,7 +1263,9 @@ def account_json(account: Account, now: int, session_duration_ms: int) -> dict:
         "reauthReason": account.reauth_reason and redact(account.reauth_reason),
         "utilization5h": account.utilization_5h, "reset5h": account.reset_5h,
         "utilization7d": account.utilization_7d, "reset7d": account.reset_7d,
-        "modelWindows": model_windows(account), "windowsSeenAt": account.windows_at,
+        "modelWindows": {name: {**window, "limited": window_spent(window, now)}
+                         for name, window in model_windows(account).items()},
+        "windowsSeenAt": account.windows_at,
         "usageReadAt": account.usage_read_at, "priority": account.priority,
         "overageUntil": account.overage_until,
         "extraUsage": {"enabled": None if account.overage_enabled is None
@@ -1270,7 +1277,8 @@ def account_json(account: Account, now: int, session_duration_ms: int) -> dict:
 
 
 def model_windows(account: Account) -> dict:
-    """Return the per-model weekly windows a usage read found: name -> utilization, reset."""
+    """Return the per-model weekly windows usage reads and headers found: name ->
+    utilization, resetsAt and, from headers, status."""
     try:
         windows = json.loads(account.model_windows or "{}")
     except ValueError:
@@ -3312,6 +3320,17 @@ class RateLimit:
     overage_in_use: bool | None = None
     overage_disabled_reason: str | None = None
     overage_reset: int | None = None
+    #: Per-model weekly windows (anthropic-ratelimit-unified-7d_<family>-*), by the name the
+    #: usage endpoint gives them (seven_day_sonnet): {"status", "utilization", "resetsAt"}.
+    families: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+    @property
+    def family_only(self) -> bool:
+        """Whether only a per-model window is refused: the account serves other models."""
+        return (any(window.get("status") in HARD_LIMIT_STATUSES
+                    for window in self.families.values())
+                and not {self.status_5h, self.status_7d} & HARD_LIMIT_STATUSES
+                and self.exhausted_reset is None)
 
     @property
     def on_overage(self) -> bool:
@@ -3333,8 +3352,10 @@ class RateLimit:
 
     @property
     def hard(self) -> bool:
-        """Whether the account is (or a window of it is) refused until a reset."""
-        return bool({self.status, self.status_5h, self.status_7d} & HARD_LIMIT_STATUSES)
+        """Whether the account is (or a window of it is) refused until a reset; a refused
+        per-model window alone refuses only that model family (family_only)."""
+        return (bool({self.status_5h, self.status_7d} & HARD_LIMIT_STATUSES)
+                or self.status in HARD_LIMIT_STATUSES and not self.family_only)
 
     def window_reset(self) -> int | None:
         """Return when the exhausted window resets: the latest refused unified window, else
@@ -3344,13 +3365,13 @@ class RateLimit:
                   if status in HARD_LIMIT_STATUSES and reset]
         if resets:
             return max(resets)
-        if self.status in HARD_LIMIT_STATUSES and self.reset:
+        if self.hard and self.status in HARD_LIMIT_STATUSES and self.reset:
             return self.reset
         return self.exhausted_reset
 
     def summary(self) -> tuple[str | None, int | None]:
         """Return the account's status and reset to show: the aggregate, else a window's."""
-        status = self.status or self.status_5h or self.status_7d
+        status = (None if self.family_only else self.status) or self.status_5h or self.status_7d
         return status, self.window_reset() or self.reset or self.reset_5h or self.reset_7d
 
     def names_window(self) -> bool:
@@ -3438,6 +3459,13 @@ UNIFIED_HEADERS = {
 }
 
 
+#: anthropic-ratelimit-unified-7d_<family>-<field>: a per-model weekly window.
+FAMILY_HEADER = re.compile(r"7d_([a-z0-9]{1,40})-(status|utilization|reset)")
+#: A per-model window's field -> its key in model_windows, and how to read it.
+FAMILY_FIELDS = {"status": ("status", parse_status), "utilization": ("utilization", parse_float),
+                 "reset": ("resetsAt", parse_epoch)}
+
+
 def parse_rate_limit(headers: Any, now: int) -> RateLimit:
     """Read every anthropic-ratelimit-* header (and retry-after) of a response."""
     limit = RateLimit(retry_after_ms=parse_retry_after(headers, now))
@@ -3450,11 +3478,20 @@ def parse_rate_limit(headers: Any, now: int) -> RateLimit:
         if not name.startswith(RATE_LIMIT_PREFIX):
             continue
         if name.startswith(UNIFIED_PREFIX):
-            field, parse = UNIFIED_HEADERS.get(name[len(UNIFIED_PREFIX):], (None, None))
+            suffix = name[len(UNIFIED_PREFIX):]
+            field, parse = UNIFIED_HEADERS.get(suffix, (None, None))
+            family = FAMILY_HEADER.fullmatch(suffix)
             if field is not None:
                 setattr(limit, field, parse(value))
+            elif family is not None:
+                key, parse = FAMILY_FIELDS[family.group(2)]
+                window = limit.families.setdefault(f"seven_day_{family.group(1)}", {})
+                window[key] = parse(value)
         else:
             api_limits = True
+    for window in limit.families.values():
+        if window.get("status") in HARD_LIMIT_STATUSES and not window.get("resetsAt"):
+            window["resetsAt"] = now + (limit.retry_after_ms or DEFAULT_RATE_LIMIT_MS)
     if api_limits:
         # API-key accounts: a limit at zero remaining resets at its -reset time.
         exhausted = [
@@ -3465,12 +3502,82 @@ def parse_rate_limit(headers: Any, now: int) -> RateLimit:
     return limit
 
 
-def utilization(account: Account, now: int) -> float:
-    """Return how used an account is: the fuller of its 5h and 7d windows (0 after a reset)."""
-    windows = ((account.utilization_5h, account.reset_5h),
-               (account.utilization_7d, account.reset_7d))
-    return max([used for used, reset in windows
-                if used is not None and (reset is None or reset > now)] or [0.0])
+def window_applies(name: str, model: str | None) -> bool:
+    """Whether a per-model window (seven_day_sonnet) counts a model (claude-sonnet-4-5).
+
+    The family is a dash-separated word of the model id, whatever its place
+    (claude-3-7-sonnet-20250219 too); a request naming no model meets none.
+    """
+    family = name[len("seven_day_"):]
+    return bool(model) and family in model.lower().split("-")
+
+
+def family_windows(account: Account, model: str | None) -> dict[str, dict]:
+    """Return the per-model windows of an account that count a model's requests."""
+    if not model or not account.model_windows:
+        return {}
+    return {name: window for name, window in model_windows(account).items()
+            if isinstance(window, dict) and window_applies(name, model)}
+
+
+def window_spent(window: dict, now: int) -> bool:
+    """Whether a per-model window refuses until its reset: refused, or used up (100%).
+
+    At its reset it is forgotten; a window without a known reset is never taken as spent.
+    """
+    reset, used = window.get("resetsAt"), window.get("utilization")
+    return (isinstance(reset, int) and reset > now
+            and (window.get("status") in HARD_LIMIT_STATUSES
+                 or isinstance(used, (int, float)) and used >= 1.0))
+
+
+def family_refusal(account: Account, model: str | None, now: int) -> tuple[str, int] | None:
+    """Return the spent per-model window that refuses a model on an account and its reset
+    (the latest, if several), or None."""
+    spent = [(window["resetsAt"], name) for name, window in
+             family_windows(account, model).items() if window_spent(window, now)]
+    if not spent:
+        return None
+    reset, name = max(spent)
+    return name, reset
+
+
+def spent_windows(account: Account, now: int) -> list[tuple[str, int]]:
+    """Return the account's spent per-model windows and their resets, for display."""
+    return sorted((name, window["resetsAt"]) for name, window in model_windows(account).items()
+                  if isinstance(window, dict) and window_spent(window, now))
+
+
+def family_label(name: str) -> str:
+    """Name a per-model window for people: seven_day_opus -> weekly Opus."""
+    return f"weekly {name[len('seven_day_'):].capitalize()}"
+
+
+def windows_in_force(account: Account, now: int,
+                     model: str | None = None) -> list[tuple[float, int | None]]:
+    """Return (utilization, reset) of every window that counts a request for a model: the 5h
+    and 7d ones and the model's per-model windows, leaving out those already reset."""
+    windows = [(account.utilization_5h, account.reset_5h),
+               (account.utilization_7d, account.reset_7d)]
+    windows += [(window.get("utilization"), window.get("resetsAt"))
+                for window in family_windows(account, model).values()]
+    return [(float(used), reset) for used, reset in windows
+            if isinstance(used, (int, float)) and (reset is None or reset > now)]
+
+
+def utilization(account: Account, now: int, model: str | None = None) -> float:
+    """Return how used an account is for a model: the fullest window that counts it (5h, 7d,
+    the model's weekly one; 0 after a reset)."""
+    return max([used for used, _ in windows_in_force(account, now, model)] or [0.0])
+
+
+def merge_windows(account: Account, seen: dict[str, dict]) -> str | None:
+    """Return the account's model_windows with newly seen per-model windows folded in, or
+    None when nothing changed."""
+    windows = model_windows(account)
+    merged = {**windows, **{name: {**windows.get(name, {}), **window}
+                            for name, window in seen.items()}}
+    return json.dumps(merged, sort_keys=True) if merged != windows else None
 
 
 #: How long an account found on extra usage, with no window reset given, is taken to stay on
@@ -3909,6 +4016,19 @@ class Metrics:
                 if used is not None:
                     lines.append(f'claudeflare_account_utilization{{account='
                                  f'"{label(account.name)}",window="{window}"}} {used:g}')
+            for name, window in sorted(model_windows(account).items()):
+                used = window.get("utilization") if isinstance(window, dict) else None
+                if isinstance(used, (int, float)):
+                    lines.append(f'claudeflare_account_utilization{{account='
+                                 f'"{label(account.name)}",window="7d_'
+                                 f'{label(name[len("seven_day_"):])}"}} {used:g}')
+        lines += ["# HELP claudeflare_account_model_limited 1 for each spent per-model window.",
+                  "# TYPE claudeflare_account_model_limited gauge"]
+        for account in accounts:
+            for name, _ in spent_windows(account, now):
+                lines.append(f'claudeflare_account_model_limited{{account='
+                             f'"{label(account.name)}",window="7d_'
+                             f'{label(name[len("seven_day_"):])}"}} 1')
         lines += ["# HELP claudeflare_uptime_seconds Seconds since the server started.",
                   "# TYPE claudeflare_uptime_seconds gauge",
                   f"claudeflare_uptime_seconds {uptime_s:.0f}"]
@@ -3957,14 +4077,22 @@ def model_patterns(key: ClientKey) -> list[str]:
     return [pattern.strip() for pattern in (key.models or "").split(",") if pattern.strip()]
 
 
+#: A body that opens with its model, as Claude Code and the SDKs write it.
+LEADING_MODEL = re.compile(rb'\{\s*"model"\s*:\s*"([^"\\]{1,200})"')
+
+
 def requested_model(body: bytes) -> str | None:
-    """Return the model a request body names, if it names one (the whole body is parsed: call
-    it only where the model decides something or an answer named none)."""
-    try:
-        payload = json.loads(body) if body.lstrip()[:1] == b"{" else None
-    except JSON_ERRORS:
+    """Return the model a Messages request body names, or None; a body opening with it is not
+    parsed whole."""
+    found = LEADING_MODEL.match(body)
+    if found:
+        return found.group(1).decode("utf-8", "replace")
+    if body[:1] != b"{":
         return None
-    model = payload.get("model") if isinstance(payload, dict) else None
+    try:
+        model = json.loads(body).get("model")
+    except (*JSON_ERRORS, AttributeError):
+        return None
     return model[:200] if isinstance(model, str) and model else None
 
 
@@ -4250,6 +4378,8 @@ class RouteContext:
     bound_account: int | None = None
     #: Live conversations per account id (session strategy spreads new ones).
     conversations: dict[int, int] = dataclasses.field(default_factory=dict)
+    #: The model the request names: its per-model windows count too.
+    model: str | None = None
 
 
 def rotated(accounts: list[Account], context: RouteContext) -> list[Account]:
@@ -4296,8 +4426,10 @@ def least_requests(accounts: list[Account], context: RouteContext, now: int) -> 
 
 
 def headroom(accounts: list[Account], context: RouteContext, now: int) -> list[Account]:
-    """The account with the lowest 5h/7d utilization first, so accounts drain evenly."""
-    return sorted(rotated(accounts, context), key=lambda account: utilization(account, now))
+    """The account with the lowest utilization first (5h, 7d and the model's weekly window),
+    so accounts drain evenly."""
+    return sorted(rotated(accounts, context),
+                  key=lambda account: utilization(account, now, context.model))
 
 
 def session(accounts: list[Account], context: RouteContext, now: int) -> list[Account]:
@@ -4307,8 +4439,24 @@ def session(accounts: list[Account], context: RouteContext, now: int) -> list[Ac
     differences do not pile every conversation onto one account), then the fewest live ones.
     """
     def preference(account: Account) -> tuple:
-        return (account.id != context.bound_account, round(utilization(account, now), 1),
+        return (account.id != context.bound_account,
+                round(utilization(account, now, context.model), 1),
                 context.conversations.get(account.id, 0))
+    return sorted(rotated(accounts, context), key=preference)
+
+
+def reset_first(accounts: list[Account], context: RouteContext, now: int) -> list[Account]:
+    """Spend first the quota that expires first; sticky per conversation as `session`.
+
+    A new conversation goes to the account whose binding window (the fullest that counts the
+    model) resets soonest; accounts whose windows are not known yet come after those whose
+    are; ties go to the lower utilization. Soft-limited accounts come after these anyway
+    (order_accounts).
+    """
+    def preference(account: Account) -> tuple:
+        windows = windows_in_force(account, now, context.model)
+        used, reset = max(windows, key=lambda window: window[0]) if windows else (0.0, None)
+        return (account.id != context.bound_account, reset is None, reset or 0, used)
     return sorted(rotated(accounts, context), key=preference)
 
 
@@ -4319,8 +4467,11 @@ STRATEGIES: dict[str, Callable[[list[Account], RouteContext, int], list[Account]
     "weighted": weighted,
     "least-requests": least_requests,
     "headroom": headroom,
+    "reset-first": reset_first,
 }
 assert tuple(STRATEGIES) == STRATEGY_NAMES
+#: The strategies that keep a conversation on its account (they need its key).
+STICKY_STRATEGIES = frozenset({"session", "reset-first"})
 
 
 def order_accounts(accounts: list[Account], strategy: str, context: RouteContext, now: int,
@@ -4330,11 +4481,14 @@ def order_accounts(accounts: list[Account], strategy: str, context: RouteContext
     Included quota comes before money: within each group, best (lowest priority) first, the
     accounts with room come before the soft-limited ones; accounts serving on extra usage
     (billed) come after every group under `overage last`, count as any other under `allow`,
-    and are never tried under `never`.
+    and are never tried under `never`. An account whose weekly window for the request's model
+    is spent is not tried at all.
     """
     choose = STRATEGIES[strategy]
     included, billed = [], []
     for account in accounts:
+        if family_refusal(account, context.model, now):
+            continue
         status = account.status(now)
         if status == "active" or (status == "overage" and overage == "allow"):
             included.append(account)
@@ -4549,6 +4703,119 @@ def local_url(host: str, port: int, tls: bool) -> str:
 
 
 ###############################################################################
+# Holds #######################################################################
+###############################################################################
+
+class HoldQueue:
+    """Requests waiting for a window's reset instead of a 429 (hold_s), served in arrival order.
+
+    A waiter sleeps on one condition variable until its reset, a ping is due, a request ahead
+    of it leaves, or it is time to look whether its client went away: never in a busy loop.
+    Of the waiters whose reset has passed, the earliest to arrive goes first, and the next one
+    only once it has picked its account (done). close() releases every waiter at shutdown.
+    """
+
+    #: Seconds between the SSE `ping` events a waiting stream gets, so that neither the client
+    #: nor anything between takes the silence for a dead connection (clients ignore pings).
+    ping_interval_s = 15.0
+    #: Seconds between looks at whether a waiting client closed its connection.
+    check_interval_s = 1.0
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        #: waiter -> the reset it waits for (epoch ms), in arrival order.
+        self.waiters: dict[Any, int] = {}
+        self.closed = False
+
+    @property
+    def waiting(self) -> int:
+        """How many requests are waiting (or picking their account after the wait)."""
+        return len(self.waiters)
+
+    def wait(self, waiter: Any, until: int, limit: int, ping: Callable[[], None] | None,
+             gone: Callable[[], bool]) -> str:
+        """Wait until `until` (epoch ms) and every earlier waiter whose reset passed has left.
+
+        Return "ready" (then call done once the account is picked), "full" (limit requests
+        wait already), "gone" (the client went away; a failing ping says so too) or "closed"
+        (shutdown).
+        """
+        with self.changed:
+            if self.closed:
+                return "closed"
+            if len(self.waiters) >= limit:
+                return "full"
+            self.waiters[waiter] = until
+        next_ping, ready = time.monotonic() + self.ping_interval_s, False
+        try:
+            while True:
+                with self.changed:
+                    if self.closed:
+                        return "closed"
+                    now = now_ms()
+                    ready = self.first_ready(now) is waiter
+                    if ready:
+                        return "ready"
+                    pauses = [self.check_interval_s]
+                    if until > now:
+                        pauses.append((until - now) / 1000)
+                    if ping is not None:
+                        pauses.append(max(0.0, next_ping - time.monotonic()))
+                    self.changed.wait(min(pauses))
+                if ping is not None and time.monotonic() >= next_ping:
+                    next_ping = time.monotonic() + self.ping_interval_s
+                    try:
+                        ping()
+                    except OSError:
+                        return "gone"
+                if gone():
+                    return "gone"
+        finally:
+            if not ready:
+                self.done(waiter)
+
+    def first_ready(self, now: int) -> Any:
+        """Return the earliest-arrived waiter whose reset has passed, or None."""
+        return next((waiter for waiter, until in self.waiters.items() if until <= now), None)
+
+    def done(self, waiter: Any) -> None:
+        """Take a waiter off the queue and let the next one go on."""
+        with self.changed:
+            self.waiters.pop(waiter, None)
+            self.changed.notify_all()
+
+    def close(self) -> None:
+        """Release every waiter (shutdown): each answers its client with an error."""
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+
+def client_gone(connection: socket.socket) -> bool:
+    """Tell whether a client waiting for its answer closed its connection.
+
+    Its socket then reads as ready with nothing to read. The peek is made on the raw socket,
+    so a TLS connection is looked at the same way, and without select() where it can be:
+    select() refuses descriptors past 1023, which a busy server hands out.
+    """
+    dont_wait = getattr(socket, "MSG_DONTWAIT", 0)
+    try:
+        if not dont_wait:  # Windows, whose select() takes any socket
+            readable, _, _ = select.select([connection], [], [], 0)
+            if not readable:
+                return False
+        raw = socket.socket(fileno=connection.fileno())
+        try:
+            return raw.recv(1, socket.MSG_PEEK | dont_wait) == b""
+        finally:
+            raw.detach()
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+###############################################################################
 # Proxy handler & server ######################################################
 ###############################################################################
 
@@ -4582,9 +4849,21 @@ def anthropic_error(error_type: str, message: str) -> dict:
     return {"type": "error", "error": {"type": error_type, "message": message}}
 
 
-def sse_error_event(message: str) -> bytes:
+def sse_error_event(message: str, error_type: str = "api_error") -> bytes:
     """Build the SSE `error` event a client gets when the upstream fails mid-stream."""
-    return b"event: error\ndata: " + json_bytes(anthropic_error("api_error", message)) + b"\n\n"
+    return b"event: error\ndata: " + json_bytes(anthropic_error(error_type, message)) + b"\n\n"
+
+
+#: The SSE event a stream waiting for a reset gets now and then (HoldQueue.ping_interval_s).
+SSE_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+
+
+def request_streams(body: bytes) -> bool:
+    """Tell whether a request body asks for a stream ("stream": true)."""
+    try:
+        return json.loads(body).get("stream") is True
+    except (*JSON_ERRORS, AttributeError):
+        return False
 
 
 #: /api/analytics ranges: how far back, and the bucket size that suits it.
@@ -4712,12 +4991,16 @@ CLAUDE_CODE_ONLY_MESSAGE = "only authorized for use with claude code"
 def failure_kind(answer: Answer, limit: RateLimit, account: Account | None) -> str:
     """Say what an upstream error means for routing.
 
-    rate_limited: bench the account, try the next. retry: the same account again, then the next.
+    rate_limited: bench the account, try the next. family_limited: the account's weekly window
+    for the model is spent (kept, not benched), try the next. retry: the same account again,
+    then the next.
     refused: the account itself is unusable. next: try another, no bench. claude_code_only: the
     request (its client), not the account, is refused: try API-key accounts only. client: the
     client's own mistake, passed through at once.
     """
     message = answer.error_message.lower()
+    if answer.status == 429 and limit.family_only:
+        return "family_limited"
     if answer.status == 429 or limit.hard:
         return "rate_limited"
     if answer.status >= 500 or answer.status == 408:
@@ -4852,6 +5135,8 @@ class App:
         #: What each client key spent, and its requests in flight.
         self.key_ledger = KeyLedger(time_zone(settings.budget_timezone))
         self.key_ledger.load(store, now_ms())
+        #: Requests waiting for a window's reset instead of a 429 (hold_s).
+        self.holds = HoldQueue()
         self.writer = BackgroundWriter(store, settings, self.after_write)
         self.refresher = BackgroundRefresher(self.tokens, self.accounts)
         self.usage = UsagePoller(settings, self.accounts, self.tokens, self.apply_usage)
@@ -4977,11 +5262,13 @@ class App:
         return len(relaying)
 
     def accounts_to_try(self, accounts: list[Account], conversation: str | None, now: int,
-                        client: tuple[str, str] = ("", "")) -> list[Account]:
+                        client: tuple[str, str] = ("", ""),
+                        model: str | None = None) -> list[Account]:
         """Return the usable accounts in the order the strategy wants them tried.
 
         A client the API refused as not Claude Code gets the API-key accounts first: every
-        subscription account would refuse it again.
+        subscription account would refuse it again. Accounts whose weekly window for the model
+        is spent are left out.
         """
         settings = self.settings
         with self.lock:
@@ -4992,7 +5279,8 @@ class App:
             if binding and now - binding[1] >= settings.session_duration_ms:
                 binding = None
             context = RouteContext(self.turn, settings.session_duration_ms,
-                                   binding[0] if binding else None, self.conversation_counts)
+                                   binding[0] if binding else None, self.conversation_counts,
+                                   model)
             ordered = order_accounts(accounts, settings.lb_strategy, context, now,
                                      settings.overage)
             if self.not_claude_code.get(client, 0) > now:
@@ -5073,6 +5361,9 @@ class App:
                 if getattr(limit, field) is not None:
                     setattr(account, field, getattr(limit, field))
                     account.windows_at = now
+            merged = merge_windows(account, limit.families) if limit.families else None
+        if merged is not None:
+            self.mark(account, model_windows=merged)
 
     def note_served(self, account: Account, limit: RateLimit, now: int) -> None:
         """Act on what the headers of an answer an account served say: extra usage in use, a
@@ -5117,7 +5408,7 @@ class App:
             newer = (cached.windows_at or 0) > started
         if newer or not any(field in fields for field in WINDOW_FIELDS):
             fields = {field: value for field, value in fields.items()
-                      if field not in WINDOW_FIELDS}
+                      if field not in WINDOW_FIELDS and (field != "model_windows" or not newer)}
         else:
             fields["windows_at"] = started
         self.mark(account, usage_read_at=now_ms(), **fields)
@@ -5179,17 +5470,29 @@ class App:
         component_logger("Proxy").error("Account %s needs attention and is skipped: %s",
                                         account.name, reason)
 
-    def earliest_reset(self, now: int) -> int | None:
+    def earliest_reset(self, now: int, model: str | None = None) -> int | None:
         """Return when the first account benched by a limit (or, under `overage never`, by extra
-        usage) becomes usable again by itself."""
+        usage, or for the model by its spent weekly window) becomes usable again by itself."""
         resets = []
         for account in self.accounts():
             status = account.status(now)
+            refusal = family_refusal(account, model, now)
             if status == "rate_limited":
-                resets.append(account.rate_limited_until)
+                until = account.rate_limited_until
             elif status == "overage" and self.settings.overage == "never":
-                resets.append(account.overage_until)
+                until = account.overage_until
+            elif status not in ("active", "overage") or refusal is None:
+                continue
+            else:
+                until = now
+            resets.append(max(until, refusal[1]) if refusal else until)
         return min(resets) if resets else None
+
+    def refused_family(self, now: int, model: str | None) -> str | None:
+        """Return the per-model window (seven_day_opus) that keeps a model off some account
+        that could otherwise serve it, or None: the 429 for that model names it."""
+        return next((refusal[0] for account in self.accounts()
+                     for refusal in [family_refusal(account, model, now)] if refusal), None)
 
     def health(self) -> tuple[int, dict]:
         """Return /health's status code and body: unavailable (503) when no account can serve."""
@@ -5458,6 +5761,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.secrets: re.Pattern | None = None
         #: The request's body, for the model of an answer that names none.
         self.request_body = b""
+        #: The request's model, where routing needs it (per-model windows); whether a streaming
+        #: request waiting for a reset has its 200 already, and until when it may wait (hold_s).
+        self.model: str | None = None
+        self.held_stream = False
+        self.hold_until: int | None = None
 
     def log_message(self, format: str, *args: Any) -> None:
         component_logger("Server").debug("%s - " + format, self.address_string(), *args)
@@ -5724,7 +6032,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 app.key_ledger.metrics(app.client_keys(), now)) + "\n"
             self.send_bytes(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
         elif path == "/api/stats" and reading:
-            self.send_json(200, stats_report(app.store, now))
+            self.send_json(200, {**stats_report(app.store, now), "waiting": app.holds.waiting})
         elif path == "/api/accounts" and reading:
             self.send_json(200, app.accounts_json(now))
         elif path == "/api/keys" and reading:
@@ -5905,7 +6213,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def send_bytes(self, status: int, body: bytes, content_type: str,
                    extra: Iterable[tuple[str, str]] = ()) -> None:
-        """Send a whole response in one write."""
+        """Send a whole response in one write (into a held stream: as its end)."""
+        if self.held_stream:
+            self.end_held_stream(status, body, None)
+            return
         reason = http.client.responses.get(status, "")
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         headers.extend(extra)
@@ -6052,9 +6363,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         self.request_body = body
         app, proxy_log = self.app, component_logger("Proxy")
-        # The conversation picks the account only when there is a choice (the session strategy
+        # The conversation picks the account only when there is a choice (a sticky strategy
         # over several accounts); otherwise it is read once the answer is out.
-        if len(accounts) > 1 and app.settings.lb_strategy == "session":
+        if len(accounts) > 1 and app.settings.lb_strategy in STICKY_STRATEGIES:
             record.conversation = conversation_key(self.headers, body)
         elif accounts:
             self.unread_conversation = body
@@ -6063,31 +6374,51 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                        else f"connection {self.connection_number}",
                        f"{(self.headers.get('User-Agent') or '')[:200]}|"
                        f"{self.headers.get('x-app', '')}")
+        #: The model, read only when an account has a per-model window that may refuse it.
+        self.model = (requested_model(body) if any(account.model_windows for account in accounts)
+                      else None)
+        self.held_stream, self.hold_until = False, None
         candidates = app.accounts_to_try(accounts, record.conversation, record.timestamp,
-                                         self.client)
-        if not candidates and accounts:
-            if self.all_limited(record, started):
-                return
-            proxy_log.warning("No active accounts available; forwarding with the client's own "
-                              "credentials")
+                                         self.client, self.model)
         headers = self.upstream_headers(body)
-        if proxy_log.isEnabledFor(logging.DEBUG):
-            proxy_log.debug("%s %s: strategy %s, conversation %s, trying %s", self.command,
-                            record.path, app.settings.lb_strategy, record.conversation,
-                            ", ".join(account.name for account in candidates) or
-                            "client credentials")
-        tries = Tries()
-        budget_s = app.settings.request_timeout_s
-        for account in candidates or [None]:  # None: the client's own credentials
-            if tries.count and time.monotonic() - started > budget_s:
-                tries.last_error += f" (gave up after {budget_s:g}s, request_timeout_s)"
-                break
-            if tries.claude_code_only and account is not None and account.type == "oauth":
-                continue  # every subscription account would refuse it the same way
-            if self.serve_from(account, headers, body, record, tries, started):
-                return
+        while True:
+            if not candidates and accounts:
+                if not self.own_credentials():
+                    outcome, candidates = self.hold(record, started, body)
+                    if outcome == "ended":
+                        return
+                    if outcome == "ready":
+                        continue
+                    if self.all_limited(record, started):
+                        return
+                proxy_log.warning("No active accounts available; forwarding with the client's "
+                                  "own credentials")
+            if proxy_log.isEnabledFor(logging.DEBUG):
+                proxy_log.debug("%s %s: strategy %s, conversation %s, trying %s", self.command,
+                                record.path, app.settings.lb_strategy, record.conversation,
+                                ", ".join(account.name for account in candidates) or
+                                "client credentials")
+            tries, round_started = Tries(), time.monotonic()  # a wait for a reset is not spent
+            budget_s = app.settings.request_timeout_s
+            for account in candidates or [None]:  # None: the client's own credentials
+                if tries.count and time.monotonic() - round_started > budget_s:
+                    tries.last_error += f" (gave up after {budget_s:g}s, request_timeout_s)"
+                    break
+                if tries.claude_code_only and account is not None and account.type == "oauth":
+                    continue  # every subscription account would refuse it the same way
+                if self.serve_from(account, headers, body, record, tries, started):
+                    return
+            answer = tries.last_answer
+            if answer is not None and answer.status == 429:
+                self.model = self.model or requested_model(body)  # its weekly window may be why
+                if candidates:
+                    outcome, candidates = self.hold(record, started, body)
+                    if outcome == "ended":
+                        return
+                    if outcome == "ready":
+                        continue
+            break
         record.failover_attempts = max(0, tries.count - 1)
-        answer = tries.last_answer
         if answer is None:
             last_error = app.scrub(tries.last_error)
             proxy_log.error("%s after %d attempts: %s", ALL_ACCOUNTS_FAILED, tries.count,
@@ -6128,6 +6459,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                        if refusal.retry_after_s else [])
         self.finish_record(record, started, refusal.status, refusal.message)
         return None
+    def own_credentials(self) -> bool:
+        """Whether the client presents an Anthropic credential of its own (not a client key)."""
+        return any(header != self.key_header and secret.startswith("sk-ant-")
+                   for header, secret in self.presented_credentials())
 
     def all_limited(self, record: RequestRecord, started: float) -> bool:
         """Answer 429 when every account is rate-limited and the client has no credentials.
@@ -6135,16 +6470,20 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         Forwarding without credentials the API could accept (none, a client key, a placeholder
         such as ANTHROPIC_API_KEY=claudeflare) could only fail, with a 401 that Claude Code
         takes for a failed login; a 429 with retry-after set to the earliest reset lets the
-        client wait exactly as long as needed.
+        client wait exactly as long as needed. When accounts are kept off the request's model
+        by its weekly window, the message names that window.
         """
-        if any(header != self.key_header and secret.startswith("sk-ant-")
-               for header, secret in self.presented_credentials()):
-            return False
         now = now_ms()
-        reset = self.app.earliest_reset(now)
+        reset = self.app.earliest_reset(now, self.model)
         if reset is None:
             return False
-        message = f"All accounts are rate limited; the first resets at {iso_time(reset)}"
+        family = self.app.refused_family(now, self.model)
+        if family:
+            message = (f"No account can serve {self.model} now: every account has reached its "
+                       f"weekly {family[len('seven_day_'):].capitalize()} limit ({family}) or "
+                       f"is rate limited; the first resets at {iso_time(reset)}")
+        else:
+            message = f"All accounts are rate limited; the first resets at {iso_time(reset)}"
         answer = Answer(429, "Too Many Requests", [("Content-Type", "application/json")],
                         json_bytes(anthropic_error("rate_limit_error", message)))
         self.set_retry_after(answer, now)
@@ -6153,9 +6492,87 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.finish_record(record, started, 429, message)
         return True
 
+    def hold(self, record: RequestRecord, started: float,
+             body: bytes) -> tuple[str, list[Account]]:
+        """Wait for the earliest reset within hold_s instead of answering 429 (see HoldQueue).
+
+        A streaming request gets its 200 and text/event-stream at once, then a ping every
+        HoldQueue.ping_interval_s. Return ("ready", the accounts to try now), ("skip", [])
+        when the request may not wait (hold_s off, no reset soon enough, hold_max waiting), or
+        ("ended", []) when the wait ended without an account (client gone, shutdown): then the
+        client has its answer and the request its record.
+        """
+        app, settings = self.app, self.app.settings
+        now = now_ms()
+        if self.hold_until is None:
+            self.hold_until = now + int(settings.hold_s * 1000)
+        reset = app.earliest_reset(now, self.model)
+        if not settings.hold_s or reset is None or reset > self.hold_until:
+            return "skip", []
+        outcome = "full" if app.holds.waiting >= settings.hold_max else None
+        if outcome is None:  # a stream past hold_max gets its 429 as a 429, not in a 200
+            if not self.held_stream and request_streams(body):
+                self.open_held_stream()
+            ping = (lambda: self.write_held(SSE_PING)) if self.held_stream else None
+            component_logger("Proxy").info("No account can serve a request now; waiting for "
+                                           "the reset at %s (hold_s)", iso_time(reset))
+            outcome = app.holds.wait(self, reset, settings.hold_max, ping,
+                                     lambda: client_gone(self.connection))
+        if outcome == "full":
+            component_logger("Proxy").warning("%d requests wait for a reset already (hold_max); "
+                                              "answering 429", settings.hold_max)
+            return "skip", []
+        if outcome == "ready":
+            try:
+                return "ready", app.accounts_to_try(app.accounts(), record.conversation,
+                                                    now_ms(), self.client, self.model)
+            finally:
+                app.holds.done(self)
+        self.close_connection = True
+        if outcome == "gone":
+            component_logger("Proxy").info("Client disconnected while waiting for a reset")
+            self.finish_record(record, started, 499, "Client disconnected while waiting for "
+                                                     "a reset; nothing was sent upstream")
+        else:
+            message = "claudeflare is shutting down; the request waited for a reset in vain"
+            self.send_json(503, anthropic_error("api_error", message))
+            self.finish_record(record, started, 503, message)
+        return "ended", []
+
+    def open_held_stream(self) -> None:
+        """Answer a streaming request that is to wait: 200 and text/event-stream at once."""
+        headers = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
+        if self.request_version == "HTTP/1.1":
+            headers.append(("Transfer-Encoding", "chunked"))
+        else:
+            self.close_connection = True
+        self.wfile.write(self.head_bytes(200, "OK", headers))
+        self.held_stream = True
+
+    def write_held(self, data: bytes) -> None:
+        """Write to a held stream, in chunks when the client speaks HTTP/1.1."""
+        if self.request_version == "HTTP/1.1":
+            data = b"%X\r\n%s\r\n" % (len(data), data)
+        self.wfile.write(data)
+
+    def end_held_stream(self, status: int, body: bytes, retry_after: str | None) -> None:
+        """End a held stream with an answer read whole: a success as it came, an error as an
+        SSE `error` event (a 429's says when to try again)."""
+        if status < 400:
+            self.write_held(body)
+        else:
+            message = (Answer(status, "", [], body).error_message
+                       or http.client.responses.get(status, "Error"))
+            if status == 429 and retry_after:
+                message += f" (retry after {retry_after}s)"
+            self.write_held(sse_error_event(
+                message, "rate_limit_error" if status == 429 else "api_error"))
+        if self.request_version == "HTTP/1.1":
+            self.wfile.write(b"0\r\n\r\n")
+
     def set_retry_after(self, answer: Answer, now: int) -> None:
         """Point a 429's retry-after at the earliest reset among the accounts."""
-        reset = self.app.earliest_reset(now)
+        reset = self.app.earliest_reset(now, self.model)
         if reset is None:
             return
         answer.headers = [(name, value) for name, value in answer.headers
@@ -6218,6 +6635,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 proxy_log.warning("Request via %s got %s", name, tries.last_error)
                 if account is not None and kind == "rate_limited":
                     app.mark_rate_limited(account, limit, now)
+                if account is not None and kind == "family_limited":
+                    proxy_log.warning(
+                        "Account %s has spent its weekly %s; it keeps serving other models",
+                        name, ", ".join(window for window, seen in limit.families.items()
+                                        if seen.get("status") in HARD_LIMIT_STATUSES))
                 if account is not None and kind == "refused":
                     app.mark_needs_attention(account, tries.last_error)
                 if kind != "retry" or limit.should_retry is False:
@@ -6291,7 +6713,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return Answer(response.status, response.reason, headers, body)
 
     def send_answer(self, answer: Answer) -> None:
-        """Send an answer that was read whole, in one write."""
+        """Send an answer that was read whole, in one write (into a held stream: as its end)."""
+        if self.held_stream:
+            self.end_held_stream(answer.status, answer.body,
+                                 dict((name.lower(), value) for name, value in answer.headers)
+                                 .get("retry-after"))
+            return
         headers = answer.headers + [("Content-Length", str(len(answer.body)))]
         head = self.head_bytes(answer.status, answer.reason, headers)
         self.wfile.write(head if self.command == "HEAD" else head + answer.body)
@@ -6380,7 +6807,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         status, reason = response.status, response.reason
         self.relaying = response
         try:
-            if self.command == "HEAD" or status in (204, 304) or status < 200:
+            if self.held_stream:  # its 200 is out: the upstream's events follow the pings
+                self.relay_unsized(response, status, reason, headers, tap)
+            elif self.command == "HEAD" or status in (204, 304) or status < 200:
                 length = response.getheader("Content-Length")
                 if length is not None:
                     headers.append(("Content-Length", length))
@@ -6433,7 +6862,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             headers.append(("Transfer-Encoding", "chunked"))
         else:
             self.close_connection = True
-        self.wfile.write(self.head_bytes(status, reason, headers))
+        if not self.held_stream:
+            self.wfile.write(self.head_bytes(status, reason, headers))
         write = self.wfile.write
         if chunked:
             def write(data: bytes) -> None:
@@ -6652,6 +7082,7 @@ svg rect.errors { fill: var(--bad); }
 <div class="card"><span class="muted">Extra usage, 24 h</span><b>$overage</b></div>
 <div class="card"><span class="muted">p95 latency</span><b>$p95</b></div>
 <div class="card"><span class="muted">Accounts active</span><b>$active</b></div>
+<div class="card"><span class="muted">Waiting for a reset</span><b>$waiting</b></div>
 </section>
 <h2>Accounts</h2>
 <div class="scroll"><table class="accounts">
@@ -6717,19 +7148,20 @@ def when_text(ms: int | None, now: int) -> str:
 
 
 def window_cell(label: str, used: float | None, reset: int | None, now: int,
-                windowed: bool) -> str:
-    """Draw a rate-limit window: a bar of its real utilization and when it resets. Only
-    subscription (OAuth) accounts have these windows: for the others they are n/a."""
+                windowed: bool, notes: str = "") -> str:
+    """Draw a rate-limit window: a bar of its real utilization and when it resets (and, under
+    it, notes in HTML). Only subscription (OAuth) accounts have these windows: for the others
+    they are n/a."""
     if used is None:
         return (f'<td class="window muted" data-label="{label}">'
-                f'{"no data yet" if windowed else "n/a"}</td>')
+                f'{"no data yet" if windowed else "n/a"}{notes}</td>')
     if reset and reset <= now:
         used = 0.0
     level = "full" if used >= 0.9 else "high" if used >= 0.7 else ""
     resets = ("resets " if reset > now else "reset ") + when_text(reset, now) if reset else ""
     return (f'<td class="window" data-label="{label}"><span class="bar"><i class="{level}" '
             f'style="width:{min(used, 1) * 100:.0f}%"></i></span>{used * 100:.0f}%'
-            f'<span class="line muted">{escape(resets)}</span></td>')
+            f'<span class="line muted">{escape(resets)}</span>{notes}</td>')
 
 
 def account_row(account: Account, now: int, session_duration_ms: int) -> str:
@@ -6747,7 +7179,7 @@ def account_row(account: Account, now: int, session_duration_ms: int) -> str:
     five_hours = window_cell("5-hour window", account.utilization_5h, account.reset_5h, now,
                              windowed)
     seven_days = window_cell("7-day window", account.utilization_7d, account.reset_7d, now,
-                             windowed)
+                             windowed, model_window_notes(account, now))
     return (f'<tr><td class="name wrap"><b>{escape(account.name)}</b>'
             f'<span class="line muted">{escape(account.email or "")}</span></td>'
             f'<td data-label="Type">{escape(account.type)}</td>'
@@ -6785,6 +7217,23 @@ def budget_cell(spent: float, budget: float | None) -> str:
     return (f'<td><span class="bar"><i class="{level}" style="width:{min(used, 1) * 100:.0f}%">'
             f'</i></span>{escape(usd(spent))} <span class="muted">of {escape(usd(budget))}'
             f'</span></td>')
+
+
+def model_window_notes(account: Account, now: int) -> str:
+    """Draw an account's per-model weekly windows under its 7-day one: use, limited, reset."""
+    notes = []
+    for name, window in sorted(model_windows(account).items()):
+        used = window.get("utilization") if isinstance(window, dict) else None
+        if not isinstance(used, (int, float)):
+            continue
+        reset = window.get("resetsAt")
+        state = "limited" if window_spent(window, now) else f"{used * 100:.0f}%"
+        if reset and reset <= now:
+            state = "0%"
+        notes.append(f'<span class="line"><span class="muted">{escape(family_label(name))}: '
+                     f'</span>{escape(state)} <span class="muted">resets '
+                     f'{escape(when_text(reset, now))}</span></span>')
+    return "".join(notes)
 
 
 def extra_usage_note(account: Account, now: int) -> str:
@@ -6870,6 +7319,7 @@ def render_status_page(app: App, now: int) -> str:
         overage=escape(f"{last_day['overageRequests']} (${last_day['overageCostUsd']:.2f})"),
         p95="-" if last_day["p95LatencyMs"] is None else f"{last_day['p95LatencyMs']} ms",
         active=f"{health['accounts']['active']}/{health['accounts']['total']}",
+        waiting=app.holds.waiting,
         accounts="".join(account_row(account, now, app.settings.session_duration_ms)
                          for account in app.accounts())
         or empty.format("No accounts yet: python3 claudeflare.py add NAME"),
@@ -7843,6 +8293,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         server.serve_forever(poll_interval=0.2)
     finally:
         app.stopping = True
+        app.holds.close()  # requests waiting for a reset get their error now, not at the timeout
         app.stop_background()
         deadline = time.monotonic() + settings.shutdown_timeout_s
         server.server_close()
@@ -8052,7 +8503,8 @@ def status_text(account: Account, now: int) -> str:
         return f"overage until {short_time(account.overage_until, now)} (extra usage, billed)"
     if status == "needs_reauth" and account.reauth_reason:
         return f"needs_reauth ({redact(account.reauth_reason)[:60]})"
-    return status
+    return status + "".join(f", {family_label(name)} limited until {short_time(reset, now)}"
+                            for name, reset in spent_windows(account, now))
 
 
 def print_table(rows: list[list[str]]) -> None:

@@ -262,7 +262,12 @@ def reply_default(handler: FakeHandler, request: Recorded) -> None:
     elif request.path == "/v1/messages" and request.method == "POST":
         payload = json.loads(request.body or b"{}")
         model = payload.get("model", "claude-sonnet-4-5")
-        if payload.get("fake_stream_bytes"):
+        refused, limits = handler.server.fake.meter(request, model)
+        if refused:
+            handler.send_whole(429, json.dumps({"type": "error", "error": {
+                "type": "rate_limit_error", "message": "Rate limited"}}).encode(),
+                headers=limits)
+        elif payload.get("fake_stream_bytes"):
             handler.start_chunked()
             delta = {"type": "text_delta", "text": "x" * 8000}
             event = sse("content_block_delta", {"type": "content_block_delta", "index": 0,
@@ -275,14 +280,14 @@ def reply_default(handler: FakeHandler, request: Recorded) -> None:
             # between events (a slow stream).
             words = (" word",) * payload["fake_words"] if "fake_words" in payload else None
             interval = payload.get("fake_interval", 0)
-            handler.start_chunked()
+            handler.start_chunked(headers=limits)
             for index, event in enumerate(message_events(model, words or ("Hello", " world"))):
                 if index and interval:
                     time.sleep(interval)
                 handler.send_chunk(event)
             handler.end_chunked()
         else:
-            handler.send_whole(200, json.dumps(message_body(model)).encode())
+            handler.send_whole(200, json.dumps(message_body(model)).encode(), headers=limits)
     elif request.path == "/v1/models":
         handler.send_whole(200, b'{"data":[{"id":"claude-sonnet-4-5","type":"model"}]}')
     else:
@@ -518,6 +523,26 @@ class FakeOAuth:
         return token.startswith("sk-ant-oat01-") and token not in self.access_tokens
 
 
+class Quota:
+    """A rate-limit window of the fake: `limit` requests per `seconds`, counted from the first
+    request after a reset, as the real windows are. Resets fall on whole seconds (the headers
+    give epoch seconds)."""
+
+    def __init__(self, limit: int, seconds: float, used: int = 0) -> None:
+        self.limit, self.seconds, self.used = limit, seconds, used
+        self.reset = math.ceil(time.time() + seconds) if used else None
+
+    def current(self, now: float) -> tuple[int, int]:
+        """Return the requests used and the reset (epoch s), a passed reset starting afresh."""
+        if self.reset is not None and now >= self.reset:
+            self.used, self.reset = 0, None
+        return self.used, self.reset or math.ceil(now + self.seconds)
+
+    def take(self, now: float) -> None:
+        used, reset = self.current(now)
+        self.used, self.reset = used + 1, reset
+
+
 class FakeUpstream:
     """A fake Anthropic API on 127.0.0.1 port 0 that records requests and runs scripted faults."""
 
@@ -533,6 +558,10 @@ class FakeUpstream:
             collections.deque)
         self.holding = threading.Event()
         self.stream_aborted = threading.Event()
+        #: credential -> window (5h, 7d, 7d_sonnet, 7d_opus, ...) -> its Quota: the windows
+        #: each answer's headers report and a spent one refuses with a 429. A 7d_<family>
+        #: window counts only the requests for that family's models.
+        self.quotas: dict[str, dict[str, Quota]] = {}
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHandler,
                                                       bind_and_activate=False)
         self.server.daemon_threads = True
@@ -568,6 +597,37 @@ class FakeUpstream:
         if self.queued:
             return self.queued.popleft()
         return reply_default
+
+    def meter(self, request: Recorded, model: str) -> tuple[bool, list]:
+        """Count a Messages request against its account's windows: return whether a spent
+        window refuses it (a 429) and the rate-limit headers of the answer."""
+        credential = request.headers["x-api-key"] or (
+            request.headers["Authorization"] or "").replace("Bearer ", "")
+        now, headers = time.time(), []
+        with self.lock:
+            windows = self.quotas.get(credential, {})
+            counting = [name for name in windows
+                        if "_" not in name or name.split("_", 1)[1] in model.split("-")]
+            refused = [name for name in counting
+                       if windows[name].current(now)[0] >= windows[name].limit]
+            if not refused:
+                for name in counting:
+                    windows[name].take(now)
+            resets = []
+            for name, quota in windows.items():
+                used, reset = quota.current(now)
+                resets += [reset] if name in refused else []
+                headers += [(f"anthropic-ratelimit-unified-{name}-status",
+                             "rejected" if used >= quota.limit else "allowed"),
+                            (f"anthropic-ratelimit-unified-{name}-utilization",
+                             f"{used / quota.limit if quota.limit else 1.0:.2f}"),
+                            (f"anthropic-ratelimit-unified-{name}-reset", str(reset))]
+        if refused:
+            claim = refused[0].replace("5h", "five_hour").replace("7d", "seven_day")
+            headers += [("anthropic-ratelimit-unified-status", "rejected"),
+                        ("anthropic-ratelimit-unified-representative-claim", claim),
+                        ("retry-after", str(max(1, math.ceil(min(resets) - now))))]
+        return bool(refused), headers
 
     def messages(self) -> list[Recorded]:
         """The requests that were not for the OAuth endpoints."""
@@ -1351,6 +1411,7 @@ class TestSettings(CliTestCase):
         "tls_key": ("/file/key.pem", "/env/key.pem"), "overage": ("never", "allow"),
         "usage_poll_s": ("60", "0"), "login_timeout_s": ("30", "40"),
         "budget_timezone": ("UTC+02:00", "Europe/Paris"),
+        "hold_s": ("300", "0"), "hold_max": ("5", "6"),
     }
 
     def test_every_setting_follows_the_precedence(self):
@@ -3516,10 +3577,11 @@ class TestClaudeCodeOnly(ServerWithAccounts):
         self.assert_no_account_marked()
         self.proxy.settle()
         stats = json.loads(self.proxy.request("GET", "/api/stats")[2])
-        self.assertEqual(stats["totals"]["claudeCodeOnlyRefusals"], 5)
+        strategies = len(claudeflare.STRATEGY_NAMES)
+        self.assertEqual(stats["totals"]["claudeCodeOnlyRefusals"], strategies)
         self.assertEqual(stats["totals"]["failures"], 0)
         self.assertEqual(self.listed()["max1"]["requests"] + self.listed()["max2"]["requests"],
-                         5)  # the Claude Code requests only
+                         strategies)  # the Claude Code requests only
         self.assertIn("go to API-key accounts first", CAPTURED_LOG.text())
 
     def test_claude_code_is_not_sent_to_api_keys_because_a_script_sharing_its_name_was(self):
@@ -3761,6 +3823,293 @@ class TestPriority(RoutingTestCase):
         self.assertIn("Account not found: ghost", err)
 
 
+class TestResetFirst(RoutingTestCase):
+    """reset-first spends first the quota that expires first."""
+
+    settings = {**RoutingTestCase.settings, "lb_strategy": "reset-first"}
+
+    def windows(self, **accounts) -> None:
+        """Set each account's 5h window: (utilization, seconds to its reset)."""
+        now = claudeflare.now_ms()
+        for name, (used, reset_in) in accounts.items():
+            self.proxy.app.store.update_account(name, utilization_5h=used,
+                                                reset_5h=now + reset_in * 1000)
+
+    def test_new_conversations_go_to_the_soonest_reset_and_stay(self):
+        self.windows(a=(0.5, 3 * 3600), b=(0.3, 600))
+        conversation = {"X-Claude-Code-Session-Id": "soon"}
+        self.assertEqual(self.distribution(2, conversation), {"b": 2})
+        self.assertEqual(self.distribution(2, {"X-Claude-Code-Session-Id": "other"}), {"b": 2})
+        self.windows(a=(0.5, 60))  # a now resets sooner: new conversations go there
+        self.assertEqual(self.distribution(1, {"X-Claude-Code-Session-Id": "new"}), {"a": 1})
+        self.assertEqual(self.distribution(2, conversation), {"b": 2})  # sticky as session
+
+    def new_conversations(self, count: int) -> collections.Counter:
+        """Send one request for each of `count` new conversations; count who served them."""
+        served = collections.Counter()
+        for _ in range(count):
+            self.turn = getattr(self, "turn", 0) + 1
+            served += self.distribution(1, {"X-Claude-Code-Session-Id": f"new-{self.turn}"})
+        return served
+
+    def test_unknown_windows_come_last_soft_limited_after_and_ties_by_utilization(self):
+        self.assertEqual(len(self.new_conversations(3)), 3)  # nothing known: they rotate
+        self.windows(a=(0.6, 600), b=(0.2, 600))
+        self.assertEqual(self.new_conversations(2), {"b": 2})
+        self.proxy.app.store.update_account("b", rate_limit_status="allowed_warning",
+                                            rate_limit_reset=claudeflare.now_ms() + 60_000)
+        self.assertEqual(self.new_conversations(2), {"a": 2})
+        self.ok("pause", "a")
+        self.assertEqual(self.new_conversations(2), {"c": 2})  # unknown, still before b
+
+    def test_the_strategy_is_validated_and_listed(self):
+        self.ok("config", "set", "lb_strategy", "round-robin")
+        self.ok("config", "set", "lb_strategy", "reset-first")
+        code, _, err = self.cli("config", "set", "lb_strategy", "soonest")
+        self.assertEqual(code, 1)
+        self.assertIn("Invalid strategy: soonest", err)
+        self.assertIn("reset-first", err)
+        config = json.loads(self.proxy.request("GET", "/api/config")[2])
+        self.assertIn("reset-first", config["strategies"])
+
+
+SONNET, HAIKU, OPUS = "claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1"
+
+
+def ask(proxy: Proxy, model: str, stream: bool = False, headers=None):
+    """Send a Messages request for a model; return (status, headers, body)."""
+    body = {"model": model, "max_tokens": 64, "stream": stream,
+            "messages": [{"role": "user", "content": "Hi"}]}
+    return proxy.request("POST", "/v1/messages", body,
+                         {"content-type": "application/json", **(headers or {})})
+
+
+class TestModelWindows(RoutingTestCase):
+    """A spent per-model weekly window keeps that family's models off the account, only them."""
+
+    def served(self, model: str, count: int) -> collections.Counter:
+        """Send requests for a model (each must succeed); count the accounts that served."""
+        first = len(self.upstream.messages())
+        for _ in range(count):
+            status, _, body = ask(self.proxy, model)
+            self.assertEqual(status, 200, body)
+        return collections.Counter(self.key_of(request) for request in
+                                   self.upstream.messages()[first:]
+                                   if json.loads(request.body)["model"] == model)
+
+    def test_a_spent_sonnet_window_sends_sonnet_elsewhere_and_keeps_haiku_and_opus(self):
+        self.upstream.quotas["sk-ant-api03-a"] = {"7d_sonnet": Quota(0, 3600)}
+        tried = self.served(SONNET, 6)
+        self.assertEqual(tried["a"], 1)  # its 429, once: then it is known
+        self.assertEqual(self.served(SONNET, 6)["a"], 0)
+        self.assertEqual(self.served(HAIKU, 3), {"a": 1, "b": 1, "c": 1})
+        self.assertEqual(self.served(OPUS, 3), {"a": 1, "b": 1, "c": 1})
+        account = self.listed()["a"]
+        self.assertEqual((account["status"], account["rateLimitedUntil"]), ("active", None))
+        window = account["modelWindows"]["seven_day_sonnet"]
+        self.assertTrue(window["limited"])
+        self.assertAlmostEqual(window["resetsAt"] / 1000, time.time() + 3600, delta=5)
+        self.assertIn("Account a has spent its weekly seven_day_sonnet", CAPTURED_LOG.text())
+        self.assertRegex(self.ok("list"), r"\na\s.*active, weekly Sonnet limited until")
+        api = {entry["name"]: entry for entry in
+               json.loads(self.proxy.request("GET", "/api/accounts")[2])}
+        self.assertTrue(api["a"]["modelWindows"]["seven_day_sonnet"]["limited"])
+        self.assertFalse(api["b"]["modelWindows"])
+        page = self.proxy.request("GET", "/")[2].decode()
+        self.assertIn("weekly Sonnet: </span>limited", page)
+        metrics = self.proxy.request("GET", "/metrics")[2].decode()
+        self.assertIn('claudeflare_account_utilization{account="a",window="7d_sonnet"} 1', metrics)
+        self.assertIn('claudeflare_account_model_limited{account="a",window="7d_sonnet"} 1',
+                      metrics)
+
+    def test_a_200_for_another_model_teaches_the_spent_window(self):
+        self.upstream.quotas["sk-ant-api03-b"] = {"7d_opus": Quota(5, 3600, used=5)}
+        self.assertEqual(self.served(HAIKU, 3), {"a": 1, "b": 1, "c": 1})
+        self.assertEqual(self.served(OPUS, 6), {"a": 3, "c": 3})  # b is never asked
+        self.assertEqual(self.listed()["b"]["status"], "active")
+
+    def test_the_window_is_forgotten_at_its_reset(self):
+        self.ok("pause", "b")
+        self.ok("pause", "c")
+        self.upstream.quotas["sk-ant-api03-a"] = {"7d_opus": Quota(1, 2)}
+        self.assertEqual(self.served(OPUS, 1), {"a": 1})  # uses it up: 100%, learned
+        self.assertEqual(ask(self.proxy, OPUS)[0], 429)
+        self.assertEqual(len(self.upstream.messages()), 1)
+        reset = self.listed()["a"]["modelWindows"]["seven_day_opus"]["resetsAt"]
+        wait_for(lambda: claudeflare.now_ms() >= reset, what="the window's reset")
+        self.assertEqual(self.served(OPUS, 1), {"a": 1})
+
+    def test_every_account_spent_for_a_family_gives_a_429_naming_it(self):
+        for name, reset_in in (("a", 900), ("b", 300), ("c", 600)):
+            self.upstream.quotas[f"sk-ant-api03-{name}"] = {
+                "7d_opus": Quota(2, reset_in, used=2)}
+        status, headers, body = ask(self.proxy, OPUS)
+        self.assertEqual(status, 429)
+        self.assertAlmostEqual(int(headers["retry-after"]), 300, delta=5)
+        self.assertEqual(len(self.upstream.messages()), 3)
+        for _ in range(2):  # now known: no account is asked
+            status, headers, body = ask(self.proxy, OPUS)
+            self.assertEqual(status, 429)
+            self.assertIn("weekly Opus limit (seven_day_opus)",
+                          json.loads(body)["error"]["message"])
+            self.assertAlmostEqual(int(headers["retry-after"]), 300, delta=5)
+        self.assertEqual(len(self.upstream.messages()), 3)
+        self.assertEqual(self.served(SONNET, 3), {"a": 1, "b": 1, "c": 1})
+        self.assertEqual({account["status"] for account in self.listed().values()}, {"active"})
+
+    def test_headroom_ranks_by_the_windows_of_the_model(self):
+        self.ok("config", "set", "lb_strategy", "headroom")
+        self.ok("pause", "c")
+        later = claudeflare.now_ms() + 3_600_000
+        store = self.proxy.app.store
+        store.update_account("a", utilization_5h=0.1, reset_5h=later, model_windows=json.dumps(
+            {"seven_day_sonnet": {"utilization": 0.9, "resetsAt": later}}))
+        store.update_account("b", utilization_5h=0.5, reset_5h=later)
+        self.assertEqual(self.served(SONNET, 2), {"b": 2})
+        self.assertEqual(self.served(HAIKU, 2), {"a": 2})
+
+
+class TestHold(ServerWithAccounts):
+    """hold_s: a request waits for a window's real reset instead of getting the 429."""
+
+    settings = {"hold_s": 30, "retry_delay_ms": 1}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.add_key("a")
+        # The documented knob, as a test reaches it: pings every 0.2 s instead of 15 s.
+        self.proxy.app.holds.ping_interval_s = 0.2
+
+    def spend(self, seconds: float = 2) -> float:
+        """Spend account a's 5-hour window of the fake; return its reset (epoch s)."""
+        quota = Quota(1, seconds, used=1)
+        self.upstream.quotas["sk-ant-api03-a"] = {"5h": quota}
+        return quota.reset
+
+    def waiting(self) -> int:
+        return json.loads(self.proxy.request("GET", "/api/stats")[2])["waiting"]
+
+    def in_background(self, *args, **kwargs) -> dict:
+        """Send ask(...) on a thread of its own; the dict gets its answer."""
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(
+            answer=ask(self.proxy, *args, **kwargs)))
+        worker.start()
+        self.addCleanup(worker.join, DEADLINE_S)
+        result["thread"] = worker
+        return result
+
+    def test_a_plain_request_waits_for_the_reset_and_is_served(self):
+        reset = self.spend()
+        result = self.in_background(SONNET)
+        wait_for(lambda: self.waiting() == 1, what="the request to wait")
+        self.assertIn("Waiting for a reset</span><b>1</b>",
+                      self.proxy.request("GET", "/")[2].decode())
+        result["thread"].join(DEADLINE_S)
+        status, _, body = result["answer"]
+        self.assertEqual(status, 200, body)
+        self.assertEqual(len(self.upstream.messages()), 2)  # its 429; no try while it waited
+        quota = self.upstream.quotas["sk-ant-api03-a"]["5h"]
+        self.assertEqual(quota.used, 1)
+        self.assertGreater(quota.reset, reset)  # served in the window after the reset
+        self.assertEqual(self.waiting(), 0)
+
+    def test_a_stream_gets_its_200_at_once_pings_while_it_waits_then_the_events(self):
+        self.spend(3)
+        connection = self.proxy.connect()
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/messages", json.dumps(
+            {"model": SONNET, "stream": True, "messages": []}).encode(),
+            {"content-type": "application/json"})
+        response = connection.getresponse()
+        self.assertEqual((response.status, response.getheader("Content-Type")),
+                         (200, "text/event-stream"))
+        self.assertEqual(self.waiting(), 1)  # the 200 came before the wait ended
+        data = response.read()
+        self.assertTrue(data.startswith(b'event: ping\ndata: {"type": "ping"}\n\n'), data)
+        self.assertEqual(data[data.index(b"event: message_start"):],
+                         b"".join(message_events()))
+        self.assertNotIn(b"error", data)
+
+    def test_a_stream_whose_wait_ends_without_an_account_gets_an_error_event(self):
+        self.upstream.push_for("sk-ant-api03-a", *[
+            reply_error(429, "rate_limit_error", "limited", unified_headers("rejected", reset))
+            for reset in (2, 3600)])
+        connection = self.proxy.connect()
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/messages", json.dumps(
+            {"model": SONNET, "stream": True, "messages": []}).encode())
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        data = response.read()
+        self.assertIn(b"event: ping", data)
+        event = json.loads(data[data.index(b"event: error"):].split(b"data: ", 1)[1])
+        self.assertEqual(event["error"]["type"], "rate_limit_error")
+        self.assertRegex(event["error"]["message"], r"retry after 3[56]\d\ds")
+        self.assertEqual(len(self.upstream.messages()), 2)
+
+    def test_past_hold_max_the_429_comes_at_once(self):
+        self.ok("config", "set", "hold_max", "1")
+        self.spend()
+        result = self.in_background(SONNET)
+        wait_for(lambda: self.waiting() == 1, what="the first request to wait")
+        for stream in (False, True):
+            status, headers, body = ask(self.proxy, SONNET, stream=stream)
+            self.assertEqual(status, 429)
+            self.assertIn("All accounts are rate limited", json.loads(body)["error"]["message"])
+        self.assertIn("hold_max", CAPTURED_LOG.text())
+        result["thread"].join(DEADLINE_S)
+        self.assertEqual(result["answer"][0], 200)
+
+    def test_a_reset_beyond_hold_s_gets_the_429_at_once(self):
+        self.ok("config", "set", "hold_s", "1")
+        self.spend(5)
+        self.assertEqual(ask(self.proxy, SONNET)[0], 429)
+        self.assertEqual(self.waiting(), 0)
+
+    def test_a_client_gone_while_waiting_is_forgotten(self):
+        reset = self.spend()
+        body = json.dumps({"model": SONNET, "messages": []}).encode()
+        client = socket.create_connection(("127.0.0.1", self.proxy.port))
+        client.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: self.waiting() == 1, what="the request to wait")
+        client.close()
+        wait_for(lambda: self.waiting() == 0, what="the waiter to be forgotten")
+        wait_for(lambda: time.time() >= reset, what="the reset")
+        self.assertEqual(ask(self.proxy, SONNET)[0], 200)
+        self.assertEqual(len(self.upstream.messages()), 2)  # the 429, then the new request
+        self.proxy.settle()
+        records = json.loads(self.proxy.request("GET", "/api/requests")[2])
+        self.assertIn("Client disconnected while waiting", records[-1]["error"])
+
+    def test_waiters_whose_reset_passed_go_on_in_arrival_order(self):
+        holds, until = claudeflare.HoldQueue(), claudeflare.now_ms() + 300
+        order, first_picked = [], threading.Event()
+
+        def waiter(name: str) -> None:
+            self.assertEqual(holds.wait(name, until, 10, None, lambda: False), "ready")
+            order.append((name, holds.waiting))
+            if name == "first":
+                first_picked.wait(DEADLINE_S)  # still picking its account
+            holds.done(name)
+
+        threads = []
+        for name in ("first", "second", "third"):
+            threads.append(threading.Thread(target=waiter, args=(name,)))
+            threads[-1].start()
+            wait_for(lambda: holds.waiting == len(threads), what=f"{name} to wait")
+        wait_for(lambda: order, what="the first to be ready")
+        first_picked.set()
+        for thread in threads:
+            thread.join(DEADLINE_S)
+        self.assertEqual(order, [("first", 3), ("second", 2), ("third", 1)])
+        self.assertEqual(holds.wait("late", until, 3, None, lambda: False), "ready")
+        holds.done("late")
+        holds.close()
+        self.assertEqual(holds.wait("later", until, 3, None, lambda: False), "closed")
+
+
 def usage_window(percent: float, resets_in_s: int) -> dict:
     """A window as GET /api/oauth/usage describes it (utilization in percent)."""
     moment = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
@@ -3815,6 +4164,21 @@ class TestUsageReads(ServerWithAccounts):
         self.assertIn("seven_day_model_00000", account["modelWindows"])
         self.assertLess(len(self.proxy.request("GET", "/api/accounts")[2]), 10_000)
         self.assertIn("100%", self.proxy.request("GET", "/")[2].decode())
+
+    def test_a_spent_model_window_read_keeps_that_model_off_the_account(self):
+        self.upstream.oauth.usage_answer = {"seven_day_sonnet": usage_window(100.0, 3600)}
+        access, _ = self.add_oauth("max")
+        self.add_key("key")
+        wait_for(lambda: self.listed()["max"]["modelWindows"].get("seven_day_sonnet", {}).get(
+            "limited"), what="the read of a spent window")
+        self.ok("config", "set", "lb_strategy", "round-robin")
+        for model in (SONNET, SONNET, SONNET, SONNET, HAIKU, HAIKU, HAIKU, HAIKU):
+            self.assertEqual(ask(self.proxy, model)[0], 200)
+        served = collections.Counter(
+            (request.json()["model"], request.headers["x-api-key"] or "max")
+            for request in self.upstream.messages())
+        self.assertEqual(served, {(SONNET, "sk-ant-api03-key"): 4, (HAIKU, "max"): 2,
+                                  (HAIKU, "sk-ant-api03-key"): 2})
 
     def test_reads_are_paced_and_can_be_turned_off(self):
         self.add_oauth("max")
@@ -4976,6 +5340,36 @@ class TestShutdown(ServeTestCase):
         self.assertNotEqual(kept.refresh_token, refresh)
         self.assertIn(kept.refresh_token, oauth.refresh_tokens)
 
+    def test_sigterm_releases_the_requests_waiting_for_a_reset_with_a_clear_error(self):
+        server = self.serve(CLAUDEFLARE_HOLD_S="120", CLAUDEFLARE_SHUTDOWN_TIMEOUT_S="60")
+        self.cli("add", "a", "--api-key", stdin="sk-ant-api03-a\n")
+        self.upstream.quotas["sk-ant-api03-a"] = {"5h": Quota(1, 60, used=1)}
+        body = json.dumps({"model": SONNET, "messages": []}).encode()
+        plain = {}
+        worker = threading.Thread(target=lambda: plain.update(
+            answer=server.request("POST", "/v1/messages", body)))
+        worker.start()
+        self.addCleanup(worker.join, DEADLINE_S)
+        wait_for(lambda: "waiting for the reset" in server.log(), what="a request to wait")
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=DEADLINE_S)
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/messages", json.dumps(
+            {"model": SONNET, "stream": True, "messages": []}).encode())
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        wait_for(lambda: server.log().count("waiting for the reset") == 2,
+                 what="the stream to wait too")
+        server.process.send_signal(signal.SIGTERM)
+        data = response.read()  # at once, not after shutdown_timeout_s
+        worker.join(DEADLINE_S)
+        self.assertIn(b"event: error", data)
+        self.assertIn(b"claudeflare is shutting down", data)
+        status, _, answer = plain["answer"]
+        self.assertEqual(status, 503)
+        self.assertIn("claudeflare is shutting down", json.loads(answer)["error"]["message"])
+        self.assertEqual(server.stop(None), 0)
+        self.assertEqual(len(self.upstream.messages()), 1)
+
     def test_serve_runs_from_another_folder_under_another_name(self):
         elsewhere = os.path.join(self.folder, "bin", "cf")  # no .py: installed as a command
         os.makedirs(os.path.dirname(elsewhere))
@@ -5746,7 +6140,7 @@ class TestDoctor(ServeTestCase):
         code, out = self.doctor(LB_STRATEGY="")
         self.assertEqual(code, 1)
         self.assertIn("\nFAIL  config: Invalid strategy: fastest; valid: session, round-robin, "
-                      "weighted, least-requests, headroom (for lb_strategy, from "
+                      "weighted, least-requests, headroom, reset-first (for lb_strategy, from "
                       f"{self.config_path}); fix: python3 claudeflare.py config set lb_strategy "
                       f"VALUE\n", out)
         self.assertIn("\nFAIL  config: must not be negative, not -1 (for retry_attempts", out)
