@@ -1561,8 +1561,9 @@ class TestSettingsThatCannotWork(CliTestCase):
             code, out, err = self.cli("config", "get", "lb_strategy")
         self.assertEqual((code, out), (0, "session\n"))
         self.assertEqual(err, "claudeflare: warning: Invalid strategy: fastest; valid: session, "
-                              "round-robin, weighted, least-requests, headroom (for "
-                              "lb_strategy, from LB_STRATEGY); using the default, session\n")
+                              "round-robin, weighted, least-requests, headroom, reset-first "
+                              "(for lb_strategy, from LB_STRATEGY); using the default, "
+                              "session\n")
         done = self.serve("--port", "0", LB_STRATEGY="fastest")
         self.assertEqual((done.returncode, done.stdout), (1, ""))
         self.assertTrue(done.stderr.startswith("claudeflare: error: Invalid strategy: fastest"),
