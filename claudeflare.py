@@ -11,7 +11,8 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 __all__ = [
-    "Account", "Alert", "Alerts", "App", "Check", "ChunkedFraming", "ClaudeflareError", "ClientKey",
+    "Account", "Alert", "Alerts", "App", "Check", "ChunkedFraming", "ClaudeflareError",
+    "ClientKey",
     "LoginListener", "OAuthClient", "PkceLogin", "ProxyHandler", "ProxyServer", "RateLimit",
     "SETTINGS", "STRATEGIES", "Settings", "Store", "TokenKeeper", "Upstream", "UpstreamError",
     "Usage", "UsagePoller", "UsageReader", "build_parser", "can_serve", "conversation_key",

@@ -4247,8 +4247,8 @@ class TestAlerts(ServerWithAccounts):
                          ("error", "max", "python3 claudeflare.py reauth max"))
         self.assertIn("Account max needs a new login: refresh refused", alert["message"])
         self.assertIn("[REDACTED] revoked", alert["message"])
-        self.upstream.push_for("sk-ant-api03-spare", reply_json(200, message_body(), unified_headers(
-            "allowed", 3600, five_hour=0.81)))
+        self.upstream.push_for("sk-ant-api03-spare", reply_json(
+            200, message_body(), unified_headers("allowed", 3600, five_hour=0.81)))
         self.assertEqual(self.post_message()[0], 200)
         self.arrived(event="window_threshold")  # a later alert: a repeat would have come first
         self.assertEqual(len(self.hook.events("account_needs_login")), 1)
@@ -4357,6 +4357,19 @@ class TestAlerts(ServerWithAccounts):
         self.assertEqual(tunnel.tunnels, [self.hook.url("").split("//")[1]])
         self.assertEqual(self.hook.events()[0]["event"], "test")
 
+    def test_doctor_checks_each_destination_and_sends_a_test_when_asked(self):
+        self.ok("config", "set", "alert_command", "no-such-notifier --to ops")
+        out = self.cli("doctor")[1]
+        self.assertIn("ok    alerts: 127.0.0.1: json webhook\n", out)
+        self.assertIn("FAIL  alerts: command no-such-notifier: no-such-notifier is not found or "
+                      "not executable", out)
+        self.assertEqual(self.hook.events(), [])
+        out = self.cli("doctor", "--send-test")[1]
+        self.assertIn("ok    alerts: 127.0.0.1: json webhook; test alert: 200 OK", out)
+        self.assertEqual(self.hook.events()[0]["event"], "test")
+        self.assertNotIn("T0SECRET", out)
+        self.assertIn("alert_url=http://127.0.0.1:", out)
+
     def test_alert_settings_are_checked_and_shown_without_their_secrets(self):
         for key, value, error in (
                 ("alert_url", "ftp://example.com/x", "URL 1 is not one"),
@@ -4372,7 +4385,7 @@ class TestAlerts(ServerWithAccounts):
         self.ok("config", "set", "alert_command", "notify-send --token=abcSECRET")
         self.assertEqual(self.proxy.request("GET", "/health")[0], 200)  # reloads the settings
         settings = json.loads(self.proxy.request("GET", "/api/config")[2])["settings"]
-        self.assertEqual(settings["alertUrl"], f"http://127.0.0.1:{self.hook.server.server_address[1]}/...")
+        self.assertEqual(settings["alertUrl"], self.hook.url("/..."))
         self.assertEqual(settings["alertCommand"], "notify-send ...")
         self.assertNotIn("SECRET", CAPTURED_LOG.text())
 
