@@ -2897,8 +2897,9 @@ class TokenKeeper:
         self.unsaved: dict[str, Tokens] = {}
         #: account id -> how long its current access token lives (known once refreshed here).
         self.lifetimes: dict[int, int] = {}
-        #: account name -> (when refreshing began to fail transiently, the last error).
-        self.refresh_failures: dict[str, tuple[int, str]] = {}
+        #: account name -> (when refreshing began to fail transiently, the last error, and
+        #: the expiry of the token then held: a new login makes the entry stale).
+        self.refresh_failures: dict[str, tuple[int, str, int | None]] = {}
         #: Where pairs the database would not take are kept over a restart.
         self.kept_path = store.path + ".unsaved-tokens"
         self.log = component_logger("OAuth")
@@ -3076,8 +3077,8 @@ class TokenKeeper:
         except TokenEndpointDown as error:
             wait = self.note_transient_failure(account.id, now)
             with self.lock:
-                since = self.refresh_failures.get(account.name, (now, ""))[0]
-                self.refresh_failures[account.name] = (since, str(error))
+                since = self.refresh_failures.get(account.name, (now,))[0]
+                self.refresh_failures[account.name] = (since, str(error), account.expires_at)
             self.log.warning("Failed to refresh token for account %s: %s (next try in %ds)",
                              account.name, error, wait // 1000)
             if account.token_valid(now):
@@ -3715,8 +3716,10 @@ class Watched:
     accounts: list[Account]
     #: When the first limited account becomes usable again by itself.
     earliest_reset: int | None = None
-    #: account name -> (when refreshing its token began to fail, the last error).
-    refresh_failures: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
+    #: account name -> (when refreshing its token began to fail, the last error, the expiry
+    #: of the token it held then).
+    refresh_failures: dict[str, tuple[int, str, int | None]] = dataclasses.field(
+        default_factory=dict)
     #: Request records the database refused, and since when (time.monotonic()), if any.
     records_held: int = 0
     held_since: float | None = None
@@ -3751,7 +3754,8 @@ def held_conditions(watched: Watched, now: int, settings: Settings, held: float,
                                 f"{redact(account.reauth_reason or 'refused')}",
                                 login_fix(account), name, f"account_needs_login:{name}"))
         failing = watched.refresh_failures.get(name)
-        if failing and not account.needs_reauth and now - failing[0] >= refresh_failing_after_ms:
+        if (failing and failing[2] == account.expires_at and not account.needs_reauth
+                and now - failing[0] >= refresh_failing_after_ms):
             alerts.append(Alert(
                 "refresh_failing", f"Refreshing the token of account {name} has failed for "
                 f"{(now - failing[0]) // 60000} min: {redact(failing[1])}; its token expires at "

@@ -4278,6 +4278,23 @@ class TestAlerts(ServerWithAccounts):
         self.assertIn("Refreshing the token of account max has failed", alert["message"])
         self.assertIn("temporarily_unavailable", alert["message"])
 
+    def test_a_refresh_failure_from_before_a_new_login_is_not_alerted(self):
+        self.add_oauth("max", expires_in_ms=-1000)
+        self.add_key("spare")
+        self.upstream.oauth.failures.append((503, {"error": "temporarily_unavailable"}))
+        self.assertEqual(self.post_message()[0], 200)
+        wait_for(lambda: self.proxy.app.tokens.refresh_failures, what="the failure")
+        access, refresh = self.upstream.oauth.issue()  # what `reauth max` stores
+        self.proxy.app.store.change_account("max", access_token=access, refresh_token=refresh,
+                                            expires_at=claudeflare.now_ms() + 3_600_000)
+        self.alerts.refresh_failing_after_ms = 0
+        for credential in ("sk-ant-api03-spare", access):  # whichever serves next
+            self.upstream.push_for(credential, reply_json(
+                200, message_body(), unified_headers("allowed", 3600, five_hour=0.81)))
+        self.assertEqual(self.post_message()[0], 200)
+        self.arrived(event="window_threshold")
+        self.assertEqual(self.hook.events("refresh_failing"), [])
+
     def test_the_database_refusing_records_is_alerted_and_the_alert_still_sent(self):
         self.alerts.records_unsaved_after_s = 0
         self.add_key("spare")
@@ -4308,7 +4325,7 @@ class TestAlerts(ServerWithAccounts):
                       metrics)
 
     def test_a_hanging_destination_never_delays_a_request_and_is_tried_again(self):
-        self.hook.faults.append("hang")
+        self.hook.faults.extend(["hang", "hang"])
         self.add_key("a")
         self.upstream.push_for("sk-ant-api03-a", reply_json(200, message_body(), unified_headers(
             "allowed", 3600, five_hour=0.9)))
@@ -4320,9 +4337,9 @@ class TestAlerts(ServerWithAccounts):
         self.hook.released.set()
         wait_for(lambda: [alert for alert in self.api_alerts()
                           if alert["deliveries"][0]["result"] == "sent"
-                          and alert["deliveries"][0]["attempts"] == 2],
-                 what="the second try to be recorded")
-        self.assertEqual(len(self.hook.events("window_threshold")), 2)
+                          and alert["deliveries"][0]["attempts"] == 3],
+                 what="the third try to be recorded")
+        self.assertEqual(len(self.hook.events("window_threshold")), 3)
 
     def test_alert_command_gets_the_json_and_its_failure_is_recorded(self):
         script = os.path.join(self.proxy.dir.name, "alert.py")
@@ -4400,8 +4417,11 @@ class TestAlerts(ServerWithAccounts):
 
     def test_a_condition_repeats_after_alert_repeat_s_and_a_flapping_one_does_not_flood(self):
         self.proxy.app.store.add_account("lost", "api_key", 1, api_key="sk-ant-api03-lost",
-                                         needs_reauth=1, reauth_reason="invalid x-api-key")
+                                         needs_reauth=1, reauth_reason="invalid x-api-key",
+                                         utilization_7d=0.9, reset_7d=claudeflare.now_ms()
+                                         + 3 * claudeflare.DAY_S * 1000)
         self.arrived(event="account_needs_login")
+        self.arrived(event="window_threshold")
         state = {"accounts": self.proxy.app.store.accounts()}
         alerts = claudeflare.Alerts(self.proxy.app.settings, self.proxy.app.store,
                                     lambda: claudeflare.Watched(state["accounts"]))
@@ -4413,6 +4433,7 @@ class TestAlerts(ServerWithAccounts):
         repeat_ms = self.proxy.app.settings.alert_repeat_s * 1000
         alerts.look(start + repeat_ms + 1, 0)
         self.assertEqual(raised(), 1)
+        self.assertEqual(alerts.counts["window_threshold", "raised"], 0)  # once per window
         healthy = [claudeflare.dataclasses.replace(account, needs_reauth=False)
                    for account in state["accounts"]]
         minute = 60_000
