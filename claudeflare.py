@@ -3833,10 +3833,15 @@ class Alerts:
     #: How long records must be held before records_unsaved is raised.
     records_unsaved_after_s = 60.0
 
-    def __init__(self, settings: Settings, store: Store, watch: Callable[[], Watched]) -> None:
+    def __init__(self, settings: Settings, store: Store, watch: Callable[[], Watched],
+                 settle: Callable[[], Any]) -> None:
         self.settings = settings
         self.store = store
         self.watch = watch
+        #: Waits until the request log queued so far is written. Storing an alert makes the
+        #: server re-read its accounts; what the answers said of them (a window's use, a soft
+        #: limit) is in the database by then, not lost from memory until the writer's turn.
+        self.settle = settle
         self.lock = threading.Lock()
         #: Alerts raised by a moment rather than a state (overage_started), not yet looked at.
         self.noticed: collections.deque = collections.deque(maxlen=ALERT_QUEUE_MAX)
@@ -3917,6 +3922,7 @@ class Alerts:
                      "Alert %s: %s", alert.event, alert.message)
         with self.lock:
             self.counts[alert.event, "raised"] += 1
+        self.settle()
         alert_id = self.stored(lambda: self.store.add_alert(
             alert, [destination.name for destination in destinations]))
         with self.lock:
@@ -3970,6 +3976,7 @@ class Alerts:
         self.record(delivery, result, answer)
 
     def record(self, delivery: Delivery, result: str, answer: str) -> None:
+        """Store where a delivery stands, if its alert was stored."""
         if delivery.alert_id is not None:
             self.stored(lambda: self.store.note_delivery(
                 delivery.alert_id, delivery.destination.name, result, delivery.attempts, answer))
@@ -4828,7 +4835,8 @@ class App:
         self.writer = BackgroundWriter(store, settings, self.after_write)
         self.refresher = BackgroundRefresher(self.tokens, self.accounts)
         self.usage = UsagePoller(settings, self.accounts, self.tokens, self.apply_usage)
-        self.alerts = Alerts(settings, store, self.watched)
+        self.alerts = Alerts(settings, store, self.watched,
+                             lambda: self.writer.flush(ALERT_STORE_WAIT_S))
 
     @property
     def running(self) -> int:

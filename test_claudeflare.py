@@ -1322,6 +1322,9 @@ class TestSettings(CliTestCase):
         "tls_cert": ("/file/cert.pem", "/env/cert.pem"),
         "tls_key": ("/file/key.pem", "/env/key.pem"), "overage": ("never", "allow"),
         "usage_poll_s": ("60", "0"), "login_timeout_s": ("30", "40"),
+        "alert_url": ("http://file.test/hook", "http://env.test/hook"),
+        "alert_format": ("slack", "ntfy"), "alert_command": ("notify-send", "mail ops"),
+        "alert_thresholds": ("50", "60,90"), "alert_repeat_s": ("600", "700"),
     }
 
     def test_every_setting_follows_the_precedence(self):
@@ -4424,7 +4427,8 @@ class TestAlerts(ServerWithAccounts):
         self.arrived(event="window_threshold")
         state = {"accounts": self.proxy.app.store.accounts()}
         alerts = claudeflare.Alerts(self.proxy.app.settings, self.proxy.app.store,
-                                    lambda: claudeflare.Watched(state["accounts"]))
+                                    lambda: claudeflare.Watched(state["accounts"]),
+                                    self.proxy.app.writer.flush)
         alerts.close()  # its thread stops: time is given below
         raised = lambda: alerts.counts["account_needs_login", "raised"]  # noqa: E731
         start = claudeflare.now_ms()
