@@ -4409,6 +4409,26 @@ class TestAlerts(ServerWithAccounts):
         self.assertEqual(settings["alertCommand"], "notify-send ...")
         self.assertNotIn("SECRET", CAPTURED_LOG.text())
 
+    def test_stored_alerts_and_waiting_deliveries_are_bounded(self):
+        alerts = claudeflare.Alerts(self.proxy.app.settings, self.proxy.app.store,
+                                    lambda: claudeflare.Watched([]), self.proxy.app.writer.flush)
+        alerts.close()  # nothing is delivered: every alert waits
+        for number in range(claudeflare.ALERT_QUEUE_MAX + 5):
+            alerts.raise_alert(claudeflare.Alert("test", f"number {number}", "", None, "test"),
+                               claudeflare.now_ms())
+        self.assertEqual(len(alerts.deliveries), claudeflare.ALERT_QUEUE_MAX)
+        self.assertEqual(alerts.counts["test", "dropped"], 5)
+        oldest = self.proxy.app.store.recent_alerts(claudeflare.MAX_STORED_ALERTS)[-1]
+        self.assertEqual((oldest["message"], oldest["deliveries"][0]["result"]),
+                         ("number 0", "dropped"))
+        store = self.proxy.app.store
+        for number in range(claudeflare.MAX_STORED_ALERTS):
+            store.add_alert(claudeflare.Alert("test", f"more {number}", created_at=1), ["x"])
+        self.assertEqual(store.query("SELECT COUNT(*) FROM alerts")[0][0],
+                         claudeflare.MAX_STORED_ALERTS)
+        self.assertEqual(store.query("SELECT COUNT(*) FROM alert_deliveries")[0][0],
+                         claudeflare.MAX_STORED_ALERTS)
+
     def test_auto_format_follows_the_host(self):
         for url, expected in (("https://hooks.slack.com/services/T/B/X", "slack"),
                               ("https://discord.com/api/webhooks/1/x", "discord"),
