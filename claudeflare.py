@@ -3929,7 +3929,6 @@ class Alerts:
             for destination in destinations:
                 self.deliveries.append(Delivery(alert, alert_id, destination))
             dropped = self.deliveries[:-ALERT_QUEUE_MAX]
-            del self.deliveries[:-ALERT_QUEUE_MAX]
         for delivery in dropped:
             self.finish(delivery, "dropped", "too many alerts waiting")
 
