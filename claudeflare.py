@@ -4010,6 +4010,13 @@ def alert_json(row: dict) -> dict:
                            for delivery in row["deliveries"]]}
 
 
+def delivery_summary(alert: dict) -> str:
+    """Say in one line what each destination made of an alert (as alert_json has it)."""
+    return "; ".join(f"{item['destination']}: {item['result']}"
+                     + (f" ({item['answer']})" if item["answer"] else "")
+                     for item in alert["deliveries"]) or "stored only"
+
+
 def alerts_report(settings: Settings, store: Store, limit: int) -> dict:
     """Return /api/alerts (and `alerts list --json`): the destinations, the latest alerts."""
     return {"destinations": [{"name": destination.name, "format": destination.format}
@@ -6605,14 +6612,11 @@ def error_row(row: dict, now: int) -> str:
 
 def alert_row(alert: dict, now: int) -> str:
     """Draw one stored alert, with what each destination made of it, as a table row."""
-    delivery = "; ".join(f"{item['destination']}: {item['result']}"
-                         + (f" ({item['answer']})" if item["answer"] else "")
-                         for item in alert["deliveries"]) or "stored only"
     return (f"<tr><td>{escape(when_text(alert['time'], now))}</td>"
             f"<td>{escape(alert['event'])} <span class=\"muted\">{escape(alert['severity'])}"
             f"</span></td><td>{escape(alert['account'] or '-')}</td>"
             f"<td class=\"error\">{escape(alert['message'])}</td>"
-            f"<td class=\"error\">{escape(delivery)}</td></tr>")
+            f"<td class=\"error\">{escape(delivery_summary(alert))}</td></tr>")
 
 
 def render_status_page(app: App, now: int) -> str:
@@ -7841,9 +7845,7 @@ def cmd_alerts(args: argparse.Namespace, settings: Settings) -> int:
                 return 0
             rows = [["TIME", "EVENT", "ACCOUNT", "MESSAGE", "DELIVERY"]]
             rows += [[iso_time(alert["time"]), alert["event"], alert["account"] or "-",
-                      alert["message"][:80],
-                      "; ".join(f"{item['destination']}: {item['result']}"
-                                for item in alert["deliveries"]) or "-"]
+                      alert["message"][:80], delivery_summary(alert)[:80]]
                      for alert in report["alerts"]]
             print_table(rows)
             return 0
