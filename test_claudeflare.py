@@ -4270,6 +4270,15 @@ class TestAlerts(ServerWithAccounts):
                       metrics)
         self.assert_no_secret_anywhere(access[10:], refresh[10:])
 
+    def test_a_usage_read_over_a_threshold_is_alerted_without_any_request(self):
+        self.upstream.oauth.usage_answer = {"five_hour": usage_window(15.0, 7200),
+                                            "seven_day": usage_window(96.0, 3 * 86400)}
+        self.add_oauth("max")
+        alert = self.arrived(event="window_threshold")[0]
+        self.assertIn("Account max has used 96% of its 7-day window (threshold 95%)",
+                      alert["message"])
+        self.assertEqual(self.upstream.messages(), [])
+
     def test_refresh_failing_for_long_is_alerted_with_the_error(self):
         self.alerts.refresh_failing_after_ms = 0
         self.add_oauth("max", expires_in_ms=-1000)
