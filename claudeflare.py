@@ -11,7 +11,8 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 __all__ = [
-    "Account", "App", "Check", "ChunkedFraming", "ClaudeflareError", "ClientKey", "HoldQueue",
+    "Account", "Alert", "Alerts", "App", "Check", "ChunkedFraming", "ClaudeflareError",
+    "ClientKey", "HoldQueue",
     "LoginListener", "OAuthClient", "PkceLogin", "ProxyHandler", "ProxyServer", "RateLimit",
     "SETTINGS", "STRATEGIES", "Settings", "Store", "TokenKeeper", "Upstream", "UpstreamError",
     "Usage", "UsagePoller", "UsageReader", "build_parser", "can_serve", "conversation_key",
@@ -216,6 +217,47 @@ def parse_overage(text: str) -> str:
     return name
 
 
+#: How alerts are shaped for a URL: `alert_format`'s values (auto: by the URL's host).
+ALERT_FORMATS = ("auto", "json", "slack", "discord", "ntfy")
+
+
+def parse_alert_urls(text: str) -> str:
+    """Read comma-separated http(s) webhook URLs; "" is none."""
+    urls = [url.strip() for url in str(text or "").split(",") if url.strip()]
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            # The URL itself is not repeated: a webhook's path is its secret.
+            raise ValueError(f"expected http:// or https:// URLs separated by commas; URL "
+                             f"{urls.index(url) + 1} is not one")
+    return ",".join(urls)
+
+
+def parse_alert_format(text: str) -> str:
+    """Read an alert format name, one of ALERT_FORMATS."""
+    name = str(text).strip().lower()
+    if name not in ALERT_FORMATS:
+        raise ValueError(f"expected one of {', '.join(ALERT_FORMATS)}, not {text!r}")
+    return name
+
+
+def parse_alert_command(text: str) -> str:
+    """Read a command line (split as a POSIX shell would, but run without one); "" is none."""
+    value = str(text or "").strip()
+    try:
+        shlex.split(value)
+    except ValueError as error:
+        raise ValueError(f"cannot split {value!r} into a command: {error}") from None
+    return value
+
+
+def parse_thresholds(text: str) -> str:
+    """Read comma-separated percentages of a window, above 0 up to 100; "" is none."""
+    parse = number(0, 100)
+    values = sorted({parse(part) for part in str(text or "").split(",") if part.strip()})
+    return ",".join(f"{value:g}" for value in values)
+
+
 def parse_log_level(text: str) -> str:
     """Read a log level; WARNING is accepted for WARN."""
     level = str(text).strip().upper().replace("WARNING", "WARN")
@@ -325,6 +367,16 @@ SETTINGS = (
             "requests that may wait for a reset at once (hold_s); more get the 429"),
     Setting("login_timeout_s", "CLAUDEFLARE_LOGIN_TIMEOUT_S", 600, parse_timeout,
             "seconds `add` and `reauth` wait for the browser or a pasted code"),
+    Setting("alert_url", "CLAUDEFLARE_ALERT_URL", "", parse_alert_urls,
+            "comma-separated webhook URLs alerts are posted to; none: nothing is sent"),
+    Setting("alert_format", "CLAUDEFLARE_ALERT_FORMAT", "auto", parse_alert_format,
+            "alert body: " + ", ".join(ALERT_FORMATS) + " (auto: by the URL's host)"),
+    Setting("alert_command", "CLAUDEFLARE_ALERT_COMMAND", "", parse_alert_command,
+            "a command run with each alert's JSON on stdin; none: nothing is run"),
+    Setting("alert_thresholds", "CLAUDEFLARE_ALERT_THRESHOLDS", "80,95", parse_thresholds,
+            "% of a 5-hour or 7-day window whose crossing is alerted"),
+    Setting("alert_repeat_s", "CLAUDEFLARE_ALERT_REPEAT_S", 21600, whole_number(60, 30 * DAY_S),
+            "seconds after which a condition that still holds is alerted again"),
     Setting("log_level", "LOG_LEVEL", "INFO", parse_log_level, "DEBUG, INFO, WARN or ERROR"),
     Setting("log_format", "LOG_FORMAT", "pretty", parse_log_format, "pretty or json"),
 )
@@ -332,7 +384,8 @@ SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
 #: Keys a running server picks up from config.json without a restart.
 LIVE_SETTINGS = frozenset({
     "lb_strategy", "retry_attempts", "retry_delay_ms", "retry_backoff", "session_duration_ms",
-    "request_timeout_s", "overage", "usage_poll_s", "hold_s", "hold_max",
+    "request_timeout_s", "overage", "usage_poll_s", "hold_s", "hold_max", "alert_url",
+    "alert_format", "alert_command", "alert_thresholds", "alert_repeat_s",
 })
 
 
@@ -958,6 +1011,19 @@ class Settings:
             self.file_signature = self.config.signature()
 
 
+def shown_setting(key: str, value: Any) -> Any:
+    """Return a setting as logs, the API and `doctor` show it: a webhook URL's path and a
+    command's arguments (where secrets go) cut off."""
+    if key == "alert_url" and value:
+        return ",".join(f"{parts.scheme}://{parts.hostname}{':' if parts.port else ''}"
+                        f"{parts.port or ''}/..." for parts in map(urllib.parse.urlsplit,
+                                                                   value.split(",")))
+    if key == "alert_command" and value:
+        words = shlex.split(value)
+        return words[0] + (" ..." if len(words) > 1 else "")
+    return value
+
+
 def setting_property(key: str) -> property:
     """Read one setting as an attribute (settings.port): a property, found at once.
 
@@ -1171,6 +1237,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE client_keys ADD COLUMN priority_floor INTEGER",
         "ALTER TABLE client_keys ADD COLUMN paused INTEGER NOT NULL DEFAULT 0",
         "CREATE INDEX requests_by_client_key ON requests(client_key, timestamp)",
+    ),
+    (  # 7: alerts raised, and what each destination made of them
+        """CREATE TABLE alerts (
+            id INTEGER PRIMARY KEY,
+            created_at INTEGER NOT NULL,
+            event TEXT NOT NULL,
+            severity TEXT NOT NULL,
+            account_name TEXT,
+            condition TEXT NOT NULL,
+            message TEXT NOT NULL,
+            fix TEXT NOT NULL DEFAULT '')""",
+        """CREATE TABLE alert_deliveries (
+            alert_id INTEGER NOT NULL,
+            destination TEXT NOT NULL,
+            result TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            answer TEXT,
+            updated_at INTEGER NOT NULL,
+            PRIMARY KEY (alert_id, destination))""",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -1398,6 +1483,47 @@ class RequestRecord:
     claude_code_only: bool = False
     #: What the answer's headers said of the account's limits (stored on the account).
     limits: RateLimit | None = None
+
+
+#: The most recent alerts kept (with their deliveries); older ones are deleted.
+MAX_STORED_ALERTS = 1000
+#: Seconds storing an alert may wait for the database: it is sent whether stored or not.
+ALERT_STORE_WAIT_S = 0.5
+#: Events alerts are raised for, and their severity.
+ALERT_SEVERITIES = {
+    "account_needs_login": "error", "refresh_failing": "error", "pool_exhausted": "critical",
+    "pool_recovered": "info", "overage_started": "warning", "window_threshold": "warning",
+    "records_unsaved": "critical", "test": "info"}
+INSERT_ALERT = ("INSERT INTO alerts (created_at, event, severity, account_name, condition, "
+                "message, fix) VALUES (?, ?, ?, ?, ?, ?, ?)")
+
+
+@dataclass
+class Alert:
+    """Something a person should hear of: an account to log in again, a dry pool, billing.
+
+    Built from names and states only (redacted like the log), never from a credential.
+    """
+
+    event: str
+    message: str
+    #: The command (or step) that fixes it.
+    fix: str = ""
+    account: str | None = None
+    #: What makes two alerts the same condition: alerted once, again only when it comes back
+    #: or after alert_repeat_s.
+    condition: str = ""
+    created_at: int = 0
+
+    @property
+    def severity(self) -> str:
+        return ALERT_SEVERITIES[self.event]
+
+    def payload(self) -> dict:
+        """Return the alert as the JSON format and alert_command send it."""
+        return {"event": self.event, "severity": self.severity, "account": self.account,
+                "message": self.message, "fix": self.fix, "time": iso_time(self.created_at),
+                "source": "claudeflare", "version": __version__}
 
 
 REQUEST_COLUMNS = tuple(field.name for field in dataclasses.fields(RequestRecord)
@@ -1842,6 +1968,44 @@ class Store:
         with self.transaction() as db:
             if db.execute("DELETE FROM client_keys WHERE name = ?", (name,)).rowcount == 0:
                 raise NotFound(f"Client key not found: {name}")
+
+    # -- alerts --------------------------------------------------------------------------------
+
+    def add_alert(self, alert: Alert, destinations: list[str]) -> int:
+        """Store an alert with a pending delivery per destination; keep only the latest ones."""
+        with self.transaction(durable=False, wait_s=ALERT_STORE_WAIT_S) as db:
+            alert_id = db.execute(INSERT_ALERT, (alert.created_at, alert.event, alert.severity,
+                                                 alert.account, alert.condition, alert.message,
+                                                 alert.fix)).lastrowid
+            db.executemany("INSERT INTO alert_deliveries (alert_id, destination, result, "
+                           "updated_at) VALUES (?, ?, 'pending', ?)",
+                           [(alert_id, name, alert.created_at) for name in destinations])
+            db.execute("DELETE FROM alerts WHERE id <= ?", (alert_id - MAX_STORED_ALERTS,))
+            db.execute("DELETE FROM alert_deliveries WHERE alert_id <= ?",
+                       (alert_id - MAX_STORED_ALERTS,))
+        return alert_id
+
+    def note_delivery(self, alert_id: int, destination: str, result: str, attempts: int,
+                      answer: str) -> None:
+        """Record what became of one delivery of a stored alert."""
+        with self.transaction(durable=False, wait_s=ALERT_STORE_WAIT_S) as db:
+            db.execute("UPDATE alert_deliveries SET result = ?, attempts = ?, answer = ?, "
+                       "updated_at = ? WHERE alert_id = ? AND destination = ?",
+                       (result, attempts, answer, now_ms(), alert_id, destination))
+
+    def recent_alerts(self, limit: int, since_ms: int = 0) -> list[dict]:
+        """Return the latest alerts from a time on, newest first, each with its deliveries."""
+        alerts = [dict(row) for row in self.query(
+            "SELECT * FROM alerts WHERE created_at >= ? ORDER BY id DESC LIMIT ?",
+            (since_ms, limit))]
+        deliveries = collections.defaultdict(list)
+        if alerts:
+            for row in self.query("SELECT * FROM alert_deliveries WHERE alert_id >= ? "
+                                  "ORDER BY destination", (alerts[-1]["id"],)):
+                deliveries[row["alert_id"]].append(dict(row))
+        for alert in alerts:
+            alert["deliveries"] = deliveries[alert["id"]]
+        return alerts
 
     # -- request log ---------------------------------------------------------------------------
 
@@ -3025,6 +3189,9 @@ class TokenKeeper:
         self.unsaved: dict[str, Tokens] = {}
         #: account id -> how long its current access token lives (known once refreshed here).
         self.lifetimes: dict[int, int] = {}
+        #: account name -> (when refreshing began to fail transiently, the last error, and
+        #: the expiry of the token then held: a new login makes the entry stale).
+        self.refresh_failures: dict[str, tuple[int, str, int | None]] = {}
         #: Where pairs the database would not take are kept over a restart.
         self.kept_path = store.path + ".unsaved-tokens"
         self.log = component_logger("OAuth")
@@ -3201,6 +3368,9 @@ class TokenKeeper:
                                    f"{error}. Log in again: reauth {account.name}") from None
         except TokenEndpointDown as error:
             wait = self.note_transient_failure(account.id, now)
+            with self.lock:
+                since = self.refresh_failures.get(account.name, (now,))[0]
+                self.refresh_failures[account.name] = (since, str(error), account.expires_at)
             self.log.warning("Failed to refresh token for account %s: %s (next try in %ds)",
                              account.name, error, wait // 1000)
             if account.token_valid(now):
@@ -3212,6 +3382,7 @@ class TokenKeeper:
         updated = self.save(account, tokens)
         with self.lock:
             self.backoff.pop(account.id, None)
+            self.refresh_failures.pop(account.name, None)
         self.log.info("Refreshed token for account %s (valid until %s)", account.name,
                       iso_time(tokens.expires_at))
         return updated
@@ -3797,6 +3968,465 @@ class UsagePoller:
         """Stop; a read still running at deadline (time.monotonic()) is cut short."""
         self.stopping.set()
         finish_or_cut(self.thread, self.client, deadline)
+
+
+###############################################################################
+# Alerts ######################################################################
+###############################################################################
+
+#: Events sent again every alert_repeat_s while their condition holds; the others are sent
+#: once per episode (a window, a bout of extra usage).
+REPEATED_EVENTS = frozenset({"account_needs_login", "refresh_failing", "pool_exhausted",
+                             "records_unsaved"})
+#: A condition that comes back within this long of its last alert waits out the rest of it:
+#: a flapping pool sends one exhausted/recovered pair per quarter hour, not one a minute.
+ALERT_QUIET_MS = 15 * 60 * 1000
+#: Conditions once alerted per episode are remembered this long (longer than any window).
+ALERT_MEMORY_MS = 8 * DAY_S * 1000
+#: Alerts waiting for delivery; past this, the oldest are dropped (and counted).
+ALERT_QUEUE_MAX = 100
+#: How often the alert thread looks at the pool's state.
+ALERT_TICK_S = 0.25
+#: ntfy's Priority and Tags headers by severity.
+NTFY_PRIORITIES = {"critical": "urgent", "error": "high", "warning": "default", "info": "low"}
+NTFY_TAGS = {"critical": "rotating_light", "error": "warning", "warning": "warning",
+             "info": "information_source"}
+#: The first line of a destination's answer kept with a delivery.
+MAX_ANSWER_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where alerts go: a webhook URL in a format, or a command."""
+
+    #: What users see: the URL's host (its path is the webhook's secret) or the command's name.
+    name: str
+    format: str
+    url: str = ""
+    command: str = ""
+
+
+def alert_format_for(url: str, chosen: str) -> str:
+    """Return the body format for a URL: the one chosen, or for auto, the host's own."""
+    if chosen != "auto":
+        return chosen
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if host == "hooks.slack.com":
+        return "slack"
+    if host in ("discord.com", "discordapp.com") and parts.path.startswith("/api/webhooks/"):
+        return "discord"
+    if host == "ntfy.sh" or host.startswith("ntfy."):
+        return "ntfy"
+    return "json"
+
+
+def alert_destinations(settings: Settings) -> list[Destination]:
+    """Return every destination the settings name, each under a name of its own."""
+    destinations, seen = [], collections.Counter()
+    for url in filter(None, settings.alert_url.split(",")):
+        host = urllib.parse.urlsplit(url).hostname or "?"
+        seen[host] += 1
+        name = host if seen[host] == 1 else f"{host} #{seen[host]}"
+        destinations.append(Destination(name, alert_format_for(url, settings.alert_format), url))
+    if settings.alert_command:
+        program = os.path.basename(shlex.split(settings.alert_command)[0])
+        destinations.append(Destination(f"command {program}", "command",
+                                        command=settings.alert_command))
+    return destinations
+
+
+def alert_text(alert: Alert) -> str:
+    """Say an alert in plain text: the message, then the fix."""
+    return alert.message + (f"\nFix: {alert.fix}" if alert.fix else "")
+
+
+def webhook_request(alert: Alert, format: str) -> tuple[bytes, list[tuple[str, str]]]:
+    """Return a webhook's body and headers for an alert in a format."""
+    if format == "ntfy":
+        title = f"claudeflare: {alert.event}" + (f" ({alert.account})" if alert.account else "")
+        return alert_text(alert).encode(), [
+            ("Content-Type", "text/plain; charset=utf-8"), ("Title", title),
+            ("Priority", NTFY_PRIORITIES[alert.severity]),
+            ("Tags", f"{NTFY_TAGS[alert.severity]},{alert.event}")]
+    if format == "slack":
+        body = {"text": f"*claudeflare {alert.severity}*: {alert_text(alert)}"}
+    elif format == "discord":
+        body = {"content": f"**claudeflare {alert.severity}**: {alert_text(alert)}"}
+    else:
+        body = alert.payload()
+    return json_bytes(body), [("Content-Type", "application/json")]
+
+
+def send_alert(destination: Destination, alert: Alert, timeout: float) -> tuple[bool, str]:
+    """Deliver an alert once; return whether the destination took it and what it answered."""
+    if destination.command:
+        return run_alert_command(destination.command, alert, timeout)
+    origin, target = split_url(destination.url)
+    client = Upstream(origin, pool_size=0)
+    body, headers = webhook_request(alert, destination.format)
+    headers = [("Host", client.host_header), ("Content-Length", str(len(body))),
+               ("User-Agent", f"claudeflare/{__version__}"), *headers]
+    try:
+        response, connection = client.send("POST", target, headers, body, timeout)
+        try:
+            answer = response.read(MAX_ANSWER_CHARS).decode("utf-8", "replace")
+        finally:
+            response.close()
+            connection.close()
+    except (UpstreamError, OSError, http.client.HTTPException) as error:
+        return False, redact(str(error))
+    finally:
+        client.close()
+    text = f"{response.status} {response.reason}"
+    if not 200 <= response.status < 300 and answer.strip():
+        text += ": " + answer.strip().splitlines()[0]
+    return 200 <= response.status < 300, redact(text)[:MAX_ANSWER_CHARS]
+
+
+def run_alert_command(command: str, alert: Alert, timeout: float) -> tuple[bool, str]:
+    """Run alert_command with the alert's JSON on stdin and CLAUDEFLARE_ALERT_* set."""
+    environ = dict(os.environ)
+    for key, value in alert.payload().items():
+        environ[f"CLAUDEFLARE_ALERT_{key.upper()}"] = str(value or "")
+    argv = shlex.split(command)
+    try:
+        done = subprocess.run(argv, input=json_bytes(alert.payload()), env=environ,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout:g}s"
+    except OSError as error:
+        return False, f"cannot run {argv[0]}: {error.strerror or error}"
+    first = (done.stderr.decode("utf-8", "replace").strip().splitlines() or [""])[0]
+    text = f"exit {done.returncode}" + (f": {first}" if first else "")
+    return done.returncode == 0, redact(text)[:MAX_ANSWER_CHARS]
+
+
+def parse_percentages(text: str) -> list[float]:
+    """Read alert_thresholds (already validated) as numbers."""
+    return [float(part) for part in text.split(",") if part]
+
+
+@dataclass
+class Watched:
+    """What the alert thread reads from the server each turn."""
+
+    accounts: list[Account]
+    #: When the first limited account becomes usable again by itself.
+    earliest_reset: int | None = None
+    #: account name -> (when refreshing its token began to fail, the last error, the expiry
+    #: of the token it held then).
+    refresh_failures: dict[str, tuple[int, str, int | None]] = dataclasses.field(
+        default_factory=dict)
+    #: Request records the database refused, and since when (time.monotonic()), if any.
+    records_held: int = 0
+    held_since: float | None = None
+
+
+def login_fix(account: Account) -> str:
+    """Return the command that logs an account in again."""
+    return (f"python3 claudeflare.py reauth {shlex.quote(account.name)}"
+            + (" --api-key" if account.type == "api_key" else ""))
+
+
+def overage_alert(account: Account, until: int, policy: str) -> Alert:
+    """Say that an account began serving on extra usage, billed to its owner."""
+    benched = " (benched until then)" if policy == "never" else ""
+    return Alert("overage_started",
+                 f"Account {account.name} is serving on extra usage (billed to its owner) until "
+                 f"{iso_time(until)}{benched}; overage is {policy}",
+                 "python3 claudeflare.py config set overage never" if policy != "never" else "",
+                 account.name, f"overage_started:{account.name}:{until // HOUR_MS}")
+
+
+def held_conditions(watched: Watched, now: int, settings: Settings, held: float,
+                    refresh_failing_after_ms: int, records_unsaved_after_s: float
+                    ) -> list[Alert]:
+    """Return an alert for every condition that holds now (held: time.monotonic() now)."""
+    alerts = []
+    thresholds = parse_percentages(settings.alert_thresholds)
+    for account in watched.accounts:
+        name = account.name
+        if account.needs_reauth:
+            alerts.append(Alert("account_needs_login", f"Account {name} needs a new login: "
+                                f"{redact(account.reauth_reason or 'refused')}",
+                                login_fix(account), name, f"account_needs_login:{name}"))
+        failing = watched.refresh_failures.get(name)
+        if (failing and failing[2] == account.expires_at and not account.needs_reauth
+                and now - failing[0] >= refresh_failing_after_ms):
+            alerts.append(Alert(
+                "refresh_failing", f"Refreshing the token of account {name} has failed for "
+                f"{(now - failing[0]) // 60000} min: {redact(failing[1])}; its token expires at "
+                f"{iso_time(account.expires_at)}", "check the network and oauth_token_url: "
+                "python3 claudeflare.py doctor", name, f"refresh_failing:{name}"))
+        for window, label in (("5h", "5-hour"), ("7d", "7-day")):
+            used, reset = getattr(account, f"utilization_{window}"), getattr(account,
+                                                                               f"reset_{window}")
+            crossed = [threshold for threshold in thresholds
+                       if used is not None and used * 100 >= threshold]
+            if crossed and not (reset and reset <= now):
+                alerts.append(Alert(
+                    "window_threshold", f"Account {name} has used {used * 100:.0f}% of its "
+                    f"{label} window (threshold {crossed[-1]:g}%); it resets at "
+                    f"{iso_time(reset)}", "python3 claudeflare.py list", name,
+                    f"window_threshold:{name}:{window}:{crossed[-1]:g}:"
+                    f"{round((reset or 0) / HOUR_MS)}"))
+    statuses = collections.Counter(account.status(now) for account in watched.accounts)
+    if watched.accounts and not any(can_serve(account, now, settings.overage)
+                                    for account in watched.accounts):
+        reset = (f"; the first resets at {iso_time(watched.earliest_reset)}"
+                 if watched.earliest_reset else "")
+        alerts.append(Alert(
+            "pool_exhausted", f"No account can serve ("
+            f"{', '.join(f'{count} {status}' for status, count in sorted(statuses.items()))})"
+            f"{reset}", "wait for the reset, or resume or add an account: python3 "
+            "claudeflare.py list", None, "pool_exhausted"))
+    if watched.held_since is not None and held - watched.held_since >= records_unsaved_after_s:
+        alerts.append(Alert(
+            "records_unsaved", f"{watched.records_held} request records held in memory for "
+            f"{held - watched.held_since:.0f}s: the database refuses them (locked by another "
+            f"process, or the disk is full)",
+            "python3 claudeflare.py doctor", None, "records_unsaved"))
+    return alerts
+
+
+@dataclass
+class Delivery:
+    """One alert on its way to one destination."""
+
+    alert: Alert
+    alert_id: int | None
+    destination: Destination
+    attempts: int = 0
+    #: When the next try is due (time.monotonic()).
+    due: float = 0.0
+
+
+@dataclass
+class ConditionState:
+    """What the alert thread remembers of one condition."""
+
+    last_sent: int
+    holds: bool = True
+    #: Whether its current episode was alerted (a comeback in the quiet time is not).
+    alerted: bool = True
+
+
+class Alerts:
+    """Tells someone when the pool needs a person: watches the server's state, raises alerts,
+    stores them, and delivers them from a thread of its own.
+
+    Nothing here runs on a request's path: the thread reads the state (accounts, failing
+    refreshes, records the database refused) every ALERT_TICK_S, and overage_started arrives
+    through notice(), which only queues. A destination that hangs or fails is retried with
+    backoff, then the delivery is recorded as failed; it never affects the proxy.
+    """
+
+    #: Seconds a destination gets to answer (a command, to finish).
+    timeout_s = 10.0
+    #: Waits between the tries of one delivery: five tries within about ten minutes.
+    retry_delays_s = (15.0, 60.0, 180.0, 360.0)
+    #: How long the token endpoint must fail before refresh_failing is raised.
+    refresh_failing_after_ms = 15 * 60 * 1000
+    #: How long records must be held before records_unsaved is raised.
+    records_unsaved_after_s = 60.0
+
+    def __init__(self, settings: Settings, store: Store, watch: Callable[[], Watched],
+                 settle: Callable[[], Any]) -> None:
+        self.settings = settings
+        self.store = store
+        self.watch = watch
+        #: Waits until the request log queued so far is written. Storing an alert makes the
+        #: server re-read its accounts; what the answers said of them (a window's use, a soft
+        #: limit) is in the database by then, not lost from memory until the writer's turn.
+        self.settle = settle
+        self.lock = threading.Lock()
+        #: Alerts raised by a moment rather than a state (overage_started), not yet looked at.
+        self.noticed: collections.deque = collections.deque(maxlen=ALERT_QUEUE_MAX)
+        self.deliveries: list[Delivery] = []
+        self.conditions: dict[str, ConditionState] = {}
+        #: (event, result) -> how many: raised, sent, failed, dropped; for /metrics.
+        self.counts: collections.Counter = collections.Counter()
+        self.log = component_logger("Alerts")
+        #: Whether storing alerts failed last time (said once per episode).
+        self.store_failing = False
+        self.remember_stored(now_ms())
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="claudeflare-alerts", daemon=True)
+        self.thread.start()
+
+    def remember_stored(self, now: int) -> None:
+        """Take up what a previous run alerted, so that a restart does not alert it again."""
+        since = now - max(self.settings.alert_repeat_s * 1000, ALERT_MEMORY_MS)
+        with contextlib.suppress(sqlite3.Error):
+            for row in reversed(self.store.recent_alerts(MAX_STORED_ALERTS, since)):
+                recovered = row["event"] == "pool_recovered"
+                self.conditions[row["condition"]] = ConditionState(row["created_at"],
+                                                                   not recovered)
+
+    def notice(self, alert: Alert) -> None:
+        """Queue an alert raised by a moment (never blocks: for the request path)."""
+        self.noticed.append(alert)
+        self.wake.set()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            self.wake.wait(ALERT_TICK_S)
+            self.wake.clear()
+            survive("Alerts", lambda: self.look(now_ms(), time.monotonic()))
+            survive("Alerts", self.deliver_due)
+
+    def look(self, now: int, held: float) -> None:
+        """Compare the conditions that hold now with those already alerted; raise the news."""
+        current = held_conditions(self.watch(), now, self.settings, held,
+                                  self.refresh_failing_after_ms, self.records_unsaved_after_s)
+        while self.noticed:
+            current.append(self.noticed.popleft())
+        holding = {alert.condition for alert in current}
+        repeat_ms = self.settings.alert_repeat_s * 1000
+        for alert in current:
+            state = self.conditions.get(alert.condition)
+            if state is None:
+                self.conditions[alert.condition] = ConditionState(now)
+                self.raise_alert(alert, now)
+            elif alert.event not in REPEATED_EVENTS:
+                state.holds = True
+            elif now - state.last_sent >= (repeat_ms if state.holds and state.alerted
+                                           else ALERT_QUIET_MS):
+                state.last_sent, state.holds, state.alerted = now, True, True
+                self.raise_alert(alert, now)
+            elif not state.holds:
+                state.holds, state.alerted = True, False  # back too soon: wait out the quiet
+        for condition, state in list(self.conditions.items()):
+            if condition in holding or not state.holds:
+                if now - state.last_sent > ALERT_MEMORY_MS:
+                    del self.conditions[condition]
+                continue
+            state.holds = False
+            if condition == "pool_exhausted" and state.alerted:
+                state.last_sent = now
+                accounts = [account.name for account in self.watch().accounts
+                            if can_serve(account, now, self.settings.overage)]
+                self.raise_alert(Alert("pool_recovered", f"Accounts can serve again: "
+                                       f"{', '.join(accounts) or 'none'}", "", None,
+                                       "pool_exhausted"), now)
+
+    def raise_alert(self, alert: Alert, now: int) -> None:
+        """Store an alert, log it, and queue it for every destination."""
+        alert.created_at = now
+        destinations = alert_destinations(self.settings)
+        self.log.log(logging.INFO if alert.severity == "info" else logging.WARNING,
+                     "Alert %s: %s", alert.event, alert.message)
+        with self.lock:
+            self.counts[alert.event, "raised"] += 1
+        self.settle()
+        alert_id = self.stored(lambda: self.store.add_alert(
+            alert, [destination.name for destination in destinations]))
+        with self.lock:
+            for destination in destinations:
+                self.deliveries.append(Delivery(alert, alert_id, destination))
+            dropped = self.deliveries[:-ALERT_QUEUE_MAX]
+        for delivery in dropped:
+            self.finish(delivery, "dropped", "too many alerts waiting")
+
+    def stored(self, write: Callable[[], Any]) -> Any:
+        """Write to the database if it lets us soon; else say so once, and carry on."""
+        try:
+            result = write()
+        except sqlite3.Error as error:
+            if not self.store_failing:
+                self.log.error("Could not store an alert: %s; sending it all the same", error)
+            self.store_failing = True
+            return None
+        self.store_failing = False
+        return result
+
+    def deliver_due(self) -> None:
+        """Try every delivery whose time has come, one after the other."""
+        with self.lock:
+            due = [delivery for delivery in self.deliveries
+                   if delivery.due <= time.monotonic()]
+        for delivery in due:
+            if self.stopping.is_set():
+                return
+            delivery.attempts += 1
+            sent, answer = send_alert(delivery.destination, delivery.alert, self.timeout_s)
+            if sent or delivery.attempts > len(self.retry_delays_s):
+                self.finish(delivery, "sent" if sent else "failed", answer)
+                continue
+            delivery.due = time.monotonic() + self.retry_delays_s[delivery.attempts - 1]
+            self.log.info("Alert %s to %s failed (%s); trying again in %gs",
+                          delivery.alert.event, delivery.destination.name, answer,
+                          self.retry_delays_s[delivery.attempts - 1])
+            self.record(delivery, "retrying", answer)
+
+    def finish(self, delivery: Delivery, result: str, answer: str) -> None:
+        """Record a delivery's outcome and stop trying it."""
+        with self.lock:
+            if delivery in self.deliveries:
+                self.deliveries.remove(delivery)
+            self.counts[delivery.alert.event, result] += 1
+        if result != "sent":
+            self.log.error("Alert %s to %s %s after %d tries: %s", delivery.alert.event,
+                           delivery.destination.name, result, delivery.attempts, answer)
+        self.record(delivery, result, answer)
+
+    def record(self, delivery: Delivery, result: str, answer: str) -> None:
+        """Store where a delivery stands, if its alert was stored."""
+        if delivery.alert_id is not None:
+            self.stored(lambda: self.store.note_delivery(
+                delivery.alert_id, delivery.destination.name, result, delivery.attempts, answer))
+
+    def metrics_text(self) -> str:
+        """Write the alert counters in the Prometheus text format."""
+        lines = ["# HELP claudeflare_alerts_total Alerts by event and result (raised, then "
+                 "sent, failed or dropped per destination).", "# TYPE claudeflare_alerts_total "
+                 "counter"]
+        with self.lock:
+            lines += [f'claudeflare_alerts_total{{event="{event}",result="{result}"}} {count}'
+                      for (event, result), count in sorted(self.counts.items())]
+        return "\n".join(lines) + "\n"
+
+    def close(self) -> None:
+        """Stop the thread; deliveries still waiting are logged as not sent."""
+        self.stopping.set()
+        self.wake.set()
+        self.thread.join(self.timeout_s + 1)
+        if self.deliveries:
+            self.log.error("Stopped with %d alert deliveries not done", len(self.deliveries))
+
+
+def alert_json(row: dict) -> dict:
+    """Describe a stored alert and its deliveries for the API."""
+    return {"id": row["id"], "time": row["created_at"], "event": row["event"],
+            "severity": row["severity"], "account": row["account_name"],
+            "message": row["message"], "fix": row["fix"],
+            "deliveries": [{"destination": delivery["destination"],
+                            "result": delivery["result"], "attempts": delivery["attempts"],
+                            "answer": delivery["answer"], "updatedAt": delivery["updated_at"]}
+                           for delivery in row["deliveries"]]}
+
+
+def delivery_summary(alert: dict) -> str:
+    """Say in one line what each destination made of an alert (as alert_json has it)."""
+    return "; ".join(f"{item['destination']}: {item['result']}"
+                     + (f" ({item['answer']})" if item["answer"] else "")
+                     for item in alert["deliveries"]) or "stored only"
+
+
+def alerts_report(settings: Settings, store: Store, limit: int) -> dict:
+    """Return /api/alerts (and `alerts list --json`): the destinations, the latest alerts."""
+    return {"destinations": [{"name": destination.name, "format": destination.format}
+                             for destination in alert_destinations(settings)],
+            "alerts": [alert_json(row) for row in store.recent_alerts(limit)]}
+
+
+def make_test_alert() -> Alert:
+    """Return the alert `alerts test` and `doctor --send-test` send."""
+    return Alert("test", f"Test alert from claudeflare on {socket.gethostname()}: alerts "
+                 f"reach this destination", "", None, "test", now_ms())
 
 
 ###############################################################################
@@ -5140,6 +5770,8 @@ class App:
         self.writer = BackgroundWriter(store, settings, self.after_write)
         self.refresher = BackgroundRefresher(self.tokens, self.accounts)
         self.usage = UsagePoller(settings, self.accounts, self.tokens, self.apply_usage)
+        self.alerts = Alerts(settings, store, self.watched,
+                             lambda: self.writer.flush(ALERT_STORE_WAIT_S))
 
     @property
     def running(self) -> int:
@@ -5163,6 +5795,13 @@ class App:
                 if not pending:
                     self.pending_marks.pop(name, None)
         self.snapshot()
+
+    def watched(self) -> Watched:
+        """Return what alerts watch: accounts, failing refreshes, records the database refused."""
+        with self.tokens.lock:
+            failures = dict(self.tokens.refresh_failures)
+        return Watched(self.accounts(), self.earliest_reset(now_ms()), failures,
+                       len(self.writer.unwritten), self.writer.failing_since)
 
     def accounts(self) -> list[Account]:
         """Return the accounts, re-read from the database whenever anyone changed it.
@@ -5391,6 +6030,7 @@ class App:
         self.mark(account, overage_until=until)
         if serving:
             return
+        self.alerts.notice(overage_alert(account, until, self.settings.overage))
         if self.settings.overage == "never":
             component_logger("Proxy").warning(
                 "Account %s answered on extra usage (billed); overage is never: benched until %s",
@@ -5540,7 +6180,8 @@ class App:
     def config_json(self) -> dict:
         """Return /api/config: the settings in force and where each came from."""
         settings = self.settings
-        return {"settings": {camel(key): value for key, value in settings.values.items()},
+        return {"settings": {camel(key): shown_setting(key, value)
+                             for key, value in settings.values.items()},
                 "sources": {camel(key): source for key, source in settings.sources.items()},
                 "strategies": list(STRATEGY_NAMES), "configPath": settings.config.path,
                 "databasePath": self.store.path, "logDir": log_folder()[0],
@@ -5557,6 +6198,7 @@ class App:
         Usage reads and token refreshes still running at deadline (time.monotonic()) are cut.
         """
         log.removeHandler(self.recent_logs)
+        self.alerts.close()
         self.usage.close(deadline)
         self.refresher.close(deadline)
         self.writer.close()
@@ -5974,7 +6616,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         for key in app.settings.reload_if_changed():
             component_logger("Config").info("Applied %s = %s from %s", key,
-                                            app.settings.values[key], app.settings.config.path)
+                                            shown_setting(key, app.settings.values[key]),
+                                            app.settings.config.path)
         raw_path, question, query = self.path.partition("?")
         try:
             path = resolve_dot_segments(raw_path)
@@ -6029,7 +6672,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         elif path == "/metrics" and reading:
             uptime = time.monotonic() - app.started
             text = app.metrics.render(app.accounts(), now, uptime) + "\n".join(
-                app.key_ledger.metrics(app.client_keys(), now)) + "\n"
+                app.key_ledger.metrics(app.client_keys(), now)) + "\n" + app.alerts.metrics_text()
             self.send_bytes(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
         elif path == "/api/stats" and reading:
             self.send_json(200, {**stats_report(app.store, now), "waiting": app.holds.waiting})
@@ -6048,6 +6691,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(200, app.analytics(span, now))
         elif path == "/api/config" and reading:
             self.send_json(200, app.config_json())
+        elif path == "/api/alerts" and reading:
+            self.send_json(200, alerts_report(app.settings, app.store,
+                                              query_limit(query, 50, MAX_STORED_ALERTS)))
         elif path == "/api/logs" and reading:
             self.send_json(200, app.recent_logs.lines(query_limit(query, 100, 1000)))
         elif path.startswith("/api/") and self.command == "POST":
@@ -7118,6 +7764,12 @@ $requests_rows
 $errors
 </tbody>
 </table></div>
+<h2>Alerts</h2>
+<p class="muted">$alert_destinations</p>
+<div class="scroll"><table>
+<tr><th>Time</th><th>Event</th><th>Account</th><th>Message</th><th>Delivery</th></tr>
+$alerts
+</table></div>
 </body>
 </html>
 """)
@@ -7300,6 +7952,15 @@ def error_row(row: dict, now: int) -> str:
             f"<td class=\"error\">{escape(row['error'] or '')}</td></tr>")
 
 
+def alert_row(alert: dict, now: int) -> str:
+    """Draw one stored alert, with what each destination made of it, as a table row."""
+    return (f"<tr><td>{escape(when_text(alert['time'], now))}</td>"
+            f"<td>{escape(alert['event'])} <span class=\"muted\">{escape(alert['severity'])}"
+            f"</span></td><td>{escape(alert['account'] or '-')}</td>"
+            f"<td class=\"error\">{escape(alert['message'])}</td>"
+            f"<td class=\"error\">{escape(delivery_summary(alert))}</td></tr>")
+
+
 def render_status_page(app: App, now: int) -> str:
     """Render the status page: health, accounts with real window use, 24 h totals, requests."""
     _, health = app.health()
@@ -7329,7 +7990,19 @@ def render_status_page(app: App, now: int) -> str:
         chart=hourly_chart(series),
         requests_rows="".join(request_row(row, now) for row in recent)
         or empty.format("No requests yet"),
-        errors="".join(error_row(row, now) for row in errors) or empty.format("No errors"))
+        errors="".join(error_row(row, now) for row in errors) or empty.format("No errors"),
+        **alerts_section(app, now))
+
+
+def alerts_section(app: App, now: int) -> dict:
+    """Return the status page's Alerts section: where alerts go, and the latest ten."""
+    report = alerts_report(app.settings, app.store, 10)
+    names = ", ".join(destination["name"] for destination in report["destinations"])
+    return {"alert_destinations": escape(
+                f"Sent to {names}." if names else "No destination: alerts are only kept here "
+                "(set alert_url or alert_command to be told)."),
+            "alerts": "".join(alert_row(alert, now) for alert in report["alerts"])
+            or '<tr><td colspan="5" class="muted">No alerts</td></tr>'}
 
 
 ###############################################################################
@@ -7536,7 +8209,7 @@ def check_environment() -> tuple[list[Check], dict]:
 def check_settings(settings: Settings) -> list[Check]:
     """Say which settings are not the defaults and where each comes from; check TLS files."""
     origins = {"flag": "flag", "config": "config file"}
-    changed = [f"{setting.key}={settings.values[setting.key]} "
+    changed = [f"{setting.key}={shown_setting(setting.key, settings.values[setting.key])} "
                f"({origins.get(settings.sources[setting.key], 'env ' + setting.env)})"
                for setting in SETTINGS if settings.sources[setting.key] in ("flag", "env")
                or settings.values[setting.key] != setting.default]
@@ -7903,8 +8576,42 @@ def check_logs(since: int, now: int) -> list[Check]:
     return checks
 
 
-def run_doctor(config_path: str, db_path: str, flags: dict, now: int) -> list[Check]:
-    """Run the troubleshooting guide's checks in its order, changing nothing anywhere."""
+def check_alerts(settings: Settings, send_test: bool) -> list[Check]:
+    """Check each alert destination (the program of a command, the proxy on a URL's way);
+    with send_test, send each a test alert."""
+    destinations = alert_destinations(settings)
+    if not destinations:
+        return [Check("ok", "alerts", "no destination: alerts are kept and shown, nothing is "
+                      "sent (set alert_url or alert_command)")]
+    checks = []
+    for destination in destinations:
+        if destination.command:
+            program = shlex.split(destination.command)[0]
+            if not shutil.which(program):
+                checks.append(Check("fail", "alerts", f"{destination.name}: {program} is not "
+                                    f"found or not executable", "install it, or give "
+                                    "alert_command its full path"))
+                continue
+            what = f"{destination.name}: runs {shutil.which(program)}"
+        else:
+            proxy = proxy_for(destination.url)
+            what = (f"{destination.name}: {destination.format} webhook"
+                    + (f" via proxy {proxy.display}" if proxy else ""))
+        if not send_test:
+            checks.append(Check("ok", "alerts", what))
+            continue
+        sent, answer = send_alert(destination, make_test_alert(), Alerts.timeout_s)
+        checks.append(Check("ok" if sent else "fail", "alerts", f"{what}; test alert: {answer}",
+                            "" if sent else FIX_PROXY if answer.startswith("Proxy ")
+                            else "check the destination (alert_url, alert_command) and the "
+                                 "network"))
+    return checks
+
+
+def run_doctor(config_path: str, db_path: str, flags: dict, now: int,
+               send_test: bool = False) -> list[Check]:
+    """Run the troubleshooting guide's checks in its order, changing nothing anywhere (but
+    sending a test alert, with send_test)."""
     checks = [check_runtime()]
     config_checks, file_values = check_config(config_path)
     environment_checks, environ = check_environment()
@@ -7937,6 +8644,7 @@ def run_doctor(config_path: str, db_path: str, flags: dict, now: int) -> list[Ch
             checks.append(check_clock(headers.get("date"), (sent + now_ms()) // 2))
         checks.append(check_endpoint("token endpoint", settings.oauth_token_url, "POST", b"{}",
                                      "check the network and oauth_token_url")[0])
+        checks += check_alerts(settings, send_test)
     started = (int(os.stat(server_lock_path(db_path)).st_mtime * 1000)
                if server_port is not None else 0)
     return checks + check_logs(started or now - LOG_ERRORS_WITHIN_MS, now)
@@ -8777,6 +9485,46 @@ def usage_line(usage: dict) -> str:
     return line
 
 
+def cmd_alerts(args: argparse.Namespace, settings: Settings) -> int:
+    """Send a test alert to every destination and say what each answered, or list alerts."""
+    with open_store(args) as store:
+        if args.action == "list":
+            report = alerts_report(settings, store, args.limit)
+            if args.json:
+                print(json.dumps(report, indent=2))
+                return 0
+            names = ", ".join(item["name"] for item in report["destinations"])
+            print(f"Destinations: {names or 'none (alerts are only kept)'}")
+            if not report["alerts"]:
+                print("No alerts yet")
+                return 0
+            rows = [["TIME", "EVENT", "ACCOUNT", "MESSAGE", "DELIVERY"]]
+            rows += [[iso_time(alert["time"]), alert["event"], alert["account"] or "-",
+                      alert["message"][:80], delivery_summary(alert)[:80]]
+                     for alert in report["alerts"]]
+            print_table(rows)
+            return 0
+        destinations = alert_destinations(settings)
+        if not destinations:
+            raise ClaudeflareError("No alert destination: set one, such as python3 "
+                                   "claudeflare.py config set alert_url https://ntfy.sh/TOPIC "
+                                   "(or alert_command)")
+        alert = make_test_alert()
+        alert_id = store.add_alert(alert, [destination.name for destination in destinations])
+        failed = 0
+        for destination in destinations:
+            sent, answer = send_alert(destination, alert, Alerts.timeout_s)
+            store.note_delivery(alert_id, destination.name, "sent" if sent else "failed", 1,
+                                answer)
+            print(f"{destination.name} ({destination.format}): {'sent' if sent else 'FAILED'}: "
+                  f"{answer}")
+            failed += not sent
+    if failed:
+        raise ClaudeflareError(f"{failed} of {len(destinations)} alert destinations did not "
+                               f"take the test alert")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     """Print the usage figures /api/stats gives: totals, per account and model, errors."""
     with open_store(args) as store:
@@ -8846,7 +9594,7 @@ def cmd_doctor(args: argparse.Namespace, flags: dict) -> int:
     the first bad value, while the doctor changes nothing and reports every problem it finds.
     """
     checks = run_doctor(args.config or default_config_path(), args.db or default_db_path(),
-                        flags, now_ms())
+                        flags, now_ms(), args.send_test)
     counts = collections.Counter(check.status for check in checks)
     if args.json:
         print(redact(json.dumps({"ok": not counts["fail"],
@@ -9137,6 +9885,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "check the setup, the accounts and the network, and say how to fix what "
                      "fails; changes nothing", "python3 claudeflare.py doctor")
     doctor.add_argument("--json", action="store_true", help="print JSON for scripts")
+    doctor.add_argument("--send-test", action="store_true",
+                        help="also send a test alert to every alert destination")
+    alerts = command("alerts", cmd_alerts,
+                     "send a test alert to every destination, or show the latest alerts and "
+                     "what each destination made of them",
+                     "python3 claudeflare.py alerts test\n"
+                     "  python3 claudeflare.py alerts list --limit 50")
+    alerts.add_argument("action", choices=("test", "list"))
+    alerts.add_argument("--limit", type=argument(whole_number(1, MAX_STORED_ALERTS)), default=20,
+                        help="how many alerts to list (default 20)")
+    alerts.add_argument("--json", action="store_true", help="print JSON for scripts (list)")
     service = command("service", cmd_service,
                       "run serve as a per-user service that starts at login and restarts on "
                       "failure (systemd or launchd)",

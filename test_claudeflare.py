@@ -1412,6 +1412,9 @@ class TestSettings(CliTestCase):
         "usage_poll_s": ("60", "0"), "login_timeout_s": ("30", "40"),
         "budget_timezone": ("UTC+02:00", "Europe/Paris"),
         "hold_s": ("300", "0"), "hold_max": ("5", "6"),
+        "alert_url": ("http://file.test/hook", "http://env.test/hook"),
+        "alert_format": ("slack", "ntfy"), "alert_command": ("notify-send", "mail ops"),
+        "alert_thresholds": ("50", "60,90"), "alert_repeat_s": ("600", "700"),
     }
 
     def test_every_setting_follows_the_precedence(self):
@@ -4946,6 +4949,432 @@ class TestSecrets(ServerWithAccounts):
         shown = "\n".join(self.shown_after_secrets_from_outside())
         self.assertNotIn("InTheQuery", shown)
         self.assertIn("/v1/messages?beta=true&key=[REDACTED]", shown)
+
+
+###############################################################################
+# Alerts ######################################################################
+###############################################################################
+
+class WebhookReceiver:
+    """A local webhook destination: records every alert that arrives, and can answer 500 or
+    hang (hold the connection without a word until released) when told to."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.received: list[tuple[str, dict, bytes]] = []
+        #: What to do with the next posts, in order: 500 or "hang"; then 200.
+        self.faults: collections.deque = collections.deque()
+        self.hanging = threading.Event()
+        self.released = threading.Event()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    receiver.received.append((self.path, dict(self.headers), body))
+                    fault = receiver.faults.popleft() if receiver.faults else 200
+                if fault == "hang":
+                    receiver.hanging.set()
+                    receiver.released.wait(DEADLINE_S * 3)
+                    self.close_connection = True
+                    return
+                self.send_response(fault)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    def url(self, path: str = "/hook/T0SECRET/B0SECRET") -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def events(self, name: str | None = None) -> list[dict]:
+        """The JSON alerts that arrived (optionally of one event), oldest first."""
+        with self.lock:
+            bodies = [json.loads(body) for _, _, body in self.received]
+        return [body for body in bodies if name is None or body.get("event") == name]
+
+    def texts(self) -> list[str]:
+        with self.lock:
+            return [body.decode() for _, _, body in self.received]
+
+    def close(self) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+ALERT_SCRIPT = """import json, os, sys
+alert = json.load(sys.stdin)
+with open(sys.argv[1], "a") as out:
+    out.write(json.dumps({"alert": alert, "event": os.environ["CLAUDEFLARE_ALERT_EVENT"],
+                          "severity": os.environ["CLAUDEFLARE_ALERT_SEVERITY"]}) + "\\n")
+if os.path.exists(sys.argv[1] + ".fail"):
+    sys.stderr.write("mailbox full\\nsecond line\\n")
+    sys.exit(3)
+"""
+
+
+class TestAlerts(ServerWithAccounts):
+    """Each event comes from its real condition, in each format, once; sending never slows a
+    request, and no secret leaves."""
+
+    alert_format = "json"
+
+    def setUp(self) -> None:
+        self.hook = WebhookReceiver()
+        self.addCleanup(self.hook.close)
+        self.settings = {"alert_url": self.hook.url(), "alert_format": self.alert_format}
+        super().setUp()
+        self.addCleanup(self.hook.released.set)  # before the server stops
+        self.alerts = self.proxy.app.alerts
+        self.alerts.retry_delays_s = (0.05, 0.05)
+
+    def arrived(self, count: int = 1, event: str | None = None) -> list:
+        """Wait for count alerts (of an event) at the receiver; return them."""
+        return wait_for(lambda: len(self.hook.events(event)) >= count and
+                        self.hook.events(event), what=f"{count} {event or 'alerts'}")
+
+    def api_alerts(self) -> list[dict]:
+        return json.loads(self.proxy.request("GET", "/api/alerts")[2])["alerts"]
+
+    def assert_no_secret_anywhere(self, *secrets: str) -> None:
+        """Neither the webhook's path nor a credential in what went out or is shown."""
+        shown = [*self.hook.texts(), self.proxy.request("GET", "/api/alerts")[2].decode(),
+                 self.proxy.request("GET", "/api/config")[2].decode(),
+                 self.proxy.request("GET", "/")[2].decode(), self.ok("alerts", "list"),
+                 CAPTURED_LOG.text()]
+        for text in shown:
+            for secret in ("T0SECRET", "sk-ant-") + secrets:
+                self.assertNotIn(secret, text)
+
+    def test_a_refused_refresh_sends_account_needs_login_once(self):
+        access, refresh = self.add_oauth("max", expires_in_ms=-1000)
+        self.add_key("spare")
+        self.upstream.oauth.failures.append((400, {
+            "error": "invalid_grant", "error_description": f"Refresh token {refresh} revoked"}))
+        for _ in range(3):
+            self.assertEqual(self.post_message()[0], 200)
+        alert = self.arrived(event="account_needs_login")[0]
+        self.assertEqual((alert["severity"], alert["account"], alert["fix"]),
+                         ("error", "max", "python3 claudeflare.py reauth max"))
+        self.assertIn("Account max needs a new login: refresh refused", alert["message"])
+        self.assertIn("[REDACTED] revoked", alert["message"])
+        self.upstream.push_for("sk-ant-api03-spare", reply_json(
+            200, message_body(), unified_headers("allowed", 3600, five_hour=0.81)))
+        self.assertEqual(self.post_message()[0], 200)
+        self.arrived(event="window_threshold")  # a later alert: a repeat would have come first
+        self.assertEqual(len(self.hook.events("account_needs_login")), 1)
+        stored = wait_for(lambda: [alert for alert in self.api_alerts()
+                                   if alert["event"] == "account_needs_login"
+                                   and alert["deliveries"][0]["result"] == "sent"],
+                          what="the delivery to be recorded")
+        self.assertEqual(stored[0]["deliveries"][0]["destination"], "127.0.0.1")
+        self.assertEqual(stored[0]["deliveries"][0]["answer"], "200 OK")
+        self.assertIn("account_needs_login", self.ok("alerts", "list"))
+        page = self.proxy.request("GET", "/")[2].decode()
+        self.assertIn("<h2>Alerts</h2>", page)
+        self.assertIn("127.0.0.1: sent (200 OK)", page)
+        metrics = self.proxy.request("GET", "/metrics")[2].decode().splitlines()
+        self.assertIn('claudeflare_alerts_total{event="account_needs_login",result="sent"} 1',
+                      metrics)
+        self.assert_no_secret_anywhere(access[10:], refresh[10:])
+
+    def test_a_usage_read_over_a_threshold_is_alerted_without_any_request(self):
+        self.upstream.oauth.usage_answer = {"five_hour": usage_window(15.0, 7200),
+                                            "seven_day": usage_window(96.0, 3 * 86400)}
+        self.add_oauth("max")
+        alert = self.arrived(event="window_threshold")[0]
+        self.assertIn("Account max has used 96% of its 7-day window (threshold 95%)",
+                      alert["message"])
+        self.assertEqual(self.upstream.messages(), [])
+
+    def test_refresh_failing_for_long_is_alerted_with_the_error(self):
+        self.alerts.refresh_failing_after_ms = 0
+        self.add_oauth("max", expires_in_ms=-1000)
+        self.add_key("spare")
+        self.upstream.oauth.failures.append((503, {"error": "temporarily_unavailable"}))
+        self.assertEqual(self.post_message()[0], 200)
+        alert = self.arrived(event="refresh_failing")[0]
+        self.assertEqual(alert["account"], "max")
+        self.assertIn("Refreshing the token of account max has failed", alert["message"])
+        self.assertIn("temporarily_unavailable", alert["message"])
+
+    def test_a_refresh_failure_from_before_a_new_login_is_not_alerted(self):
+        self.add_oauth("max", expires_in_ms=-1000)
+        self.add_key("spare")
+        self.upstream.oauth.failures.append((503, {"error": "temporarily_unavailable"}))
+        self.assertEqual(self.post_message()[0], 200)
+        wait_for(lambda: self.proxy.app.tokens.refresh_failures, what="the failure")
+        access, refresh = self.upstream.oauth.issue()  # what `reauth max` stores
+        self.proxy.app.store.change_account("max", access_token=access, refresh_token=refresh,
+                                            expires_at=claudeflare.now_ms() + 3_600_000)
+        self.alerts.refresh_failing_after_ms = 0
+        for credential in ("sk-ant-api03-spare", access):  # whichever serves next
+            self.upstream.push_for(credential, reply_json(
+                200, message_body(), unified_headers("allowed", 3600, five_hour=0.81)))
+        self.assertEqual(self.post_message()[0], 200)
+        self.arrived(event="window_threshold")
+        self.assertEqual(self.hook.events("refresh_failing"), [])
+
+    def test_the_database_refusing_records_is_alerted_and_the_alert_still_sent(self):
+        self.alerts.records_unsaved_after_s = 0
+        self.add_key("spare")
+        holder = DatabaseHolder(self.proxy.db_path)
+        self.addCleanup(holder.release)
+        self.assertEqual(self.post_message()[0], 200)
+        alert = self.arrived(event="records_unsaved")[0]
+        self.assertEqual(alert["severity"], "critical")
+        self.assertIn("request records held in memory", alert["message"])
+        self.assertIn("Could not store an alert", CAPTURED_LOG.text())
+        holder.release()
+
+    def test_a_destination_answering_500_is_retried_then_recorded_as_failed(self):
+        self.hook.faults.extend([500, 500, 500])
+        self.add_key("a")
+        self.upstream.push_for("sk-ant-api03-a", reply_json(200, message_body(), unified_headers(
+            "allowed", 3600, five_hour=0.9)))
+        self.assertEqual(self.post_message()[0], 200)
+        self.arrived(3)
+        delivery = wait_for(lambda: [alert["deliveries"][0] for alert in self.api_alerts()
+                                     if alert["deliveries"][0]["result"] == "failed"],
+                            what="the delivery to be given up")[0]
+        self.assertEqual(delivery["attempts"], 3)
+        self.assertEqual(delivery["answer"], "500 Internal Server Error: ok")
+        self.assertEqual(len(self.hook.events()), 3)
+        metrics = self.proxy.request("GET", "/metrics")[2].decode().splitlines()
+        self.assertIn('claudeflare_alerts_total{event="window_threshold",result="failed"} 1',
+                      metrics)
+
+    def test_a_hanging_destination_never_delays_a_request_and_is_tried_again(self):
+        self.hook.faults.extend(["hang", "hang"])
+        self.add_key("a")
+        self.upstream.push_for("sk-ant-api03-a", reply_json(200, message_body(), unified_headers(
+            "allowed", 3600, five_hour=0.9)))
+        self.assertEqual(self.post_message()[0], 200)
+        self.assertTrue(self.hook.hanging.wait(DEADLINE_S))
+        for _ in range(5):  # served while the destination still holds the alert
+            self.assertEqual(self.post_message()[0], 200)
+        self.assertFalse(self.hook.released.is_set())
+        self.hook.released.set()
+        wait_for(lambda: [alert for alert in self.api_alerts()
+                          if alert["deliveries"][0]["result"] == "sent"
+                          and alert["deliveries"][0]["attempts"] == 3],
+                 what="the third try to be recorded")
+        self.assertEqual(len(self.hook.events("window_threshold")), 3)
+
+    def test_alert_command_gets_the_json_and_its_failure_is_recorded(self):
+        script = os.path.join(self.proxy.dir.name, "alert.py")
+        out = os.path.join(self.proxy.dir.name, "alerts.jsonl")
+        with open(script, "w") as file:
+            file.write(ALERT_SCRIPT)
+        self.ok("config", "set", "alert_url", "")
+        self.ok("config", "set", "alert_command", f"{sys.executable} {script} {out}")
+        printed = self.ok("alerts", "test")
+        self.assertRegex(printed, r"command python[\d.]* \(command\): sent: exit 0")
+        with open(out) as file:
+            line = json.loads(file.readline())
+        self.assertEqual((line["event"], line["severity"], line["alert"]["event"]),
+                         ("test", "info", "test"))
+        with open(out + ".fail", "w"):
+            pass
+        code, printed, err = self.cli("alerts", "test")
+        self.assertEqual(code, 1)
+        self.assertIn("FAILED: exit 3: mailbox full", printed)
+        self.assertIn("1 of 1 alert destinations did not take the test alert", err)
+        listed = json.loads(self.ok("alerts", "list", "--json"))
+        self.assertEqual(listed["alerts"][0]["deliveries"][0]["result"], "failed")
+        self.assertEqual(listed["alerts"][1]["deliveries"][0]["answer"], "exit 0")
+        self.assertEqual(self.hook.events(), [])
+
+    def test_alerts_test_posts_through_the_outbound_proxy(self):
+        tunnel = ConnectProxy()
+        self.addCleanup(tunnel.close)
+        with unittest.mock.patch.dict(os.environ, {"HTTP_PROXY": tunnel.url}):
+            printed = self.ok("alerts", "test")
+        self.assertIn("127.0.0.1 (json): sent: 200 OK", printed)
+        self.assertEqual(tunnel.tunnels, [self.hook.url("").split("//")[1]])
+        self.assertEqual(self.hook.events()[0]["event"], "test")
+
+    def test_doctor_checks_each_destination_and_sends_a_test_when_asked(self):
+        self.ok("config", "set", "alert_command", "no-such-notifier --to ops")
+        out = self.cli("doctor")[1]
+        self.assertIn("ok    alerts: 127.0.0.1: json webhook\n", out)
+        self.assertIn("FAIL  alerts: command no-such-notifier: no-such-notifier is not found or "
+                      "not executable", out)
+        self.assertEqual(self.hook.events(), [])
+        out = self.cli("doctor", "--send-test")[1]
+        self.assertIn("ok    alerts: 127.0.0.1: json webhook; test alert: 200 OK", out)
+        self.assertEqual(self.hook.events()[0]["event"], "test")
+        self.assertNotIn("T0SECRET", out)
+        self.assertIn("alert_url=http://127.0.0.1:", out)
+
+    def test_alert_settings_are_checked_and_shown_without_their_secrets(self):
+        for key, value, error in (
+                ("alert_url", "ftp://example.com/x", "URL 1 is not one"),
+                ("alert_format", "teams", "expected one of auto, json, slack, discord, ntfy"),
+                ("alert_thresholds", "80,120", "must be 100 or less"),
+                ("alert_command", "'unbalanced", "cannot split"),
+                ("alert_repeat_s", "5", "must be 60 or more")):
+            code, _, err = self.cli("config", "set", key, value)
+            self.assertEqual(code, 1)
+            self.assertIn(error, err)
+        self.ok("config", "set", "alert_thresholds", "95, 80")
+        self.assertEqual(self.ok("config", "get", "alert_thresholds").strip(), "80,95")
+        self.ok("config", "set", "alert_command", "notify-send --token=abcSECRET")
+        self.assertEqual(self.proxy.request("GET", "/health")[0], 200)  # reloads the settings
+        settings = json.loads(self.proxy.request("GET", "/api/config")[2])["settings"]
+        self.assertEqual(settings["alertUrl"], self.hook.url("/..."))
+        self.assertEqual(settings["alertCommand"], "notify-send ...")
+        self.assertNotIn("SECRET", CAPTURED_LOG.text())
+
+    def test_stored_alerts_and_waiting_deliveries_are_bounded(self):
+        alerts = claudeflare.Alerts(self.proxy.app.settings, self.proxy.app.store,
+                                    lambda: claudeflare.Watched([]), self.proxy.app.writer.flush)
+        alerts.close()  # nothing is delivered: every alert waits
+        for number in range(claudeflare.ALERT_QUEUE_MAX + 5):
+            alerts.raise_alert(claudeflare.Alert("test", f"number {number}", "", None, "test"),
+                               claudeflare.now_ms())
+        self.assertEqual(len(alerts.deliveries), claudeflare.ALERT_QUEUE_MAX)
+        self.assertEqual(alerts.counts["test", "dropped"], 5)
+        oldest = self.proxy.app.store.recent_alerts(claudeflare.MAX_STORED_ALERTS)[-1]
+        self.assertEqual((oldest["message"], oldest["deliveries"][0]["result"]),
+                         ("number 0", "dropped"))
+        store = self.proxy.app.store
+        for number in range(claudeflare.MAX_STORED_ALERTS):
+            store.add_alert(claudeflare.Alert("test", f"more {number}", created_at=1), ["x"])
+        self.assertEqual(store.query("SELECT COUNT(*) FROM alerts")[0][0],
+                         claudeflare.MAX_STORED_ALERTS)
+        self.assertEqual(store.query("SELECT COUNT(*) FROM alert_deliveries")[0][0],
+                         claudeflare.MAX_STORED_ALERTS)
+
+    def test_auto_format_follows_the_host(self):
+        for url, expected in (("https://hooks.slack.com/services/T/B/X", "slack"),
+                              ("https://discord.com/api/webhooks/1/x", "discord"),
+                              ("https://ntfy.sh/topic", "ntfy"),
+                              ("https://ntfy.example.org/topic", "ntfy"),
+                              ("https://example.com/hook", "json")):
+            self.assertEqual(claudeflare.alert_format_for(url, "auto"), expected)
+        self.assertEqual(claudeflare.alert_format_for("https://ntfy.sh/t", "json"), "json")
+
+    def test_a_condition_repeats_after_alert_repeat_s_and_a_flapping_one_does_not_flood(self):
+        self.proxy.app.store.add_account("lost", "api_key", 1, api_key="sk-ant-api03-lost",
+                                         needs_reauth=1, reauth_reason="invalid x-api-key",
+                                         utilization_7d=0.9, reset_7d=claudeflare.now_ms()
+                                         + 3 * claudeflare.DAY_S * 1000)
+        self.arrived(event="account_needs_login")
+        self.arrived(event="window_threshold")
+        state = {"accounts": self.proxy.app.store.accounts()}
+        alerts = claudeflare.Alerts(self.proxy.app.settings, self.proxy.app.store,
+                                    lambda: claudeflare.Watched(state["accounts"]),
+                                    self.proxy.app.writer.flush)
+        alerts.close()  # its thread stops: time is given below
+        raised = lambda: alerts.counts["account_needs_login", "raised"]  # noqa: E731
+        start = claudeflare.now_ms()
+        alerts.look(start, 0)
+        self.assertEqual(raised(), 0)  # sent by the server just now: not again after a restart
+        repeat_ms = self.proxy.app.settings.alert_repeat_s * 1000
+        alerts.look(start + repeat_ms + 1, 0)
+        self.assertEqual(raised(), 1)
+        self.assertEqual(alerts.counts["window_threshold", "raised"], 0)  # once per window
+        healthy = [claudeflare.dataclasses.replace(account, needs_reauth=False)
+                   for account in state["accounts"]]
+        minute = 60_000
+        moment = start + repeat_ms + 1
+        for _ in range(10):  # flapping once a minute
+            moment += minute
+            state["accounts"] = healthy
+            alerts.look(moment, 0)
+            moment += minute
+            state["accounts"] = self.proxy.app.store.accounts()
+            alerts.look(moment, 0)
+        self.assertEqual(raised(), 2)  # one comeback after the quiet time, not ten
+
+
+class TestAlertFormats(ServerWithAccounts):
+    """Slack, Discord and ntfy get their own shapes; every event from its real condition."""
+
+    def setUp(self) -> None:
+        self.hook = WebhookReceiver()
+        self.addCleanup(self.hook.close)
+        super().setUp()
+
+    def use(self, format: str) -> None:
+        """Point alerts at the receiver while the server runs (live reload)."""
+        self.ok("config", "set", "alert_url", self.hook.url())
+        self.ok("config", "set", "alert_format", format)
+
+    def with_text(self, text: str, count: int = 1) -> list[tuple[dict, bytes]]:
+        """Wait for count alerts whose body says a text; return their headers and bodies.
+
+        A rate-limited answer's headers also put its window over the thresholds: those
+        alerts arrive too.
+        """
+        def found() -> list[tuple[dict, bytes]]:
+            with self.hook.lock:
+                return [(headers, body) for _, headers, body in self.hook.received
+                        if text in body.decode()]
+        return wait_for(lambda: len(found()) >= count and found(), what=f"alerts with {text}")
+
+    def test_slack_gets_pool_exhausted_once_then_pool_recovered(self):
+        self.use("slack")
+        for name in ("a", "b"):
+            self.add_key(name)
+            self.upstream.push_for(f"sk-ant-api03-{name}", reply_error(
+                429, "rate_limit_error", "limited", unified_headers("rejected", 3600)))
+        for _ in range(4):
+            self.post_message()
+        _, body = self.with_text("No account can serve")[0]
+        self.assertEqual(list(json.loads(body)), ["text"])
+        self.assertTrue(json.loads(body)["text"].startswith(
+            "*claudeflare critical*: No account can serve (2 rate_limited); the first resets "
+            "at "))
+        self.ok("resume", "a")
+        _, body = self.with_text("can serve again")[0]
+        self.assertIn("Accounts can serve again: a", json.loads(body)["text"])
+        self.assertEqual(len(self.with_text("No account can serve")), 1)
+
+    def test_discord_gets_overage_started_with_the_policy(self):
+        self.use("discord")
+        self.add_key("a")
+        self.upstream.push_for("sk-ant-api03-a", on_overage(3600))
+        for _ in range(3):
+            self.assertEqual(self.post_message()[0], 200)
+        _, body = self.with_text("extra usage")[0]
+        content = json.loads(body)["content"]
+        self.assertIn("**claudeflare warning**: Account a is serving on extra usage (billed to "
+                      "its owner) until", content)
+        self.assertIn("overage is last\nFix: python3 claudeflare.py config set overage never",
+                      content)
+        self.assertEqual(len(self.with_text("extra usage")), 1)
+
+    def test_ntfy_gets_each_window_threshold_once_as_plain_text_with_headers(self):
+        self.use("ntfy")
+        self.add_key("a")
+        for used, expected in ((0.85, "threshold 80%"), (0.86, "threshold 80%"),
+                               (0.97, "threshold 95%")):
+            self.upstream.push_for("sk-ant-api03-a", reply_json(200, message_body(),
+                                                                unified_headers("allowed", 3600,
+                                                                                five_hour=used)))
+            self.assertEqual(self.post_message()[0], 200)
+            self.with_text(expected)
+        headers, body = self.with_text("threshold 80%")[0]
+        self.assertEqual(headers["Title"], "claudeflare: window_threshold (a)")
+        self.assertEqual(headers["Priority"], "default")
+        self.assertEqual(headers["Tags"], "warning,window_threshold")
+        self.assertTrue(body.decode().startswith("Account a has used 85% of its 5-hour window "
+                                                 "(threshold 80%)"))
+        self.assertIn("\nFix: python3 claudeflare.py list", body.decode())
+        self.assertEqual(len(self.with_text("threshold 80%")), 1)  # arrived before the 95%
 
 
 ###############################################################################
