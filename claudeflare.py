@@ -447,6 +447,17 @@ class UpstreamError(Exception):
         self.retry = retry
 
 
+def anthropic_error(error_type: str, message: str) -> dict:
+    """Build an error body in the shape the Anthropic API uses, which SDKs know how to show."""
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+#: The error type of each status, as the Anthropic API names them.
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+               413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+               503: "overloaded_error", 529: "overloaded_error"}
+
+
 ###############################################################################
 # Utilities ###################################################################
 ###############################################################################
@@ -5446,277 +5457,513 @@ def client_gone(connection: socket.socket) -> bool:
 
 
 ###############################################################################
-# Proxy handler & server ######################################################
+# Strict HTTP/1.1 server ######################################################
 ###############################################################################
 
-class BadRequest(Exception):
-    """A local API request that cannot be answered as asked; the message says why."""
+# A server that knows nothing of Claude or accounts, as CPython's BaseHTTPRequestHandler keeps
+# parse_request apart from do_GET: it reads a request's head against a deadline, refuses what
+# RFC 9112 does not allow (smuggling lives in ambiguous framing and cut lines), frames the body,
+# and hands the checked request to handle_request().
 
-    def __init__(self, message: str, status: int = 400) -> None:
+#: What RFC 9110 allows in a method or a header name.
+HTTP_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: A request target in origin form: a path (and query) of visible ASCII characters.
+ORIGIN_FORM = re.compile(rb"/[!-~]*")
+HTTP_VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
+#: Bytes no request line or header may hold once lines end in LF: controls but HTAB (a bare
+#: CR, NUL, ...). Bytes from 0x80 are obs-text, allowed in values.
+FORBIDDEN_HEAD_BYTES = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
+CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+#: A chunk size line (RFC 9112 section 7.1.1): the size, then ;name or ;name=value extensions
+#: (a token or a quoted string), optional whitespace around ; and =.
+CHUNK_LINE = re.compile(
+    rb"(" + CHUNK_SIZE.pattern + rb")(?:[ \t]*;[ \t]*" + HTTP_TOKEN.pattern
+    + rb"(?:[ \t]*=[ \t]*(?:" + HTTP_TOKEN.pattern
+    + rb'|"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"))?)*[ \t]*\r?\n')
+#: Methods the proxy relays (and the local endpoints answer); others get 501.
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+#: The request line and headers together may be at most this large.
+MAX_HEAD_BYTES = 256 * 1024
+
+
+def head_end(data: bytes, start: int = 0) -> int:
+    """Return where the header block ends (just past its blank line) in data, or -1."""
+    ends = [index + size for index, size in ((data.find(b"\n\r\n", start), 3),
+                                             (data.find(b"\n\n", start), 2)) if index >= 0]
+    return min(ends) if ends else -1
+
+
+class RequestRefused(Exception):
+    """A client request that is not valid HTTP/1.1: answered with status and closed."""
+
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-def query_limit(query: dict[str, list[str]], default: int, maximum: int) -> int:
-    """Read the `limit` query parameter: a whole number from 1 to maximum."""
-    text = (query.get("limit") or [str(default)])[-1]
-    if not re.fullmatch(r"[0-9]{1,7}", text) or not 1 <= int(text) <= maximum:
-        raise BadRequest(f"Invalid limit: {text} (valid: a whole number from 1 to {maximum})")
-    return int(text)
 
 
 class RequestBodyError(Exception):
-    """The client's request body cannot be accepted; carries the status and Anthropic's shape."""
+    """The client's request body cannot be accepted; carries the status to answer."""
 
-    def __init__(self, status: int, error_type: str, message: str) -> None:
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-        self.error_type = error_type
 
 
-def anthropic_error(error_type: str, message: str) -> dict:
-    """Build an error body in the shape the Anthropic API uses, which SDKs know how to show."""
-    return {"type": "error", "error": {"type": error_type, "message": message}}
+def too_large_message(size: int) -> str:
+    """Explain a 413 to the client."""
+    return (f"Request body of {size} bytes or more is larger than the "
+            f"{MAX_BODY_BYTES // (1024 * 1024)} MB limit")
 
 
-def sse_error_event(message: str, error_type: str = "api_error") -> bytes:
-    """Build the SSE `error` event a client gets when the upstream fails mid-stream."""
-    return b"event: error\ndata: " + json_bytes(anthropic_error(error_type, message)) + b"\n\n"
+class StrictHTTPHandler(http.server.BaseHTTPRequestHandler):
+    """Read, check and frame HTTP/1.1 requests; a subclass answers them in handle_request()."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = CLIENT_IDLE_TIMEOUT_S
+
+    def setup(self) -> None:
+        super().setup()
+        # Responses go out in as few writes as possible; no write may wait for a delayed ACK.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.body_read = False
+
+    def log_message(self, format: str, *args: Any) -> None:
+        component_logger("Server").debug("%s - " + format, self.address_string(), *args)
+
+    @staticmethod
+    def error_body(status: int, message: str) -> Any:
+        """Describe an error for the client; a subclass gives it the shape its clients know."""
+        return {"error": message}
+
+    # -- reading a request's head ---------------------------------------------------------------
+
+    def handle_one_request(self) -> None:
+        """Read one request's line and headers, check them (RFC 9112), and answer it.
+
+        Waiting for a request may take the idle timeout; once its first byte is in, the line
+        and headers must all arrive within head_deadline_s.
+        """
+        self.close_connection = True
+        self.command, self.path, self.request_version = "", "", "HTTP/1.1"
+        self.headers = Headers([])
+        self.body_read = self.answered = False
+        try:
+            head = self.read_head()
+            if head is None:
+                return
+            self.parse_head(head)
+        except RequestRefused as refusal:
+            component_logger("Server").debug("Refused a request from %s: %d %s",
+                                             self.client_address[0], refusal.status, refusal)
+            with contextlib.suppress(OSError):
+                self.send_json(refusal.status, self.error_body(refusal.status, str(refusal)))
+            self.close_connection = True
+            return
+        except (ConnectionError, socket.timeout, TimeoutError):
+            self.close_connection = True
+            return
+        if self.command not in METHODS:
+            self.close_connection = True
+            self.send_json(501, self.error_body(501, f"Method {self.command} is not supported"))
+            return
+        if self.headers.get("Expect", "").lower() == "100-continue" and \
+                self.request_version == "HTTP/1.1":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.handle_request()
+
+    def handle_request(self) -> None:
+        """Answer the request whose head was read and checked (command, path, headers)."""
+        raise NotImplementedError
+
+    def read_head(self) -> bytes | None:
+        """Return the request line and headers, or None when the client closed the connection.
+
+        Each read waits at most for what is left of the deadline, so a client sending a byte a
+        second still runs out of time.
+        """
+        data = self.rfile.peek()  # waits up to the idle timeout for a request to begin
+        end = head_end(data)
+        if end >= 0 and data[:1] not in (b"\r", b"\n"):
+            return self.rfile.read(end)
+        deadline = time.monotonic() + self.server.head_deadline_s
+        head = bytearray()
+        try:
+            while True:
+                if not data:
+                    return None
+                if not head:  # blank lines before a request line are skipped (RFC 9112)
+                    blank = len(data) - len(data.lstrip(b"\r\n"))
+                    self.rfile.read(blank)
+                    data = data[blank:]
+                start = max(0, len(head) - 2)
+                head += data
+                end = head_end(head, start)
+                if end >= 0:
+                    self.rfile.read(end - (len(head) - len(data)))
+                    return bytes(head[:end])
+                self.rfile.read(len(data))
+                if len(head) > MAX_HEAD_BYTES:
+                    raise RequestRefused(431, f"The request line and headers are larger than "
+                                              f"{MAX_HEAD_BYTES // 1024} KB")
+                try:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    self.connection.settimeout(remaining)
+                    data = self.rfile.peek()
+                except (socket.timeout, TimeoutError):
+                    raise RequestRefused(408, f"The request line and headers took longer than "
+                                              f"{self.server.head_deadline_s:g}s to arrive"
+                                         ) from None
+        finally:
+            self.connection.settimeout(self.timeout)
+
+    def parse_head(self, head: bytes) -> None:
+        """Parse and check a request line and its headers; raise RequestRefused if invalid."""
+        lines = head.split(b"\n")[:-2]
+        request_line = lines[0].rstrip(b"\r")
+        self.raw_requestline = lines[0] + b"\n"
+        self.requestline = request_line.decode("latin-1")
+        words = request_line.split()
+        if len(words) != 3:
+            raise RequestRefused(400, "Malformed request line: expected METHOD /path HTTP/1.1")
+        method, target, version = words
+        match = HTTP_VERSION.fullmatch(version)
+        if match is None:
+            raise RequestRefused(400, "Malformed request line: expected METHOD /path HTTP/1.1")
+        if match.group(1) != b"1":
+            raise RequestRefused(505, f"HTTP version {version.decode('latin-1')} is not "
+                                      f"supported on this port; use HTTP/1.1")
+        if not HTTP_TOKEN.fullmatch(method):
+            raise RequestRefused(400, "Malformed request line: the method is not a token")
+        if not ORIGIN_FORM.fullmatch(target):
+            raise RequestRefused(400, "The request target must be a path of visible ASCII "
+                                      "characters (percent-encode anything else)")
+        self.command = method.decode("ascii")
+        self.path = target.decode("ascii")
+        if self.path.startswith("//"):
+            self.path = "/" + self.path.lstrip("/")
+        self.request_version = "HTTP/1.0" if version == b"HTTP/1.0" else "HTTP/1.1"
+        self.headers = self.parse_header_lines(lines[1:])
+        if len(self.headers.get_all("Host", [])) > 1:  # RFC 9112 section 3.2
+            raise RequestRefused(400, "More than one Host header: send one")
+        self.check_framing()
+        connection = self.headers.get("Connection", "").lower()
+        self.close_connection = ("close" in connection
+                                 or (self.request_version == "HTTP/1.0"
+                                     and "keep-alive" not in connection))
+
+    @staticmethod
+    def parse_header_lines(lines: list[bytes]) -> Headers:
+        """Read header lines: names must be tokens, values free of control characters."""
+        if len(lines) > MAX_HEADER_LINES:
+            raise RequestRefused(431, f"More than {MAX_HEADER_LINES} header lines")
+        pairs: list[tuple[str, str]] = []
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > MAX_HEADER_LINE_BYTES:
+                raise RequestRefused(431, "A header line is longer than 64 KB")
+            if FORBIDDEN_HEAD_BYTES.search(line):
+                raise RequestRefused(400, "A header holds a control character (a bare CR, "
+                                          "NUL, ...), which HTTP does not allow")
+            if line[:1] in (b" ", b"\t") and pairs:  # obsolete line folding: join with a space
+                name, value = pairs[-1]
+                pairs[-1] = (name, value + " " + line.strip(b" \t").decode("latin-1"))
+                continue
+            name, colon, value = line.partition(b":")
+            if not colon or not HTTP_TOKEN.fullmatch(name):
+                shown = name.decode("latin-1")[:40]
+                raise RequestRefused(400, f"Invalid header name {shown!r}: a header name is a "
+                                          f"token (letters, digits, -) followed by a colon")
+            pairs.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
+        return Headers(pairs)
+
+    def check_framing(self) -> None:
+        """Refuse a body whose length is ambiguous (RFC 9112 section 6): smuggling lives there."""
+        lengths = {length.strip() for value in self.headers.get_all("Content-Length", [])
+                   for length in value.split(",")}
+        codings = [coding.strip().lower()
+                   for value in self.headers.get_all("Transfer-Encoding", [])
+                   for coding in value.split(",") if coding.strip()]
+        if len(lengths) > 1:
+            raise RequestRefused(400, "Conflicting Content-Length headers")
+        if lengths and not CONTENT_LENGTH.fullmatch(next(iter(lengths))):
+            raise RequestRefused(400, f"Invalid Content-Length header: {next(iter(lengths))!r}")
+        if self.headers.get("Transfer-Encoding") is not None:
+            if lengths:
+                raise RequestRefused(400, "Both Transfer-Encoding and Content-Length: send one")
+            if self.request_version == "HTTP/1.0":
+                raise RequestRefused(400, "Transfer-Encoding is not allowed in HTTP/1.0")
+            if codings != ["chunked"]:
+                raise RequestRefused(501, f"Transfer-Encoding {', '.join(codings) or '(empty)'}"
+                                          f" is not supported: send chunked or Content-Length")
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """Answer an error in JSON with a status line, whatever asks for it."""
+        self.close_connection = True
+        self.send_json(code, self.error_body(code, message or http.client.responses.get(code, "")))
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def head_bytes(self, status: int, reason: str, headers: Iterable[tuple[str, str]]) -> bytes:
+        """Build a status line and header block, closing the connection when it must close."""
+        self.answered = True
+        if not self.body_read and self.request_has_body():
+            # The unread body would be taken for the next request: end this connection instead.
+            self.close_connection = True
+        lines = [f"HTTP/1.1 {status} {reason}"]
+        lines.extend(f"{name}: {value}" for name, value in headers)
+        if self.close_connection:
+            lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def send_bytes(self, status: int, body: bytes, content_type: str,
+                   extra: Iterable[tuple[str, str]] = ()) -> None:
+        """Send a whole response in one write (into a held stream: as its end)."""
+        if self.held_stream:
+            self.end_held_stream(status, body, None)
+            return
+        reason = http.client.responses.get(status, "")
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        headers.extend(extra)
+        head = self.head_bytes(status, reason, headers)
+        self.wfile.write(head if self.command == "HEAD" else head + body)
+
+    def send_json(self, status: int, value: Any, extra: Iterable[tuple[str, str]] = ()) -> None:
+        """Send a JSON response."""
+        self.send_bytes(status, json_bytes(value), "application/json", extra)
+
+    # -- reading the body ----------------------------------------------------------------------
+
+    def request_has_body(self) -> bool:
+        """Tell whether the client announced a request body."""
+        return ("chunked" in self.headers.get("Transfer-Encoding", "").lower()
+                or self.headers.get("Content-Length", "0").strip() not in ("", "0"))
+
+    def read_body(self) -> bytes:
+        """Read the request body (Content-Length or chunked), refusing more than 32 MB unread."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            body = self.read_chunked_body()
+        else:
+            text = self.headers.get("Content-Length", "0").split(",")[0].strip() or "0"
+            if not CONTENT_LENGTH.fullmatch(text):
+                raise RequestBodyError(400, f"Invalid Content-Length header: {text!r}")
+            length = int(text)
+            if length > MAX_BODY_BYTES:
+                raise RequestBodyError(413, too_large_message(length))
+            body = self.rfile.read(length)
+            if len(body) < length:
+                raise RequestBodyError(400, "The request body ended before its Content-Length")
+        self.body_read = True
+        return body
+
+    def read_chunked_body(self) -> bytes:
+        """Decode a chunked request body (RFC 9112 section 7.1), stopping as soon as it passes
+        the size limit.
+
+        Every line is read whole or refused: a line cut at a bound would leave its tail to be
+        read as body or as the next request (smuggling).
+        """
+        parts, total = [], 0
+        while True:
+            match = CHUNK_LINE.fullmatch(self.read_chunk_line(400, "A chunk size line"))
+            if match is None:
+                raise RequestBodyError(400, "Malformed chunked request body: a chunk size line is "
+                                       "hexadecimal digits, then ;name=value extensions")
+            size = int(match.group(1), 16)
+            if size == 0:
+                self.read_trailer_section()
+                return b"".join(parts)
+            total += size
+            if total > MAX_BODY_BYTES:
+                raise RequestBodyError(413, too_large_message(total))
+            parts.append(self.rfile.read(size))
+            if len(parts[-1]) < size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                raise RequestBodyError(400, "Malformed chunked request body: chunk data longer "
+                                       "than its size, or cut short")
+
+    def read_chunk_line(self, status: int, what: str) -> bytes:
+        """Read one whole line of chunked framing, refusing it with `status` past the bound."""
+        line = self.rfile.readline(MAX_CHUNK_LINE_BYTES + 1)
+        if line.endswith(b"\n"):
+            return line
+        if len(line) > MAX_CHUNK_LINE_BYTES:
+            raise RequestBodyError(status, f"{what} is longer than {MAX_CHUNK_LINE_BYTES} bytes")
+        raise RequestBodyError(400, "The chunked request body ended before its last chunk")
+
+    def read_trailer_section(self) -> None:
+        """Read and check the trailer fields after the last chunk; they are not relayed."""
+        lines, size = [], 0
+        while True:
+            line = self.read_chunk_line(431, "A trailer line")
+            if line in (b"\r\n", b"\n"):
+                break
+            size += len(line)
+            if size > MAX_TRAILER_BYTES:
+                raise RequestBodyError(431, f"The trailer section is larger than "
+                                       f"{MAX_TRAILER_BYTES // 1024} KB")
+            lines.append(line[:-1])
+        try:
+            self.parse_header_lines(lines)
+        except RequestRefused as refusal:
+            raise RequestBodyError(refusal.status, f"In the trailer section: {refusal}") from None
+
+    def discard_rest_of_request(self) -> None:
+        """Read and drop what the client is still sending after an early error answer.
+
+        Closing a socket with unread data makes the kernel reset the connection, and a client
+        still sending its body would then lose the answer instead of reading it.
+        """
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(LINGER_S)
+            deadline = time.monotonic() + LINGER_S
+            while time.monotonic() < deadline and self.connection.recv(65536):
+                pass
 
 
-#: The SSE event a stream waiting for a reset gets now and then (HoldQueue.ping_interval_s).
-SSE_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+###############################################################################
+# Access control ##############################################################
+###############################################################################
 
+# Who may use the proxy, as small functions of a request's headers: a web page of another site
+# (cross_site), a page that renamed itself to reach a loopback server (host_allowed) and, once
+# client keys exist, a client without one (authenticate). The relay answers their refusals.
 
-def request_streams(body: bytes) -> bool:
-    """Tell whether a request body asks for a stream ("stream": true)."""
+@functools.lru_cache(maxsize=64)
+def host_name(host_header: str) -> str:
+    """Return the host name of a Host header value (no port, no brackets), '' if none.
+
+    Kept for the few values a server sees: splitting a URL costs more than the rest of the
+    check, on every request.
+    """
     try:
-        return json.loads(body).get("stream") is True
-    except (*JSON_ERRORS, AttributeError):
+        return urllib.parse.urlsplit("//" + host_header).hostname or ""
+    except ValueError:  # "[::1" and other malformed values name no host
+        return ""
+
+
+@functools.lru_cache(maxsize=64)
+def is_loopback(host: str) -> bool:
+    """Tell whether a host name or address is one only this machine can reach.
+
+    Only localhost, names under .localhost and loopback addresses count: a name that merely
+    starts with "127." (127.0.0.1.evil.example) belongs to whoever owns its domain.
+    """
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
         return False
 
 
-#: /api/analytics ranges: how far back, and the bucket size that suits it.
-ANALYTICS_RANGES = {"1h": (HOUR_MS, 60_000), "6h": (6 * HOUR_MS, 5 * 60_000),
-                    "24h": (24 * HOUR_MS, HOUR_MS), "7d": (7 * 24 * HOUR_MS, 6 * HOUR_MS),
-                    "30d": (30 * 24 * HOUR_MS, 24 * HOUR_MS)}
+def resolve_dot_segments(path: str) -> str:
+    """Resolve . and .. path segments (percent-encoded ones too) as the upstream would.
+
+    Raise ValueError for a segment that hides a slash or a backslash, so that no path can
+    reach a different place upstream from the one it was routed as.
+    """
+    if "." not in path and "%" not in path and "\\" not in path:
+        return path
+    segments = path.split("/")[1:]
+    resolved: list[str] = []
+    for index, segment in enumerate(segments):
+        decoded = urllib.parse.unquote(segment)
+        if "/" in decoded or "\\" in decoded:
+            raise ValueError(f"The path segment {segment!r} hides a slash or a backslash; "
+                             f"send the path without it")
+        if decoded not in (".", ".."):
+            resolved.append(segment)
+            continue
+        if decoded == ".." and resolved:
+            resolved.pop()
+        if index == len(segments) - 1:
+            resolved.append("")
+    return "/" + "/".join(resolved)
 
 
-def camel(name: str) -> str:
-    """Turn a snake_case name into the API's camelCase."""
-    head, *rest = name.split("_")
-    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+def presented_credentials(headers: Headers) -> Iterator[tuple[str, str]]:
+    """Yield (header, secret) for each credential the request carries."""
+    api_key = headers.get("x-api-key")
+    if api_key:
+        yield "x-api-key", api_key.strip()
+    scheme, _, value = (headers.get("Authorization") or "").strip().partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        yield "authorization", value.strip()
+    elif scheme.lower() == "basic" and value.strip():
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            return
+        yield "authorization", decoded.partition(":")[2]
 
 
-def usage_json(row: Any) -> dict:
-    """Describe summed usage (a usage_hourly or usage_series row; None for nothing)."""
-    def value(column: str) -> Any:
-        return (row[column] if row is not None else None) or 0
-
-    requests, failures = value("requests"), value("failures")
-    buckets = [value(column) for column in LATENCY_COLUMNS]
-    tokens = value("input_tokens") + value("output_tokens")
-    return {"requests": requests, "successes": requests - failures, "failures": failures,
-            "successRate": round((requests - failures) / requests, 4) if requests else None,
-            "inputTokens": value("input_tokens"), "outputTokens": value("output_tokens"),
-            "cacheCreationTokens": value("cache_creation_tokens"),
-            "cacheReadTokens": value("cache_read_tokens"), "totalTokens": tokens,
-            "costUsd": round(value("cost_usd"), 6), "unpricedRequests": value("unpriced"),
-            "overageRequests": value("overage_requests"),
-            "overageCostUsd": round(value("overage_cost_usd"), 6),
-            "claudeCodeOnlyRefusals": value("claude_code_only"),
-            "avgLatencyMs": round(value("latency_ms_total") / requests) if requests else None,
-            "p95LatencyMs": min_known(percentile_from_histogram(buckets, 0.95),
-                                      value("latency_ms_max"))}
+def authenticate(headers: Headers, keys: list[ClientKey]) -> tuple[ClientKey, str] | None:
+    """Return the client key a request presents (x-api-key, Bearer, or Basic password) and the
+    header it came in, or None."""
+    for header, value in presented_credentials(headers):
+        for key in keys:
+            if key.matches(value):
+                return key, header
+    return None
 
 
-def min_known(estimate: int | None, ceiling: int) -> int | None:
-    """Cap a histogram estimate at the largest value seen (the estimate cannot exceed it)."""
-    return estimate if estimate is None else min(estimate, ceiling)
+#: What a client without a valid client key is told.
+CLIENT_KEY_REQUIRED = ("A valid claudeflare client key is required: send it as x-api-key or "
+                       "Authorization: Bearer (ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN). "
+                       "Create one with: python3 claudeflare.py keys add NAME")
 
 
-#: Request-log columns shown as booleans, and those that came from outside (masked again when
-#: shown, for records an older claudeflare stored unmasked).
-BOOLEAN_COLUMNS = frozenset({"success", "streaming", "overage", "claude_code_only"})
-OUTSIDE_COLUMNS = frozenset({"path", "error"})
+def host_allowed(bound_host: str, headers: Headers) -> bool:
+    """On a loopback address, allow only loopback host names.
+
+    A web page can point its own name at 127.0.0.1 (DNS rebinding) and then talk to the
+    proxy as same-origin; its Host header still carries its own name, so refuse that.
+    """
+    return not is_loopback(bound_host) or is_loopback(host_name(headers.get("Host") or ""))
 
 
-def request_json(row: Any) -> dict:
-    """Describe one request record for the API."""
-    described = {}
-    for column in row.keys():
-        value = row[column]
-        if column in BOOLEAN_COLUMNS:
-            value = bool(value)
-        elif column in OUTSIDE_COLUMNS and value:
-            value = redact(value)
-        described[camel(column)] = value
-    return described
+def cross_site(headers: Headers) -> bool:
+    """Tell whether a browser marks the request as sent by a page of another site.
+
+    Browsers send Sec-Fetch-Site and Origin; API clients (SDKs, Claude Code, curl) send
+    neither. An Origin of "null" (a sandboxed page) is foreign too.
+    """
+    site = (headers.get("Sec-Fetch-Site") or "").lower()
+    if site and site not in ("same-origin", "none"):
+        return True
+    origin = headers.get("Origin")
+    if origin is None:
+        return False
+    try:
+        return (urllib.parse.urlsplit(origin).netloc.lower()
+                != (headers.get("Host") or "").lower())
+    except ValueError:  # not a URL at all ("http://[::1"): no page of this server's
+        return True
 
 
-def named_usage(rows: list[Any]) -> list[dict]:
-    """Describe usage grouped by account, model or client key ('' becomes null)."""
-    return [{"name": row["name"] or None, **usage_json(row)} for row in rows]
+###############################################################################
+# The pool ####################################################################
+###############################################################################
 
+# The pool's shared state and every routing decision: the accounts as the database and the
+# marks of recent answers say, the order to try them in, conversations and the clients the API
+# refused as not Claude Code. The handler reaches it as server.app.
 
-def stats_report(store: Store, now: int) -> dict:
-    """Return /api/stats (and `stats`): totals, the last 24 hours, breakdowns, recent errors."""
-    return {"totals": usage_json(store.usage()[0]),
-            "last24h": usage_json(store.usage(now - 24 * HOUR_MS)[0]),
-            "accounts": named_usage(store.usage(0, "account_name")),
-            "models": named_usage(store.usage(0, "model")),
-            "clientKeys": named_usage(store.usage(0, "client_key")),
-            "recentErrors": [request_json(row)
-                             for row in store.recent_requests(10, failures_only=True)]}
-
-
-#: After this many requests were in flight at once, memory is given back once none is.
-RELEASE_AFTER_BUSIEST = 64
 #: Every this many requests, conversations past their session are forgotten.
 SESSION_PRUNE_EVERY = 256
+
+
 #: The most clients remembered as not Claude Code; past it, those remembered longest go.
 MAX_REMEMBERED_CLIENTS = 1000
-#: A retry waits at most this long; an upstream asking for more sends the request elsewhere.
-MAX_RETRY_WAIT_MS = 30 * 1000
-#: Error messages that mean an account itself is unusable, not the request.
-ACCOUNT_REFUSED_MESSAGES = ("organization has been disabled",
-                            "oauth authentication is currently not allowed",
-                            "credit balance is too low")
-
-
-@dataclass
-class Answer:
-    """An upstream answer read whole: relayed at once, or kept in case no account does better."""
-
-    status: int
-    reason: str
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    @functools.cached_property
-    def error_message(self) -> str:
-        """The message of an Anthropic error body, or '' when it is not one."""
-        try:
-            error = json.loads(self.body).get("error")
-        except (*JSON_ERRORS, AttributeError):
-            return ""
-        return str(error.get("message", "")) if isinstance(error, dict) else str(error or "")
-
-
-@dataclass
-class Tries:
-    """What the attempts of one request met so far."""
-
-    count: int = 0
-    last_error: str = ""
-    last_answer: Answer | None = None
-    #: A subscription account refused the request as not Claude Code's: only API keys are left.
-    claude_code_only: bool = False
-
-
-#: What the API answers a subscription token used by any client but Claude Code (lower case).
-CLAUDE_CODE_ONLY_MESSAGE = "only authorized for use with claude code"
-
-
-def failure_kind(answer: Answer, limit: RateLimit, account: Account | None) -> str:
-    """Say what an upstream error means for routing.
-
-    rate_limited: bench the account, try the next. family_limited: the account's weekly window
-    for the model is spent (kept, not benched), try the next. retry: the same account again,
-    then the next.
-    refused: the account itself is unusable. next: try another, no bench. claude_code_only: the
-    request (its client), not the account, is refused: try API-key accounts only. client: the
-    client's own mistake, passed through at once.
-    """
-    message = answer.error_message.lower()
-    if answer.status == 429 and limit.family_only:
-        return "family_limited"
-    if answer.status == 429 or limit.hard:
-        return "rate_limited"
-    if answer.status >= 500 or answer.status == 408:
-        return "retry"
-    if answer.status in (400, 403) and any(text in message for text in ACCOUNT_REFUSED_MESSAGES):
-        return "refused"
-    if answer.status == 401 and account is not None:
-        return "refused"
-    if answer.status == 400 and "extra usage" in message:
-        return "next"
-    if (answer.status == 400 and CLAUDE_CODE_ONLY_MESSAGE in message and account is not None
-            and account.type == "oauth"):
-        return "claude_code_only"
-    return "client"
-
-
-#: Headers that carry the client's own credentials; replaced whenever an account is used.
-CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
-
-
-def with_credentials(headers: list[tuple[str, str]],
-                     account: Account | None) -> list[tuple[str, str]]:
-    """Put an account's credentials on a request in place of the client's own.
-
-    API-key accounts go as x-api-key; OAuth accounts as a Bearer token with the OAuth beta added
-    to whatever betas the client asked for. Upstream never sees both kinds at once.
-    """
-    if account is None:
-        return headers
-    kept = [(name, value) for name, value in headers
-            if name.lower() not in CREDENTIAL_HEADERS and name.lower() != "anthropic-beta"]
-    betas = [beta.strip() for name, value in headers if name.lower() == "anthropic-beta"
-             for beta in value.split(",") if beta.strip()]
-    if account.type == "api_key":
-        kept.append(("x-api-key", account.api_key or ""))
-    else:
-        kept.append(("Authorization", f"Bearer {account.access_token or ''}"))
-        if OAUTH_BETA not in betas:
-            betas.append(OAUTH_BETA)
-    if betas:
-        kept.append(("anthropic-beta", ",".join(betas)))
-    return kept
-
-
-#: Anthropic credentials and client keys as they appear in a body.
-CREDENTIAL_BYTES = re.compile(rb"(?:sk-ant-[A-Za-z0-9]+-|cfk-)[A-Za-z0-9_\-]+")
-
-
-def account_secrets(account: Account) -> list[bytes]:
-    """Return an account's credentials as they would appear in a body."""
-    return [secret.encode("latin-1", "replace")
-            for secret in (account.api_key, account.access_token, account.refresh_token)
-            if secret and len(secret) >= MIN_SECRET_LENGTH]
-
-
-def scrub_credentials(body: bytes, account: Account) -> bytes:
-    """Mask an account's credentials (and any Anthropic key) in an error body the upstream
-    echoes, before it reaches a client that must never learn them."""
-    for secret in account_secrets(account):
-        body = body.replace(secret, b"[REDACTED]")
-    return CREDENTIAL_BYTES.sub(b"[REDACTED]", body)
-
-
-def same_length_mask(found: re.Match) -> bytes:
-    """Return a mask as long as what it hides."""
-    return b"[REDACTED]".ljust(len(found.group()), b"*")[:len(found.group())]
-
-
-def scrub_relayed(data: bytes, secrets: re.Pattern | None) -> bytes:
-    """Mask credentials in a piece of a relayed answer without changing its length, so that its
-    framing (Content-Length, chunk sizes) still holds: the account's own anywhere, any
-    Anthropic key in a stream's error event as in an error body."""
-    if secrets is not None:
-        data = secrets.sub(same_length_mask, data)
-    if b"event: error" in data and (b"sk-ant-" in data or b"cfk-" in data):
-        data = CREDENTIAL_BYTES.sub(same_length_mask, data)
-    return data
-
-
-def user_agent_product(user_agent: str | None) -> str | None:
-    """Return the first product of a User-Agent, such as claude-cli/2.1.3."""
-    return user_agent.split()[0][:100] if user_agent and user_agent.strip() else None
 
 
 class App:
-    """Everything the server shares between requests; the handler reaches it as server.app."""
+    """The pool: accounts, marks and routing memory, and the workers that keep them current."""
 
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
@@ -5740,15 +5987,6 @@ class App:
         self.pending_marks: dict[str, dict[str, tuple[Any, int]]] = {}
         #: The accounts' credentials, masked in whatever the upstream echoes (see scrub).
         self.secrets: tuple[str, ...] = ()
-        #: Requests in flight (their handlers), and the condition shutdown waits on.
-        self.handlers: set = set()
-        #: The most requests in flight at once since there were none.
-        self.busiest = 0
-        self.idle = threading.Condition()
-        #: Set once shutdown begins: requests that still arrive are turned away.
-        self.stopping = False
-        #: Set when shutdown_timeout_s ran out and the streams still running are cut.
-        self.cutting = False
         self.id_prefix = f"{now_ms():x}{secrets.token_hex(3)}"
         self.request_numbers = itertools.count(1)
         self.turn = 0
@@ -5772,11 +6010,6 @@ class App:
         self.usage = UsagePoller(settings, self.accounts, self.tokens, self.apply_usage)
         self.alerts = Alerts(settings, store, self.watched,
                              lambda: self.writer.flush(ALERT_STORE_WAIT_S))
-
-    @property
-    def running(self) -> int:
-        """How many requests are in flight."""
-        return len(self.handlers)
 
     def after_write(self, records: list[RequestRecord],
                     marks: list[tuple[str, dict, int]]) -> None:
@@ -5814,11 +6047,6 @@ class App:
         """Return the client keys, as fresh as the accounts."""
         return self.snapshot()[1]
 
-    def keys_json(self, now: int) -> list[dict]:
-        """Describe every client key with its spending and load, for /api/keys."""
-        return [key_json(key, self.key_ledger.usage(key.name, now), now)
-                for key in self.client_keys()]
-
     def snapshot(self) -> tuple[list[Account], list[ClientKey]]:
         """Return the accounts and client keys, re-read whenever anyone changed the database."""
         version = self.store.data_version()
@@ -5852,53 +6080,6 @@ class App:
     def new_request_id(self) -> str:
         """Return a unique request id: this run's random prefix and a counter."""
         return f"{self.id_prefix}-{next(self.request_numbers)}"
-
-    @contextlib.contextmanager
-    def in_flight(self, handler: Any) -> Iterator[None]:
-        """Count a request as in flight while it runs, so shutdown can wait for it.
-
-        When a burst of requests is over, the memory its threads used is given back.
-        """
-        with self.idle:
-            self.handlers.add(handler)
-            self.busiest = max(self.busiest, len(self.handlers))
-        try:
-            yield
-        finally:
-            with self.idle:
-                self.handlers.discard(handler)
-                burst_over = not self.handlers and self.busiest >= RELEASE_AFTER_BUSIEST
-                if not self.handlers:
-                    self.idle.notify_all()
-                    self.busiest = 0
-            if burst_over:
-                release_free_memory()
-
-    def drain(self, timeout: float) -> int:
-        """Wait until no request is in flight (at most timeout s); return how many still are."""
-        with self.idle:
-            self.idle.wait_for(lambda: not self.handlers, timeout)
-            return len(self.handlers)
-
-    def cut_streams(self) -> int:
-        """End the answers still being relayed once shutdown_timeout_s has run out.
-
-        Closing their upstream side makes each relay stop, send its client an SSE error event
-        and record the request as cut; return how many were cut.
-        """
-        self.cutting = True
-        with self.idle:
-            relaying = [handler.relaying for handler in self.handlers if handler.relaying]
-        for response in relaying:
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                # The response's own socket: its connection may have let go of it already
-                # (an upstream answering Connection: close).
-                far = socket.socket(fileno=response.fp.fileno())
-                try:
-                    far.shutdown(socket.SHUT_RDWR)
-                finally:
-                    far.detach()
-        return len(relaying)
 
     def accounts_to_try(self, accounts: list[Account], conversation: str | None, now: int,
                         client: tuple[str, str] = ("", ""),
@@ -6134,59 +6315,6 @@ class App:
         return next((refusal[0] for account in self.accounts()
                      for refusal in [family_refusal(account, model, now)] if refusal), None)
 
-    def health(self) -> tuple[int, dict]:
-        """Return /health's status code and body: unavailable (503) when no account can serve."""
-        now = now_ms()
-        accounts = self.accounts()
-        statuses = [account.status(now) for account in accounts]
-        counts = {"total": len(statuses)}
-        for status in ("active", "paused", "rate_limited", "overage", "needs_reauth", "expired"):
-            counts[status] = statuses.count(status)
-        if accounts and not any(can_serve(account, now, self.settings.overage)
-                                for account in accounts):
-            state = "unavailable"
-        elif counts["active"] + counts["paused"] < len(statuses):
-            state = "degraded"
-        else:
-            state = "ok"
-        body = {"status": state, "accounts": counts, "strategy": self.settings.lb_strategy,
-                "uptime": int((time.monotonic() - self.started) * 1000), "version": __version__}
-        return (503 if state == "unavailable" else 200), body
-
-    # -- the JSON API --------------------------------------------------------------------------
-
-    def series(self, span: str, now: int) -> list[dict]:
-        """Return usage per bucket over a range, every bucket present (empty ones as zeros)."""
-        length, bucket = ANALYTICS_RANGES[span]
-        since = now - length
-        rows = {row["bucket"]: row for row in self.store.usage_series(since, bucket)}
-        return [{"time": start, **usage_json(rows.get(start))}
-                for start in range(since // bucket * bucket, now + 1, bucket)]
-
-    def analytics(self, span: str, now: int) -> dict:
-        """Return /api/analytics: a series in buckets that suit the range, and breakdowns."""
-        length, bucket = ANALYTICS_RANGES[span]
-        since = now - length
-        return {"range": span, "bucketMs": bucket, "since": since,
-                "series": self.series(span, now),
-                "models": named_usage(self.store.usage(since, "model")),
-                "accounts": named_usage(self.store.usage(since, "account_name"))}
-
-    def accounts_json(self, now: int) -> list[dict]:
-        """Return /api/accounts: everything `list` shows, never a credential."""
-        return [account_json(account, now, self.settings.session_duration_ms)
-                for account in self.accounts()]
-
-    def config_json(self) -> dict:
-        """Return /api/config: the settings in force and where each came from."""
-        settings = self.settings
-        return {"settings": {camel(key): shown_setting(key, value)
-                             for key, value in settings.values.items()},
-                "sources": {camel(key): source for key, source in settings.sources.items()},
-                "strategies": list(STRATEGY_NAMES), "configPath": settings.config.path,
-                "databasePath": self.store.path, "logDir": log_folder()[0],
-                "version": __version__}
-
     def stop_background(self) -> None:
         """Start no more usage reads or token refreshes: the server is shutting down."""
         self.usage.stopping.set()
@@ -6208,1428 +6336,359 @@ class App:
         self.store.close()
 
 
-def too_large_message(size: int) -> str:
-    """Explain a 413 to the client."""
-    return (f"Request body of {size} bytes or more is larger than the "
-            f"{MAX_BODY_BYTES // (1024 * 1024)} MB limit")
+###############################################################################
+# Local API ###################################################################
+###############################################################################
 
+# /health, /metrics, the JSON API and the status page, as a route table (as bottle's Router maps
+# method and path to a callback): a new endpoint is one function and one @route line. Errors of
+# every endpoint are answered in one place, answer_local().
 
-@functools.lru_cache(maxsize=64)
-def host_name(host_header: str) -> str:
-    """Return the host name of a Host header value (no port, no brackets), '' if none.
+class BadRequest(Exception):
+    """A local API request that cannot be answered as asked; the message says why."""
 
-    Kept for the few values a server sees: splitting a URL costs more than the rest of the
-    check, on every request.
-    """
-    try:
-        return urllib.parse.urlsplit("//" + host_header).hostname or ""
-    except ValueError:  # "[::1" and other malformed values name no host
-        return ""
-
-
-@functools.lru_cache(maxsize=64)
-def is_loopback(host: str) -> bool:
-    """Tell whether a host name or address is one only this machine can reach.
-
-    Only localhost, names under .localhost and loopback addresses count: a name that merely
-    starts with "127." (127.0.0.1.evil.example) belongs to whoever owns its domain.
-    """
-    host = host.lower().rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def resolve_dot_segments(path: str) -> str:
-    """Resolve . and .. path segments (percent-encoded ones too) as the upstream would.
-
-    Raise ValueError for a segment that hides a slash or a backslash, so that no path can
-    reach a different place upstream from the one it was routed as.
-    """
-    if "." not in path and "%" not in path and "\\" not in path:
-        return path
-    segments = path.split("/")[1:]
-    resolved: list[str] = []
-    for index, segment in enumerate(segments):
-        decoded = urllib.parse.unquote(segment)
-        if "/" in decoded or "\\" in decoded:
-            raise ValueError(f"The path segment {segment!r} hides a slash or a backslash; "
-                             f"send the path without it")
-        if decoded not in (".", ".."):
-            resolved.append(segment)
-            continue
-        if decoded == ".." and resolved:
-            resolved.pop()
-        if index == len(segments) - 1:
-            resolved.append("")
-    return "/" + "/".join(resolved)
-
-
-#: What RFC 9110 allows in a method or a header name.
-HTTP_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-#: A request target in origin form: a path (and query) of visible ASCII characters.
-ORIGIN_FORM = re.compile(rb"/[!-~]*")
-HTTP_VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
-#: Bytes no request line or header may hold once lines end in LF: controls but HTAB (a bare
-#: CR, NUL, ...). Bytes from 0x80 are obs-text, allowed in values.
-FORBIDDEN_HEAD_BYTES = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
-CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
-#: A chunk size line (RFC 9112 section 7.1.1): the size, then ;name or ;name=value extensions
-#: (a token or a quoted string), optional whitespace around ; and =.
-CHUNK_LINE = re.compile(
-    rb"(" + CHUNK_SIZE.pattern + rb")(?:[ \t]*;[ \t]*" + HTTP_TOKEN.pattern
-    + rb"(?:[ \t]*=[ \t]*(?:" + HTTP_TOKEN.pattern
-    + rb'|"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"))?)*[ \t]*\r?\n')
-#: Methods the proxy relays (and the local endpoints answer); others get 501.
-METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
-#: The request line and headers together may be at most this large.
-MAX_HEAD_BYTES = 256 * 1024
-
-
-def head_end(data: bytes, start: int = 0) -> int:
-    """Return where the header block ends (just past its blank line) in data, or -1."""
-    ends = [index + size for index, size in ((data.find(b"\n\r\n", start), 3),
-                                             (data.find(b"\n\n", start), 2)) if index >= 0]
-    return min(ends) if ends else -1
-
-
-class RequestRefused(Exception):
-    """A client request that is not valid HTTP/1.1: answered with status and closed."""
-
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
 
 
-class ProxyServer(http.server.ThreadingHTTPServer):
-    """The one listening socket: proxy, API and status page, a thread per client connection.
-
-    At most max_connections clients are served at once; one more is answered 503 at once, so a
-    flood of idle or slow clients cannot take a thread each without end.
-    """
-
-    daemon_threads = True
-    #: The default backlog of 5 drops connections in a burst of parallel clients.
-    request_queue_size = 1024
-    #: Seconds a request line and its headers may take to arrive, from their first byte: a
-    #: client trickling them cannot hold a thread past this.
-    head_deadline_s = 30.0
-
-    def __init__(self, address: tuple[str, int], app: App) -> None:
-        self.app = app
-        self.connections = 0
-        self.connections_lock = threading.Lock()
-        self.turned_away = 0
-        super().__init__(address, ProxyHandler)
-
-    def process_request(self, request: socket.socket, client_address: Any) -> None:
-        with self.connections_lock:
-            full = self.connections >= self.app.settings.max_connections
-            if not full:
-                self.connections += 1
-        if full:
-            self.turn_away(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except RuntimeError as error:  # no thread could be started
-            self.connection_done()
-            component_logger("Server").error("Cannot serve a connection: %s", error)
-            self.shutdown_request(request)
-
-    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.connection_done()
-
-    def connection_done(self) -> None:
-        with self.connections_lock:
-            self.connections -= 1
-
-    def turn_away(self, request: socket.socket) -> None:
-        """Answer 503 on a connection past max_connections and close it, from the accept loop.
-
-        The answer is small enough for the socket's buffer, so this never blocks. An HTTPS
-        connection is closed without one: nothing can be said before a TLS handshake.
-        """
-        limit = self.app.settings.max_connections
-        body = json_bytes(anthropic_error(
-            "overloaded_error", f"claudeflare is serving {limit} connections (max_connections); "
-                                f"try again shortly"))
-        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
-        with contextlib.suppress(OSError):
-            if not isinstance(request, ssl.SSLSocket):
-                request.setblocking(False)
-                request.send(head.encode() + body)
-                request.recv(65536)  # what the client sent: closing with it unread would reset
-        self.shutdown_request(request)
-        self.turned_away += 1
-        if self.turned_away in (1, 10, 100) or self.turned_away % 1000 == 0:
-            component_logger("Server").warning(
-                "Turned away %d connections so far: max_connections (%d) are being served",
-                self.turned_away, limit)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        """Serve one connection, on its own thread; an HTTPS one after its TLS handshake."""
-        if isinstance(request, ssl.SSLSocket) and not tls_handshake(request, client_address):
-            return
-        super().finish_request(request, client_address)
-
-
-class ProxyHandler(http.server.BaseHTTPRequestHandler):
-    """Relay /v1 requests upstream and answer the local endpoints."""
-
-    protocol_version = "HTTP/1.1"
-    server_version = "claudeflare/" + __version__
-    timeout = CLIENT_IDLE_TIMEOUT_S
-
-    def setup(self) -> None:
-        super().setup()
-        # Responses go out in as few writes as possible; no write may wait for a delayed ACK.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.app: App = self.server.app
-        self.connection_number = next(self.app.connection_numbers)
-        self.body_read = False
-        #: The upstream answer being relayed, for shutdown to cut.
-        self.relaying: http.client.HTTPResponse | None = None
-        #: A body whose conversation is read once the answer is out (routing did not need it).
-        self.unread_conversation: bytes | None = None
-        #: The credentials of the account whose answer is relayed, masked in it.
-        self.secrets: re.Pattern | None = None
-        #: The request's body, for the model of an answer that names none.
-        self.request_body = b""
-        #: The request's model, where routing needs it (per-model windows); whether a streaming
-        #: request waiting for a reset has its 200 already, and until when it may wait (hold_s).
-        self.model: str | None = None
-        self.held_stream = False
-        self.hold_until: int | None = None
-
-    def log_message(self, format: str, *args: Any) -> None:
-        component_logger("Server").debug("%s - " + format, self.address_string(), *args)
-
-    # -- reading a request's head ---------------------------------------------------------------
-
-    def handle_one_request(self) -> None:
-        """Read one request's line and headers, check them (RFC 9112), and answer it.
-
-        Waiting for a request may take the idle timeout; once its first byte is in, the line
-        and headers must all arrive within head_deadline_s.
-        """
-        self.close_connection = True
-        self.command, self.path, self.request_version = "", "", "HTTP/1.1"
-        self.headers = Headers([])
-        self.body_read = self.answered = False
-        try:
-            head = self.read_head()
-            if head is None:
-                return
-            self.parse_head(head)
-        except RequestRefused as refusal:
-            component_logger("Server").debug("Refused a request from %s: %d %s",
-                                             self.client_address[0], refusal.status, refusal)
-            with contextlib.suppress(OSError):
-                self.send_json(refusal.status, anthropic_error(
-                    "not_found_error" if refusal.status == 404 else "invalid_request_error",
-                    str(refusal)))
-            self.close_connection = True
-            return
-        except (ConnectionError, socket.timeout, TimeoutError):
-            self.close_connection = True
-            return
-        if self.command not in METHODS:
-            self.close_connection = True
-            self.send_json(501, anthropic_error("invalid_request_error",
-                                                f"Method {self.command} is not supported"))
-            return
-        if self.headers.get("Expect", "").lower() == "100-continue" and \
-                self.request_version == "HTTP/1.1":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.dispatch()
-
-    def read_head(self) -> bytes | None:
-        """Return the request line and headers, or None when the client closed the connection.
-
-        Each read waits at most for what is left of the deadline, so a client sending a byte a
-        second still runs out of time.
-        """
-        data = self.rfile.peek()  # waits up to the idle timeout for a request to begin
-        end = head_end(data)
-        if end >= 0 and data[:1] not in (b"\r", b"\n"):
-            return self.rfile.read(end)
-        deadline = time.monotonic() + self.server.head_deadline_s
-        head = bytearray()
-        try:
-            while True:
-                if not data:
-                    return None
-                if not head:  # blank lines before a request line are skipped (RFC 9112)
-                    blank = len(data) - len(data.lstrip(b"\r\n"))
-                    self.rfile.read(blank)
-                    data = data[blank:]
-                start = max(0, len(head) - 2)
-                head += data
-                end = head_end(head, start)
-                if end >= 0:
-                    self.rfile.read(end - (len(head) - len(data)))
-                    return bytes(head[:end])
-                self.rfile.read(len(data))
-                if len(head) > MAX_HEAD_BYTES:
-                    raise RequestRefused(431, f"The request line and headers are larger than "
-                                              f"{MAX_HEAD_BYTES // 1024} KB")
-                try:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise TimeoutError
-                    self.connection.settimeout(remaining)
-                    data = self.rfile.peek()
-                except (socket.timeout, TimeoutError):
-                    raise RequestRefused(408, f"The request line and headers took longer than "
-                                              f"{self.server.head_deadline_s:g}s to arrive"
-                                         ) from None
-        finally:
-            self.connection.settimeout(self.timeout)
-
-    def parse_head(self, head: bytes) -> None:
-        """Parse and check a request line and its headers; raise RequestRefused if invalid."""
-        lines = head.split(b"\n")[:-2]
-        request_line = lines[0].rstrip(b"\r")
-        self.raw_requestline = lines[0] + b"\n"
-        self.requestline = request_line.decode("latin-1")
-        words = request_line.split()
-        if len(words) != 3:
-            raise RequestRefused(400, "Malformed request line: expected METHOD /path HTTP/1.1")
-        method, target, version = words
-        match = HTTP_VERSION.fullmatch(version)
-        if match is None:
-            raise RequestRefused(400, "Malformed request line: expected METHOD /path HTTP/1.1")
-        if match.group(1) != b"1":
-            raise RequestRefused(505, f"HTTP version {version.decode('latin-1')} is not "
-                                      f"supported on this port; use HTTP/1.1")
-        if not HTTP_TOKEN.fullmatch(method):
-            raise RequestRefused(400, "Malformed request line: the method is not a token")
-        if not ORIGIN_FORM.fullmatch(target):
-            raise RequestRefused(400, "The request target must be a path of visible ASCII "
-                                      "characters (percent-encode anything else)")
-        self.command = method.decode("ascii")
-        self.path = target.decode("ascii")
-        if self.path.startswith("//"):
-            self.path = "/" + self.path.lstrip("/")
-        self.request_version = "HTTP/1.0" if version == b"HTTP/1.0" else "HTTP/1.1"
-        self.headers = self.parse_header_lines(lines[1:])
-        if len(self.headers.get_all("Host", [])) > 1:  # RFC 9112 section 3.2
-            raise RequestRefused(400, "More than one Host header: send one")
-        self.check_framing()
-        connection = self.headers.get("Connection", "").lower()
-        self.close_connection = ("close" in connection
-                                 or (self.request_version == "HTTP/1.0"
-                                     and "keep-alive" not in connection))
-
-    @staticmethod
-    def parse_header_lines(lines: list[bytes]) -> Headers:
-        """Read header lines: names must be tokens, values free of control characters."""
-        if len(lines) > MAX_HEADER_LINES:
-            raise RequestRefused(431, f"More than {MAX_HEADER_LINES} header lines")
-        pairs: list[tuple[str, str]] = []
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if len(line) > MAX_HEADER_LINE_BYTES:
-                raise RequestRefused(431, "A header line is longer than 64 KB")
-            if FORBIDDEN_HEAD_BYTES.search(line):
-                raise RequestRefused(400, "A header holds a control character (a bare CR, "
-                                          "NUL, ...), which HTTP does not allow")
-            if line[:1] in (b" ", b"\t") and pairs:  # obsolete line folding: join with a space
-                name, value = pairs[-1]
-                pairs[-1] = (name, value + " " + line.strip(b" \t").decode("latin-1"))
-                continue
-            name, colon, value = line.partition(b":")
-            if not colon or not HTTP_TOKEN.fullmatch(name):
-                shown = name.decode("latin-1")[:40]
-                raise RequestRefused(400, f"Invalid header name {shown!r}: a header name is a "
-                                          f"token (letters, digits, -) followed by a colon")
-            pairs.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
-        return Headers(pairs)
-
-    def check_framing(self) -> None:
-        """Refuse a body whose length is ambiguous (RFC 9112 section 6): smuggling lives there."""
-        lengths = {length.strip() for value in self.headers.get_all("Content-Length", [])
-                   for length in value.split(",")}
-        codings = [coding.strip().lower()
-                   for value in self.headers.get_all("Transfer-Encoding", [])
-                   for coding in value.split(",") if coding.strip()]
-        if len(lengths) > 1:
-            raise RequestRefused(400, "Conflicting Content-Length headers")
-        if lengths and not CONTENT_LENGTH.fullmatch(next(iter(lengths))):
-            raise RequestRefused(400, f"Invalid Content-Length header: {next(iter(lengths))!r}")
-        if self.headers.get("Transfer-Encoding") is not None:
-            if lengths:
-                raise RequestRefused(400, "Both Transfer-Encoding and Content-Length: send one")
-            if self.request_version == "HTTP/1.0":
-                raise RequestRefused(400, "Transfer-Encoding is not allowed in HTTP/1.0")
-            if codings != ["chunked"]:
-                raise RequestRefused(501, f"Transfer-Encoding {', '.join(codings) or '(empty)'}"
-                                          f" is not supported: send chunked or Content-Length")
-
-    def send_error(self, code: int, message: str | None = None,
-                   explain: str | None = None) -> None:
-        """Answer an error in JSON with a status line, whatever asks for it."""
-        self.close_connection = True
-        self.send_json(code, anthropic_error("invalid_request_error",
-                                             message or http.client.responses.get(code, "")))
-
-    # -- dispatch ------------------------------------------------------------------------------
-
-    def dispatch(self) -> None:
-        """Route one request by its path; the one catch-all for unexpected errors is here."""
-        with self.app.in_flight(self):
-            try:
-                self.route()
-            except (ConnectionError, socket.timeout, TimeoutError):
-                self.close_connection = True
-            except Exception:
-                component_logger("Server").exception("Unexpected error answering %s %s",
-                                                     self.command, self.path.partition("?")[0])
-                self.close_connection = True
-                if not self.answered:  # else the client has an answer: only the connection ends
-                    with contextlib.suppress(OSError):
-                        self.send_json(500, anthropic_error("api_error", "claudeflare failed "
-                                                            "unexpectedly; see its log"))
-
-    def route(self) -> None:
-        """Answer one request: refuse it while stopping, check path, host, key and site, then
-        route it."""
-        self.unread_conversation = None
-        self.request_body = b""
-        self.key_name = self.key_header = None
-        #: The client key the request came with, and its name once its limits admitted it.
-        self.client_key: ClientKey | None = None
-        self.admitted: str | None = None
-        app = self.app
-        if app.stopping:
-            self.close_connection = True
-            self.send_json(503, {"error": "claudeflare is shutting down"})
-            return
-        for key in app.settings.reload_if_changed():
-            component_logger("Config").info("Applied %s = %s from %s", key,
-                                            shown_setting(key, app.settings.values[key]),
-                                            app.settings.config.path)
-        raw_path, question, query = self.path.partition("?")
-        try:
-            path = resolve_dot_segments(raw_path)
-        except ValueError as error:
-            self.send_json(400, anthropic_error("invalid_request_error", str(error)))
-            return
-        proxied = path == "/v1" or path.startswith("/v1/")
-        if not proxied and (raw_path == "/v1" or raw_path.startswith("/v1/")):
-            self.send_json(400, anthropic_error(
-                "invalid_request_error", f"The path {redact(raw_path)!r} leaves /v1/ once its "
-                                         f"dot segments are resolved; only /v1/ is proxied"))
-            return
-        self.target = path + question + query
-        accounts, keys = app.snapshot()
-        if not keys and not self.host_allowed():
-            return
-        if path != "/health" and not self.authenticate(keys, proxied):
-            return
-        if proxied:
-            if self.key_name is None and self.cross_site():
-                self.send_json(403, anthropic_error(
-                    "permission_error", "A web page of another site may not use claudeflare's "
-                                        "accounts: cross-site request refused"))
-                return
-            try:
-                self.proxy(accounts)
-            finally:
-                if self.admitted is not None:
-                    app.key_ledger.release(self.admitted)
-            return
-        try:
-            self.answer_locally(path, urllib.parse.parse_qs(query))
-        except BadRequest as error:
-            self.send_json(error.status, {"error": str(error)})
-        except ClaudeflareError as error:
-            self.send_json(404 if isinstance(error, NotFound) else 400, {"error": str(error)})
-        except sqlite3.OperationalError as error:
-            if not is_locked(error):
-                raise
-            self.send_json(503, {"error": locked_message(app.store.path)})
-
-    def answer_locally(self, path: str, query: dict[str, list[str]]) -> None:
-        """Answer /health, the status page, /metrics and the JSON API."""
-        app, now = self.app, now_ms()
-        reading = self.command in ("GET", "HEAD")
-        if path == "/health" and reading:
-            status, body = app.health()
-            self.send_json(status, body)
-        elif path in ("/", "/dashboard") and reading:
-            self.send_bytes(200, render_status_page(app, now).encode(), "text/html; charset=utf-8",
-                            [("Cache-Control", "no-store")])
-        elif path == "/metrics" and reading:
-            uptime = time.monotonic() - app.started
-            text = app.metrics.render(app.accounts(), now, uptime) + "\n".join(
-                app.key_ledger.metrics(app.client_keys(), now)) + "\n" + app.alerts.metrics_text()
-            self.send_bytes(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
-        elif path == "/api/stats" and reading:
-            self.send_json(200, {**stats_report(app.store, now), "waiting": app.holds.waiting})
-        elif path == "/api/accounts" and reading:
-            self.send_json(200, app.accounts_json(now))
-        elif path == "/api/keys" and reading:
-            self.send_json(200, app.keys_json(now))
-        elif path == "/api/requests" and reading:
-            limit = query_limit(query, 50, 1000)
-            self.send_json(200, [request_json(row) for row in app.store.recent_requests(limit)])
-        elif path == "/api/analytics" and reading:
-            span = (query.get("range") or ["24h"])[-1]
-            if span not in ANALYTICS_RANGES:
-                raise BadRequest(f"Invalid range: {span} (valid: "
-                                 f"{', '.join(ANALYTICS_RANGES)})")
-            self.send_json(200, app.analytics(span, now))
-        elif path == "/api/config" and reading:
-            self.send_json(200, app.config_json())
-        elif path == "/api/alerts" and reading:
-            self.send_json(200, alerts_report(app.settings, app.store,
-                                              query_limit(query, 50, MAX_STORED_ALERTS)))
-        elif path == "/api/logs" and reading:
-            self.send_json(200, app.recent_logs.lines(query_limit(query, 100, 1000)))
-        elif path.startswith("/api/") and self.command == "POST":
-            self.send_json(200, self.change(path))
-        else:
-            self.send_json(404, {"error": PROVIDER_PATH_ERROR})
-
-    def change(self, path: str) -> dict:
-        """Carry out a mutating API request and return its JSON answer."""
-        app = self.app
-        parts = path.split("/")
-        account_action = (len(parts) == 5 and parts[2] == "accounts"
-                          and parts[4] in ("pause", "resume"))
-        if path not in ("/api/config/strategy", "/api/stats/reset") and not account_action:
-            raise BadRequest(PROVIDER_PATH_ERROR, 404)
-        self.refuse_cross_site()
-        body = self.json_body()
-        if path == "/api/config/strategy":
-            strategy = body.get("strategy")
-            if not isinstance(strategy, str):
-                raise BadRequest(f"Send {{\"strategy\": NAME}} with NAME one of "
-                                 f"{', '.join(STRATEGY_NAMES)}")
-            app.settings.set_live("lb_strategy", strategy)
-            component_logger("Config").info("Strategy set to %s through the API", strategy)
-            return {"strategy": strategy}
-        if path == "/api/stats/reset":
-            return {"reset": app.store.reset_stats()}
-        name = urllib.parse.unquote(parts[3])
-        account = app.store.change_account(name, **({"paused": 1} if parts[4] == "pause"
-                                                    else RESUMED))
-        component_logger("Proxy").info("Account %s %sd through the API", name, parts[4])
-        return account_json(account, now_ms(), app.settings.session_duration_ms)
-
-    def json_body(self) -> dict:
-        """Read a small JSON object body (an empty body reads as {})."""
-        try:
-            body = self.read_body()
-        except RequestBodyError as error:
-            raise BadRequest(str(error), error.status) from None
-        if not body.strip():
-            return {}
-        try:
-            value = json.loads(body)
-        except JSON_ERRORS:
-            raise BadRequest("The request body is not valid JSON") from None
-        if not isinstance(value, dict):
-            raise BadRequest("The request body must be a JSON object")
-        return value
-
-    # -- access control ------------------------------------------------------------------------
-
-    def authenticate(self, keys: list[ClientKey], proxied: bool) -> bool:
-        """Once client keys exist, require one (x-api-key, Bearer, or Basic password).
-
-        Answer 401 and return False when the request carries no valid key.
-        """
-        if not keys:
-            return True
-        for header, value in self.presented_credentials():
-            for key in keys:
-                if key.matches(value):
-                    self.key_name, self.key_header, self.client_key = key.name, header, key
-                    return self.key_usable(key, proxied)
-        component_logger("Server").warning("Refused %s %s from %s without a valid client key",
-                                           self.command, self.path.partition("?")[0],
-                                           self.client_address[0])
-        message = ("A valid claudeflare client key is required: send it as x-api-key or "
-                   "Authorization: Bearer (ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN). "
-                   "Create one with: python3 claudeflare.py keys add NAME")
-        self.close_connection = self.close_connection or self.request_has_body()
-        if proxied:
-            self.send_json(401, anthropic_error("authentication_error", message))
-        else:
-            self.send_json(401, {"error": message},
-                           [("WWW-Authenticate", 'Basic realm="claudeflare", charset="UTF-8"')])
-        return False
-
-    def key_usable(self, key: ClientKey, proxied: bool) -> bool:
-        """Answer 401 for a paused or expired key, saying which, and return False."""
-        refusal = key_access_refusal(key, now_ms())
-        if refusal is None:
-            return True
-        self.app.key_ledger.refused(key.name, refusal.reason)
-        component_logger("Server").warning("Refused %s %s: %s", self.command,
-                                           self.path.partition("?")[0], refusal.message)
-        self.close_connection = self.close_connection or self.request_has_body()
-        self.send_json(401, anthropic_error(refusal.error_type, refusal.message) if proxied
-                       else {"error": refusal.message})
-        return False
-
-    def host_allowed(self) -> bool:
-        """On a loopback address without client keys, answer only loopback host names.
-
-        A web page can point its own name at 127.0.0.1 (DNS rebinding) and then talk to the
-        proxy as same-origin; its Host header still carries its own name, so refuse that.
-        """
-        if not is_loopback(self.server.server_address[0]):
-            return True
-        host = host_name(self.headers.get("Host") or "")
-        if is_loopback(host):
-            return True
-        self.send_json(403, {"error": f"Host {host!r} is not allowed: a claudeflare bound to "
-                                      f"{self.server.server_address[0]} answers only localhost "
-                                      f"names. Use http://localhost:PORT, or add client keys."})
-        return False
-
-    def presented_credentials(self) -> Iterator[tuple[str, str]]:
-        """Yield (header, secret) for each credential the request carries."""
-        api_key = self.headers.get("x-api-key")
-        if api_key:
-            yield "x-api-key", api_key.strip()
-        scheme, _, value = (self.headers.get("Authorization") or "").strip().partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            yield "authorization", value.strip()
-        elif scheme.lower() == "basic" and value.strip():
-            try:
-                decoded = base64.b64decode(value.strip(), validate=True).decode()
-            except (ValueError, UnicodeDecodeError):
-                return
-            yield "authorization", decoded.partition(":")[2]
-
-    def cross_site(self) -> bool:
-        """Tell whether a browser marks the request as sent by a page of another site.
-
-        Browsers send Sec-Fetch-Site and Origin; API clients (SDKs, Claude Code, curl) send
-        neither. An Origin of "null" (a sandboxed page) is foreign too.
-        """
-        site = (self.headers.get("Sec-Fetch-Site") or "").lower()
-        if site and site not in ("same-origin", "none"):
-            return True
-        origin = self.headers.get("Origin")
-        if origin is None:
-            return False
-        try:
-            return (urllib.parse.urlsplit(origin).netloc.lower()
-                    != (self.headers.get("Host") or "").lower())
-        except ValueError:  # not a URL at all ("http://[::1"): no page of this server's
-            return True
-
-    def refuse_cross_site(self) -> None:
-        """Refuse a state change a web page of another site asks for (CSRF).
-
-        A plain form cannot send a JSON content type, so one is required too.
-        """
-        if self.cross_site():
-            raise BadRequest("Cross-site requests may not change claudeflare", 403)
-        if not (self.headers.get("Content-Type") or "").lower().startswith("application/json"):
-            raise BadRequest("Send the request with Content-Type: application/json", 415)
-
-    # -- writing -------------------------------------------------------------------------------
-
-    def head_bytes(self, status: int, reason: str, headers: Iterable[tuple[str, str]]) -> bytes:
-        """Build a status line and header block, closing the connection when it must close."""
-        self.answered = True
-        if not self.body_read and self.request_has_body():
-            # The unread body would be taken for the next request: end this connection instead.
-            self.close_connection = True
-        lines = [f"HTTP/1.1 {status} {reason}"]
-        lines.extend(f"{name}: {value}" for name, value in headers)
-        if self.close_connection:
-            lines.append("Connection: close")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-    def send_bytes(self, status: int, body: bytes, content_type: str,
-                   extra: Iterable[tuple[str, str]] = ()) -> None:
-        """Send a whole response in one write (into a held stream: as its end)."""
-        if self.held_stream:
-            self.end_held_stream(status, body, None)
-            return
-        reason = http.client.responses.get(status, "")
-        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        headers.extend(extra)
-        head = self.head_bytes(status, reason, headers)
-        self.wfile.write(head if self.command == "HEAD" else head + body)
-
-    def send_json(self, status: int, value: Any, extra: Iterable[tuple[str, str]] = ()) -> None:
-        """Send a JSON response."""
-        self.send_bytes(status, json_bytes(value), "application/json", extra)
-
-    # -- reading -------------------------------------------------------------------------------
-
-    def request_has_body(self) -> bool:
-        """Tell whether the client announced a request body."""
-        return ("chunked" in self.headers.get("Transfer-Encoding", "").lower()
-                or self.headers.get("Content-Length", "0").strip() not in ("", "0"))
-
-    def read_body(self) -> bytes:
-        """Read the request body (Content-Length or chunked), refusing more than 32 MB unread."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            body = self.read_chunked_body()
-        else:
-            text = self.headers.get("Content-Length", "0").split(",")[0].strip() or "0"
-            if not CONTENT_LENGTH.fullmatch(text):
-                raise RequestBodyError(400, "invalid_request_error",
-                                       f"Invalid Content-Length header: {text!r}")
-            length = int(text)
-            if length > MAX_BODY_BYTES:
-                raise RequestBodyError(413, "request_too_large", too_large_message(length))
-            body = self.rfile.read(length)
-            if len(body) < length:
-                raise RequestBodyError(400, "invalid_request_error",
-                                       "The request body ended before its Content-Length")
-        self.body_read = True
-        return body
-
-    def read_chunked_body(self) -> bytes:
-        """Decode a chunked request body (RFC 9112 section 7.1), stopping as soon as it passes
-        the size limit.
-
-        Every line is read whole or refused: a line cut at a bound would leave its tail to be
-        read as body or as the next request (smuggling).
-        """
-        parts, total = [], 0
-        while True:
-            match = CHUNK_LINE.fullmatch(self.read_chunk_line(400, "A chunk size line"))
-            if match is None:
-                raise RequestBodyError(400, "invalid_request_error",
-                                       "Malformed chunked request body: a chunk size line is "
-                                       "hexadecimal digits, then ;name=value extensions")
-            size = int(match.group(1), 16)
-            if size == 0:
-                self.read_trailer_section()
-                return b"".join(parts)
-            total += size
-            if total > MAX_BODY_BYTES:
-                raise RequestBodyError(413, "request_too_large", too_large_message(total))
-            parts.append(self.rfile.read(size))
-            if len(parts[-1]) < size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                raise RequestBodyError(400, "invalid_request_error",
-                                       "Malformed chunked request body: chunk data longer "
-                                       "than its size, or cut short")
-
-    def read_chunk_line(self, status: int, what: str) -> bytes:
-        """Read one whole line of chunked framing, refusing it with `status` past the bound."""
-        line = self.rfile.readline(MAX_CHUNK_LINE_BYTES + 1)
-        if line.endswith(b"\n"):
-            return line
-        if len(line) > MAX_CHUNK_LINE_BYTES:
-            raise RequestBodyError(status, "invalid_request_error",
-                                   f"{what} is longer than {MAX_CHUNK_LINE_BYTES} bytes")
-        raise RequestBodyError(400, "invalid_request_error",
-                               "The chunked request body ended before its last chunk")
-
-    def read_trailer_section(self) -> None:
-        """Read and check the trailer fields after the last chunk; they are not relayed."""
-        lines, size = [], 0
-        while True:
-            line = self.read_chunk_line(431, "A trailer line")
-            if line in (b"\r\n", b"\n"):
-                break
-            size += len(line)
-            if size > MAX_TRAILER_BYTES:
-                raise RequestBodyError(431, "invalid_request_error",
-                                       f"The trailer section is larger than "
-                                       f"{MAX_TRAILER_BYTES // 1024} KB")
-            lines.append(line[:-1])
-        try:
-            self.parse_header_lines(lines)
-        except RequestRefused as refusal:
-            raise RequestBodyError(refusal.status, "invalid_request_error",
-                                   f"In the trailer section: {refusal}") from None
-
-    def discard_rest_of_request(self) -> None:
-        """Read and drop what the client is still sending after an early error answer.
-
-        Closing a socket with unread data makes the kernel reset the connection, and a client
-        still sending its body would then lose the answer instead of reading it.
-        """
-        with contextlib.suppress(OSError):
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(LINGER_S)
-            deadline = time.monotonic() + LINGER_S
-            while time.monotonic() < deadline and self.connection.recv(65536):
-                pass
-
-    # -- proxying ------------------------------------------------------------------------------
-
-    def upstream_headers(self, body: bytes) -> list[tuple[str, str]]:
-        """Build the headers sent upstream: the client's, minus hop-by-hop, for the upstream host.
-
-        Identity encoding is asked for so that usage can be read out of every response.
-        """
-        dropped = {"host", "content-length", "accept-encoding", self.key_header}
-        headers = [(name, value) for name, value in forwardable_headers(self.headers)
-                   if name.lower() not in dropped]
-        headers.append(("Host", self.app.upstream.host_header))
-        headers.append(("Accept-Encoding", "identity"))
-        if body or self.command in ("POST", "PUT", "PATCH"):
-            headers.append(("Content-Length", str(len(body))))
-        return headers
-
-    def proxy(self, accounts: list[Account]) -> None:
-        """Forward one /v1 request over the accounts in strategy order and relay the answer.
-
-        Rate limits, refused accounts and upstream failures move the request to the next
-        account before the client has seen a byte, streams included.
-        """
-        started = time.monotonic()
-        record = RequestRecord(id=self.app.new_request_id(), timestamp=now_ms(),
-                               method=self.command,
-                               path=self.target[:1000], client_key=self.key_name,
-                               user_agent=user_agent_product(self.headers.get("User-Agent")))
-        try:
-            body = self.read_body()
-        except RequestBodyError as error:
-            self.close_connection = True
-            self.send_json(error.status, anthropic_error(error.error_type, str(error)))
-            self.finish_record(record, started, error.status, str(error))
-            self.discard_rest_of_request()
-            return
-        accounts = self.admit_key(body, accounts, record, started)
-        if accounts is None:
-            return
-        self.request_body = body
-        app, proxy_log = self.app, component_logger("Proxy")
-        # The conversation picks the account only when there is a choice (a sticky strategy
-        # over several accounts); otherwise it is read once the answer is out.
-        if len(accounts) > 1 and app.settings.lb_strategy in STICKY_STRATEGIES:
-            record.conversation = conversation_key(self.headers, body)
-        elif accounts:
-            self.unread_conversation = body
-        #: Who sends the request, as the API tells clients apart (Claude Code or not).
-        self.client = (f"key {self.key_name}" if self.key_name is not None
-                       else f"connection {self.connection_number}",
-                       f"{(self.headers.get('User-Agent') or '')[:200]}|"
-                       f"{self.headers.get('x-app', '')}")
-        #: The model, read only when an account has a per-model window that may refuse it.
-        self.model = (requested_model(body) if any(account.model_windows for account in accounts)
-                      else None)
-        self.held_stream, self.hold_until = False, None
-        candidates = app.accounts_to_try(accounts, record.conversation, record.timestamp,
-                                         self.client, self.model)
-        headers = self.upstream_headers(body)
-        while True:
-            if not candidates and accounts:
-                if not self.own_credentials():
-                    outcome, candidates = self.hold(record, started, body)
-                    if outcome == "ended":
-                        return
-                    if outcome == "ready":
-                        continue
-                    if self.all_limited(record, started):
-                        return
-                proxy_log.warning("No active accounts available; forwarding with the client's "
-                                  "own credentials")
-            if proxy_log.isEnabledFor(logging.DEBUG):
-                proxy_log.debug("%s %s: strategy %s, conversation %s, trying %s", self.command,
-                                record.path, app.settings.lb_strategy, record.conversation,
-                                ", ".join(account.name for account in candidates) or
-                                "client credentials")
-            tries, round_started = Tries(), time.monotonic()  # a wait for a reset is not spent
-            budget_s = app.settings.request_timeout_s
-            for account in candidates or [None]:  # None: the client's own credentials
-                if tries.count and time.monotonic() - round_started > budget_s:
-                    tries.last_error += f" (gave up after {budget_s:g}s, request_timeout_s)"
-                    break
-                if tries.claude_code_only and account is not None and account.type == "oauth":
-                    continue  # every subscription account would refuse it the same way
-                if self.serve_from(account, headers, body, record, tries, started):
-                    return
-            answer = tries.last_answer
-            if answer is not None and answer.status == 429:
-                self.model = self.model or requested_model(body)  # its weekly window may be why
-                if candidates:
-                    outcome, candidates = self.hold(record, started, body)
-                    if outcome == "ended":
-                        return
-                    if outcome == "ready":
-                        continue
-            break
-        record.failover_attempts = max(0, tries.count - 1)
-        if answer is None:
-            last_error = app.scrub(tries.last_error)
-            proxy_log.error("%s after %d attempts: %s", ALL_ACCOUNTS_FAILED, tries.count,
-                            last_error)
-            self.send_json(503, {"error": ALL_ACCOUNTS_FAILED, "attempts": tries.count,
-                                 "lastError": last_error})
-            self.finish_record(record, started, 503, f"{ALL_ACCOUNTS_FAILED}: {last_error}")
-            return
-        if answer.status == 429:
-            self.set_retry_after(answer, now_ms())
-        self.send_answer(answer)
-        self.finish_record(record, started, answer.status, answer.error_message or None)
-
-    def admit_key(self, body: bytes, accounts: list[Account], record: RequestRecord,
-                  started: float) -> list[Account] | None:
-        """Apply the client key's limits before any account is used: return the accounts it
-        may use, or answer its refusal and return None."""
-        key, ledger = self.client_key, self.app.key_ledger
-        if key is None:
-            return accounts
-        allowed = key_accounts(key, accounts)
-        if accounts and not allowed:
-            ledger.refused(key.name, "priority_floor")
-            refusal = KeyRefusal(403, "permission_error",
-                                 f"The claudeflare client key {key.name} may use only accounts "
-                                 f"of priority {key.priority_floor} or more, and the pool has "
-                                 f"none", "priority_floor")
-        else:
-            refusal = ledger.admit(key, requested_model(body) if key.models else None,
-                                   record.timestamp)
-        if refusal is None:
-            self.admitted = key.name
-            return allowed
-        component_logger("Proxy").warning("Refused %s %s: %s", self.command,
-                                          self.path.partition("?")[0], refusal.message)
-        self.send_json(refusal.status, anthropic_error(refusal.error_type, refusal.message),
-                       [("retry-after", str(refusal.retry_after_s))]
-                       if refusal.retry_after_s else [])
-        self.finish_record(record, started, refusal.status, refusal.message)
-        return None
-    def own_credentials(self) -> bool:
-        """Whether the client presents an Anthropic credential of its own (not a client key)."""
-        return any(header != self.key_header and secret.startswith("sk-ant-")
-                   for header, secret in self.presented_credentials())
-
-    def all_limited(self, record: RequestRecord, started: float) -> bool:
-        """Answer 429 when every account is rate-limited and the client has no credentials.
-
-        Forwarding without credentials the API could accept (none, a client key, a placeholder
-        such as ANTHROPIC_API_KEY=claudeflare) could only fail, with a 401 that Claude Code
-        takes for a failed login; a 429 with retry-after set to the earliest reset lets the
-        client wait exactly as long as needed. When accounts are kept off the request's model
-        by its weekly window, the message names that window.
-        """
-        now = now_ms()
-        reset = self.app.earliest_reset(now, self.model)
-        if reset is None:
-            return False
-        family = self.app.refused_family(now, self.model)
-        if family:
-            message = (f"No account can serve {self.model} now: every account has reached its "
-                       f"weekly {family[len('seven_day_'):].capitalize()} limit ({family}) or "
-                       f"is rate limited; the first resets at {iso_time(reset)}")
-        else:
-            message = f"All accounts are rate limited; the first resets at {iso_time(reset)}"
-        answer = Answer(429, "Too Many Requests", [("Content-Type", "application/json")],
-                        json_bytes(anthropic_error("rate_limit_error", message)))
-        self.set_retry_after(answer, now)
-        self.send_answer(answer)
-        component_logger("Proxy").warning("No active accounts available: %s", message)
-        self.finish_record(record, started, 429, message)
-        return True
-
-    def hold(self, record: RequestRecord, started: float,
-             body: bytes) -> tuple[str, list[Account]]:
-        """Wait for the earliest reset within hold_s instead of answering 429 (see HoldQueue).
-
-        A streaming request gets its 200 and text/event-stream at once, then a ping every
-        HoldQueue.ping_interval_s. Return ("ready", the accounts to try now), ("skip", [])
-        when the request may not wait (hold_s off, no reset soon enough, hold_max waiting), or
-        ("ended", []) when the wait ended without an account (client gone, shutdown): then the
-        client has its answer and the request its record.
-        """
-        app, settings = self.app, self.app.settings
-        now = now_ms()
-        if self.hold_until is None:
-            self.hold_until = now + int(settings.hold_s * 1000)
-        reset = app.earliest_reset(now, self.model)
-        if not settings.hold_s or reset is None or reset > self.hold_until:
-            return "skip", []
-        outcome = "full" if app.holds.waiting >= settings.hold_max else None
-        if outcome is None:  # a stream past hold_max gets its 429 as a 429, not in a 200
-            if not self.held_stream and request_streams(body):
-                self.open_held_stream()
-            ping = (lambda: self.write_held(SSE_PING)) if self.held_stream else None
-            component_logger("Proxy").info("No account can serve a request now; waiting for "
-                                           "the reset at %s (hold_s)", iso_time(reset))
-            outcome = app.holds.wait(self, reset, settings.hold_max, ping,
-                                     lambda: client_gone(self.connection))
-        if outcome == "full":
-            component_logger("Proxy").warning("%d requests wait for a reset already (hold_max); "
-                                              "answering 429", settings.hold_max)
-            return "skip", []
-        if outcome == "ready":
-            try:
-                return "ready", app.accounts_to_try(app.accounts(), record.conversation,
-                                                    now_ms(), self.client, self.model)
-            finally:
-                app.holds.done(self)
-        self.close_connection = True
-        if outcome == "gone":
-            component_logger("Proxy").info("Client disconnected while waiting for a reset")
-            self.finish_record(record, started, 499, "Client disconnected while waiting for "
-                                                     "a reset; nothing was sent upstream")
-        else:
-            message = "claudeflare is shutting down; the request waited for a reset in vain"
-            self.send_json(503, anthropic_error("api_error", message))
-            self.finish_record(record, started, 503, message)
-        return "ended", []
-
-    def open_held_stream(self) -> None:
-        """Answer a streaming request that is to wait: 200 and text/event-stream at once."""
-        headers = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
-        if self.request_version == "HTTP/1.1":
-            headers.append(("Transfer-Encoding", "chunked"))
-        else:
-            self.close_connection = True
-        self.wfile.write(self.head_bytes(200, "OK", headers))
-        self.held_stream = True
-
-    def write_held(self, data: bytes) -> None:
-        """Write to a held stream, in chunks when the client speaks HTTP/1.1."""
-        if self.request_version == "HTTP/1.1":
-            data = b"%X\r\n%s\r\n" % (len(data), data)
-        self.wfile.write(data)
-
-    def end_held_stream(self, status: int, body: bytes, retry_after: str | None) -> None:
-        """End a held stream with an answer read whole: a success as it came, an error as an
-        SSE `error` event (a 429's says when to try again)."""
-        if status < 400:
-            self.write_held(body)
-        else:
-            message = (Answer(status, "", [], body).error_message
-                       or http.client.responses.get(status, "Error"))
-            if status == 429 and retry_after:
-                message += f" (retry after {retry_after}s)"
-            self.write_held(sse_error_event(
-                message, "rate_limit_error" if status == 429 else "api_error"))
-        if self.request_version == "HTTP/1.1":
-            self.wfile.write(b"0\r\n\r\n")
-
-    def set_retry_after(self, answer: Answer, now: int) -> None:
-        """Point a 429's retry-after at the earliest reset among the accounts."""
-        reset = self.app.earliest_reset(now, self.model)
-        if reset is None:
-            return
-        answer.headers = [(name, value) for name, value in answer.headers
-                          if name.lower() not in ("retry-after", "retry-after-ms")]
-        answer.headers.append(("retry-after", str(max(1, -(-(reset - now) // 1000)))))
-
-    def serve_from(self, account: Account | None, headers: list[tuple[str, str]], body: bytes,
-                   record: RequestRecord, tries: Tries, started: float) -> bool:
-        """Try one account, retrying 5xx, 529 and network errors; return True once answered."""
-        app, settings, proxy_log = self.app, self.app.settings, component_logger("Proxy")
-        name = account.name if account else "client credentials"
-        delay_ms = float(settings.retry_delay_ms)
-        for retry in range(settings.retry_attempts + 1):
-            tries.count += 1
-            now = now_ms()
-            wait_ms: int | None = None
-            try:
-                response, connection, account = self.send_via(account, headers, body, now)
-                now = now_ms()  # the answer's headers are this recent
-                limit = parse_rate_limit(response.msg, now)
-                if account is not None:
-                    app.note_limits(account, limit, now)
-                if response.status < 400:
-                    if account is not None:
-                        app.note_served(account, limit, now)
-                    if account is not None and account.type == "oauth":
-                        app.forget_not_claude_code(self.client)
-                    self.deliver(response, connection, account, limit, record, tries, started)
-                    return True
-                answer = self.read_answer(response, connection)
-                if account is not None:
-                    answer.body = scrub_credentials(answer.body, account)
-            except TokenUnavailable as error:
-                tries.last_error = str(error)
-                proxy_log.warning("Skipping account %s: %s", name, error)
-                return False
-            except UpstreamError as error:
-                tries.last_error = str(error)
-                proxy_log.warning("Request via %s failed: %s", name, error)
-                if not error.retry:
-                    return False
-            else:
-                kind = failure_kind(answer, limit, account)
-                if kind != "claude_code_only" or tries.last_answer is None:
-                    # An answer from an account that could serve the client (a 429 and its
-                    # retry-after) says more than a subscription's refusal of the client.
-                    tries.last_answer = answer
-                tries.last_error = f"{answer.status} {answer.error_message or answer.reason}"
-                if kind == "client":
-                    record.failover_attempts = tries.count - 1
-                    self.take_record(record, account, started, streaming=False)
-                    self.send_answer(answer)
-                    self.finish_record(record, started, answer.status,
-                                       answer.error_message or None)
-                    return True
-                if kind == "claude_code_only":
-                    tries.claude_code_only = record.claude_code_only = True
-                    app.remember_not_claude_code(self.client, now)
-                    return False
-                proxy_log.warning("Request via %s got %s", name, tries.last_error)
-                if account is not None and kind == "rate_limited":
-                    app.mark_rate_limited(account, limit, now)
-                if account is not None and kind == "family_limited":
-                    proxy_log.warning(
-                        "Account %s has spent its weekly %s; it keeps serving other models",
-                        name, ", ".join(window for window, seen in limit.families.items()
-                                        if seen.get("status") in HARD_LIMIT_STATUSES))
-                if account is not None and kind == "refused":
-                    app.mark_needs_attention(account, tries.last_error)
-                if kind != "retry" or limit.should_retry is False:
-                    return False
-                wait_ms = limit.retry_after_ms
-            if retry == settings.retry_attempts:
-                return False
-            wait_ms = max(int(delay_ms), wait_ms or 0)
-            if wait_ms > MAX_RETRY_WAIT_MS:
-                return False
-            time.sleep(wait_ms / 1000)
-            delay_ms *= settings.retry_backoff
-        return False
-
-    def deliver(self, response: http.client.HTTPResponse,
-                connection: http.client.HTTPConnection, account: Account | None,
-                limit: RateLimit, record: RequestRecord, tries: Tries, started: float) -> None:
-        """Send a successful upstream answer to the client and record who served it."""
-        app = self.app
-        record.failover_attempts = tries.count - 1
-        streaming = "text/event-stream" in (response.getheader("Content-Type") or "")
-        self.take_record(record, account, started, streaming)
-        record.limits = limit
-        record.overage = limit.on_overage
-        if account is not None:
-            app.note_success(account)
-            app.bind_conversation(record.conversation, account, record.timestamp)
-        reader = UsageReader(streaming)
-        secrets = account_secrets(account) if account is not None else []
-        self.secrets = re.compile(b"|".join(map(re.escape, secrets))) if secrets else None
-        bodiless = self.command == "HEAD" or response.status in (204, 304)
-        if response.length is not None and response.length <= SMALL_BODY_BYTES and not bodiless:
-            try:
-                answer = self.read_answer(response, connection)
-            except UpstreamError as error:
-                self.close_connection = True
-                self.send_json(502, anthropic_error("api_error", str(error)))
-                self.finish_record(record, started, 502, str(error))
-                return
-            reader.feed(answer.body)
-            answer.body = scrub_relayed(answer.body, self.secrets)
-            self.send_answer(answer)
-            error = None
-        else:
-            error = self.relay(response, connection, reader.feed)
-        if account is not None and self.unread_conversation is not None:
-            self.read_conversation(record)
-            app.bind_conversation(record.conversation, account, record.timestamp)
-        self.finish_record(record, started, response.status, error, reader.finish())
-        name = account.name if account else "client credentials"
-        component_logger("Proxy").info(
-            "Request completed for %s: %d in %dms", name, response.status,
-            record.response_time_ms, extra={"fields": {
-                "account": name, "status": response.status, "ms": record.response_time_ms,
-                "model": record.model, "failovers": record.failover_attempts}})
-
-    def take_record(self, record: RequestRecord, account: Account | None, started: float,
-                    streaming: bool) -> None:
-        """Note in the record which account answered, and when the answer began."""
-        record.account_name = account.name if account else None
-        record.account_id = account.id if account else None
-        record.streaming = streaming
-        record.ttfb_ms = int((time.monotonic() - started) * 1000)
-
-    def read_answer(self, response: http.client.HTTPResponse,
-                    connection: http.client.HTTPConnection) -> Answer:
-        """Read a whole (small or error) answer, keeping the connection if it stays usable."""
-        body = self.read_to_end(response, connection)
-        headers = [(name, value) for name, value in forwardable_headers(response.msg)
-                   if name.lower() != "content-length"]
-        return Answer(response.status, response.reason, headers, body)
-
-    def send_answer(self, answer: Answer) -> None:
-        """Send an answer that was read whole, in one write (into a held stream: as its end)."""
-        if self.held_stream:
-            self.end_held_stream(answer.status, answer.body,
-                                 dict((name.lower(), value) for name, value in answer.headers)
-                                 .get("retry-after"))
-            return
-        headers = answer.headers + [("Content-Length", str(len(answer.body)))]
-        head = self.head_bytes(answer.status, answer.reason, headers)
-        self.wfile.write(head if self.command == "HEAD" else head + answer.body)
-
-    def send_via(self, account: Account | None, headers: list[tuple[str, str]], body: bytes,
-                 now: int) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection,
-                                    Account | None]:
-        """Send the request with one account's credentials, its OAuth token fresh.
-
-        An OAuth account whose token the upstream refuses (401) is refreshed once and the request
-        sent again on it; if the refresh fails, TokenUnavailable moves the request on.
-        """
-        app = self.app
-        if account is not None:
-            account = app.tokens.fresh(account, now)
-        response, connection = app.upstream.send(
-            self.command, self.target, with_credentials(headers, account), body,
-            app.settings.request_timeout_s)
-        if response.status == 401 and account is not None and account.type == "oauth":
-            self.read_to_end(response, connection)
-            component_logger("Proxy").warning("Upstream refused the token of account %s; "
-                                              "refreshing it", account.name)
-            refreshed = app.tokens.refresh(account, now)
-            if refreshed.access_token == account.access_token:
-                raise TokenUnavailable(f"The upstream refused the token of account "
-                                       f"{account.name} and no new one can be had right now")
-            account = refreshed
-            response, connection = app.upstream.send(
-                self.command, self.target, with_credentials(headers, account), body,
-                app.settings.request_timeout_s)
-        return response, connection, account
-
-    def read_to_end(self, response: http.client.HTTPResponse,
-                    connection: http.client.HTTPConnection) -> bytes:
-        """Read an answer's whole body, keeping the connection if it stays usable."""
-        try:
-            data = self.read_upstream(response.read)
-        except UpstreamError:
-            connection.close()
-            raise
-        self.app.upstream.release(connection, response)
-        return data
-
-    def read_conversation(self, record: RequestRecord) -> None:
-        """Fill in the record's conversation if reading it was put off until the answer."""
-        if self.unread_conversation is not None:
-            record.conversation = conversation_key(self.headers, self.unread_conversation)
-            self.unread_conversation = None
-
-    def finish_record(self, record: RequestRecord, started: float, status: int,
-                      error: str | None, usage: Usage | None = None) -> None:
-        """Complete a request's record (usage and cost too) and hand it to the writer."""
-        self.read_conversation(record)
-        record.status = status
-        record.success = status < 400 and error is None
-        record.error = self.app.scrub(error)[:2000] if error is not None else (
-            None if status < 400 else http.client.responses.get(status, "Error"))
-        record.path = self.app.scrub(record.path)
-        record.response_time_ms = int((time.monotonic() - started) * 1000)
-        if usage is not None:
-            record.model = usage.model
-            record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens
-            record.cache_creation_tokens = usage.cache_creation_tokens
-            record.cache_read_tokens = usage.cache_read_tokens
-            record.cost_usd = usage.cost()
-            generating_ms = record.response_time_ms - (record.ttfb_ms or 0 if record.streaming
-                                                       else 0)
-            if usage.output_tokens and generating_ms > 0:
-                record.tokens_per_second = round(usage.output_tokens * 1000 / generating_ms, 1)
-        self.app.key_ledger.add(record)
-        if record.model is None and status >= 400:
-            record.model = requested_model(self.request_body)
-        self.app.writer.record(record)
-
-    def relay(self, response: http.client.HTTPResponse,
-              connection: http.client.HTTPConnection,
-              tap: Callable[[bytes], None]) -> str | None:
-        """Send the upstream's answer to the client unchanged, each piece as soon as it arrives.
-
-        `tap` sees a copy of each piece after the client has it. Return what went wrong on the
-        way, or None.
-        """
-        upstream = self.app.upstream
-        headers = [(name, value) for name, value in forwardable_headers(response.msg)
-                   if name.lower() != "content-length"]
-        status, reason = response.status, response.reason
-        self.relaying = response
-        try:
-            if self.held_stream:  # its 200 is out: the upstream's events follow the pings
-                self.relay_unsized(response, status, reason, headers, tap)
-            elif self.command == "HEAD" or status in (204, 304) or status < 200:
-                length = response.getheader("Content-Length")
-                if length is not None:
-                    headers.append(("Content-Length", length))
-                self.wfile.write(self.head_bytes(status, reason, headers))
-            elif response.length is not None:
-                headers.append(("Content-Length", str(response.length)))
-                self.wfile.write(self.head_bytes(status, reason, headers))
-                self.copy_body(response, self.wfile.write, tap)
-            else:
-                self.relay_unsized(response, status, reason, headers, tap)
-        except (ConnectionError, socket.timeout, TimeoutError):
-            # The client went away (or stopped reading): stop, and do not reuse the upstream side.
-            self.close_connection = True
-            connection.close()
-            component_logger("Proxy").info("Client disconnected during the response")
-            return "Client disconnected during the response"
-        except UpstreamError as error:
-            self.close_connection = True
-            connection.close()
-            if self.app.cutting:
-                component_logger("Proxy").warning("%s", self.cut_message())
-                return self.cut_message()
-            component_logger("Proxy").warning("Upstream failed during the response: %s", error)
-            return f"Upstream failed during the response: {error}"
-        except BaseException:
-            self.close_connection = True
-            connection.close()
-            raise
-        finally:
-            self.relaying = None
-        upstream.release(connection, response)
-        return None
-
-    def cut_message(self) -> str:
-        """Say that shutdown cut this answer short."""
-        return (f"Cut at shutdown: shutdown_timeout_s "
-                f"({self.app.settings.shutdown_timeout_s:g}s) ran out before the answer ended")
-
-    def relay_unsized(self, response: http.client.HTTPResponse, status: int, reason: str,
-                      headers: list[tuple[str, str]], tap: Callable[[bytes], None]) -> None:
-        """Relay a body of unknown length (SSE streams) piece by piece, each as it arrives.
-
-        An upstream's chunked body goes to an HTTP/1.1 client as it came, framing and all: one
-        write for whatever one read brought, however many events. When the upstream fails
-        mid-stream, an SSE client gets a proper `error` event and a clean end instead of a cut
-        connection.
-        """
-        chunked = self.request_version == "HTTP/1.1"
-        if chunked:
-            headers.append(("Transfer-Encoding", "chunked"))
-        else:
-            self.close_connection = True
-        if not self.held_stream:
-            self.wfile.write(self.head_bytes(status, reason, headers))
-        write = self.wfile.write
-        if chunked:
-            def write(data: bytes) -> None:
-                self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
-        tail = bytearray(b"\n\n")
-
-        def watch(data: bytes) -> None:
-            tail[:] = (tail + data[-2:])[-2:]
-            tap(data)
-
-        framing = ChunkedFraming() if chunked and response.chunked else None
-        try:
-            if framing is None:
-                self.copy_body(response, write, watch)
-            else:
-                self.copy_chunks(response, framing, watch)
-        except UpstreamError as error:
-            if "text/event-stream" not in (response.getheader("Content-Type") or ""):
-                raise
-            if framing is not None:
-                padding = framing.close_chunk()
-                if padding is None:
-                    self.close_connection = True
-                    raise
-                self.wfile.write(padding)
-                tail[:] = (tail + padding[:-2])[-2:]
-            separator = b"" if tail.endswith(b"\n\n") else b"\n\n"
-            write(separator + sse_error_event(self.cut_message() if self.app.cutting
-                                              else f"Upstream stream failed: {error}"))
-            self.close_connection = True
-            if chunked:
-                self.wfile.write(b"0\r\n\r\n")
-            raise
-        if chunked and framing is None:
-            self.wfile.write(b"0\r\n\r\n")
-
-    def copy_chunks(self, response: http.client.HTTPResponse, framing: ChunkedFraming,
-                    tap: Callable[[bytes], None]) -> None:
-        """Pass a chunked body through with its framing; `tap` sees the payload.
-
-        The response is read past http.client's chunk decoding, from the connection's buffer,
-        so it is closed here once the body ended: the connection may then be reused, unless
-        the upstream sent something after the body.
-        """
-        where = self.app.upstream.where
-        while not framing.done:
-            # Wait in peek, which fills the connection's read buffer, not in read1, which
-            # would wait in a new buffer of its own: a thousand streams, a thousand buffers.
-            self.read_upstream(response.fp.peek)
-            data = self.read_upstream(response.fp.read1, STREAM_READ_BYTES)
-            if not data:
-                raise UpstreamError(f"ECONNRESET: {where} closed the connection")
-            forward, payload = framing.feed(data)
-            if forward:
-                self.wfile.write(scrub_relayed(forward, self.secrets))
-            if payload:
-                tap(payload)
-            if framing.broken:
-                raise UpstreamError(f"ECONNRESET: {where} sent a broken chunked body "
-                                    f"({framing.broken})")
-        if framing.extra:
-            response.will_close = True
-        response.close()
-
-    def read_upstream(self, read: Callable[..., bytes], *args: Any) -> bytes:
-        """Read from the upstream, turning its failures into UpstreamError."""
-        try:
-            return read(*args)
-        except (OSError, http.client.HTTPException) as error:
-            raise UpstreamError(describe_network_error(
-                error, self.app.upstream.where, self.app.settings.request_timeout_s)) from None
-
-    def copy_body(self, response: http.client.HTTPResponse, write: Callable[[bytes], Any],
-                  tap: Callable[[bytes], None]) -> None:
-        """Copy a response body to the client as it arrives; `read1` never waits for more."""
-        while True:
-            data = self.read_upstream(response.read1, RELAY_CHUNK_BYTES)
-            if not data:
-                break
-            write(scrub_relayed(data, self.secrets))
-            tap(data)
-        if response.length:
-            raise UpstreamError(f"ECONNRESET: {self.app.upstream.where} ended the body "
-                                f"{response.length} bytes short")
-
-
-def machine_addresses() -> list[str]:
-    """Return the IPv4 addresses this machine is known by, loopback first (as far as the
-    standard library can tell: those its host name resolves to)."""
-    found = ["127.0.0.1"]
-    with contextlib.suppress(OSError):
-        for *_, address in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-            if address[0] not in found:
-                found.append(address[0])
-    return found
-
-
-def make_server(settings: Settings, db_path: str) -> ProxyServer:
-    """Build the listening server for the settings' host and port, on the database at db_path."""
-    tls = server_tls_context(settings.tls_cert, settings.tls_key)
-    app = App(settings, Store(db_path))
+def query_limit(query: dict[str, list[str]], default: int, maximum: int) -> int:
+    """Read the `limit` query parameter: a whole number from 1 to maximum."""
+    text = (query.get("limit") or [str(default)])[-1]
+    if not re.fullmatch(r"[0-9]{1,7}", text) or not 1 <= int(text) <= maximum:
+        raise BadRequest(f"Invalid limit: {text} (valid: a whole number from 1 to {maximum})")
+    return int(text)
+
+
+#: /api/analytics ranges: how far back, and the bucket size that suits it.
+ANALYTICS_RANGES = {"1h": (HOUR_MS, 60_000), "6h": (6 * HOUR_MS, 5 * 60_000),
+                    "24h": (24 * HOUR_MS, HOUR_MS), "7d": (7 * 24 * HOUR_MS, 6 * HOUR_MS),
+                    "30d": (30 * 24 * HOUR_MS, 24 * HOUR_MS)}
+
+
+def camel(name: str) -> str:
+    """Turn a snake_case name into the API's camelCase."""
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def usage_json(row: Any) -> dict:
+    """Describe summed usage (a usage_hourly or usage_series row; None for nothing)."""
+    def value(column: str) -> Any:
+        return (row[column] if row is not None else None) or 0
+
+    requests, failures = value("requests"), value("failures")
+    buckets = [value(column) for column in LATENCY_COLUMNS]
+    tokens = value("input_tokens") + value("output_tokens")
+    return {"requests": requests, "successes": requests - failures, "failures": failures,
+            "successRate": round((requests - failures) / requests, 4) if requests else None,
+            "inputTokens": value("input_tokens"), "outputTokens": value("output_tokens"),
+            "cacheCreationTokens": value("cache_creation_tokens"),
+            "cacheReadTokens": value("cache_read_tokens"), "totalTokens": tokens,
+            "costUsd": round(value("cost_usd"), 6), "unpricedRequests": value("unpriced"),
+            "overageRequests": value("overage_requests"),
+            "overageCostUsd": round(value("overage_cost_usd"), 6),
+            "claudeCodeOnlyRefusals": value("claude_code_only"),
+            "avgLatencyMs": round(value("latency_ms_total") / requests) if requests else None,
+            "p95LatencyMs": min_known(percentile_from_histogram(buckets, 0.95),
+                                      value("latency_ms_max"))}
+
+
+def min_known(estimate: int | None, ceiling: int) -> int | None:
+    """Cap a histogram estimate at the largest value seen (the estimate cannot exceed it)."""
+    return estimate if estimate is None else min(estimate, ceiling)
+
+
+#: Request-log columns shown as booleans, and those that came from outside (masked again when
+#: shown, for records an older claudeflare stored unmasked).
+BOOLEAN_COLUMNS = frozenset({"success", "streaming", "overage", "claude_code_only"})
+OUTSIDE_COLUMNS = frozenset({"path", "error"})
+
+
+def request_json(row: Any) -> dict:
+    """Describe one request record for the API."""
+    described = {}
+    for column in row.keys():
+        value = row[column]
+        if column in BOOLEAN_COLUMNS:
+            value = bool(value)
+        elif column in OUTSIDE_COLUMNS and value:
+            value = redact(value)
+        described[camel(column)] = value
+    return described
+
+
+def named_usage(rows: list[Any]) -> list[dict]:
+    """Describe usage grouped by account, model or client key ('' becomes null)."""
+    return [{"name": row["name"] or None, **usage_json(row)} for row in rows]
+
+
+def stats_report(store: Store, now: int) -> dict:
+    """Return /api/stats (and `stats`): totals, the last 24 hours, breakdowns, recent errors."""
+    return {"totals": usage_json(store.usage()[0]),
+            "last24h": usage_json(store.usage(now - 24 * HOUR_MS)[0]),
+            "accounts": named_usage(store.usage(0, "account_name")),
+            "models": named_usage(store.usage(0, "model")),
+            "clientKeys": named_usage(store.usage(0, "client_key")),
+            "recentErrors": [request_json(row)
+                             for row in store.recent_requests(10, failures_only=True)]}
+
+
+def health_report(app: App) -> tuple[int, dict]:
+    """Return /health's status code and body: unavailable (503) when no account can serve."""
+    now = now_ms()
+    accounts = app.accounts()
+    statuses = [account.status(now) for account in accounts]
+    counts = {"total": len(statuses)}
+    for status in ("active", "paused", "rate_limited", "overage", "needs_reauth", "expired"):
+        counts[status] = statuses.count(status)
+    if accounts and not any(can_serve(account, now, app.settings.overage)
+                            for account in accounts):
+        state = "unavailable"
+    elif counts["active"] + counts["paused"] < len(statuses):
+        state = "degraded"
+    else:
+        state = "ok"
+    body = {"status": state, "accounts": counts, "strategy": app.settings.lb_strategy,
+            "uptime": int((time.monotonic() - app.started) * 1000), "version": __version__}
+    return (503 if state == "unavailable" else 200), body
+
+
+def usage_series(app: App, span: str, now: int) -> list[dict]:
+    """Return usage per bucket over a range, every bucket present (empty ones as zeros)."""
+    length, bucket = ANALYTICS_RANGES[span]
+    since = now - length
+    rows = {row["bucket"]: row for row in app.store.usage_series(since, bucket)}
+    return [{"time": start, **usage_json(rows.get(start))}
+            for start in range(since // bucket * bucket, now + 1, bucket)]
+
+
+def analytics_report(app: App, span: str, now: int) -> dict:
+    """Return /api/analytics: a series in buckets that suit the range, and breakdowns."""
+    length, bucket = ANALYTICS_RANGES[span]
+    since = now - length
+    return {"range": span, "bucketMs": bucket, "since": since,
+            "series": usage_series(app, span, now),
+            "models": named_usage(app.store.usage(since, "model")),
+            "accounts": named_usage(app.store.usage(since, "account_name"))}
+
+
+def accounts_report(app: App, now: int) -> list[dict]:
+    """Return /api/accounts: everything `list` shows, never a credential."""
+    return [account_json(account, now, app.settings.session_duration_ms)
+            for account in app.accounts()]
+
+
+def config_report(app: App) -> dict:
+    """Return /api/config: the settings in force and where each came from."""
+    settings = app.settings
+    return {"settings": {camel(key): shown_setting(key, value)
+                         for key, value in settings.values.items()},
+            "sources": {camel(key): source for key, source in settings.sources.items()},
+            "strategies": list(STRATEGY_NAMES), "configPath": settings.config.path,
+            "databasePath": app.store.path, "logDir": log_folder()[0],
+            "version": __version__}
+
+
+def keys_report(app: App, now: int) -> list[dict]:
+    """Describe every client key with its spending and load, for /api/keys."""
+    return [key_json(key, app.key_ledger.usage(key.name, now), now)
+            for key in app.client_keys()]
+
+
+@dataclass
+class LocalRequest:
+    """What an endpoint sees of a request: its method, path and query, its headers, a way to
+    read its body, and the server's life (in-flight requests)."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: Headers
+    read_body: Callable[[], bytes]
+    life: ServerLife
+
+
+@dataclass
+class Page:
+    """An answer that is not JSON: the status page, /metrics."""
+
+    body: bytes
+    content_type: str
+    headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+#: (method, path) -> endpoint(app, request) -> (status, JSON value or Page). A path segment "*"
+#: matches any one segment; GET routes answer HEAD too.
+ROUTES: dict[tuple[str, str], Callable[[App, LocalRequest], tuple[int, Any]]] = {}
+
+
+def route(method: str, *paths: str) -> Callable:
+    """Register an endpoint for a method and its paths: one row of the route table."""
+    def register(endpoint: Callable[[App, LocalRequest], tuple[int, Any]]) -> Callable:
+        for path in paths:
+            ROUTES[method, path] = endpoint
+        return endpoint
+    return register
+
+
+def find_endpoint(method: str, path: str) -> Callable[[App, LocalRequest], tuple[int, Any]] | None:
+    """Return the endpoint of a method and path, or None."""
+    method = "GET" if method == "HEAD" else method
+    endpoint = ROUTES.get((method, path))
+    if endpoint is not None:
+        return endpoint
+    segments = path.split("/")
+    for (route_method, pattern), endpoint in ROUTES.items():
+        parts = pattern.split("/")
+        if route_method == method and "*" in parts and len(parts) == len(segments) and all(
+                part in ("*", segment) for part, segment in zip(parts, segments)):
+            return endpoint
+    return None
+
+
+def answer_local(app: App, request: LocalRequest) -> tuple[int, Any]:
+    """Answer a local request through the route table; every endpoint's error is said here."""
+    endpoint = find_endpoint(request.method, request.path)
     try:
-        server = ProxyServer((settings.host, settings.port), app)
-    except OSError as error:
-        app.close()
-        where = f"Cannot listen on {settings.host}:{settings.port}"
-        if error.errno == errno.EADDRNOTAVAIL:
-            raise ClaudeflareError(
-                f"{where}: {settings.host} is not an address of this machine (it has "
-                f"{', '.join(machine_addresses())}). Bind one of those, or 0.0.0.0 for all of "
-                f"them, with --host or CLAUDEFLARE_HOST.") from None
-        if error.errno == errno.EADDRINUSE:
-            raise ClaudeflareError(f"{where}: {error.strerror}. Is another server running "
-                                   f"there? Choose another port with --port or PORT.") from None
-        raise ClaudeflareError(f"{where}: {error.strerror or error}") from None
-    if tls is not None:
-        # Accepting only wraps the socket; the handshake waits for the connection's thread.
-        server.socket = tls.wrap_socket(server.socket, server_side=True,
-                                        do_handshake_on_connect=False)
-    return server
+        if endpoint is None:
+            raise BadRequest(PROVIDER_PATH_ERROR, 404)
+        return endpoint(app, request)
+    except BadRequest as error:
+        return error.status, {"error": str(error)}
+    except ClaudeflareError as error:
+        return (404 if isinstance(error, NotFound) else 400), {"error": str(error)}
+    except sqlite3.OperationalError as error:
+        if not is_locked(error):
+            raise
+        return 503, {"error": locked_message(app.store.path)}
+
+
+def changing(request: LocalRequest) -> dict:
+    """Refuse a state change a web page of another site asks for (CSRF); read its JSON body.
+
+    A plain form cannot send a JSON content type, so one is required too. An empty body reads
+    as {}.
+    """
+    if cross_site(request.headers):
+        raise BadRequest("Cross-site requests may not change claudeflare", 403)
+    if not (request.headers.get("Content-Type") or "").lower().startswith("application/json"):
+        raise BadRequest("Send the request with Content-Type: application/json", 415)
+    try:
+        body = request.read_body()
+    except RequestBodyError as error:
+        raise BadRequest(str(error), error.status) from None
+    if not body.strip():
+        return {}
+    try:
+        value = json.loads(body)
+    except JSON_ERRORS:
+        raise BadRequest("The request body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise BadRequest("The request body must be a JSON object")
+    return value
+
+
+@route("GET", "/health")
+def health_endpoint(app: App, request: LocalRequest) -> tuple[int, Any]:
+    """Say whether any account can serve: the cron line's check."""
+    return health_report(app)
+
+
+@route("GET", "/metrics")
+def metrics_endpoint(app: App, request: LocalRequest) -> tuple[int, Any]:
+    """Answer Prometheus text: requests, accounts, client keys and alerts."""
+    now = now_ms()
+    text = (app.metrics.render(app.accounts(), now, time.monotonic() - app.started)
+            + "".join(line + "\n" for line in app.key_ledger.metrics(app.client_keys(), now))
+            + app.alerts.metrics_text())
+    return 200, Page(text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+
+@route("GET", "/api/stats")
+def stats_endpoint(app: App, request: LocalRequest) -> tuple[int, Any]:
+    """Answer totals, breakdowns and recent errors, and how many requests wait for a reset."""
+    return 200, {**stats_report(app.store, now_ms()), "waiting": app.holds.waiting}
+
+
+@route("GET", "/api/accounts")
+def accounts_endpoint(app: App, request: LocalRequest) -> tuple[int, Any]:
+    """Answer every account as `list --json` shows it."""
+    return 200, accounts_report(app, now_ms())
+
+
+@route("GET", "/api/keys")
+def keys_endpoint(app: App, request: LocalRequest) -> tuple[int, Any]:
+    """Answer every client key with its limits, spending and load."""
+    return 200, keys_report(app, now_ms())
+
+
+@route("GET", "/api/requests")
+def requests_endpoint(app: App, request: LocalRequest) -> tuple[int, Any]:
+    """Answer the latest request records."""
+    limit = query_limit(request.query, 50, 1000)
+    return 200, [request_json(row) for row in app.store.recent_requests(limit)]
+
+
+@route("GET", "/api/analytics")
+def analytics_endpoint(app: App, request: LocalRequest) -> tuple[int, Any]:
+    """Answer usage over a range in buckets that suit it."""
+    span = (request.query.get("range") or ["24h"])[-1]
+    if span not in ANALYTICS_RANGES:
+        raise BadRequest(f"Invalid range: {span} (valid: {', '.join(ANALYTICS_RANGES)})")
+    return 200, analytics_report(app, span, now_ms())
+
+
+@route("GET", "/api/config")
+def config_endpoint(app: App, request: LocalRequest) -> tuple[int, Any]:
+    """Answer the settings in force and where each came from."""
+    return 200, config_report(app)
+
+
+@route("GET", "/api/alerts")
+def alerts_endpoint(app: App, request: LocalRequest) -> tuple[int, Any]:
+    """Answer where alerts go and the latest alerts with their deliveries."""
+    return 200, alerts_report(app.settings, app.store,
+                              query_limit(request.query, 50, MAX_STORED_ALERTS))
+
+
+@route("GET", "/api/logs")
+def logs_endpoint(app: App, request: LocalRequest) -> tuple[int, Any]:
+    """Answer the latest log lines."""
+    return 200, app.recent_logs.lines(query_limit(request.query, 100, 1000))
+
+
+@route("POST", "/api/config/strategy")
+def strategy_endpoint(app: App, request: LocalRequest) -> tuple[int, Any]:
+    """Switch the strategy now and save it to the config file."""
+    strategy = changing(request).get("strategy")
+    if not isinstance(strategy, str):
+        raise BadRequest(f"Send {{\"strategy\": NAME}} with NAME one of "
+                         f"{', '.join(STRATEGY_NAMES)}")
+    app.settings.set_live("lb_strategy", strategy)
+    component_logger("Config").info("Strategy set to %s through the API", strategy)
+    return 200, {"strategy": strategy}
+
+
+@route("POST", "/api/stats/reset")
+def reset_stats_endpoint(app: App, request: LocalRequest) -> tuple[int, Any]:
+    """Zero the per-account counters, after the requests already answered are counted."""
+    changing(request)
+    request.life.settle(1.0)
+    app.writer.flush()
+    return 200, {"reset": app.store.reset_stats()}
+
+
+@route("POST", "/api/accounts/*/pause", "/api/accounts/*/resume")
+def account_endpoint(app: App, request: LocalRequest) -> tuple[int, Any]:
+    """Pause or resume an account, as the commands do."""
+    changing(request)
+    *_, quoted, action = request.path.split("/")
+    name = urllib.parse.unquote(quoted)
+    account = app.store.change_account(name, **({"paused": 1} if action == "pause"
+                                                else RESUMED))
+    component_logger("Proxy").info("Account %s %sd through the API", name, action)
+    return 200, account_json(account, now_ms(), app.settings.session_duration_ms)
 
 
 ###############################################################################
@@ -7961,11 +7020,18 @@ def alert_row(alert: dict, now: int) -> str:
             f"<td class=\"error\">{escape(delivery_summary(alert))}</td></tr>")
 
 
+@route("GET", "/", "/dashboard")
+def status_page_endpoint(app: App, request: LocalRequest) -> tuple[int, Any]:
+    """Answer the status page."""
+    return 200, Page(render_status_page(app, now_ms()).encode(), "text/html; charset=utf-8",
+                     [("Cache-Control", "no-store")])
+
+
 def render_status_page(app: App, now: int) -> str:
     """Render the status page: health, accounts with real window use, 24 h totals, requests."""
-    _, health = app.health()
+    _, health = health_report(app)
     last_day = usage_json(app.store.usage(now - 24 * HOUR_MS)[0])
-    series = app.series("24h", now)
+    series = usage_series(app, "24h", now)
     recent = [request_json(row) for row in app.store.recent_requests(20)]
     errors = [request_json(row) for row in app.store.recent_requests(10, failures_only=True)]
     empty = '<tr><td colspan="10" class="muted">{}</td></tr>'
@@ -7984,7 +7050,7 @@ def render_status_page(app: App, now: int) -> str:
         accounts="".join(account_row(account, now, app.settings.session_duration_ms)
                          for account in app.accounts())
         or empty.format("No accounts yet: python3 claudeflare.py add NAME"),
-        keys="".join(key_row(key, now) for key in app.keys_json(now))
+        keys="".join(key_row(key, now) for key in keys_report(app, now))
         or empty.format("No client keys: anyone who can reach the proxy may use it. Add one: "
                         "python3 claudeflare.py keys add NAME"),
         chart=hourly_chart(series),
@@ -8003,6 +7069,1183 @@ def alerts_section(app: App, now: int) -> dict:
                 "(set alert_url or alert_command to be told)."),
             "alerts": "".join(alert_row(alert, now) for alert in report["alerts"])
             or '<tr><td colspan="5" class="muted">No alerts</td></tr>'}
+
+
+###############################################################################
+# The front door ##############################################################
+###############################################################################
+
+# What every request meets once the strict server has read it: turned away while the server
+# stops, checked for who sends it (Access control), then answered locally from the route
+# table or relayed (the relay's proxy()).
+
+class Router(StrictHTTPHandler):
+    """Send each request where it goes: refused, the local API, or the relay's proxy()."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.app: App = self.server.app
+        self.connection_number = next(self.app.connection_numbers)
+
+    @staticmethod
+    def error_body(status: int, message: str) -> Any:
+        """Describe an error in the shape the Anthropic API uses, which SDKs know how to show."""
+        return anthropic_error(ERROR_TYPES.get(status, "invalid_request_error"), message)
+
+    def handle_request(self) -> None:
+        """Route one request by its path; the one catch-all for unexpected errors is here."""
+        with self.server.life.in_flight(self):
+            try:
+                self.route()
+            except (ConnectionError, socket.timeout, TimeoutError):
+                self.close_connection = True
+            except Exception:
+                component_logger("Server").exception("Unexpected error answering %s %s",
+                                                     self.command, self.path.partition("?")[0])
+                self.close_connection = True
+                if not self.answered:  # else the client has an answer: only the connection ends
+                    with contextlib.suppress(OSError):
+                        self.send_json(500, self.error_body(500, "claudeflare failed "
+                                                                 "unexpectedly; see its log"))
+
+    def route(self) -> None:
+        """Answer one request: refuse it while stopping, check its path and who sends it, then
+        relay it or answer it locally (the route table)."""
+        self.unread_conversation = None
+        self.request_body = b""
+        self.key_name = self.key_header = None
+        #: The client key the request came with, and its name once its limits admitted it.
+        self.client_key: ClientKey | None = None
+        self.admitted: str | None = None
+        app = self.app
+        if self.server.life.stopping:
+            self.close_connection = True
+            self.send_json(503, {"error": "claudeflare is shutting down"})
+            return
+        for key in app.settings.reload_if_changed():
+            component_logger("Config").info("Applied %s = %s from %s", key,
+                                            shown_setting(key, app.settings.values[key]),
+                                            app.settings.config.path)
+        raw_path, question, query = self.path.partition("?")
+        try:
+            path = resolve_dot_segments(raw_path)
+        except ValueError as error:
+            self.send_json(400, anthropic_error("invalid_request_error", str(error)))
+            return
+        proxied = path == "/v1" or path.startswith("/v1/")
+        if not proxied and (raw_path == "/v1" or raw_path.startswith("/v1/")):
+            self.send_json(400, anthropic_error(
+                "invalid_request_error", f"The path {redact(raw_path)!r} leaves /v1/ once its "
+                                         f"dot segments are resolved; only /v1/ is proxied"))
+            return
+        self.target = path + question + query
+        accounts, keys = app.snapshot()
+        if not self.allowed(keys, path, proxied):
+            return
+        if proxied:
+            try:
+                self.proxy(accounts)
+            finally:
+                if self.admitted is not None:
+                    app.key_ledger.release(self.admitted)
+            return
+        status, answer = answer_local(app, LocalRequest(
+            self.command, path, urllib.parse.parse_qs(query), self.headers, self.read_body,
+            self.server.life))
+        if isinstance(answer, Page):
+            self.send_bytes(status, answer.body, answer.content_type, answer.headers)
+        else:
+            self.send_json(status, answer)
+
+    def allowed(self, keys: list[ClientKey], path: str, proxied: bool) -> bool:
+        """Check the request's host name, client key and site (see Access control); answer a
+        refusal and return False when one fails."""
+        bound = self.server.server_address[0]
+        if not keys and not host_allowed(bound, self.headers):
+            host = host_name(self.headers.get("Host") or "")
+            self.send_json(403, {"error": f"Host {host!r} is not allowed: a claudeflare bound to "
+                                          f"{bound} answers only localhost names. Use "
+                                          f"http://localhost:PORT, or add client keys."})
+            return False
+        if keys and path != "/health":
+            found = authenticate(self.headers, keys)
+            if found is None:
+                component_logger("Server").warning(
+                    "Refused %s %s from %s without a valid client key", self.command,
+                    self.path.partition("?")[0], self.client_address[0])
+                self.close_connection = self.close_connection or self.request_has_body()
+                if proxied:
+                    self.send_json(401, anthropic_error("authentication_error",
+                                                        CLIENT_KEY_REQUIRED))
+                else:
+                    self.send_json(401, {"error": CLIENT_KEY_REQUIRED}, [(
+                        "WWW-Authenticate", 'Basic realm="claudeflare", charset="UTF-8"')])
+                return False
+            self.client_key, self.key_header = found
+            self.key_name = self.client_key.name
+            if not self.key_usable(self.client_key, proxied):
+                return False
+        if proxied and self.key_name is None and cross_site(self.headers):
+            self.send_json(403, anthropic_error(
+                "permission_error", "A web page of another site may not use claudeflare's "
+                                    "accounts: cross-site request refused"))
+            return False
+        return True
+
+    def key_usable(self, key: ClientKey, proxied: bool) -> bool:
+        """Answer 401 for a paused or expired key, saying which, and return False."""
+        refusal = key_access_refusal(key, now_ms())
+        if refusal is None:
+            return True
+        self.app.key_ledger.refused(key.name, refusal.reason)
+        component_logger("Server").warning("Refused %s %s: %s", self.command,
+                                           self.path.partition("?")[0], refusal.message)
+        self.close_connection = self.close_connection or self.request_has_body()
+        self.send_json(401, anthropic_error(refusal.error_type, refusal.message) if proxied
+                       else {"error": refusal.message})
+        return False
+
+    def proxy(self, accounts: list[Account]) -> None:
+        """Relay a /v1 request over the accounts (ProxyHandler)."""
+        raise NotImplementedError
+
+
+###############################################################################
+# The relay ###################################################################
+###############################################################################
+
+# A /v1 request as it travels: pick the accounts, send, classify the answer, retry or move on,
+# deliver, record.
+
+def sse_error_event(message: str, error_type: str = "api_error") -> bytes:
+    """Build the SSE `error` event a client gets when the upstream fails mid-stream."""
+    return b"event: error\ndata: " + json_bytes(anthropic_error(error_type, message)) + b"\n\n"
+
+
+#: The SSE event a stream waiting for a reset gets now and then (HoldQueue.ping_interval_s).
+SSE_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+
+
+def request_streams(body: bytes) -> bool:
+    """Tell whether a request body asks for a stream ("stream": true)."""
+    try:
+        return json.loads(body).get("stream") is True
+    except (*JSON_ERRORS, AttributeError):
+        return False
+
+
+#: A retry waits at most this long; an upstream asking for more sends the request elsewhere.
+MAX_RETRY_WAIT_MS = 30 * 1000
+
+
+#: Error messages that mean an account itself is unusable, not the request.
+ACCOUNT_REFUSED_MESSAGES = ("organization has been disabled",
+                            "oauth authentication is currently not allowed",
+                            "credit balance is too low")
+
+
+@dataclass
+class Answer:
+    """An upstream answer read whole: relayed at once, or kept in case no account does better."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    @functools.cached_property
+    def error_message(self) -> str:
+        """The message of an Anthropic error body, or '' when it is not one."""
+        try:
+            error = json.loads(self.body).get("error")
+        except (*JSON_ERRORS, AttributeError):
+            return ""
+        return str(error.get("message", "")) if isinstance(error, dict) else str(error or "")
+
+
+@dataclass
+class Tries:
+    """What the attempts of one request met so far."""
+
+    count: int = 0
+    last_error: str = ""
+    last_answer: Answer | None = None
+    #: A subscription account refused the request as not Claude Code's: only API keys are left.
+    claude_code_only: bool = False
+
+
+#: What the API answers a subscription token used by any client but Claude Code (lower case).
+CLAUDE_CODE_ONLY_MESSAGE = "only authorized for use with claude code"
+
+
+def failure_kind(answer: Answer, limit: RateLimit, account: Account | None) -> str:
+    """Say what an upstream error means for routing.
+
+    rate_limited: bench the account, try the next. family_limited: the account's weekly window
+    for the model is spent (kept, not benched), try the next. retry: the same account again,
+    then the next.
+    refused: the account itself is unusable. next: try another, no bench. claude_code_only: the
+    request (its client), not the account, is refused: try API-key accounts only. client: the
+    client's own mistake, passed through at once.
+    """
+    message = answer.error_message.lower()
+    if answer.status == 429 and limit.family_only:
+        return "family_limited"
+    if answer.status == 429 or limit.hard:
+        return "rate_limited"
+    if answer.status >= 500 or answer.status == 408:
+        return "retry"
+    if answer.status in (400, 403) and any(text in message for text in ACCOUNT_REFUSED_MESSAGES):
+        return "refused"
+    if answer.status == 401 and account is not None:
+        return "refused"
+    if answer.status == 400 and "extra usage" in message:
+        return "next"
+    if (answer.status == 400 and CLAUDE_CODE_ONLY_MESSAGE in message and account is not None
+            and account.type == "oauth"):
+        return "claude_code_only"
+    return "client"
+
+
+#: Headers that carry the client's own credentials; replaced whenever an account is used.
+CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
+
+
+def with_credentials(headers: list[tuple[str, str]],
+                     account: Account | None) -> list[tuple[str, str]]:
+    """Put an account's credentials on a request in place of the client's own.
+
+    API-key accounts go as x-api-key; OAuth accounts as a Bearer token with the OAuth beta added
+    to whatever betas the client asked for. Upstream never sees both kinds at once.
+    """
+    if account is None:
+        return headers
+    kept = [(name, value) for name, value in headers
+            if name.lower() not in CREDENTIAL_HEADERS and name.lower() != "anthropic-beta"]
+    betas = [beta.strip() for name, value in headers if name.lower() == "anthropic-beta"
+             for beta in value.split(",") if beta.strip()]
+    if account.type == "api_key":
+        kept.append(("x-api-key", account.api_key or ""))
+    else:
+        kept.append(("Authorization", f"Bearer {account.access_token or ''}"))
+        if OAUTH_BETA not in betas:
+            betas.append(OAUTH_BETA)
+    if betas:
+        kept.append(("anthropic-beta", ",".join(betas)))
+    return kept
+
+
+#: Anthropic credentials and client keys as they appear in a body.
+CREDENTIAL_BYTES = re.compile(rb"(?:sk-ant-[A-Za-z0-9]+-|cfk-)[A-Za-z0-9_\-]+")
+
+
+def account_secrets(account: Account) -> list[bytes]:
+    """Return an account's credentials as they would appear in a body."""
+    return [secret.encode("latin-1", "replace")
+            for secret in (account.api_key, account.access_token, account.refresh_token)
+            if secret and len(secret) >= MIN_SECRET_LENGTH]
+
+
+def scrub_credentials(body: bytes, account: Account) -> bytes:
+    """Mask an account's credentials (and any Anthropic key) in an error body the upstream
+    echoes, before it reaches a client that must never learn them."""
+    for secret in account_secrets(account):
+        body = body.replace(secret, b"[REDACTED]")
+    return CREDENTIAL_BYTES.sub(b"[REDACTED]", body)
+
+
+def same_length_mask(found: re.Match) -> bytes:
+    """Return a mask as long as what it hides."""
+    return b"[REDACTED]".ljust(len(found.group()), b"*")[:len(found.group())]
+
+
+def scrub_relayed(data: bytes, secrets: re.Pattern | None) -> bytes:
+    """Mask credentials in a piece of a relayed answer without changing its length, so that its
+    framing (Content-Length, chunk sizes) still holds: the account's own anywhere, any
+    Anthropic key in a stream's error event as in an error body."""
+    if secrets is not None:
+        data = secrets.sub(same_length_mask, data)
+    if b"event: error" in data and (b"sk-ant-" in data or b"cfk-" in data):
+        data = CREDENTIAL_BYTES.sub(same_length_mask, data)
+    return data
+
+
+def user_agent_product(user_agent: str | None) -> str | None:
+    """Return the first product of a User-Agent, such as claude-cli/2.1.3."""
+    return user_agent.split()[0][:100] if user_agent and user_agent.strip() else None
+
+
+class AnswerRelay(StrictHTTPHandler):
+    """Deliver upstream answers to the client: read whole, copied as sized, or relayed piece by
+    piece with their framing; and the SSE stream of a request that waits for a reset.
+
+    How the bytes move, apart from which account they came from (ProxyHandler).
+    """
+
+    #: The upstream answer being relayed, for shutdown to cut.
+    relaying: http.client.HTTPResponse | None = None
+    #: Whether a streaming request waiting for a reset has its 200 already (hold_s).
+    held_stream = False
+
+    def send_bytes(self, status: int, body: bytes, content_type: str,
+                   extra: Iterable[tuple[str, str]] = ()) -> None:
+        """Send a whole response in one write; into a held stream, as its end."""
+        if self.held_stream:
+            self.end_held_stream(status, body, None)
+            return
+        super().send_bytes(status, body, content_type, extra)
+
+    def send_answer(self, answer: Answer) -> None:
+        """Send an answer that was read whole, in one write (into a held stream: as its end)."""
+        if self.held_stream:
+            self.end_held_stream(answer.status, answer.body,
+                                 dict((name.lower(), value) for name, value in answer.headers)
+                                 .get("retry-after"))
+            return
+        headers = answer.headers + [("Content-Length", str(len(answer.body)))]
+        head = self.head_bytes(answer.status, answer.reason, headers)
+        self.wfile.write(head if self.command == "HEAD" else head + answer.body)
+
+    def open_held_stream(self) -> None:
+        """Answer a streaming request that is to wait: 200 and text/event-stream at once."""
+        headers = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
+        if self.request_version == "HTTP/1.1":
+            headers.append(("Transfer-Encoding", "chunked"))
+        else:
+            self.close_connection = True
+        self.wfile.write(self.head_bytes(200, "OK", headers))
+        self.held_stream = True
+
+    def write_held(self, data: bytes) -> None:
+        """Write to a held stream, in chunks when the client speaks HTTP/1.1."""
+        if self.request_version == "HTTP/1.1":
+            data = b"%X\r\n%s\r\n" % (len(data), data)
+        self.wfile.write(data)
+
+    def end_held_stream(self, status: int, body: bytes, retry_after: str | None) -> None:
+        """End a held stream with an answer read whole: a success as it came, an error as an
+        SSE `error` event (a 429's says when to try again)."""
+        if status < 400:
+            self.write_held(body)
+        else:
+            message = (Answer(status, "", [], body).error_message
+                       or http.client.responses.get(status, "Error"))
+            if status == 429 and retry_after:
+                message += f" (retry after {retry_after}s)"
+            self.write_held(sse_error_event(
+                message, "rate_limit_error" if status == 429 else "api_error"))
+        if self.request_version == "HTTP/1.1":
+            self.wfile.write(b"0\r\n\r\n")
+
+    def read_upstream(self, read: Callable[..., bytes], *args: Any) -> bytes:
+        """Read from the upstream, turning its failures into UpstreamError."""
+        try:
+            return read(*args)
+        except (OSError, http.client.HTTPException) as error:
+            raise UpstreamError(describe_network_error(
+                error, self.app.upstream.where, self.app.settings.request_timeout_s)) from None
+
+    def read_to_end(self, response: http.client.HTTPResponse,
+                    connection: http.client.HTTPConnection) -> bytes:
+        """Read an answer's whole body, keeping the connection if it stays usable."""
+        try:
+            data = self.read_upstream(response.read)
+        except UpstreamError:
+            connection.close()
+            raise
+        self.app.upstream.release(connection, response)
+        return data
+
+    def read_answer(self, response: http.client.HTTPResponse,
+                    connection: http.client.HTTPConnection) -> Answer:
+        """Read a whole (small or error) answer, keeping the connection if it stays usable."""
+        body = self.read_to_end(response, connection)
+        headers = [(name, value) for name, value in forwardable_headers(response.msg)
+                   if name.lower() != "content-length"]
+        return Answer(response.status, response.reason, headers, body)
+
+    def relay(self, response: http.client.HTTPResponse,
+              connection: http.client.HTTPConnection,
+              tap: Callable[[bytes], None]) -> str | None:
+        """Send the upstream's answer to the client unchanged, each piece as soon as it arrives.
+
+        `tap` sees a copy of each piece after the client has it. Return what went wrong on the
+        way, or None.
+        """
+        upstream = self.app.upstream
+        headers = [(name, value) for name, value in forwardable_headers(response.msg)
+                   if name.lower() != "content-length"]
+        status, reason = response.status, response.reason
+        self.relaying = response
+        try:
+            if self.held_stream:  # its 200 is out: the upstream's events follow the pings
+                self.relay_unsized(response, status, reason, headers, tap)
+            elif self.command == "HEAD" or status in (204, 304) or status < 200:
+                length = response.getheader("Content-Length")
+                if length is not None:
+                    headers.append(("Content-Length", length))
+                self.wfile.write(self.head_bytes(status, reason, headers))
+            elif response.length is not None:
+                headers.append(("Content-Length", str(response.length)))
+                self.wfile.write(self.head_bytes(status, reason, headers))
+                self.copy_body(response, self.wfile.write, tap)
+            else:
+                self.relay_unsized(response, status, reason, headers, tap)
+        except (ConnectionError, socket.timeout, TimeoutError):
+            # The client went away (or stopped reading): stop, and do not reuse the upstream side.
+            self.close_connection = True
+            connection.close()
+            component_logger("Proxy").info("Client disconnected during the response")
+            return "Client disconnected during the response"
+        except UpstreamError as error:
+            self.close_connection = True
+            connection.close()
+            if self.server.life.cutting:
+                component_logger("Proxy").warning("%s", self.cut_message())
+                return self.cut_message()
+            component_logger("Proxy").warning("Upstream failed during the response: %s", error)
+            return f"Upstream failed during the response: {error}"
+        except BaseException:
+            self.close_connection = True
+            connection.close()
+            raise
+        finally:
+            self.relaying = None
+        upstream.release(connection, response)
+        return None
+
+    def cut_message(self) -> str:
+        """Say that shutdown cut this answer short."""
+        return (f"Cut at shutdown: shutdown_timeout_s "
+                f"({self.app.settings.shutdown_timeout_s:g}s) ran out before the answer ended")
+
+    def relay_unsized(self, response: http.client.HTTPResponse, status: int, reason: str,
+                      headers: list[tuple[str, str]], tap: Callable[[bytes], None]) -> None:
+        """Relay a body of unknown length (SSE streams) piece by piece, each as it arrives.
+
+        An upstream's chunked body goes to an HTTP/1.1 client as it came, framing and all: one
+        write for whatever one read brought, however many events. When the upstream fails
+        mid-stream, an SSE client gets a proper `error` event and a clean end instead of a cut
+        connection.
+        """
+        chunked = self.request_version == "HTTP/1.1"
+        if chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        else:
+            self.close_connection = True
+        if not self.held_stream:
+            self.wfile.write(self.head_bytes(status, reason, headers))
+        write = self.wfile.write
+        if chunked:
+            def write(data: bytes) -> None:
+                self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+        tail = bytearray(b"\n\n")
+
+        def watch(data: bytes) -> None:
+            tail[:] = (tail + data[-2:])[-2:]
+            tap(data)
+
+        framing = ChunkedFraming() if chunked and response.chunked else None
+        try:
+            if framing is None:
+                self.copy_body(response, write, watch)
+            else:
+                self.copy_chunks(response, framing, watch)
+        except UpstreamError as error:
+            if "text/event-stream" not in (response.getheader("Content-Type") or ""):
+                raise
+            if framing is not None:
+                padding = framing.close_chunk()
+                if padding is None:
+                    self.close_connection = True
+                    raise
+                self.wfile.write(padding)
+                tail[:] = (tail + padding[:-2])[-2:]
+            separator = b"" if tail.endswith(b"\n\n") else b"\n\n"
+            write(separator + sse_error_event(self.cut_message() if self.server.life.cutting
+                                              else f"Upstream stream failed: {error}"))
+            self.close_connection = True
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+            raise
+        if chunked and framing is None:
+            self.wfile.write(b"0\r\n\r\n")
+
+    def copy_chunks(self, response: http.client.HTTPResponse, framing: ChunkedFraming,
+                    tap: Callable[[bytes], None]) -> None:
+        """Pass a chunked body through with its framing; `tap` sees the payload.
+
+        The response is read past http.client's chunk decoding, from the connection's buffer,
+        so it is closed here once the body ended: the connection may then be reused, unless
+        the upstream sent something after the body.
+        """
+        where = self.app.upstream.where
+        while not framing.done:
+            # Wait in peek, which fills the connection's read buffer, not in read1, which
+            # would wait in a new buffer of its own: a thousand streams, a thousand buffers.
+            self.read_upstream(response.fp.peek)
+            data = self.read_upstream(response.fp.read1, STREAM_READ_BYTES)
+            if not data:
+                raise UpstreamError(f"ECONNRESET: {where} closed the connection")
+            forward, payload = framing.feed(data)
+            if forward:
+                self.wfile.write(scrub_relayed(forward, self.secrets))
+            if payload:
+                tap(payload)
+            if framing.broken:
+                raise UpstreamError(f"ECONNRESET: {where} sent a broken chunked body "
+                                    f"({framing.broken})")
+        if framing.extra:
+            response.will_close = True
+        response.close()
+
+    def copy_body(self, response: http.client.HTTPResponse, write: Callable[[bytes], Any],
+                  tap: Callable[[bytes], None]) -> None:
+        """Copy a response body to the client as it arrives; `read1` never waits for more."""
+        while True:
+            data = self.read_upstream(response.read1, RELAY_CHUNK_BYTES)
+            if not data:
+                break
+            write(scrub_relayed(data, self.secrets))
+            tap(data)
+        if response.length:
+            raise UpstreamError(f"ECONNRESET: {self.app.upstream.where} ended the body "
+                                f"{response.length} bytes short")
+
+
+class ProxyHandler(Router, AnswerRelay):
+    """Relay /v1 requests over the pool's accounts.
+
+    A request travels down this class: the client key's limits (admit_key), the accounts to
+    try (proxy), each try and what its answer means (serve_from, send_via), a wait for a reset
+    (hold), delivering (deliver) and recording (finish_record).
+    """
+
+    server_version = "claudeflare/" + __version__
+
+    def setup(self) -> None:
+        super().setup()
+        #: The upstream answer being relayed, for shutdown to cut.
+        self.relaying: http.client.HTTPResponse | None = None
+        #: A body whose conversation is read once the answer is out (routing did not need it).
+        self.unread_conversation: bytes | None = None
+        #: The credentials of the account whose answer is relayed, masked in it.
+        self.secrets: re.Pattern | None = None
+        #: The request's body, for the model of an answer that names none.
+        self.request_body = b""
+        #: The request's model, where routing needs it (per-model windows); whether a streaming
+        #: request waiting for a reset has its 200 already, and until when it may wait (hold_s).
+        self.model: str | None = None
+        self.held_stream = False
+        self.hold_until: int | None = None
+
+    def upstream_headers(self, body: bytes) -> list[tuple[str, str]]:
+        """Build the headers sent upstream: the client's, minus hop-by-hop, for the upstream host.
+
+        Identity encoding is asked for so that usage can be read out of every response.
+        """
+        dropped = {"host", "content-length", "accept-encoding", self.key_header}
+        headers = [(name, value) for name, value in forwardable_headers(self.headers)
+                   if name.lower() not in dropped]
+        headers.append(("Host", self.app.upstream.host_header))
+        headers.append(("Accept-Encoding", "identity"))
+        if body or self.command in ("POST", "PUT", "PATCH"):
+            headers.append(("Content-Length", str(len(body))))
+        return headers
+
+    def proxy(self, accounts: list[Account]) -> None:
+        """Forward one /v1 request over the accounts in strategy order and relay the answer.
+
+        Rate limits, refused accounts and upstream failures move the request to the next
+        account before the client has seen a byte, streams included.
+        """
+        started = time.monotonic()
+        record = RequestRecord(id=self.app.new_request_id(), timestamp=now_ms(),
+                               method=self.command,
+                               path=self.target[:1000], client_key=self.key_name,
+                               user_agent=user_agent_product(self.headers.get("User-Agent")))
+        try:
+            body = self.read_body()
+        except RequestBodyError as error:
+            self.close_connection = True
+            self.send_json(error.status, self.error_body(error.status, str(error)))
+            self.finish_record(record, started, error.status, str(error))
+            self.discard_rest_of_request()
+            return
+        accounts = self.admit_key(body, accounts, record, started)
+        if accounts is None:
+            return
+        self.request_body = body
+        app, proxy_log = self.app, component_logger("Proxy")
+        # The conversation picks the account only when there is a choice (a sticky strategy
+        # over several accounts); otherwise it is read once the answer is out.
+        if len(accounts) > 1 and app.settings.lb_strategy in STICKY_STRATEGIES:
+            record.conversation = conversation_key(self.headers, body)
+        elif accounts:
+            self.unread_conversation = body
+        #: Who sends the request, as the API tells clients apart (Claude Code or not).
+        self.client = (f"key {self.key_name}" if self.key_name is not None
+                       else f"connection {self.connection_number}",
+                       f"{(self.headers.get('User-Agent') or '')[:200]}|"
+                       f"{self.headers.get('x-app', '')}")
+        #: The model, read only when an account has a per-model window that may refuse it.
+        self.model = (requested_model(body) if any(account.model_windows for account in accounts)
+                      else None)
+        self.held_stream, self.hold_until = False, None
+        candidates = app.accounts_to_try(accounts, record.conversation, record.timestamp,
+                                         self.client, self.model)
+        headers = self.upstream_headers(body)
+        while True:
+            if not candidates and accounts:
+                if not self.own_credentials():
+                    outcome, candidates = self.hold(record, started, body)
+                    if outcome == "ended":
+                        return
+                    if outcome == "ready":
+                        continue
+                    if self.all_limited(record, started):
+                        return
+                proxy_log.warning("No active accounts available; forwarding with the client's "
+                                  "own credentials")
+            if proxy_log.isEnabledFor(logging.DEBUG):
+                proxy_log.debug("%s %s: strategy %s, conversation %s, trying %s", self.command,
+                                record.path, app.settings.lb_strategy, record.conversation,
+                                ", ".join(account.name for account in candidates) or
+                                "client credentials")
+            tries, round_started = Tries(), time.monotonic()  # a wait for a reset is not spent
+            budget_s = app.settings.request_timeout_s
+            for account in candidates or [None]:  # None: the client's own credentials
+                if tries.count and time.monotonic() - round_started > budget_s:
+                    tries.last_error += f" (gave up after {budget_s:g}s, request_timeout_s)"
+                    break
+                if tries.claude_code_only and account is not None and account.type == "oauth":
+                    continue  # every subscription account would refuse it the same way
+                if self.serve_from(account, headers, body, record, tries, started):
+                    return
+            answer = tries.last_answer
+            if answer is not None and answer.status == 429:
+                self.model = self.model or requested_model(body)  # its weekly window may be why
+                if candidates:
+                    outcome, candidates = self.hold(record, started, body)
+                    if outcome == "ended":
+                        return
+                    if outcome == "ready":
+                        continue
+            break
+        record.failover_attempts = max(0, tries.count - 1)
+        if answer is None:
+            last_error = app.scrub(tries.last_error)
+            proxy_log.error("%s after %d attempts: %s", ALL_ACCOUNTS_FAILED, tries.count,
+                            last_error)
+            self.send_json(503, {"error": ALL_ACCOUNTS_FAILED, "attempts": tries.count,
+                                 "lastError": last_error})
+            self.finish_record(record, started, 503, f"{ALL_ACCOUNTS_FAILED}: {last_error}")
+            return
+        if answer.status == 429:
+            self.set_retry_after(answer, now_ms())
+        self.send_answer(answer)
+        self.finish_record(record, started, answer.status, answer.error_message or None)
+
+    def admit_key(self, body: bytes, accounts: list[Account], record: RequestRecord,
+                  started: float) -> list[Account] | None:
+        """Apply the client key's limits before any account is used: return the accounts it
+        may use, or answer its refusal and return None."""
+        key, ledger = self.client_key, self.app.key_ledger
+        if key is None:
+            return accounts
+        allowed = key_accounts(key, accounts)
+        if accounts and not allowed:
+            ledger.refused(key.name, "priority_floor")
+            refusal = KeyRefusal(403, "permission_error",
+                                 f"The claudeflare client key {key.name} may use only accounts "
+                                 f"of priority {key.priority_floor} or more, and the pool has "
+                                 f"none", "priority_floor")
+        else:
+            refusal = ledger.admit(key, requested_model(body) if key.models else None,
+                                   record.timestamp)
+        if refusal is None:
+            self.admitted = key.name
+            return allowed
+        component_logger("Proxy").warning("Refused %s %s: %s", self.command,
+                                          self.path.partition("?")[0], refusal.message)
+        self.send_json(refusal.status, anthropic_error(refusal.error_type, refusal.message),
+                       [("retry-after", str(refusal.retry_after_s))]
+                       if refusal.retry_after_s else [])
+        self.finish_record(record, started, refusal.status, refusal.message)
+        return None
+
+    def own_credentials(self) -> bool:
+        """Whether the client presents an Anthropic credential of its own (not a client key)."""
+        return any(header != self.key_header and secret.startswith("sk-ant-")
+                   for header, secret in presented_credentials(self.headers))
+
+    def all_limited(self, record: RequestRecord, started: float) -> bool:
+        """Answer 429 when every account is rate-limited and the client has no credentials.
+
+        Forwarding without credentials the API could accept (none, a client key, a placeholder
+        such as ANTHROPIC_API_KEY=claudeflare) could only fail, with a 401 that Claude Code
+        takes for a failed login; a 429 with retry-after set to the earliest reset lets the
+        client wait exactly as long as needed. When accounts are kept off the request's model
+        by its weekly window, the message names that window.
+        """
+        now = now_ms()
+        reset = self.app.earliest_reset(now, self.model)
+        if reset is None:
+            return False
+        family = self.app.refused_family(now, self.model)
+        if family:
+            message = (f"No account can serve {self.model} now: every account has reached its "
+                       f"weekly {family[len('seven_day_'):].capitalize()} limit ({family}) or "
+                       f"is rate limited; the first resets at {iso_time(reset)}")
+        else:
+            message = f"All accounts are rate limited; the first resets at {iso_time(reset)}"
+        answer = Answer(429, "Too Many Requests", [("Content-Type", "application/json")],
+                        json_bytes(anthropic_error("rate_limit_error", message)))
+        self.set_retry_after(answer, now)
+        self.send_answer(answer)
+        component_logger("Proxy").warning("No active accounts available: %s", message)
+        self.finish_record(record, started, 429, message)
+        return True
+
+    def hold(self, record: RequestRecord, started: float,
+             body: bytes) -> tuple[str, list[Account]]:
+        """Wait for the earliest reset within hold_s instead of answering 429 (see HoldQueue).
+
+        A streaming request gets its 200 and text/event-stream at once, then a ping every
+        HoldQueue.ping_interval_s. Return ("ready", the accounts to try now), ("skip", [])
+        when the request may not wait (hold_s off, no reset soon enough, hold_max waiting), or
+        ("ended", []) when the wait ended without an account (client gone, shutdown): then the
+        client has its answer and the request its record.
+        """
+        app, settings = self.app, self.app.settings
+        now = now_ms()
+        if self.hold_until is None:
+            self.hold_until = now + int(settings.hold_s * 1000)
+        reset = app.earliest_reset(now, self.model)
+        if not settings.hold_s or reset is None or reset > self.hold_until:
+            return "skip", []
+        outcome = "full" if app.holds.waiting >= settings.hold_max else None
+        if outcome is None:  # a stream past hold_max gets its 429 as a 429, not in a 200
+            if not self.held_stream and request_streams(body):
+                self.open_held_stream()
+            ping = (lambda: self.write_held(SSE_PING)) if self.held_stream else None
+            component_logger("Proxy").info("No account can serve a request now; waiting for "
+                                           "the reset at %s (hold_s)", iso_time(reset))
+            outcome = app.holds.wait(self, reset, settings.hold_max, ping,
+                                     lambda: client_gone(self.connection))
+        if outcome == "full":
+            component_logger("Proxy").warning("%d requests wait for a reset already (hold_max); "
+                                              "answering 429", settings.hold_max)
+            return "skip", []
+        if outcome == "ready":
+            try:
+                return "ready", app.accounts_to_try(app.accounts(), record.conversation,
+                                                    now_ms(), self.client, self.model)
+            finally:
+                app.holds.done(self)
+        self.close_connection = True
+        if outcome == "gone":
+            component_logger("Proxy").info("Client disconnected while waiting for a reset")
+            self.finish_record(record, started, 499, "Client disconnected while waiting for "
+                                                     "a reset; nothing was sent upstream")
+        else:
+            message = "claudeflare is shutting down; the request waited for a reset in vain"
+            self.send_json(503, anthropic_error("api_error", message))
+            self.finish_record(record, started, 503, message)
+        return "ended", []
+
+    def set_retry_after(self, answer: Answer, now: int) -> None:
+        """Point a 429's retry-after at the earliest reset among the accounts."""
+        reset = self.app.earliest_reset(now, self.model)
+        if reset is None:
+            return
+        answer.headers = [(name, value) for name, value in answer.headers
+                          if name.lower() not in ("retry-after", "retry-after-ms")]
+        answer.headers.append(("retry-after", str(max(1, -(-(reset - now) // 1000)))))
+
+    def serve_from(self, account: Account | None, headers: list[tuple[str, str]], body: bytes,
+                   record: RequestRecord, tries: Tries, started: float) -> bool:
+        """Try one account, retrying 5xx, 529 and network errors; return True once answered."""
+        app, settings, proxy_log = self.app, self.app.settings, component_logger("Proxy")
+        name = account.name if account else "client credentials"
+        delay_ms = float(settings.retry_delay_ms)
+        for retry in range(settings.retry_attempts + 1):
+            tries.count += 1
+            now = now_ms()
+            wait_ms: int | None = None
+            try:
+                response, connection, account = self.send_via(account, headers, body, now)
+                now = now_ms()  # the answer's headers are this recent
+                limit = parse_rate_limit(response.msg, now)
+                if account is not None:
+                    app.note_limits(account, limit, now)
+                if response.status < 400:
+                    if account is not None:
+                        app.note_served(account, limit, now)
+                    if account is not None and account.type == "oauth":
+                        app.forget_not_claude_code(self.client)
+                    self.deliver(response, connection, account, limit, record, tries, started)
+                    return True
+                answer = self.read_answer(response, connection)
+                if account is not None:
+                    answer.body = scrub_credentials(answer.body, account)
+            except TokenUnavailable as error:
+                tries.last_error = str(error)
+                proxy_log.warning("Skipping account %s: %s", name, error)
+                return False
+            except UpstreamError as error:
+                tries.last_error = str(error)
+                proxy_log.warning("Request via %s failed: %s", name, error)
+                if not error.retry:
+                    return False
+            else:
+                kind = failure_kind(answer, limit, account)
+                if kind != "claude_code_only" or tries.last_answer is None:
+                    # An answer from an account that could serve the client (a 429 and its
+                    # retry-after) says more than a subscription's refusal of the client.
+                    tries.last_answer = answer
+                tries.last_error = f"{answer.status} {answer.error_message or answer.reason}"
+                if kind == "client":
+                    record.failover_attempts = tries.count - 1
+                    self.take_record(record, account, started, streaming=False)
+                    self.send_answer(answer)
+                    self.finish_record(record, started, answer.status,
+                                       answer.error_message or None)
+                    return True
+                if kind == "claude_code_only":
+                    tries.claude_code_only = record.claude_code_only = True
+                    app.remember_not_claude_code(self.client, now)
+                    return False
+                proxy_log.warning("Request via %s got %s", name, tries.last_error)
+                if account is not None and kind == "rate_limited":
+                    app.mark_rate_limited(account, limit, now)
+                if account is not None and kind == "family_limited":
+                    proxy_log.warning(
+                        "Account %s has spent its weekly %s; it keeps serving other models",
+                        name, ", ".join(window for window, seen in limit.families.items()
+                                        if seen.get("status") in HARD_LIMIT_STATUSES))
+                if account is not None and kind == "refused":
+                    app.mark_needs_attention(account, tries.last_error)
+                if kind != "retry" or limit.should_retry is False:
+                    return False
+                wait_ms = limit.retry_after_ms
+            if retry == settings.retry_attempts:
+                return False
+            wait_ms = max(int(delay_ms), wait_ms or 0)
+            if wait_ms > MAX_RETRY_WAIT_MS:
+                return False
+            time.sleep(wait_ms / 1000)
+            delay_ms *= settings.retry_backoff
+        return False
+
+    def deliver(self, response: http.client.HTTPResponse,
+                connection: http.client.HTTPConnection, account: Account | None,
+                limit: RateLimit, record: RequestRecord, tries: Tries, started: float) -> None:
+        """Send a successful upstream answer to the client and record who served it."""
+        app = self.app
+        record.failover_attempts = tries.count - 1
+        streaming = "text/event-stream" in (response.getheader("Content-Type") or "")
+        self.take_record(record, account, started, streaming)
+        record.limits = limit
+        record.overage = limit.on_overage
+        if account is not None:
+            app.note_success(account)
+            app.bind_conversation(record.conversation, account, record.timestamp)
+        reader = UsageReader(streaming)
+        secrets = account_secrets(account) if account is not None else []
+        self.secrets = re.compile(b"|".join(map(re.escape, secrets))) if secrets else None
+        bodiless = self.command == "HEAD" or response.status in (204, 304)
+        if response.length is not None and response.length <= SMALL_BODY_BYTES and not bodiless:
+            try:
+                answer = self.read_answer(response, connection)
+            except UpstreamError as error:
+                self.close_connection = True
+                self.send_json(502, anthropic_error("api_error", str(error)))
+                self.finish_record(record, started, 502, str(error))
+                return
+            reader.feed(answer.body)
+            answer.body = scrub_relayed(answer.body, self.secrets)
+            self.send_answer(answer)
+            error = None
+        else:
+            error = self.relay(response, connection, reader.feed)
+        if account is not None and self.unread_conversation is not None:
+            self.read_conversation(record)
+            app.bind_conversation(record.conversation, account, record.timestamp)
+        self.finish_record(record, started, response.status, error, reader.finish())
+        name = account.name if account else "client credentials"
+        component_logger("Proxy").info(
+            "Request completed for %s: %d in %dms", name, response.status,
+            record.response_time_ms, extra={"fields": {
+                "account": name, "status": response.status, "ms": record.response_time_ms,
+                "model": record.model, "failovers": record.failover_attempts}})
+
+    def take_record(self, record: RequestRecord, account: Account | None, started: float,
+                    streaming: bool) -> None:
+        """Note in the record which account answered, and when the answer began."""
+        record.account_name = account.name if account else None
+        record.account_id = account.id if account else None
+        record.streaming = streaming
+        record.ttfb_ms = int((time.monotonic() - started) * 1000)
+
+    def send_via(self, account: Account | None, headers: list[tuple[str, str]], body: bytes,
+                 now: int) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection,
+                                    Account | None]:
+        """Send the request with one account's credentials, its OAuth token fresh.
+
+        An OAuth account whose token the upstream refuses (401) is refreshed once and the request
+        sent again on it; if the refresh fails, TokenUnavailable moves the request on.
+        """
+        app = self.app
+        if account is not None:
+            account = app.tokens.fresh(account, now)
+        response, connection = app.upstream.send(
+            self.command, self.target, with_credentials(headers, account), body,
+            app.settings.request_timeout_s)
+        if response.status == 401 and account is not None and account.type == "oauth":
+            self.read_to_end(response, connection)
+            component_logger("Proxy").warning("Upstream refused the token of account %s; "
+                                              "refreshing it", account.name)
+            refreshed = app.tokens.refresh(account, now)
+            if refreshed.access_token == account.access_token:
+                raise TokenUnavailable(f"The upstream refused the token of account "
+                                       f"{account.name} and no new one can be had right now")
+            account = refreshed
+            response, connection = app.upstream.send(
+                self.command, self.target, with_credentials(headers, account), body,
+                app.settings.request_timeout_s)
+        return response, connection, account
+
+    def read_conversation(self, record: RequestRecord) -> None:
+        """Fill in the record's conversation if reading it was put off until the answer."""
+        if self.unread_conversation is not None:
+            record.conversation = conversation_key(self.headers, self.unread_conversation)
+            self.unread_conversation = None
+
+    def finish_record(self, record: RequestRecord, started: float, status: int,
+                      error: str | None, usage: Usage | None = None) -> None:
+        """Complete a request's record (usage and cost too) and hand it to the writer."""
+        self.read_conversation(record)
+        record.status = status
+        record.success = status < 400 and error is None
+        record.error = self.app.scrub(error)[:2000] if error is not None else (
+            None if status < 400 else http.client.responses.get(status, "Error"))
+        record.path = self.app.scrub(record.path)
+        record.response_time_ms = int((time.monotonic() - started) * 1000)
+        if usage is not None:
+            record.model = usage.model
+            record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens
+            record.cache_creation_tokens = usage.cache_creation_tokens
+            record.cache_read_tokens = usage.cache_read_tokens
+            record.cost_usd = usage.cost()
+            generating_ms = record.response_time_ms - (record.ttfb_ms or 0 if record.streaming
+                                                       else 0)
+            if usage.output_tokens and generating_ms > 0:
+                record.tokens_per_second = round(usage.output_tokens * 1000 / generating_ms, 1)
+        self.app.key_ledger.add(record)
+        if record.model is None and status >= 400:
+            record.model = requested_model(self.request_body)
+        self.app.writer.record(record)
+
+
+###############################################################################
+# The server's life ###########################################################
+###############################################################################
+
+#: After this many requests were in flight at once, memory is given back once none is.
+RELEASE_AFTER_BUSIEST = 64
+
+
+class ServerLife:
+    """The server's life, apart from the pool: requests in flight, and shutdown.
+
+    Shutdown waits for the requests in flight (drain), then cuts the answers still being
+    relayed (cut_streams); the handler reaches it as server.life.
+    """
+
+    def __init__(self) -> None:
+        #: Requests in flight (their handlers), and the condition shutdown waits on.
+        self.handlers: set = set()
+        #: The most requests in flight at once since there were none.
+        self.busiest = 0
+        self.idle = threading.Condition()
+        #: Set once shutdown begins: requests that still arrive are turned away.
+        self.stopping = False
+        #: Set when shutdown_timeout_s ran out and the streams still running are cut.
+        self.cutting = False
+
+    @property
+    def running(self) -> int:
+        """How many requests are in flight."""
+        return len(self.handlers)
+
+    @contextlib.contextmanager
+    def in_flight(self, handler: Any) -> Iterator[None]:
+        """Count a request as in flight while it runs, so shutdown can wait for it.
+
+        When a burst of requests is over, the memory its threads used is given back.
+        """
+        with self.idle:
+            self.handlers.add(handler)
+            self.busiest = max(self.busiest, len(self.handlers))
+        try:
+            yield
+        finally:
+            with self.idle:
+                self.handlers.discard(handler)
+                burst_over = not self.handlers and self.busiest >= RELEASE_AFTER_BUSIEST
+                if len(self.handlers) <= 1:
+                    self.idle.notify_all()
+                if not self.handlers:
+                    self.busiest = 0
+            if burst_over:
+                release_free_memory()
+
+    def drain(self, timeout: float) -> int:
+        """Wait until no request is in flight (at most timeout s); return how many still are."""
+        with self.idle:
+            self.idle.wait_for(lambda: not self.handlers, timeout)
+            return len(self.handlers)
+
+    def settle(self, timeout: float) -> None:
+        """Wait until the asking request is the only one in flight (at most timeout s), so that
+        what the others answered is recorded."""
+        with self.idle:
+            self.idle.wait_for(lambda: len(self.handlers) <= 1, timeout)
+
+    def cut_streams(self) -> int:
+        """End the answers still being relayed once shutdown_timeout_s has run out.
+
+        Closing their upstream side makes each relay stop, send its client an SSE error event
+        and record the request as cut; return how many were cut.
+        """
+        self.cutting = True
+        with self.idle:
+            relaying = [handler.relaying for handler in self.handlers if handler.relaying]
+        for response in relaying:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                # The response's own socket: its connection may have let go of it already
+                # (an upstream answering Connection: close).
+                far = socket.socket(fileno=response.fp.fileno())
+                try:
+                    far.shutdown(socket.SHUT_RDWR)
+                finally:
+                    far.detach()
+        return len(relaying)
+
+
+class ProxyServer(http.server.ThreadingHTTPServer):
+    """The one listening socket: proxy, API and status page, a thread per client connection.
+
+    At most max_connections clients are served at once; one more is answered 503 at once, so a
+    flood of idle or slow clients cannot take a thread each without end.
+    """
+
+    daemon_threads = True
+    #: The default backlog of 5 drops connections in a burst of parallel clients.
+    request_queue_size = 1024
+    #: Seconds a request line and its headers may take to arrive, from their first byte: a
+    #: client trickling them cannot hold a thread past this.
+    head_deadline_s = 30.0
+
+    def __init__(self, address: tuple[str, int], app: App) -> None:
+        self.app = app
+        self.life = ServerLife()
+        self.connections = 0
+        self.connections_lock = threading.Lock()
+        self.turned_away = 0
+        super().__init__(address, ProxyHandler)
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        with self.connections_lock:
+            full = self.connections >= self.app.settings.max_connections
+            if not full:
+                self.connections += 1
+        if full:
+            self.turn_away(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError as error:  # no thread could be started
+            self.connection_done()
+            component_logger("Server").error("Cannot serve a connection: %s", error)
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connection_done()
+
+    def connection_done(self) -> None:
+        with self.connections_lock:
+            self.connections -= 1
+
+    def turn_away(self, request: socket.socket) -> None:
+        """Answer 503 on a connection past max_connections and close it, from the accept loop.
+
+        The answer is small enough for the socket's buffer, so this never blocks. An HTTPS
+        connection is closed without one: nothing can be said before a TLS handshake.
+        """
+        limit = self.app.settings.max_connections
+        body = json_bytes(self.RequestHandlerClass.error_body(
+            503, f"claudeflare is serving {limit} connections (max_connections); try again "
+                 f"shortly"))
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+        with contextlib.suppress(OSError):
+            if not isinstance(request, ssl.SSLSocket):
+                request.setblocking(False)
+                request.send(head.encode() + body)
+                request.recv(65536)  # what the client sent: closing with it unread would reset
+        self.shutdown_request(request)
+        self.turned_away += 1
+        if self.turned_away in (1, 10, 100) or self.turned_away % 1000 == 0:
+            component_logger("Server").warning(
+                "Turned away %d connections so far: max_connections (%d) are being served",
+                self.turned_away, limit)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Serve one connection, on its own thread; an HTTPS one after its TLS handshake."""
+        if isinstance(request, ssl.SSLSocket) and not tls_handshake(request, client_address):
+            return
+        super().finish_request(request, client_address)
+
+
+def machine_addresses() -> list[str]:
+    """Return the IPv4 addresses this machine is known by, loopback first (as far as the
+    standard library can tell: those its host name resolves to)."""
+    found = ["127.0.0.1"]
+    with contextlib.suppress(OSError):
+        for *_, address in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            if address[0] not in found:
+                found.append(address[0])
+    return found
+
+
+def make_server(settings: Settings, db_path: str) -> ProxyServer:
+    """Build the listening server for the settings' host and port, on the database at db_path."""
+    tls = server_tls_context(settings.tls_cert, settings.tls_key)
+    app = App(settings, Store(db_path))
+    try:
+        server = ProxyServer((settings.host, settings.port), app)
+    except OSError as error:
+        app.close()
+        where = f"Cannot listen on {settings.host}:{settings.port}"
+        if error.errno == errno.EADDRNOTAVAIL:
+            raise ClaudeflareError(
+                f"{where}: {settings.host} is not an address of this machine (it has "
+                f"{', '.join(machine_addresses())}). Bind one of those, or 0.0.0.0 for all of "
+                f"them, with --host or CLAUDEFLARE_HOST.") from None
+        if error.errno == errno.EADDRINUSE:
+            raise ClaudeflareError(f"{where}: {error.strerror}. Is another server running "
+                                   f"there? Choose another port with --port or PORT.") from None
+        raise ClaudeflareError(f"{where}: {error.strerror or error}") from None
+    if tls is not None:
+        # Accepting only wraps the socket; the handshake waits for the connection's thread.
+        server.socket = tls.wrap_socket(server.socket, server_side=True,
+                                        do_handshake_on_connect=False)
+    return server
 
 
 ###############################################################################
@@ -9000,21 +9243,21 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
-        app.stopping = True
+        server.life.stopping = True
         app.holds.close()  # requests waiting for a reset get their error now, not at the timeout
         app.stop_background()
         deadline = time.monotonic() + settings.shutdown_timeout_s
         server.server_close()
         server_log.info("Shutting down: waiting up to %gs for %d requests in flight",
-                        settings.shutdown_timeout_s, app.running)
-        print(f"stopping: waiting up to {settings.shutdown_timeout_s:g}s for {app.running} "
+                        settings.shutdown_timeout_s, server.life.running)
+        print(f"stopping: waiting up to {settings.shutdown_timeout_s:g}s for {server.life.running} "
               f"requests in flight (Ctrl+C again quits at once)", flush=True)
-        unfinished = app.drain(settings.shutdown_timeout_s)
+        unfinished = server.life.drain(settings.shutdown_timeout_s)
         if unfinished:
-            cut = app.cut_streams()
+            cut = server.life.cut_streams()
             server_log.warning("shutdown_timeout_s ran out with %d requests in flight; cut %d "
                                "answers short", unfinished, cut)
-            unfinished = app.drain(CUT_GRACE_S)
+            unfinished = server.life.drain(CUT_GRACE_S)
         if unfinished:
             server_log.warning("Stopped waiting with %d requests still in flight", unfinished)
         app.close(deadline)

@@ -686,14 +686,14 @@ class Proxy:
 
         A client has its answer a moment before the server has recorded it.
         """
-        wait_for(lambda: self.app.running == 0, what="requests in flight to finish")
+        wait_for(lambda: self.server.life.running == 0, what="requests in flight to finish")
         self.app.writer.flush()
 
     def stop(self) -> None:
         """Stop as `serve` does at SIGTERM: no new connections, drain, then write and close."""
         self.server.shutdown()
         self.server.server_close()
-        self.app.drain(DEADLINE_S)
+        self.server.life.drain(DEADLINE_S)
         self.app.close()
         self.thread.join()
 
@@ -1218,7 +1218,7 @@ class TestStreaming(ProxyTestCase):
         connection.close()
         gate.set()
         self.assertTrue(self.upstream.stream_aborted.wait(DEADLINE_S))
-        wait_for(lambda: self.proxy.app.running == 0, what="the handler thread to be freed")
+        wait_for(lambda: self.proxy.server.life.running == 0, what="the handler thread to be freed")
 
     def test_upstream_failure_mid_stream_becomes_an_error_event(self):
         events = message_events()
@@ -6098,7 +6098,7 @@ class TestClientKeyLimits(ServerWithAccounts):
         answer = self.proxy.request("POST", "/v1/messages", body,
                                     {"content-type": "application/json", "x-api-key": key})
         if counted:
-            wait_for(lambda: self.proxy.app.running == 0, what="the request to be counted")
+            wait_for(lambda: self.proxy.server.life.running == 0, what="the request to be counted")
         return answer
 
     def refusal(self, answer, status: int, error_type: str) -> str:
