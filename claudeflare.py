@@ -76,6 +76,19 @@ except ImportError:  # Windows locks files with msvcrt instead
     fcntl = None
     import msvcrt
 
+# Contents: `grep -n '^# .*####' claudeflare.py` prints the banners with their lines.
+#   Foundations   Constants & settings, Errors, Utilities, Logging, Settings
+#   The database  Database schema, Records, Storage, Request log writer
+#   Upstream      Upstream client, OAuth, Rate limits, Usage reads, Alerts, Usage & cost,
+#                 Client key limits, Strategies, TLS, Holds
+#   The request path, as a request meets it:
+#                 Strict HTTP/1.1 server (knows nothing of Claude), Access control (functions of
+#                 a request), The pool (App: accounts, marks, routing), Local API (the route
+#                 table), Status page, The front door (Router), The relay (ProxyHandler),
+#                 The server's life (in-flight requests, shutdown, the listening socket)
+#   Operations    Doctor, Service, CLI, serve, Logins: add, reauth, Commands, Argument parser,
+#                 main
+
 ###############################################################################
 # Constants & settings ########################################################
 ###############################################################################
@@ -1084,7 +1097,7 @@ def load_settings(config_path: str | None = None, flags: dict | None = None,
 
 
 ###############################################################################
-# Storage #####################################################################
+# Database schema #############################################################
 ###############################################################################
 
 #: The oldest SQLite with what the schema uses (UPSERT).
@@ -1271,6 +1284,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
+
+###############################################################################
+# Records #####################################################################
+###############################################################################
+
+# What the database holds, as the rest of the module sees it: accounts, client keys, request
+# records and alerts, each a dataclass read from its row.
 
 @dataclass
 class Account:
@@ -1536,6 +1556,10 @@ class Alert:
                 "message": self.message, "fix": self.fix, "time": iso_time(self.created_at),
                 "source": "claudeflare", "version": __version__}
 
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
 
 REQUEST_COLUMNS = tuple(field.name for field in dataclasses.fields(RequestRecord)
                         if field.name not in ("account_id", "limits"))
@@ -2114,6 +2138,13 @@ class Store:
         finally:
             target.close()
 
+
+###############################################################################
+# Request log writer ##########################################################
+###############################################################################
+
+# The one writer thread: request records and routing marks are written in batches behind the
+# requests, never on their path, and kept in memory while the database refuses them.
 
 #: How long the writer gathers records before one transaction writes them all.
 WRITE_BATCH_WINDOW_S = 0.05
@@ -9080,6 +9111,10 @@ def read_api_key() -> str:
     return key
 
 
+###############################################################################
+# serve #######################################################################
+###############################################################################
+
 class ServerLock:
     """One server per database: an OS lock on <database>.lock, which names its holder.
 
@@ -9268,6 +9303,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+###############################################################################
+# Logins: add, reauth #########################################################
+###############################################################################
+
 #: Where a login waits for a code from a browser on another machine.
 PASTE_PROMPT = "Paste the authorization code: "
 
@@ -9436,6 +9475,10 @@ def cmd_reauth(args: argparse.Namespace, settings: Settings) -> int:
     print(f"Logged in account {args.name} again ({who(tokens)})")
     return 0
 
+
+###############################################################################
+# Commands ####################################################################
+###############################################################################
 
 def short_time(ms: int | None, now: int) -> str:
     """Format a time for a table: '-' for none, else local date and time with minutes."""
@@ -9960,6 +10003,10 @@ def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
     print(f"Stopped claudeflare and removed {path}")
     return 0
 
+
+###############################################################################
+# Argument parser #############################################################
+###############################################################################
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the command-line parser: global options, then one subcommand per action."""
