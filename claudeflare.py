@@ -4846,11 +4846,11 @@ def budget_alerts(key: ClientKey, usage: KeyUsage) -> list[Alert]:
             continue
         reached = crossed[-1] == 100
         owner = f" (owner {key.owner})" if key.owner else ""
+        share = "reached" if reached else f"used {spent / budget * 100:.0f}% of"
+        then = "it is refused until the budget resets" if reached else "it resets"
         alerts.append(Alert(
-            "key_budget_reached", f"Client key {key.name}{owner} has "
-            f"{'reached' if reached else f'used {spent / budget * 100:.0f}% of'} its {period} "
-            f"budget: {usd(spent)} spent of {usd(budget)}; "
-            f"{'it is refused until the budget resets' if reached else 'it resets'} at "
+            "key_budget_reached", f"Client key {key.name}{owner} has {share} its {period} "
+            f"budget: {usd(spent)} spent of {usd(budget)}; {then} at "
             f"{iso_time(usage.resets[period])}",
             f"python3 claudeflare.py keys set {shlex.quote(key.name)} --budget-{period} USD",
             None, f"key_budget_reached:{key.name}:{period}:{crossed[-1]}:"
