@@ -1524,7 +1524,7 @@ ALERT_STORE_WAIT_S = 0.5
 ALERT_SEVERITIES = {
     "account_needs_login": "error", "refresh_failing": "error", "pool_exhausted": "critical",
     "pool_recovered": "info", "overage_started": "warning", "window_threshold": "warning",
-    "records_unsaved": "critical", "test": "info"}
+    "records_unsaved": "critical", "key_budget_reached": "warning", "test": "info"}
 INSERT_ALERT = ("INSERT INTO alerts (created_at, event, severity, account_name, condition, "
                 "message, fix) VALUES (?, ?, ?, ?, ?, ?, ?)")
 
@@ -1545,10 +1545,11 @@ class Alert:
     #: or after alert_repeat_s.
     condition: str = ""
     created_at: int = 0
+    #: The event's own (ALERT_SEVERITIES) unless one moment of it is graver.
+    severity: str = ""
 
-    @property
-    def severity(self) -> str:
-        return ALERT_SEVERITIES[self.event]
+    def __post_init__(self) -> None:
+        self.severity = self.severity or ALERT_SEVERITIES[self.event]
 
     def payload(self) -> dict:
         """Return the alert as the JSON format and alert_command send it."""
@@ -4023,8 +4024,9 @@ REPEATED_EVENTS = frozenset({"account_needs_login", "refresh_failing", "pool_exh
 #: A condition that comes back within this long of its last alert waits out the rest of it:
 #: a flapping pool sends one exhausted/recovered pair per quarter hour, not one a minute.
 ALERT_QUIET_MS = 15 * 60 * 1000
-#: Conditions once alerted per episode are remembered this long (longer than any window).
-ALERT_MEMORY_MS = 8 * DAY_S * 1000
+#: Conditions once alerted per episode are remembered this long (longer than any window or
+#: client key budget's month).
+ALERT_MEMORY_MS = 32 * DAY_S * 1000
 #: Alerts waiting for delivery; past this, the oldest are dropped (and counted).
 ALERT_QUEUE_MAX = 100
 #: How often the alert thread looks at the pool's state.
@@ -4164,6 +4166,9 @@ class Watched:
     #: Request records the database refused, and since when (time.monotonic()), if any.
     records_held: int = 0
     held_since: float | None = None
+    #: Client keys at a threshold of a budget, said by the ledger that counts their spending
+    #: (KeyLedger.budgets_reached).
+    key_budgets: list[Alert] = dataclasses.field(default_factory=list)
 
 
 def login_fix(account: Account) -> str:
@@ -4230,7 +4235,7 @@ def held_conditions(watched: Watched, now: int, settings: Settings, held: float,
             f"{held - watched.held_since:.0f}s: the database refuses them (locked by another "
             f"process, or the disk is full)",
             "python3 claudeflare.py doctor", None, "records_unsaved"))
-    return alerts
+    return alerts + watched.key_budgets
 
 
 @dataclass
@@ -4716,6 +4721,8 @@ PERIODS = ("day", "week", "month")
 #: The window of --rpm, and the retry-after (s) a refusal for load (--max-concurrent) carries.
 RPM_WINDOW_MS = 60_000
 BUSY_RETRY_S = 1
+#: The percentages of a budget at which key_budget_reached is alerted: a warning, the limit.
+KEY_BUDGET_THRESHOLDS = (80, 100)
 
 
 def weighted_tokens(input_tokens: int, output_tokens: int, cache_creation_tokens: int,
@@ -4869,6 +4876,30 @@ def over_limit(key: ClientKey, reason: str, limit: str, spent: str, reset: int,
                       max(1, -(-(reset - now) // 1000)))
 
 
+def budget_alerts(key: ClientKey, usage: KeyUsage) -> list[Alert]:
+    """Return key_budget_reached for each budget a key spent 80% or 100% of: one condition per
+    period and threshold, and the period's end in it, so each is alerted once per period."""
+    alerts = []
+    for period in PERIODS:
+        budget, spent = getattr(key, f"budget_{period}"), usage.spent[period]
+        crossed = [threshold for threshold in KEY_BUDGET_THRESHOLDS
+                   if budget and spent * 100 >= budget * threshold]
+        if not crossed:
+            continue
+        reached = crossed[-1] == 100
+        owner = f" (owner {key.owner})" if key.owner else ""
+        share = "reached" if reached else f"used {spent / budget * 100:.0f}% of"
+        then = "it is refused until the budget resets" if reached else "it resets"
+        alerts.append(Alert(
+            "key_budget_reached", f"Client key {key.name}{owner} has {share} its {period} "
+            f"budget: {usd(spent)} spent of {usd(budget)}; {then} at "
+            f"{iso_time(usage.resets[period])}",
+            f"python3 claudeflare.py keys set {shlex.quote(key.name)} --budget-{period} USD",
+            None, f"key_budget_reached:{key.name}:{period}:{crossed[-1]}:"
+            f"{usage.resets[period]}", severity="critical" if reached else ""))
+    return alerts
+
+
 @dataclass
 class KeySpend:
     """One client key's running totals: per period, (its start, USD, weighted tokens)."""
@@ -4974,6 +5005,10 @@ class KeyLedger:
         """Return what a key spent and its load now."""
         with self.lock:
             return self.spends[name].usage(self.bounds(now), now)
+
+    def budgets_reached(self, keys: list[ClientKey], now: int) -> list[Alert]:
+        """Return what alerts watch of the keys: each budget spent to a threshold."""
+        return [alert for key in keys for alert in budget_alerts(key, self.usage(key.name, now))]
 
     def metrics(self, keys: list[ClientKey], now: int) -> list[str]:
         """Write each key's spending, budgets and refusals in the Prometheus text format."""
@@ -6061,11 +6096,12 @@ class App:
         self.snapshot()
 
     def watched(self) -> Watched:
-        """Return what alerts watch: accounts, failing refreshes, records the database refused."""
+        """Return what alerts watch: accounts, failing refreshes, unsaved records, key budgets."""
         with self.tokens.lock:
             failures = dict(self.tokens.refresh_failures)
         return Watched(self.accounts(), self.earliest_reset(now_ms()), failures,
-                       len(self.writer.unwritten), self.writer.failing_since)
+                       len(self.writer.unwritten), self.writer.failing_since,
+                       self.key_ledger.budgets_reached(self.client_keys(), now_ms()))
 
     def accounts(self) -> list[Account]:
         """Return the accounts, re-read from the database whenever anyone changed it.

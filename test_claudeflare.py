@@ -6168,6 +6168,50 @@ class TestClientKeyLimits(ServerWithAccounts):
         self.assertIn("month budget (budget_month): $0.3000 spent of $0.2500",
                       self.refusal(self.post_as(key), 429, "rate_limit_error"))
 
+    def test_key_budget_reached_is_alerted_once_at_80_and_once_at_100_percent(self):
+        hook = WebhookReceiver()
+        self.addCleanup(hook.close)
+        self.ok("config", "set", "alert_url", hook.url())
+        key = self.new_key("alice", "--owner", "Alice Martin", "--budget-day", "0.5")
+        self.upstream.push(costly_answer(), costly_answer(50_000), costly_answer(10_000),
+                           costly_answer(20_000))
+
+        def alerted(count: int) -> list[dict]:
+            return wait_for(lambda: len(hook.events("key_budget_reached")) >= count
+                            and hook.events("key_budget_reached"), what=f"{count} alerts")
+
+        self.assertEqual(self.post_as(key)[0], 200)  # $0.30: 60%
+        self.assertEqual(self.post_as(key)[0], 200)  # $0.45: 90%
+        alerted(1)
+        self.assertEqual(self.post_as(key)[0], 200)  # $0.48: 96%, still the 80% condition
+        # Each budget set later is alerted later: a repeat of the day's would come first.
+        self.ok("keys", "set", "alice", "--budget-week", "0.55")  # 87%
+        alerted(2)
+        self.assertEqual(self.post_as(key)[0], 200)  # $0.54: 108% (98% of the week)
+        alerted(3)
+        self.refusal(self.post_as(key), 429, "rate_limit_error")
+        self.ok("keys", "set", "alice", "--budget-month", "0.5")
+        alerts = alerted(4)
+        fix = "python3 claudeflare.py keys set alice --budget-"
+        self.assertEqual([(alert["severity"], alert["account"], alert["fix"])
+                          for alert in alerts],
+                         [("warning", None, fix + "day USD"), ("warning", None, fix + "week USD"),
+                          ("critical", None, fix + "day USD"),
+                          ("critical", None, fix + "month USD")])
+        day_end = datetime.datetime.now(BUDGET_ZONE).replace(
+            hour=0, minute=0, second=0, microsecond=0) + datetime.timedelta(days=1)
+        resets = claudeflare.iso_time(int(day_end.timestamp() * 1000))
+        self.assertEqual(alerts[0]["message"], "Client key alice (owner Alice Martin) has used "
+                         f"90% of its day budget: $0.4500 spent of $0.5000; it resets at {resets}")
+        self.assertEqual(alerts[2]["message"], "Client key alice (owner Alice Martin) has "
+                         "reached its day budget: $0.5400 spent of $0.5000; it is refused until "
+                         f"the budget resets at {resets}")
+        self.assertEqual(len(hook.events()), 4)
+        stored = self.proxy.app.client_keys()[0]
+        for text in hook.texts():
+            for secret in (key, "cfk-", stored.key_hash, stored.salt, "T0SECRET"):
+                self.assertNotIn(secret, text)
+
     def test_the_token_limit_weighs_cache_reads_as_the_price_table_does(self):
         key = self.new_key("carol", "--tokens-day", "25")
         self.upstream.push(costly_answer(input_tokens=10, cache_read=100),
