@@ -396,6 +396,17 @@ def hang(gate: threading.Event):
     return action
 
 
+def send_in_pieces(handler: FakeHandler, data: bytes, piece: int | None) -> None:
+    """Write a raw answer whole, or in pieces of `piece` bytes that arrive one by one."""
+    try:
+        for start in range(0, len(data), piece or len(data)):
+            handler.wfile.write(data[start:start + (piece or len(data))])
+            if piece:
+                time.sleep(0.0005)
+    except OSError:  # the proxy refused what it read so far
+        handler.close_connection = True
+
+
 def drop_connection(handler: FakeHandler, request: Recorded) -> None:
     """Close the connection without answering."""
     handler.close_connection = True
@@ -1204,6 +1215,28 @@ class TestUpstreamConnections(ProxyTestCase):
             self.assertEqual(self.post_message()[0], 200)
         self.assertEqual(len(self.upstream.requests), 20)
         self.assertEqual(self.upstream.connections, 1)
+
+    def test_answer_heads_are_read_alike_whole_or_in_pieces_crlf_or_lf_folded_or_not(self):
+        head = ("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Folded: one\r\n"
+                "\ttwo\r\nanthropic-ratelimit-unified-status:  allowed \r\nX-Empty:\r\n"
+                "Content-Length: 2\r\nX-Last: end\r\n\r\n")
+        for ending in ("\r\n", "\n"):
+            for piece in (None, 7):
+                data = head.replace("\r\n", ending).encode() + b"{}"
+                self.upstream.push(lambda handler, request: send_in_pieces(handler, data, piece))
+                status, headers, body = self.post_message()
+                shape = f"{ending!r} in pieces of {piece}"
+                self.assertEqual((status, body), (200, b"{}"), shape)
+                self.assertEqual(headers["X-Folded"], "one two", shape)
+                self.assertEqual(headers["anthropic-ratelimit-unified-status"], "allowed", shape)
+                self.assertEqual((headers["X-Empty"], headers["X-Last"]), ("", "end"), shape)
+        self.assertEqual(self.upstream.connections, 1)  # each answer ended where it should
+        for piece in (None, 7):  # past 100 header lines: refused, whole or in pieces
+            data = (b"HTTP/1.1 200 OK\r\n" + b"X-Many: 1\r\n" * 101
+                    + b"Content-Length: 0\r\n\r\n")
+            self.upstream.push(lambda handler, request: send_in_pieces(handler, data, piece))
+            status, _, body = self.post_message()
+            assert_all_accounts_failed(self, status, body, 1, "header line")
 
     def test_pooled_connection_closed_by_upstream_is_retried_on_a_fresh_one(self):
         self.upstream.push(reply_then_close_silently)
