@@ -1870,8 +1870,8 @@ class BackgroundWriter:
 # Upstream client #############################################################
 ###############################################################################
 
-#: The name and the value of a (name, value) header pair.
-FIRST, SECOND = operator.itemgetter(0), operator.itemgetter(1)
+#: The name and the value of a (name, value) header pair; the third part of a partition.
+FIRST, SECOND, THIRD = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(2)
 
 
 class Headers:
@@ -1945,7 +1945,7 @@ def read_header_block(stream: Any) -> Headers:
         if "\n " not in text and "\n\t" not in text:  # nothing folded: every line a header
             parts = list(map(str.partition, lines, itertools.repeat(":")))
             return Headers(list(zip(map(str.strip, map(FIRST, parts)),
-                                    map(str.strip, map(operator.itemgetter(2), parts)))))
+                                    map(str.strip, map(THIRD, parts)))))
     else:
         lines = []
         while True:
@@ -4709,6 +4709,8 @@ def resolve_dot_segments(path: str) -> str:
 
 #: What RFC 9110 allows in a method or a header name.
 HTTP_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: Header lines, each a token, a colon and a value, ending in LF.
+HEADER_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\n]*\n)*")
 #: A request target in origin form: a path (and query) of visible ASCII characters.
 ORIGIN_FORM = re.compile(rb"/[!-~]*")
 HTTP_VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
@@ -4948,6 +4950,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """Read header lines: names must be tokens, values free of control characters."""
         if len(lines) > MAX_HEADER_LINES:
             raise RequestRefused(431, f"More than {MAX_HEADER_LINES} header lines")
+        # Every line checked at once; line by line only to say what is wrong, if anything.
+        block = b"\n".join(lines + [b""]).replace(b"\r\n", b"\n")
+        if len(block) <= MAX_HEADER_LINE_BYTES and HEADER_LINES.fullmatch(block) and \
+                not FORBIDDEN_HEAD_BYTES.search(block):
+            parts = list(map(str.partition, block.decode("latin-1").split("\n")[:-1],
+                             itertools.repeat(":")))
+            return Headers(list(zip(map(FIRST, parts),
+                                    map(str.strip, map(THIRD, parts), itertools.repeat(" \t")))))
         pairs: list[tuple[str, str]] = []
         for line in lines:
             if line.endswith(b"\r"):
