@@ -1924,9 +1924,10 @@ MAX_HEADER_LINE_BYTES = 65536
 
 def head_end(data: bytes, start: int = 0) -> int:
     """Return where the header block ends (just past its blank line) in data, or -1."""
-    ends = [index + size for index, size in ((data.find(b"\n\r\n", start), 3),
-                                             (data.find(b"\n\n", start), 2)) if index >= 0]
-    return min(ends) if ends else -1
+    crlf, lf = data.find(b"\n\r\n", start), data.find(b"\n\n", start)
+    if crlf < 0 or 0 <= lf < crlf:
+        return lf + 2 if lf >= 0 else -1
+    return crlf + 3
 
 
 def read_header_block(stream: Any) -> Headers:
