@@ -2146,8 +2146,8 @@ def request_head(method: str, target: str, headers: list[tuple[str, str]]) -> by
         raise ValueError(f"URL can't contain non-ASCII characters: {target!r}")
     names = "\n".join(map(FIRST, headers)) + "\n" if headers else ""
     values = "".join(map(SECOND, headers))
-    if not (names.isascii() and HEADER_NAMES.fullmatch(names)) or "\r" in values or \
-            "\n" in values:
+    if not (names.isascii() and HEADER_NAMES.fullmatch(names)) or \
+            names.count("\n") != len(headers) or "\r" in values or "\n" in values:
         # Something to look at closely (folded values pass): find what is wrong, if anything.
         for name, value in headers:
             if not (name.isascii() and HEADER_NAME.fullmatch(name)):

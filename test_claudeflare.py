@@ -1238,6 +1238,13 @@ class TestUpstreamConnections(ProxyTestCase):
             status, _, body = self.post_message()
             assert_all_accounts_failed(self, status, body, 1, "header line")
 
+    def test_a_credential_that_would_split_the_request_head_is_never_sent(self):
+        self.proxy.app.store.add_account("bad", "api_key", 1,
+                                         api_key="sk-ant-api03-bad\r\nX-Injected: 1")
+        status, _, body = self.post_message()
+        assert_all_accounts_failed(self, status, body, 1, "a header value is not valid HTTP")
+        self.assertEqual(self.upstream.messages(), [])
+
     def test_pooled_connection_closed_by_upstream_is_retried_on_a_fresh_one(self):
         self.upstream.push(reply_then_close_silently)
         self.assertEqual(self.post_message()[0], 200)
