@@ -787,614 +787,6 @@ def raw_http(port: int, data: bytes, timeout: float = DEADLINE_S) -> bytes:
 
 
 ###############################################################################
-# Proxy core ##################################################################
-###############################################################################
-
-class TestRelay(ProxyTestCase):
-    """Requests and answers pass through unchanged, byte for byte."""
-
-    def test_five_megabyte_body_is_relayed_byte_exact_both_ways(self):
-        payload = os.urandom(5 * 1024 * 1024)
-        status, headers, body = self.proxy.request(
-            "POST", "/v1/echo", payload, {"content-type": "application/octet-stream"})
-        self.assertEqual(status, 200)
-        self.assertEqual(hashlib.sha256(self.upstream.requests[0].body).digest(),
-                         hashlib.sha256(payload).digest())
-        self.assertEqual(body, payload)
-        self.assertEqual(headers["X-Body-Sha256"], hashlib.sha256(payload).hexdigest())
-
-    def test_chunked_request_body_is_relayed(self):
-        payload = b'{"model":"claude-sonnet-4-5","messages":[]}' * 1000
-        connection = self.proxy.connect()
-        self.addCleanup(connection.close)
-        connection.request("POST", "/v1/echo", body=iter([payload[:100], payload[100:]]),
-                           headers={"Transfer-Encoding": "chunked"}, encode_chunked=True)
-        response = connection.getresponse()
-        self.assertEqual(response.read(), payload)
-        self.assertEqual(self.upstream.requests[0].headers["Content-Length"], str(len(payload)))
-        self.assertIsNone(self.upstream.requests[0].headers["Transfer-Encoding"])
-
-    def test_query_string_and_headers_are_kept_and_hop_by_hop_headers_dropped(self):
-        status, _, _ = self.post_message(path="/v1/messages?beta=true", headers={
-            "anthropic-beta": "tools-2024", "X-Custom": "kept", "Connection": "keep-alive, X-Hop",
-            "X-Hop": "dropped", "Keep-Alive": "timeout=5", "TE": "trailers",
-            "Proxy-Authorization": "Basic abc", "Accept-Encoding": "gzip, br"})
-        self.assertEqual(status, 200)
-        seen = self.upstream.requests[0]
-        self.assertEqual(seen.target, "/v1/messages?beta=true")
-        self.assertEqual(seen.headers["X-Custom"], "kept")
-        self.assertEqual(seen.headers["anthropic-beta"], "tools-2024")
-        self.assertEqual(seen.headers["Host"], self.upstream.url.split("//")[1])
-        self.assertEqual(seen.headers["Accept-Encoding"], "identity")
-        for name in ("X-Hop", "Keep-Alive", "TE", "Proxy-Authorization"):
-            self.assertIsNone(seen.headers[name], name)
-        self.assertNotIn("X-Hop", seen.headers.get("Connection", ""))
-
-    def test_response_status_and_headers_come_back_without_hop_by_hop_ones(self):
-        self.upstream.push(reply_json(418, {"ok": True}, headers=[
-            ("X-Upstream", "yes"), ("Connection", "X-Secret-Hop"), ("X-Secret-Hop", "1"),
-            ("Keep-Alive", "timeout=5"), ("anthropic-ratelimit-unified-status", "allowed")]))
-        status, headers, body = self.post_message()
-        self.assertEqual((status, json.loads(body)), (418, {"ok": True}))
-        self.assertEqual(headers["X-Upstream"], "yes")
-        self.assertEqual(headers["anthropic-ratelimit-unified-status"], "allowed")
-        self.assertEqual(headers["request-id"], "req_fake")
-        self.assertIsNone(headers["X-Secret-Hop"])
-        self.assertIsNone(headers["Keep-Alive"])
-
-    def test_client_error_from_upstream_is_passed_through(self):
-        self.upstream.push(reply_error(400, "invalid_request_error", "max_tokens: required"))
-        status, _, body = self.post_message()
-        self.assertEqual(status, 400)
-        self.assertEqual(json.loads(body)["error"]["message"], "max_tokens: required")
-        self.assertEqual(len(self.upstream.requests), 1)
-
-    def test_get_and_head_requests_are_relayed(self):
-        status, _, body = self.proxy.request("GET", "/v1/models")
-        self.assertEqual((status, json.loads(body)["data"][0]["id"]), (200, "claude-sonnet-4-5"))
-        status, headers, body = self.proxy.request("HEAD", "/v1/models")
-        self.assertEqual((status, body), (200, b""))
-        self.assertEqual(headers["Content-Length"], str(len(json.dumps(
-            {"data": [{"id": "claude-sonnet-4-5", "type": "model"}]}, separators=(",", ":")))))
-        self.assertEqual(self.upstream.requests[-1].method, "HEAD")
-        self.upstream.push(lambda handler, request: handler.wfile.write(
-            b"HTTP/1.1 204 No Content\r\nrequest-id: req_fake\r\n\r\n"))
-        status, headers, body = self.proxy.request("DELETE", "/v1/files/file_1")
-        self.assertEqual((status, body, headers["Content-Length"]), (204, b"", None))
-
-    def test_client_connection_is_kept_alive_across_requests(self):
-        connection = self.proxy.connect()
-        self.addCleanup(connection.close)
-        client_ports = set()
-        for method, path, body in (("GET", "/v1/models", None),
-                                   ("POST", "/v1/messages", b'{"model":"claude-sonnet-4-5"}'),
-                                   ("POST", "/v1/messages", b'{"stream":true}'),
-                                   ("GET", "/v1/models", None), ("GET", "/health", None),
-                                   ("GET", "/api/stats", None)):
-            connection.request(method, path, body=body)
-            response = connection.getresponse()
-            self.assertEqual(response.status, 200, path)
-            self.assertTrue(response.read(), path)
-            # http.client reconnects silently after `Connection: close`: its own port shows
-            # whether the requests really share one connection.
-            self.assertIsNotNone(connection.sock, f"{method} {path} closed the connection")
-            client_ports.add(connection.sock.getsockname()[1])
-        self.assertEqual(len(client_ports), 1)
-        self.assertEqual(len(self.upstream.requests), 4)
-
-    def test_other_paths_get_provider_error(self):
-        for method, path in (("GET", "/v2/messages"), ("POST", "/api/unknown"),
-                             ("GET", "/v1beta"), ("GET", "/favicon.ico")):
-            status, _, body = self.proxy.request(method, path, b"{}" if method == "POST" else None)
-            self.assertEqual(status, 404, path)
-            self.assertEqual(json.loads(body),
-                             {"error": "Provider cannot handle this request path"})
-        self.assertEqual(self.upstream.requests, [])
-
-    def test_foreign_host_names_are_refused_on_loopback(self):
-        for host in ("evil.example:8080", "attacker.test"):
-            status, _, body = self.proxy.request("GET", "/api/stats", headers={"Host": host})
-            self.assertEqual(status, 403, host)
-            self.assertIn("answers only localhost names", json.loads(body)["error"])
-            self.assertEqual(self.proxy.request("POST", "/v1/messages", b"{}",
-                                                {"Host": host})[0], 403)
-        self.assertEqual(self.upstream.requests, [])
-        for host in ("localhost:8080", "127.0.0.1", "[::1]:8080", "app.localhost"):
-            self.assertEqual(self.proxy.request("GET", "/health", headers={"Host": host})[0],
-                             200, host)
-
-    def test_health_answers(self):
-        status, _, body = self.proxy.request("GET", "/health")
-        health = json.loads(body)
-        self.assertEqual((status, health["status"]), (200, "ok"))
-        self.assertEqual(health["accounts"]["total"], 0)
-        self.assertEqual(health["version"], claudeflare.__version__)
-        self.assertIn("uptime", health)
-
-
-class TestRequestLimits(ProxyTestCase):
-    """Bodies over 32 MB are refused without being read into memory."""
-
-    def test_a_body_of_exactly_the_limit_passes(self):
-        payload = b"x" * claudeflare.MAX_BODY_BYTES
-        status, _, body = self.proxy.request("POST", "/v1/echo", payload)
-        self.assertEqual((status, len(body)), (200, len(payload)))
-
-    def test_oversized_content_length_gets_413_without_sending_the_body(self):
-        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
-                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                         % (claudeflare.MAX_BODY_BYTES + 1))
-            reply = sock.makefile("rb")
-            self.assertIn(b" 413 ", reply.readline())
-            headers = http.client.parse_headers(reply)
-            error = json.loads(reply.read(int(headers["Content-Length"])))
-            reply.close()
-        self.assertEqual(error["type"], "error")
-        self.assertEqual(error["error"]["type"], "request_too_large")
-        self.assertEqual(headers["Connection"], "close")
-        self.assertEqual(self.upstream.requests, [])
-
-    def test_client_still_sending_its_oversized_body_reads_the_413(self):
-        size = claudeflare.MAX_BODY_BYTES + 1024 * 1024
-        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
-                         b"Content-Length: %d\r\n\r\n" % size)
-            with contextlib.suppress(OSError):
-                sock.sendall(b"x" * size)
-            reply = sock.makefile("rb")
-            self.assertIn(b" 413 ", reply.readline())
-            reply.close()
-
-    def test_oversized_chunked_body_gets_413(self):
-        chunk = b"x" * (1024 * 1024)
-        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n")
-            try:
-                for _ in range(40):
-                    sock.sendall(b"%X\r\n%s\r\n" % (len(chunk), chunk))
-            except OSError:
-                pass  # the proxy answered and closed while we were still sending
-            reply = sock.makefile("rb")
-            self.assertIn(b" 413 ", reply.readline())
-            reply.close()
-        self.assertEqual(self.upstream.requests, [])
-
-    def test_malformed_content_length_gets_400(self):
-        reply = raw_http(self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
-                                          b"Content-Length: ten\r\n\r\n")
-        self.assertIn(b" 400 ", reply.split(b"\r\n")[0])
-        self.assertIn(b"invalid_request_error", reply)
-
-
-def raw_answer(port: int, data: bytes, timeout: float = DEADLINE_S) -> tuple[int, dict, dict]:
-    """Send raw bytes; return the status, headers and JSON body of the answer (then closed)."""
-    reply = raw_http(port, data, timeout)
-    head, _, body = reply.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), headers, json.loads(body)
-
-
-class TestHostileRequests(ProxyTestCase):
-    """Web pages, broken clients and smugglers get a clear 4xx, and no account is used."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.proxy.app.store.add_account("work", "api_key", 1, api_key="sk-ant-api03-work")
-
-    def test_names_that_only_begin_with_127_are_not_loopback(self):
-        for host in ("127.0.0.1.evil.example", "127.evil.example", "127.0.0.1.nip.io:8080",
-                     "[::1"):
-            status, _, body = self.proxy.request("GET", "/api/accounts", headers={"Host": host})
-            self.assertEqual(status, 403, host)
-            self.assertNotIn(b"work", body)
-            self.assertEqual(self.proxy.request("POST", "/v1/messages", b"{}",
-                                                {"Host": host})[0], 403, host)
-            origin = f"http://{host}"
-            self.assertEqual(self.proxy.request("POST", "/api/accounts/work/pause", b"{}", {
-                "Host": host, "Origin": origin, "Content-Type": "application/json"})[0], 403)
-        self.assertEqual(self.upstream.requests, [])
-        self.assertFalse(self.proxy.app.store.account("work").paused)
-        for host in ("127.0.0.1", "127.1.2.3:80", "[::1]", "localhost", "app.localhost:1"):
-            self.assertEqual(self.proxy.request("GET", "/api/accounts",
-                                                headers={"Host": host})[0], 200, host)
-
-    def test_cross_site_requests_to_v1_are_refused_before_any_account_is_used(self):
-        page = {"Content-Type": "text/plain", "anthropic-version": "2023-06-01"}
-        for browser in ({"Origin": "https://evil.example"}, {"Origin": "null"},
-                        {"Origin": "http://[::1"},
-                        {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
-            status, headers, body = self.proxy.request("POST", "/v1/messages", b"{}",
-                                                       {**page, **browser})
-            self.assertEqual(status, 403, browser)
-            self.assertEqual(json.loads(body)["error"]["type"], "permission_error")
-            self.assertIsNone(headers["Access-Control-Allow-Origin"])
-        status, headers, _ = self.proxy.request("OPTIONS", "/v1/messages", headers={
-            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "x-api-key"})
-        self.assertEqual(status, 403)
-        self.assertIsNone(headers["Access-Control-Allow-Origin"])
-        self.assertEqual(self.upstream.requests, [])
-        own = {"Origin": self.proxy.url, "Sec-Fetch-Site": "same-origin"}
-        for client in ({}, own):  # API clients send neither header; the page itself is fine
-            self.assertEqual(self.proxy.request("POST", "/v1/messages", b"{}", client)[0], 200)
-        self.assertEqual(len(self.upstream.requests), 2)
-
-    def test_cross_site_request_with_a_client_key_is_served(self):
-        key = self.proxy.app.store.add_client_key("page")
-        status, _, _ = self.proxy.request("POST", "/v1/messages", b"{}", {
-            "Origin": "https://tool.example", "x-api-key": key})
-        self.assertEqual(status, 200)
-        self.assertEqual(self.upstream.requests[0].headers["x-api-key"], "sk-ant-api03-work")
-
-    def test_paths_that_leave_v1_are_refused(self):
-        for path in ("/v1/../api/oauth/claude_cli/create_api_key",
-                     "/v1/%2e%2e/api/oauth/claude_cli/create_api_key",
-                     "/v1/%2E%2E/%2e%2e/x", "/v1/./../api/stats", "/v1/..",
-                     "/v1/messages/%2e%2e%2f%2e%2e%2fapi", "/v1/a%5c..%5c..%5capi"):
-            status, _, body = raw_answer(self.proxy.port, f"POST {path} HTTP/1.1\r\n"
-                                         f"Host: localhost\r\nContent-Length: 2\r\n\r\n{{}}"
-                                         .encode())
-            self.assertEqual(status, 400, path)
-            self.assertEqual(body["error"]["type"], "invalid_request_error")
-        self.assertEqual(self.upstream.requests, [])
-        status, _, _ = raw_answer(self.proxy.port, b"POST /v1/./x/../messages?beta=true "
-                                  b"HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n"
-                                  b"Connection: close\r\n\r\n{}")
-        self.assertEqual(status, 200)
-        self.assertEqual(self.upstream.requests[0].target, "/v1/messages?beta=true")
-
-    def test_invalid_header_names_and_values_are_refused_and_the_pool_stays_in_step(self):
-        for header in (b"Bad Name: x", b"Name : x", b"(x): y", b"NoColon", b"X-A: a\rb",
-                       b"X-A: a\x00b", b"X-A: a\x7fb"):
-            status, headers, body = raw_answer(
-                self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
-                + header + b"\r\nContent-Length: 2\r\n\r\n{}")
-            self.assertEqual((status, headers["Connection"]), (400, "close"), header)
-            self.assertEqual(body["error"]["type"], "invalid_request_error")
-        self.assertEqual(self.upstream.requests, [])
-        for _ in range(3):
-            self.assertEqual(self.proxy.request("POST", "/v1/messages", b"{}")[0], 200)
-        self.assertEqual([r.headers["x-api-key"] for r in self.upstream.requests],
-                         ["sk-ant-api03-work"] * 3)
-        self.assertEqual(self.upstream.connections, 1)  # one pooled connection, still in step
-        self.assertEqual(self.proxy.app.store.account("work").needs_reauth, 0)
-
-    def test_ambiguous_framing_is_refused_with_the_rfc_status(self):
-        cases = {
-            b"Content-Length: 2\r\nContent-Length: 3\r\n": 400,
-            b"Content-Length: 2, 3\r\n": 400,
-            b"Transfer-Encoding: gzip\r\n": 501,
-            b"Transfer-Encoding: gzip, chunked\r\n": 501,
-            b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n": 400,
-            "Content-Length: \u0662\r\n".encode(): 400,
-            b"Content-Length: -2\r\n": 400,
-            b"Content-Length: 2\r\nHost: evil.example\r\n": 400,
-        }
-        for headers, expected in cases.items():
-            status, answer_headers, body = raw_answer(
-                self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
-                + headers + b"\r\n{}")
-            self.assertEqual(status, expected, headers)
-            self.assertEqual(answer_headers["Connection"], "close")
-            self.assertIn("message", body["error"])
-        for line, expected in ((b"GET /v1/models HTTP/2.0", 505),
-                               (b"GET /v1/models HTTP/0.9", 505), (b"GET /v1/models", 400),
-                               (b"\x16\x03\x01\x02\x00", 400),
-                               (b"GET /v1/models HTTP/1.1 extra", 400),
-                               (b"G(T /v1/models HTTP/1.1", 400),
-                               (b"BREW /v1/models HTTP/1.1", 501)):
-            status, _, body = raw_answer(self.proxy.port, line + b"\r\nHost: localhost\r\n\r\n")
-            self.assertEqual(status, expected, line)
-            self.assertEqual(body["type"], "error")
-        status, _, body = raw_answer(self.proxy.port, "GET /api/requests?limit=\u0661\u0662 "
-                                     "HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-                                     .encode())
-        self.assertEqual(status, 400)
-        self.assertEqual(self.upstream.requests, [])
-
-    def test_long_chunk_lines_never_hide_a_request(self):
-        hidden = b"GET /v1/models?x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        chunked = (b"POST /v1/echo HTTP/1.1\r\nHost: localhost\r\n"
-                   b"Transfer-Encoding: chunked\r\n\r\n")
-        # A 1 KB extension is read whole: "ab" is the body, the next request only carries text.
-        second = b"0\r\n\r\n" + hidden
-        head = (b"POST /v1/echo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-                b"Content-Length: %d\r\nX-Pad: " % len(second))
-        head += b"p" * (166 - 2 - len(head)) + b"\r\n"  # a cut line would end right there
-        reply = raw_http(self.proxy.port, chunked + b"2;" + b"e" * 1022 + b"zz\r\nab\r\n0\r\n"
-                         b"\r\n" + head + b"\r\n" + second)
-        self.assertEqual([(r.method, r.body) for r in self.upstream.requests],
-                         [("POST", b"ab"), ("POST", second)])
-        self.assertEqual(reply.count(b"HTTP/1.1 200 "), 2)
-        # Lines past the bound, or a trailer hiding a request line, end the connection.
-        for body, status in ((b"2;" + b"e" * 5000 + b"\r\nab\r\n0\r\n\r\n", 400),
-                             (b"2\r\nab\r\n0\r\nX-T: " + b"t" * 1019 + b"\r\n", 400),
-                             (b"2\r\nab\r\n0\r\nX-T: " + b"t" * 5000 + b"\r\n\r\n", 431),
-                             (b"2\r\nab\r\n0\r\n" + b"X-T: t\r\n" * 3000 + b"\r\n", 431)):
-            reply = raw_http(self.proxy.port, chunked + body + hidden)
-            self.assertEqual(reply.count(b"HTTP/1.1 "), 1, body[:20])
-            status_line, _, rest = reply.partition(b"\r\n")
-            self.assertIn(b" %d " % status, status_line)
-            self.assertIn(b"Connection: close", rest.partition(b"\r\n\r\n")[0])
-        self.assertEqual(len(self.upstream.requests), 2)
-
-    def test_client_mistakes_get_400_at_once_without_trying_accounts(self):
-        status, _, body = raw_answer(self.proxy.port, "POST /v1/messages/caf\u00e9 HTTP/1.1\r\n"
-                                     "Host: localhost\r\nContent-Length: 2\r\n\r\n{}"
-                                     .encode())
-        self.assertEqual(status, 400)
-        self.assertIn("visible ASCII", body["error"]["message"])
-        status, _, body = raw_answer(self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: "
-                                     b"localhost\r\nanthropic-beta: a\rb\r\nContent-Length: "
-                                     b"2\r\n\r\n{}")
-        self.assertEqual(status, 400)
-        self.assertEqual(self.upstream.requests, [])
-
-    def test_headers_trickled_past_the_deadline_get_408_and_free_the_thread(self):
-        self.proxy.server.head_deadline_s = 0.5
-        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
-            started = time.monotonic()
-            sock.sendall(b"GET /health HTTP/1.1\r\n")
-            reply = b""
-            for _ in range(40):
-                with contextlib.suppress(OSError):
-                    sock.sendall(b"X")
-                ready, _, _ = select.select([sock], [], [], 0.1)
-                if ready:
-                    reply = sock.recv(65536)
-                    break
-            elapsed = time.monotonic() - started
-        self.assertIn(b" 408 ", reply.split(b"\r\n")[0])
-        self.assertIn(b"Connection: close", reply)
-        self.assertLess(elapsed, 2.0)
-        self.assertGreater(elapsed, 0.4)
-
-    def test_connections_past_max_connections_get_503_and_the_others_are_served(self):
-        self.proxy.app.settings.values["max_connections"] = 3
-        held = [self.proxy.connect() for _ in range(3)]
-        for connection in held:
-            self.addCleanup(connection.close)
-            connection.connect()
-        wait_for(lambda: self.proxy.server.connections == 3, what="three connections served")
-        status, headers, body = raw_answer(self.proxy.port, b"GET /health HTTP/1.1\r\n"
-                                           b"Host: localhost\r\n\r\n")
-        self.assertEqual((status, headers["Connection"]), (503, "close"))
-        self.assertIn("max_connections", body["error"]["message"])
-        held[0].request("POST", "/v1/messages", b"{}")
-        self.assertEqual(held[0].getresponse().status, 200)  # a held connection still works
-        held[1].close()
-        wait_for(lambda: self.proxy.server.connections == 2, what="a connection to end")
-        self.assertEqual(self.proxy.request("GET", "/health")[0], 200)
-
-
-class TestHostileBodies(ProxyTestCase):
-    """Bodies built to break a parser cost the client its request at most, never the server."""
-
-    def test_a_body_nested_too_deep_to_parse_is_relayed_and_the_connection_stays_in_step(self):
-        self.proxy.app.store.add_account("a", "api_key", 1, api_key="sk-ant-api03-aaaa")
-        deep = b'{"messages": [' + b'{"x": ' * 20000 + b'1' + b'}' * 20000 + b']}'
-        connection = self.proxy.connect()
-        self.addCleanup(connection.close)
-        for accounts in (1, 2):  # the conversation read after the answer, then before routing
-            if accounts == 2:
-                self.proxy.app.store.add_account("b", "api_key", 1, api_key="sk-ant-api03-bbbb")
-            connection.request("POST", "/v1/echo", deep)
-            response = connection.getresponse()
-            self.assertEqual((response.status, response.read()), (200, deep))
-            connection.request("GET", "/v1/models")  # the same connection answers in step
-            response = connection.getresponse()
-            self.assertEqual(response.status, 200)
-            self.assertIn(b"claude-sonnet-4-5", response.read())
-        self.proxy.settle()
-        self.assertEqual(self.proxy.app.store.query(
-            "SELECT COUNT(*) FROM requests WHERE path = '/v1/echo'")[0][0], 2)
-        self.assertNotIn("Unexpected error", CAPTURED_LOG.text())
-
-    def test_a_huge_chunk_cut_short_ends_the_stream_without_padding_it(self):
-        def cut_in_a_huge_chunk(handler, request) -> None:
-            handler.start_chunked()
-            handler.send_chunk(message_events()[0])
-            handler.wfile.write(b"40000000\r\nevent: content_block_delta")
-            handler.close_connection = True
-            handler.connection.shutdown(socket.SHUT_RDWR)
-
-        self.upstream.push(cut_in_a_huge_chunk)
-        started = time.monotonic()
-        connection = self.proxy.connect()
-        self.addCleanup(connection.close)
-        connection.request("POST", "/v1/messages", b'{"stream": true}')
-        response = connection.getresponse()
-        received = response.read1(65536)
-        with self.assertRaises(http.client.IncompleteRead):
-            while response.read(65536):
-                pass
-        self.assertLess(time.monotonic() - started, 5)
-        self.assertTrue(received.startswith(b"event: message_start"))
-        self.assertNotIn("Unexpected error", CAPTURED_LOG.text())
-
-
-class TestStreaming(ProxyTestCase):
-    """SSE events reach the client the moment they arrive."""
-
-    def test_first_event_arrives_while_upstream_holds_back_the_rest(self):
-        gate = threading.Event()
-        self.addCleanup(gate.set)
-        events = message_events()
-        self.upstream.push(reply_stream(events, hold_after=1, gate=gate))
-        connection = self.proxy.connect(timeout=DEADLINE_S / 3)  # well before the gate gives up
-        self.addCleanup(connection.close)
-        connection.request("POST", "/v1/messages", body=b'{"stream":true}',
-                           headers={"content-type": "application/json"})
-        response = connection.getresponse()
-        self.assertEqual(response.getheader("Content-Type"), "text/event-stream")
-        first = response.read1(65536)  # a proxy holding the event back times out here
-        # The fake marks itself holding just after it sent the first event: wait for the mark.
-        self.assertTrue(self.upstream.holding.wait(DEADLINE_S))
-        self.assertFalse(gate.is_set())
-        self.assertEqual(first, events[0])
-        gate.set()
-        self.assertEqual(first + response.read(), b"".join(events))
-
-    def test_fifty_megabyte_stream_passes_whole(self):
-        events = [sse("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                              "delta": {"type": "text_delta", "text": "x" * 8000}})
-                  ] * 6400
-        self.upstream.push(reply_stream(events))
-        status, _, body = self.post_message(stream=True)
-        self.assertEqual(status, 200)
-        self.assertEqual(hashlib.sha256(body).digest(),
-                         hashlib.sha256(b"".join(events)).digest())
-
-    def test_client_disconnect_mid_stream_closes_upstream_side(self):
-        gate = threading.Event()
-        self.addCleanup(gate.set)
-        self.upstream.push(keep_streaming_until_client_gone(gate))
-        connection = self.proxy.connect()
-        connection.request("POST", "/v1/messages", body=b'{"stream":true}')
-        response = connection.getresponse()
-        self.assertTrue(response.read1(65536).startswith(b"event: message_start"))
-        response.close()
-        connection.close()
-        gate.set()
-        self.assertTrue(self.upstream.stream_aborted.wait(DEADLINE_S))
-        wait_for(lambda: self.proxy.server.life.running == 0, what="the handler thread to be freed")
-
-    def test_upstream_failure_mid_stream_becomes_an_error_event(self):
-        events = message_events()
-        self.upstream.push(reply_stream(events, drop_after=3))
-        status, _, body = self.post_message(stream=True)
-        self.assertEqual(status, 200)
-        self.assertTrue(body.startswith(b"".join(events[:3])))
-        tail = body[len(b"".join(events[:3])):]
-        self.assertTrue(tail.startswith(b"event: error\ndata: "), tail)
-        error = json.loads(tail.split(b"data: ", 1)[1])
-        self.assertEqual(error["error"]["type"], "api_error")
-
-    def test_upstream_cut_inside_a_chunk_or_sending_broken_chunks_ends_in_an_error_event(self):
-        events = message_events()
-        for rest, sent in ((b"%X\r\n%s" % (len(events[1]), events[1][:10]), events[1][:10]),
-                           (b"zz\r\n" + events[1] + b"\r\n", b""),
-                           (b"%X\r\n%sjunk" % (len(events[1]), events[1]), events[1])):
-            def cut(handler: FakeHandler, request: Recorded) -> None:
-                handler.start_chunked()
-                handler.send_chunk(events[0])
-                handler.wfile.write(rest)
-                handler.close_connection = True
-                handler.connection.shutdown(socket.SHUT_RDWR)
-            self.upstream.push(cut)
-            status, _, body = self.post_message(stream=True)
-            self.assertEqual(status, 200)
-            self.assertTrue(body.startswith(events[0] + sent), body)
-            tail = body[len(events[0] + sent):].lstrip(b"\n")
-            self.assertTrue(tail.startswith(b"event: error\ndata: "), tail)
-            self.assertTrue(body.endswith(b"\n\n"), body)
-
-
-class TestUpstreamConnections(ProxyTestCase):
-    """Upstream connections are pooled, reused, and their failures are clear."""
-
-    settings = {"request_timeout_s": 0.5, "retry_attempts": 0}
-
-    def test_connections_are_reused_across_requests(self):
-        for _ in range(20):
-            self.assertEqual(self.post_message()[0], 200)
-        self.assertEqual(len(self.upstream.requests), 20)
-        self.assertEqual(self.upstream.connections, 1)
-
-    def test_answer_heads_are_read_alike_whole_or_in_pieces_crlf_or_lf_folded_or_not(self):
-        head = ("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Folded: one\r\n"
-                "\ttwo\r\nanthropic-ratelimit-unified-status:  allowed \r\nX-Empty:\r\n"
-                "Content-Length: 2\r\nX-Last: end\r\n\r\n")
-        for ending in ("\r\n", "\n"):
-            for piece in (None, 7):
-                data = head.replace("\r\n", ending).encode() + b"{}"
-                self.upstream.push(lambda handler, request: send_in_pieces(handler, data, piece))
-                status, headers, body = self.post_message()
-                shape = f"{ending!r} in pieces of {piece}"
-                self.assertEqual((status, body), (200, b"{}"), shape)
-                self.assertEqual(headers["X-Folded"], "one two", shape)
-                self.assertEqual(headers["anthropic-ratelimit-unified-status"], "allowed", shape)
-                self.assertEqual((headers["X-Empty"], headers["X-Last"]), ("", "end"), shape)
-        self.assertEqual(self.upstream.connections, 1)  # each answer ended where it should
-        for piece in (None, 7):  # past 100 header lines: refused, whole or in pieces
-            data = (b"HTTP/1.1 200 OK\r\n" + b"X-Many: 1\r\n" * 101
-                    + b"Content-Length: 0\r\n\r\n")
-            self.upstream.push(lambda handler, request: send_in_pieces(handler, data, piece))
-            status, _, body = self.post_message()
-            assert_all_accounts_failed(self, status, body, 1, "header line")
-
-    def test_a_credential_that_would_split_the_request_head_is_never_sent(self):
-        self.proxy.app.store.add_account("bad", "api_key", 1,
-                                         api_key="sk-ant-api03-bad\r\nX-Injected: 1")
-        status, _, body = self.post_message()
-        assert_all_accounts_failed(self, status, body, 1, "a header value is not valid HTTP")
-        self.assertEqual(self.upstream.messages(), [])
-
-    def test_pooled_connection_closed_by_upstream_is_retried_on_a_fresh_one(self):
-        self.upstream.push(reply_then_close_silently)
-        self.assertEqual(self.post_message()[0], 200)
-        wait_for(lambda: claudeflare.connection_is_stale(self.proxy.app.upstream.idle[0]),
-                 what="the upstream to close its side")
-        status, _, body = self.post_message()
-        self.assertEqual(status, 200, body)
-        self.assertEqual(self.upstream.connections, 2)
-
-    def test_request_meeting_a_connection_the_upstream_dropped_is_sent_again_once(self):
-        self.assertEqual(self.post_message()[0], 200)  # connection 1 now waits in the pool
-        # Connection 1 looks alive when it is taken, then closes on the request it carries:
-        # as when the upstream's idle timeout fires just as the proxy sends.
-        self.upstream.push(drop_connection)
-        status, _, body = self.post_message()
-        self.assertEqual(status, 200, body)  # retry_attempts is 0: only the resend can do this
-        dropped, resent = self.upstream.requests[1:]
-        self.assertEqual((dropped.connection, resent.connection), (1, 2))
-        self.assertEqual(dropped.body, resent.body)
-        self.upstream.push(drop_connection, drop_connection)
-        status, _, body = self.post_message()
-        assert_all_accounts_failed(self, status, body, 1, "ECONNRESET")
-        self.assertEqual(len(self.upstream.requests), 5)  # sent again once, not twice
-
-    def test_upstream_that_hangs_times_out_with_a_clear_error(self):
-        gate = threading.Event()
-        self.addCleanup(gate.set)
-        self.upstream.push(hang(gate))
-        status, _, body = self.post_message()
-        assert_all_accounts_failed(self, status, body, 1, "ETIMEDOUT")
-
-    def test_upstream_silent_in_the_middle_of_a_stream_gives_an_error_event(self):
-        gate = threading.Event()
-        self.addCleanup(gate.set)
-        events = message_events()
-        self.upstream.push(reply_stream(events, hold_after=2, gate=gate))
-        status, _, body = self.post_message(stream=True)
-        self.assertEqual(status, 200)
-        self.assertTrue(body.startswith(b"".join(events[:2])))
-        tail = body[len(b"".join(events[:2])):]
-        self.assertTrue(tail.startswith(b"event: error\n"), tail)
-        self.assertIn(b"ETIMEDOUT", tail)
-
-    def test_upstream_that_drops_the_connection_gives_a_clear_error(self):
-        self.upstream.push(drop_connection, drop_connection)
-        status, _, body = self.post_message()
-        self.assertEqual(status, 503)
-        self.assertIn("ECONNRESET", json.loads(body)["lastError"])
-
-
-class TestUnreachableUpstream(unittest.TestCase):
-    def test_refused_connection_gives_all_accounts_failed(self):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            closed_port = probe.getsockname()[1]
-        proxy = Proxy(f"http://127.0.0.1:{closed_port}", retry_attempts=0)
-        self.addCleanup(proxy.close)
-        status, _, body = proxy.request("POST", "/v1/messages", b"{}")
-        assert_all_accounts_failed(self, status, body, 1, "ECONNREFUSED")
-
-
-###############################################################################
 # Settings, storage and the account commands ##################################
 ###############################################################################
 
@@ -4366,6 +3758,1159 @@ class TestUsageReads(ServerWithAccounts):
 
 
 ###############################################################################
+# Alerts ######################################################################
+###############################################################################
+
+class WebhookReceiver:
+    """A local webhook destination: records every alert that arrives, and can answer 500 or
+    hang (hold the connection without a word until released) when told to."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.received: list[tuple[str, dict, bytes]] = []
+        #: What to do with the next posts, in order: 500 or "hang"; then 200.
+        self.faults: collections.deque = collections.deque()
+        self.hanging = threading.Event()
+        self.released = threading.Event()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    receiver.received.append((self.path, dict(self.headers), body))
+                    fault = receiver.faults.popleft() if receiver.faults else 200
+                if fault == "hang":
+                    receiver.hanging.set()
+                    receiver.released.wait(DEADLINE_S * 3)
+                    self.close_connection = True
+                    return
+                self.send_response(fault)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    def url(self, path: str = "/hook/T0SECRET/B0SECRET") -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def events(self, name: str | None = None) -> list[dict]:
+        """The JSON alerts that arrived (optionally of one event), oldest first."""
+        with self.lock:
+            bodies = [json.loads(body) for _, _, body in self.received]
+        return [body for body in bodies if name is None or body.get("event") == name]
+
+    def texts(self) -> list[str]:
+        with self.lock:
+            return [body.decode() for _, _, body in self.received]
+
+    def close(self) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+ALERT_SCRIPT = """import json, os, sys
+alert = json.load(sys.stdin)
+with open(sys.argv[1], "a") as out:
+    out.write(json.dumps({"alert": alert, "event": os.environ["CLAUDEFLARE_ALERT_EVENT"],
+                          "severity": os.environ["CLAUDEFLARE_ALERT_SEVERITY"]}) + "\\n")
+if os.path.exists(sys.argv[1] + ".fail"):
+    sys.stderr.write("mailbox full\\nsecond line\\n")
+    sys.exit(3)
+"""
+
+
+class TestAlerts(ServerWithAccounts):
+    """Each event comes from its real condition, in each format, once; sending never slows a
+    request, and no secret leaves."""
+
+    alert_format = "json"
+
+    def setUp(self) -> None:
+        self.hook = WebhookReceiver()
+        self.addCleanup(self.hook.close)
+        self.settings = {"alert_url": self.hook.url(), "alert_format": self.alert_format}
+        super().setUp()
+        self.addCleanup(self.hook.released.set)  # before the server stops
+        self.alerts = self.proxy.app.alerts
+        self.alerts.retry_delays_s = (0.05, 0.05)
+
+    def arrived(self, count: int = 1, event: str | None = None) -> list:
+        """Wait for count alerts (of an event) at the receiver; return them."""
+        return wait_for(lambda: len(self.hook.events(event)) >= count and
+                        self.hook.events(event), what=f"{count} {event or 'alerts'}")
+
+    def api_alerts(self) -> list[dict]:
+        return json.loads(self.proxy.request("GET", "/api/alerts")[2])["alerts"]
+
+    def assert_no_secret_anywhere(self, *secrets: str) -> None:
+        """Neither the webhook's path nor a credential in what went out or is shown."""
+        shown = [*self.hook.texts(), self.proxy.request("GET", "/api/alerts")[2].decode(),
+                 self.proxy.request("GET", "/api/config")[2].decode(),
+                 self.proxy.request("GET", "/")[2].decode(), self.ok("alerts", "list"),
+                 CAPTURED_LOG.text()]
+        for text in shown:
+            for secret in ("T0SECRET", "sk-ant-") + secrets:
+                self.assertNotIn(secret, text)
+
+    def test_a_refused_refresh_sends_account_needs_login_once(self):
+        access, refresh = self.add_oauth("max", expires_in_ms=-1000)
+        self.add_key("spare")
+        self.upstream.oauth.failures.append((400, {
+            "error": "invalid_grant", "error_description": f"Refresh token {refresh} revoked"}))
+        for _ in range(3):
+            self.assertEqual(self.post_message()[0], 200)
+        alert = self.arrived(event="account_needs_login")[0]
+        self.assertEqual((alert["severity"], alert["account"], alert["fix"]),
+                         ("error", "max", "python3 claudeflare.py reauth max"))
+        self.assertIn("Account max needs a new login: refresh refused", alert["message"])
+        self.assertIn("[REDACTED] revoked", alert["message"])
+        self.upstream.push_for("sk-ant-api03-spare", reply_json(
+            200, message_body(), unified_headers("allowed", 3600, five_hour=0.81)))
+        self.assertEqual(self.post_message()[0], 200)
+        self.arrived(event="window_threshold")  # a later alert: a repeat would have come first
+        self.assertEqual(len(self.hook.events("account_needs_login")), 1)
+        stored = wait_for(lambda: [alert for alert in self.api_alerts()
+                                   if alert["event"] == "account_needs_login"
+                                   and alert["deliveries"][0]["result"] == "sent"],
+                          what="the delivery to be recorded")
+        self.assertEqual(stored[0]["deliveries"][0]["destination"], "127.0.0.1")
+        self.assertEqual(stored[0]["deliveries"][0]["answer"], "200 OK")
+        self.assertIn("account_needs_login", self.ok("alerts", "list"))
+        page = self.proxy.request("GET", "/")[2].decode()
+        self.assertIn("<h2>Alerts</h2>", page)
+        self.assertIn("127.0.0.1: sent (200 OK)", page)
+        metrics = self.proxy.request("GET", "/metrics")[2].decode().splitlines()
+        self.assertIn('claudeflare_alerts_total{event="account_needs_login",result="sent"} 1',
+                      metrics)
+        self.assert_no_secret_anywhere(access[10:], refresh[10:])
+
+    def test_a_usage_read_over_a_threshold_is_alerted_without_any_request(self):
+        self.upstream.oauth.usage_answer = {"five_hour": usage_window(15.0, 7200),
+                                            "seven_day": usage_window(96.0, 3 * 86400)}
+        self.add_oauth("max")
+        alert = self.arrived(event="window_threshold")[0]
+        self.assertIn("Account max has used 96% of its 7-day window (threshold 95%)",
+                      alert["message"])
+        self.assertEqual(self.upstream.messages(), [])
+
+    def test_refresh_failing_for_long_is_alerted_with_the_error(self):
+        self.alerts.refresh_failing_after_ms = 0
+        self.add_oauth("max", expires_in_ms=-1000)
+        self.add_key("spare")
+        self.upstream.oauth.failures.append((503, {"error": "temporarily_unavailable"}))
+        self.assertEqual(self.post_message()[0], 200)
+        alert = self.arrived(event="refresh_failing")[0]
+        self.assertEqual(alert["account"], "max")
+        self.assertIn("Refreshing the token of account max has failed", alert["message"])
+        self.assertIn("temporarily_unavailable", alert["message"])
+
+    def test_a_refresh_failure_from_before_a_new_login_is_not_alerted(self):
+        self.add_oauth("max", expires_in_ms=-1000)
+        self.add_key("spare")
+        self.upstream.oauth.failures.append((503, {"error": "temporarily_unavailable"}))
+        self.assertEqual(self.post_message()[0], 200)
+        wait_for(lambda: self.proxy.app.tokens.refresh_failures, what="the failure")
+        access, refresh = self.upstream.oauth.issue()  # what `reauth max` stores
+        self.proxy.app.store.change_account("max", access_token=access, refresh_token=refresh,
+                                            expires_at=claudeflare.now_ms() + 3_600_000)
+        self.alerts.refresh_failing_after_ms = 0
+        for credential in ("sk-ant-api03-spare", access):  # whichever serves next
+            self.upstream.push_for(credential, reply_json(
+                200, message_body(), unified_headers("allowed", 3600, five_hour=0.81)))
+        self.assertEqual(self.post_message()[0], 200)
+        self.arrived(event="window_threshold")
+        self.assertEqual(self.hook.events("refresh_failing"), [])
+
+    def test_the_database_refusing_records_is_alerted_and_the_alert_still_sent(self):
+        self.alerts.records_unsaved_after_s = 0
+        self.add_key("spare")
+        holder = DatabaseHolder(self.proxy.db_path)
+        self.addCleanup(holder.release)
+        self.assertEqual(self.post_message()[0], 200)
+        alert = self.arrived(event="records_unsaved")[0]
+        self.assertEqual(alert["severity"], "critical")
+        self.assertIn("request records held in memory", alert["message"])
+        self.assertIn("Could not store an alert", CAPTURED_LOG.text())
+        holder.release()
+
+    def test_a_destination_answering_500_is_retried_then_recorded_as_failed(self):
+        self.hook.faults.extend([500, 500, 500])
+        self.add_key("a")
+        self.upstream.push_for("sk-ant-api03-a", reply_json(200, message_body(), unified_headers(
+            "allowed", 3600, five_hour=0.9)))
+        self.assertEqual(self.post_message()[0], 200)
+        self.arrived(3)
+        delivery = wait_for(lambda: [alert["deliveries"][0] for alert in self.api_alerts()
+                                     if alert["deliveries"][0]["result"] == "failed"],
+                            what="the delivery to be given up")[0]
+        self.assertEqual(delivery["attempts"], 3)
+        self.assertEqual(delivery["answer"], "500 Internal Server Error: ok")
+        self.assertEqual(len(self.hook.events()), 3)
+        metrics = self.proxy.request("GET", "/metrics")[2].decode().splitlines()
+        self.assertIn('claudeflare_alerts_total{event="window_threshold",result="failed"} 1',
+                      metrics)
+
+    def test_a_hanging_destination_never_delays_a_request_and_is_tried_again(self):
+        self.hook.faults.extend(["hang", "hang"])
+        self.add_key("a")
+        self.upstream.push_for("sk-ant-api03-a", reply_json(200, message_body(), unified_headers(
+            "allowed", 3600, five_hour=0.9)))
+        self.assertEqual(self.post_message()[0], 200)
+        self.assertTrue(self.hook.hanging.wait(DEADLINE_S))
+        for _ in range(5):  # served while the destination still holds the alert
+            self.assertEqual(self.post_message()[0], 200)
+        self.assertFalse(self.hook.released.is_set())
+        self.hook.released.set()
+        wait_for(lambda: [alert for alert in self.api_alerts()
+                          if alert["deliveries"][0]["result"] == "sent"
+                          and alert["deliveries"][0]["attempts"] == 3],
+                 what="the third try to be recorded")
+        self.assertEqual(len(self.hook.events("window_threshold")), 3)
+
+    def test_alert_command_gets_the_json_and_its_failure_is_recorded(self):
+        script = os.path.join(self.proxy.dir.name, "alert.py")
+        out = os.path.join(self.proxy.dir.name, "alerts.jsonl")
+        with open(script, "w") as file:
+            file.write(ALERT_SCRIPT)
+        self.ok("config", "set", "alert_url", "")
+        self.ok("config", "set", "alert_command", f"{sys.executable} {script} {out}")
+        printed = self.ok("alerts", "test")
+        self.assertRegex(printed, r"command python[\d.]* \(command\): sent: exit 0")
+        with open(out) as file:
+            line = json.loads(file.readline())
+        self.assertEqual((line["event"], line["severity"], line["alert"]["event"]),
+                         ("test", "info", "test"))
+        with open(out + ".fail", "w"):
+            pass
+        code, printed, err = self.cli("alerts", "test")
+        self.assertEqual(code, 1)
+        self.assertIn("FAILED: exit 3: mailbox full", printed)
+        self.assertIn("1 of 1 alert destinations did not take the test alert", err)
+        listed = json.loads(self.ok("alerts", "list", "--json"))
+        self.assertEqual(listed["alerts"][0]["deliveries"][0]["result"], "failed")
+        self.assertEqual(listed["alerts"][1]["deliveries"][0]["answer"], "exit 0")
+        self.assertEqual(self.hook.events(), [])
+
+    def test_alerts_test_posts_through_the_outbound_proxy(self):
+        tunnel = ConnectProxy()
+        self.addCleanup(tunnel.close)
+        with unittest.mock.patch.dict(os.environ, {"HTTP_PROXY": tunnel.url}):
+            printed = self.ok("alerts", "test")
+        self.assertIn("127.0.0.1 (json): sent: 200 OK", printed)
+        self.assertEqual(tunnel.tunnels, [self.hook.url("").split("//")[1]])
+        self.assertEqual(self.hook.events()[0]["event"], "test")
+
+    def test_doctor_checks_each_destination_and_sends_a_test_when_asked(self):
+        self.ok("config", "set", "alert_command", "no-such-notifier --to ops")
+        out = self.cli("doctor")[1]
+        self.assertIn("ok    alerts: 127.0.0.1: json webhook\n", out)
+        self.assertIn("FAIL  alerts: command no-such-notifier: no-such-notifier is not found or "
+                      "not executable", out)
+        self.assertEqual(self.hook.events(), [])
+        out = self.cli("doctor", "--send-test")[1]
+        self.assertIn("ok    alerts: 127.0.0.1: json webhook; test alert: 200 OK", out)
+        self.assertEqual(self.hook.events()[0]["event"], "test")
+        self.assertNotIn("T0SECRET", out)
+        self.assertIn("alert_url=http://127.0.0.1:", out)
+
+    def test_alert_settings_are_checked_and_shown_without_their_secrets(self):
+        for key, value, error in (
+                ("alert_url", "ftp://example.com/x", "URL 1 is not one"),
+                ("alert_format", "teams", "expected one of auto, json, slack, discord, ntfy"),
+                ("alert_thresholds", "80,120", "must be 100 or less"),
+                ("alert_command", "'unbalanced", "cannot split"),
+                ("alert_repeat_s", "5", "must be 60 or more")):
+            code, _, err = self.cli("config", "set", key, value)
+            self.assertEqual(code, 1)
+            self.assertIn(error, err)
+        self.ok("config", "set", "alert_thresholds", "95, 80")
+        self.assertEqual(self.ok("config", "get", "alert_thresholds").strip(), "80,95")
+        self.ok("config", "set", "alert_command", "notify-send --token=abcSECRET")
+        self.assertEqual(self.proxy.request("GET", "/health")[0], 200)  # reloads the settings
+        settings = json.loads(self.proxy.request("GET", "/api/config")[2])["settings"]
+        self.assertEqual(settings["alertUrl"], self.hook.url("/..."))
+        self.assertEqual(settings["alertCommand"], "notify-send ...")
+        self.assertNotIn("SECRET", CAPTURED_LOG.text())
+
+    def test_stored_alerts_and_waiting_deliveries_are_bounded(self):
+        alerts = claudeflare.Alerts(self.proxy.app.settings, self.proxy.app.store,
+                                    lambda: claudeflare.Watched([]), self.proxy.app.writer.flush)
+        alerts.close()  # nothing is delivered: every alert waits
+        for number in range(claudeflare.ALERT_QUEUE_MAX + 5):
+            alerts.raise_alert(claudeflare.Alert("test", f"number {number}", "", None, "test"),
+                               claudeflare.now_ms())
+        self.assertEqual(len(alerts.deliveries), claudeflare.ALERT_QUEUE_MAX)
+        self.assertEqual(alerts.counts["test", "dropped"], 5)
+        oldest = self.proxy.app.store.recent_alerts(claudeflare.MAX_STORED_ALERTS)[-1]
+        self.assertEqual((oldest["message"], oldest["deliveries"][0]["result"]),
+                         ("number 0", "dropped"))
+        store = self.proxy.app.store
+        for number in range(claudeflare.MAX_STORED_ALERTS):
+            store.add_alert(claudeflare.Alert("test", f"more {number}", created_at=1), ["x"])
+        self.assertEqual(store.query("SELECT COUNT(*) FROM alerts")[0][0],
+                         claudeflare.MAX_STORED_ALERTS)
+        self.assertEqual(store.query("SELECT COUNT(*) FROM alert_deliveries")[0][0],
+                         claudeflare.MAX_STORED_ALERTS)
+
+    def test_auto_format_follows_the_host(self):
+        for url, expected in (("https://hooks.slack.com/services/T/B/X", "slack"),
+                              ("https://discord.com/api/webhooks/1/x", "discord"),
+                              ("https://ntfy.sh/topic", "ntfy"),
+                              ("https://ntfy.example.org/topic", "ntfy"),
+                              ("https://example.com/hook", "json")):
+            self.assertEqual(claudeflare.alert_format_for(url, "auto"), expected)
+        self.assertEqual(claudeflare.alert_format_for("https://ntfy.sh/t", "json"), "json")
+
+    def test_a_condition_repeats_after_alert_repeat_s_and_a_flapping_one_does_not_flood(self):
+        self.proxy.app.store.add_account("lost", "api_key", 1, api_key="sk-ant-api03-lost",
+                                         needs_reauth=1, reauth_reason="invalid x-api-key",
+                                         utilization_7d=0.9, reset_7d=claudeflare.now_ms()
+                                         + 3 * claudeflare.DAY_S * 1000)
+        self.arrived(event="account_needs_login")
+        self.arrived(event="window_threshold")
+        state = {"accounts": self.proxy.app.store.accounts()}
+        alerts = claudeflare.Alerts(self.proxy.app.settings, self.proxy.app.store,
+                                    lambda: claudeflare.Watched(state["accounts"]),
+                                    self.proxy.app.writer.flush)
+        alerts.close()  # its thread stops: time is given below
+        raised = lambda: alerts.counts["account_needs_login", "raised"]  # noqa: E731
+        start = claudeflare.now_ms()
+        alerts.look(start, 0)
+        self.assertEqual(raised(), 0)  # sent by the server just now: not again after a restart
+        repeat_ms = self.proxy.app.settings.alert_repeat_s * 1000
+        alerts.look(start + repeat_ms + 1, 0)
+        self.assertEqual(raised(), 1)
+        self.assertEqual(alerts.counts["window_threshold", "raised"], 0)  # once per window
+        healthy = [claudeflare.dataclasses.replace(account, needs_reauth=False)
+                   for account in state["accounts"]]
+        minute = 60_000
+        moment = start + repeat_ms + 1
+        for _ in range(10):  # flapping once a minute
+            moment += minute
+            state["accounts"] = healthy
+            alerts.look(moment, 0)
+            moment += minute
+            state["accounts"] = self.proxy.app.store.accounts()
+            alerts.look(moment, 0)
+        self.assertEqual(raised(), 2)  # one comeback after the quiet time, not ten
+
+
+class TestAlertFormats(ServerWithAccounts):
+    """Slack, Discord and ntfy get their own shapes; every event from its real condition."""
+
+    def setUp(self) -> None:
+        self.hook = WebhookReceiver()
+        self.addCleanup(self.hook.close)
+        super().setUp()
+
+    def use(self, format: str) -> None:
+        """Point alerts at the receiver while the server runs (live reload)."""
+        self.ok("config", "set", "alert_url", self.hook.url())
+        self.ok("config", "set", "alert_format", format)
+
+    def with_text(self, text: str, count: int = 1) -> list[tuple[dict, bytes]]:
+        """Wait for count alerts whose body says a text; return their headers and bodies.
+
+        A rate-limited answer's headers also put its window over the thresholds: those
+        alerts arrive too.
+        """
+        def found() -> list[tuple[dict, bytes]]:
+            with self.hook.lock:
+                return [(headers, body) for _, headers, body in self.hook.received
+                        if text in body.decode()]
+        return wait_for(lambda: len(found()) >= count and found(), what=f"alerts with {text}")
+
+    def test_slack_gets_pool_exhausted_once_then_pool_recovered(self):
+        self.use("slack")
+        for name in ("a", "b"):
+            self.add_key(name)
+            self.upstream.push_for(f"sk-ant-api03-{name}", reply_error(
+                429, "rate_limit_error", "limited", unified_headers("rejected", 3600)))
+        for _ in range(4):
+            self.post_message()
+        _, body = self.with_text("No account can serve")[0]
+        self.assertEqual(list(json.loads(body)), ["text"])
+        self.assertTrue(json.loads(body)["text"].startswith(
+            "*claudeflare critical*: No account can serve (2 rate_limited); the first resets "
+            "at "))
+        self.ok("resume", "a")
+        _, body = self.with_text("can serve again")[0]
+        self.assertIn("Accounts can serve again: a", json.loads(body)["text"])
+        self.assertEqual(len(self.with_text("No account can serve")), 1)
+
+    def test_discord_gets_overage_started_with_the_policy(self):
+        self.use("discord")
+        self.add_key("a")
+        self.upstream.push_for("sk-ant-api03-a", on_overage(3600))
+        for _ in range(3):
+            self.assertEqual(self.post_message()[0], 200)
+        _, body = self.with_text("extra usage")[0]
+        content = json.loads(body)["content"]
+        self.assertIn("**claudeflare warning**: Account a is serving on extra usage (billed to "
+                      "its owner) until", content)
+        self.assertIn("overage is last\nFix: python3 claudeflare.py config set overage never",
+                      content)
+        self.assertEqual(len(self.with_text("extra usage")), 1)
+
+    def test_ntfy_gets_each_window_threshold_once_as_plain_text_with_headers(self):
+        self.use("ntfy")
+        self.add_key("a")
+        for used, expected in ((0.85, "threshold 80%"), (0.86, "threshold 80%"),
+                               (0.97, "threshold 95%")):
+            self.upstream.push_for("sk-ant-api03-a", reply_json(200, message_body(),
+                                                                unified_headers("allowed", 3600,
+                                                                                five_hour=used)))
+            self.assertEqual(self.post_message()[0], 200)
+            self.with_text(expected)
+        headers, body = self.with_text("threshold 80%")[0]
+        self.assertEqual(headers["Title"], "claudeflare: window_threshold (a)")
+        self.assertEqual(headers["Priority"], "default")
+        self.assertEqual(headers["Tags"], "warning,window_threshold")
+        self.assertTrue(body.decode().startswith("Account a has used 85% of its 5-hour window "
+                                                 "(threshold 80%)"))
+        self.assertIn("\nFix: python3 claudeflare.py list", body.decode())
+        self.assertEqual(len(self.with_text("threshold 80%")), 1)  # arrived before the 95%
+
+
+###############################################################################
+# The request path: its pure parts, without a server ##########################
+###############################################################################
+
+def client_key(name: str, secret: str) -> claudeflare.ClientKey:
+    """A client key as the database holds it: its salted hash, never the secret."""
+    return claudeflare.ClientKey(id=1, name=name, salt="salt", created_at=0,
+                                 key_hash=claudeflare.ClientKey.digest("salt", secret))
+
+
+def local_request(method: str, path: str, body: bytes = b"", **headers: str):
+    """A request as the route table's endpoints see it, with no socket behind it."""
+    pairs = [(name.replace("_", "-"), value) for name, value in headers.items()]
+    return claudeflare.LocalRequest(method, path, {}, claudeflare.Headers(pairs), lambda: body,
+                                    None)
+
+
+class TestStrictHTTP(unittest.TestCase):
+    """The strict HTTP/1.1 server's parsing, as functions of bytes."""
+
+    def test_header_lines_are_tokens_with_values_free_of_controls(self):
+        parse = claudeflare.StrictHTTPHandler.parse_header_lines
+        headers = parse([b"Host: localhost\r", b"X-Folded: a", b"  b", b"x-api-key:  k  "])
+        self.assertEqual(headers.items(), [("Host", "localhost"), ("X-Folded", "a b"),
+                                           ("x-api-key", "k")])
+        for line, status in ((b"Bad Name: x", 400), (b"X: a\rb", 400), (b"X: a\x00", 400),
+                             (b"NoColon", 400), (b"X: " + b"a" * 70_000, 431)):
+            with self.subTest(line=line[:20]):
+                with self.assertRaises(claudeflare.RequestRefused) as refused:
+                    parse([line])
+                self.assertEqual(refused.exception.status, status)
+        with self.assertRaises(claudeflare.RequestRefused) as refused:
+            parse([b"X: y"] * (claudeflare.MAX_HEADER_LINES + 1))
+        self.assertEqual(refused.exception.status, 431)
+
+    def test_chunk_size_lines_are_read_as_rfc_9112_says(self):
+        line = claudeflare.CHUNK_LINE.fullmatch
+        for good in (b"1a\r\n", b"0\n", b"A;name\r\n", b"5 ; n = v\r\n", b'5;n="q \\" x"\r\n'):
+            self.assertIsNotNone(line(good), good)
+        for bad in (b"\r\n", b"zz\r\n", b"5;\r\n", b"5;n=\r\n", b'5;n="open\r\n', b"5 x\r\n",
+                    b"1" * 17 + b"\r\n"):
+            self.assertIsNone(line(bad), bad)
+
+    def test_the_head_ends_at_the_first_blank_line(self):
+        self.assertEqual(claudeflare.head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nbody"), 24)
+        self.assertEqual(claudeflare.head_end(b"GET / HTTP/1.1\nA: b\n\nbody"), 21)
+        self.assertEqual(claudeflare.head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), -1)
+
+
+class TestAccessControl(unittest.TestCase):
+    """Who may use the proxy, decided from headers alone."""
+
+    def test_a_loopback_server_answers_only_loopback_host_names(self):
+        allowed = claudeflare.host_allowed
+        for host in ("localhost:8080", "127.0.0.1", "[::1]:8080", "app.localhost"):
+            self.assertTrue(allowed("127.0.0.1", claudeflare.Headers([("Host", host)])), host)
+        for host in ("evil.example", "127.0.0.1.nip.io", "", "[::1"):
+            self.assertFalse(allowed("127.0.0.1", claudeflare.Headers([("Host", host)])), host)
+        self.assertTrue(allowed("0.0.0.0", claudeflare.Headers([("Host", "box.lan")])))
+
+    def test_a_page_of_another_site_is_told_apart_from_api_clients(self):
+        foreign = lambda **headers: claudeflare.cross_site(  # noqa: E731
+            claudeflare.Headers([(name.replace("_", "-"), value)
+                                 for name, value in headers.items()]))
+        self.assertFalse(foreign(Host="localhost:8080"))
+        self.assertFalse(foreign(Host="localhost:8080", Origin="http://localhost:8080"))
+        self.assertFalse(foreign(Host="localhost:8080", Sec_Fetch_Site="same-origin"))
+        self.assertTrue(foreign(Host="localhost:8080", Origin="https://evil.example"))
+        self.assertTrue(foreign(Host="localhost:8080", Origin="null"))
+        self.assertTrue(foreign(Host="localhost:8080", Origin="http://[::1"))
+        self.assertTrue(foreign(Host="localhost:8080", Sec_Fetch_Site="cross-site"))
+
+    def test_a_client_key_is_found_in_each_header_clients_send_it_in(self):
+        keys = [client_key("ci", "cfk-ci"), client_key("alice", "cfk-alice")]
+        found = lambda *pairs: claudeflare.authenticate(  # noqa: E731
+            claudeflare.Headers(list(pairs)), keys)
+        basic = base64.b64encode(b"user:cfk-ci").decode()
+        self.assertEqual(found(("x-api-key", " cfk-alice ")), (keys[1], "x-api-key"))
+        self.assertEqual(found(("Authorization", "Bearer cfk-ci")), (keys[0], "authorization"))
+        self.assertEqual(found(("Authorization", f"Basic {basic}")), (keys[0], "authorization"))
+        self.assertIsNone(found(("x-api-key", "cfk-bob")))
+        self.assertIsNone(found(("Authorization", "Basic !!!")))
+        self.assertIsNone(found())
+
+
+class TestRouteTable(unittest.TestCase):
+    """The local API's routes: method and path to an endpoint."""
+
+    def test_each_endpoint_is_found_by_method_and_path(self):
+        find = claudeflare.find_endpoint
+        self.assertIs(find("GET", "/api/stats"), claudeflare.stats_endpoint)
+        self.assertIs(find("HEAD", "/health"), claudeflare.health_endpoint)
+        self.assertIs(find("GET", "/dashboard"), claudeflare.status_page_endpoint)
+        self.assertIs(find("POST", "/api/accounts/work/pause"), claudeflare.account_endpoint)
+        self.assertIs(find("POST", "/api/accounts/work/resume"), claudeflare.account_endpoint)
+        for method, path in (("POST", "/api/stats"), ("GET", "/api/stats/reset"),
+                             ("POST", "/api/accounts/work/explode"), ("GET", "/api"),
+                             ("POST", "/api/accounts/a/b/pause"), ("DELETE", "/health")):
+            self.assertIsNone(find(method, path), (method, path))
+
+    def test_a_state_change_needs_json_from_this_site(self):
+        changing = claudeflare.changing
+        json_type = {"Content_Type": "application/json"}
+
+        def refused(request) -> tuple[int, str]:
+            with self.assertRaises(claudeflare.BadRequest) as error:
+                changing(request)
+            return error.exception.status, str(error.exception)
+
+        self.assertEqual(changing(local_request("POST", "/x", b'{"a": 1}', **json_type)),
+                         {"a": 1})
+        self.assertEqual(changing(local_request("POST", "/x", b"", **json_type)), {})
+        self.assertEqual(refused(local_request("POST", "/x", b"{}"))[0], 415)
+        self.assertEqual(refused(local_request("POST", "/x", b"{}", Origin="https://evil.example",
+                                               Host="localhost", **json_type))[0], 403)
+        self.assertIn("not valid JSON", refused(local_request("POST", "/x", b"{", **json_type))[1])
+        self.assertIn("JSON object", refused(local_request("POST", "/x", b"[]", **json_type))[1])
+
+
+###############################################################################
+# The request path through a real server ######################################
+###############################################################################
+
+class TestRelay(ProxyTestCase):
+    """Requests and answers pass through unchanged, byte for byte."""
+
+    def test_five_megabyte_body_is_relayed_byte_exact_both_ways(self):
+        payload = os.urandom(5 * 1024 * 1024)
+        status, headers, body = self.proxy.request(
+            "POST", "/v1/echo", payload, {"content-type": "application/octet-stream"})
+        self.assertEqual(status, 200)
+        self.assertEqual(hashlib.sha256(self.upstream.requests[0].body).digest(),
+                         hashlib.sha256(payload).digest())
+        self.assertEqual(body, payload)
+        self.assertEqual(headers["X-Body-Sha256"], hashlib.sha256(payload).hexdigest())
+
+    def test_chunked_request_body_is_relayed(self):
+        payload = b'{"model":"claude-sonnet-4-5","messages":[]}' * 1000
+        connection = self.proxy.connect()
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/echo", body=iter([payload[:100], payload[100:]]),
+                           headers={"Transfer-Encoding": "chunked"}, encode_chunked=True)
+        response = connection.getresponse()
+        self.assertEqual(response.read(), payload)
+        self.assertEqual(self.upstream.requests[0].headers["Content-Length"], str(len(payload)))
+        self.assertIsNone(self.upstream.requests[0].headers["Transfer-Encoding"])
+
+    def test_query_string_and_headers_are_kept_and_hop_by_hop_headers_dropped(self):
+        status, _, _ = self.post_message(path="/v1/messages?beta=true", headers={
+            "anthropic-beta": "tools-2024", "X-Custom": "kept", "Connection": "keep-alive, X-Hop",
+            "X-Hop": "dropped", "Keep-Alive": "timeout=5", "TE": "trailers",
+            "Proxy-Authorization": "Basic abc", "Accept-Encoding": "gzip, br"})
+        self.assertEqual(status, 200)
+        seen = self.upstream.requests[0]
+        self.assertEqual(seen.target, "/v1/messages?beta=true")
+        self.assertEqual(seen.headers["X-Custom"], "kept")
+        self.assertEqual(seen.headers["anthropic-beta"], "tools-2024")
+        self.assertEqual(seen.headers["Host"], self.upstream.url.split("//")[1])
+        self.assertEqual(seen.headers["Accept-Encoding"], "identity")
+        for name in ("X-Hop", "Keep-Alive", "TE", "Proxy-Authorization"):
+            self.assertIsNone(seen.headers[name], name)
+        self.assertNotIn("X-Hop", seen.headers.get("Connection", ""))
+
+    def test_response_status_and_headers_come_back_without_hop_by_hop_ones(self):
+        self.upstream.push(reply_json(418, {"ok": True}, headers=[
+            ("X-Upstream", "yes"), ("Connection", "X-Secret-Hop"), ("X-Secret-Hop", "1"),
+            ("Keep-Alive", "timeout=5"), ("anthropic-ratelimit-unified-status", "allowed")]))
+        status, headers, body = self.post_message()
+        self.assertEqual((status, json.loads(body)), (418, {"ok": True}))
+        self.assertEqual(headers["X-Upstream"], "yes")
+        self.assertEqual(headers["anthropic-ratelimit-unified-status"], "allowed")
+        self.assertEqual(headers["request-id"], "req_fake")
+        self.assertIsNone(headers["X-Secret-Hop"])
+        self.assertIsNone(headers["Keep-Alive"])
+
+    def test_client_error_from_upstream_is_passed_through(self):
+        self.upstream.push(reply_error(400, "invalid_request_error", "max_tokens: required"))
+        status, _, body = self.post_message()
+        self.assertEqual(status, 400)
+        self.assertEqual(json.loads(body)["error"]["message"], "max_tokens: required")
+        self.assertEqual(len(self.upstream.requests), 1)
+
+    def test_get_and_head_requests_are_relayed(self):
+        status, _, body = self.proxy.request("GET", "/v1/models")
+        self.assertEqual((status, json.loads(body)["data"][0]["id"]), (200, "claude-sonnet-4-5"))
+        status, headers, body = self.proxy.request("HEAD", "/v1/models")
+        self.assertEqual((status, body), (200, b""))
+        self.assertEqual(headers["Content-Length"], str(len(json.dumps(
+            {"data": [{"id": "claude-sonnet-4-5", "type": "model"}]}, separators=(",", ":")))))
+        self.assertEqual(self.upstream.requests[-1].method, "HEAD")
+        self.upstream.push(lambda handler, request: handler.wfile.write(
+            b"HTTP/1.1 204 No Content\r\nrequest-id: req_fake\r\n\r\n"))
+        status, headers, body = self.proxy.request("DELETE", "/v1/files/file_1")
+        self.assertEqual((status, body, headers["Content-Length"]), (204, b"", None))
+
+    def test_client_connection_is_kept_alive_across_requests(self):
+        connection = self.proxy.connect()
+        self.addCleanup(connection.close)
+        client_ports = set()
+        for method, path, body in (("GET", "/v1/models", None),
+                                   ("POST", "/v1/messages", b'{"model":"claude-sonnet-4-5"}'),
+                                   ("POST", "/v1/messages", b'{"stream":true}'),
+                                   ("GET", "/v1/models", None), ("GET", "/health", None),
+                                   ("GET", "/api/stats", None)):
+            connection.request(method, path, body=body)
+            response = connection.getresponse()
+            self.assertEqual(response.status, 200, path)
+            self.assertTrue(response.read(), path)
+            # http.client reconnects silently after `Connection: close`: its own port shows
+            # whether the requests really share one connection.
+            self.assertIsNotNone(connection.sock, f"{method} {path} closed the connection")
+            client_ports.add(connection.sock.getsockname()[1])
+        self.assertEqual(len(client_ports), 1)
+        self.assertEqual(len(self.upstream.requests), 4)
+
+    def test_other_paths_get_provider_error(self):
+        for method, path in (("GET", "/v2/messages"), ("POST", "/api/unknown"),
+                             ("GET", "/v1beta"), ("GET", "/favicon.ico")):
+            status, _, body = self.proxy.request(method, path, b"{}" if method == "POST" else None)
+            self.assertEqual(status, 404, path)
+            self.assertEqual(json.loads(body),
+                             {"error": "Provider cannot handle this request path"})
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_foreign_host_names_are_refused_on_loopback(self):
+        for host in ("evil.example:8080", "attacker.test"):
+            status, _, body = self.proxy.request("GET", "/api/stats", headers={"Host": host})
+            self.assertEqual(status, 403, host)
+            self.assertIn("answers only localhost names", json.loads(body)["error"])
+            self.assertEqual(self.proxy.request("POST", "/v1/messages", b"{}",
+                                                {"Host": host})[0], 403)
+        self.assertEqual(self.upstream.requests, [])
+        for host in ("localhost:8080", "127.0.0.1", "[::1]:8080", "app.localhost"):
+            self.assertEqual(self.proxy.request("GET", "/health", headers={"Host": host})[0],
+                             200, host)
+
+    def test_health_answers(self):
+        status, _, body = self.proxy.request("GET", "/health")
+        health = json.loads(body)
+        self.assertEqual((status, health["status"]), (200, "ok"))
+        self.assertEqual(health["accounts"]["total"], 0)
+        self.assertEqual(health["version"], claudeflare.__version__)
+        self.assertIn("uptime", health)
+
+
+class TestRequestLimits(ProxyTestCase):
+    """Bodies over 32 MB are refused without being read into memory."""
+
+    def test_a_body_of_exactly_the_limit_passes(self):
+        payload = b"x" * claudeflare.MAX_BODY_BYTES
+        status, _, body = self.proxy.request("POST", "/v1/echo", payload)
+        self.assertEqual((status, len(body)), (200, len(payload)))
+
+    def test_oversized_content_length_gets_413_without_sending_the_body(self):
+        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                         % (claudeflare.MAX_BODY_BYTES + 1))
+            reply = sock.makefile("rb")
+            self.assertIn(b" 413 ", reply.readline())
+            headers = http.client.parse_headers(reply)
+            error = json.loads(reply.read(int(headers["Content-Length"])))
+            reply.close()
+        self.assertEqual(error["type"], "error")
+        self.assertEqual(error["error"]["type"], "request_too_large")
+        self.assertEqual(headers["Connection"], "close")
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_client_still_sending_its_oversized_body_reads_the_413(self):
+        size = claudeflare.MAX_BODY_BYTES + 1024 * 1024
+        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Content-Length: %d\r\n\r\n" % size)
+            with contextlib.suppress(OSError):
+                sock.sendall(b"x" * size)
+            reply = sock.makefile("rb")
+            self.assertIn(b" 413 ", reply.readline())
+            reply.close()
+
+    def test_oversized_chunked_body_gets_413(self):
+        chunk = b"x" * (1024 * 1024)
+        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            try:
+                for _ in range(40):
+                    sock.sendall(b"%X\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:
+                pass  # the proxy answered and closed while we were still sending
+            reply = sock.makefile("rb")
+            self.assertIn(b" 413 ", reply.readline())
+            reply.close()
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_malformed_content_length_gets_400(self):
+        reply = raw_http(self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
+                                          b"Content-Length: ten\r\n\r\n")
+        self.assertIn(b" 400 ", reply.split(b"\r\n")[0])
+        self.assertIn(b"invalid_request_error", reply)
+
+
+def raw_answer(port: int, data: bytes, timeout: float = DEADLINE_S) -> tuple[int, dict, dict]:
+    """Send raw bytes; return the status, headers and JSON body of the answer (then closed)."""
+    reply = raw_http(port, data, timeout)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+class TestHostileRequests(ProxyTestCase):
+    """Web pages, broken clients and smugglers get a clear 4xx, and no account is used."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.proxy.app.store.add_account("work", "api_key", 1, api_key="sk-ant-api03-work")
+
+    def test_names_that_only_begin_with_127_are_not_loopback(self):
+        for host in ("127.0.0.1.evil.example", "127.evil.example", "127.0.0.1.nip.io:8080",
+                     "[::1"):
+            status, _, body = self.proxy.request("GET", "/api/accounts", headers={"Host": host})
+            self.assertEqual(status, 403, host)
+            self.assertNotIn(b"work", body)
+            self.assertEqual(self.proxy.request("POST", "/v1/messages", b"{}",
+                                                {"Host": host})[0], 403, host)
+            origin = f"http://{host}"
+            self.assertEqual(self.proxy.request("POST", "/api/accounts/work/pause", b"{}", {
+                "Host": host, "Origin": origin, "Content-Type": "application/json"})[0], 403)
+        self.assertEqual(self.upstream.requests, [])
+        self.assertFalse(self.proxy.app.store.account("work").paused)
+        for host in ("127.0.0.1", "127.1.2.3:80", "[::1]", "localhost", "app.localhost:1"):
+            self.assertEqual(self.proxy.request("GET", "/api/accounts",
+                                                headers={"Host": host})[0], 200, host)
+
+    def test_cross_site_requests_to_v1_are_refused_before_any_account_is_used(self):
+        page = {"Content-Type": "text/plain", "anthropic-version": "2023-06-01"}
+        for browser in ({"Origin": "https://evil.example"}, {"Origin": "null"},
+                        {"Origin": "http://[::1"},
+                        {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
+            status, headers, body = self.proxy.request("POST", "/v1/messages", b"{}",
+                                                       {**page, **browser})
+            self.assertEqual(status, 403, browser)
+            self.assertEqual(json.loads(body)["error"]["type"], "permission_error")
+            self.assertIsNone(headers["Access-Control-Allow-Origin"])
+        status, headers, _ = self.proxy.request("OPTIONS", "/v1/messages", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-api-key"})
+        self.assertEqual(status, 403)
+        self.assertIsNone(headers["Access-Control-Allow-Origin"])
+        self.assertEqual(self.upstream.requests, [])
+        own = {"Origin": self.proxy.url, "Sec-Fetch-Site": "same-origin"}
+        for client in ({}, own):  # API clients send neither header; the page itself is fine
+            self.assertEqual(self.proxy.request("POST", "/v1/messages", b"{}", client)[0], 200)
+        self.assertEqual(len(self.upstream.requests), 2)
+
+    def test_cross_site_request_with_a_client_key_is_served(self):
+        key = self.proxy.app.store.add_client_key("page")
+        status, _, _ = self.proxy.request("POST", "/v1/messages", b"{}", {
+            "Origin": "https://tool.example", "x-api-key": key})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.upstream.requests[0].headers["x-api-key"], "sk-ant-api03-work")
+
+    def test_paths_that_leave_v1_are_refused(self):
+        for path in ("/v1/../api/oauth/claude_cli/create_api_key",
+                     "/v1/%2e%2e/api/oauth/claude_cli/create_api_key",
+                     "/v1/%2E%2E/%2e%2e/x", "/v1/./../api/stats", "/v1/..",
+                     "/v1/messages/%2e%2e%2f%2e%2e%2fapi", "/v1/a%5c..%5c..%5capi"):
+            status, _, body = raw_answer(self.proxy.port, f"POST {path} HTTP/1.1\r\n"
+                                         f"Host: localhost\r\nContent-Length: 2\r\n\r\n{{}}"
+                                         .encode())
+            self.assertEqual(status, 400, path)
+            self.assertEqual(body["error"]["type"], "invalid_request_error")
+        self.assertEqual(self.upstream.requests, [])
+        status, _, _ = raw_answer(self.proxy.port, b"POST /v1/./x/../messages?beta=true "
+                                  b"HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n"
+                                  b"Connection: close\r\n\r\n{}")
+        self.assertEqual(status, 200)
+        self.assertEqual(self.upstream.requests[0].target, "/v1/messages?beta=true")
+
+    def test_invalid_header_names_and_values_are_refused_and_the_pool_stays_in_step(self):
+        for header in (b"Bad Name: x", b"Name : x", b"(x): y", b"NoColon", b"X-A: a\rb",
+                       b"X-A: a\x00b", b"X-A: a\x7fb"):
+            status, headers, body = raw_answer(
+                self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
+                + header + b"\r\nContent-Length: 2\r\n\r\n{}")
+            self.assertEqual((status, headers["Connection"]), (400, "close"), header)
+            self.assertEqual(body["error"]["type"], "invalid_request_error")
+        self.assertEqual(self.upstream.requests, [])
+        for _ in range(3):
+            self.assertEqual(self.proxy.request("POST", "/v1/messages", b"{}")[0], 200)
+        self.assertEqual([r.headers["x-api-key"] for r in self.upstream.requests],
+                         ["sk-ant-api03-work"] * 3)
+        self.assertEqual(self.upstream.connections, 1)  # one pooled connection, still in step
+        self.assertEqual(self.proxy.app.store.account("work").needs_reauth, 0)
+
+    def test_ambiguous_framing_is_refused_with_the_rfc_status(self):
+        cases = {
+            b"Content-Length: 2\r\nContent-Length: 3\r\n": 400,
+            b"Content-Length: 2, 3\r\n": 400,
+            b"Transfer-Encoding: gzip\r\n": 501,
+            b"Transfer-Encoding: gzip, chunked\r\n": 501,
+            b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n": 400,
+            "Content-Length: \u0662\r\n".encode(): 400,
+            b"Content-Length: -2\r\n": 400,
+            b"Content-Length: 2\r\nHost: evil.example\r\n": 400,
+        }
+        for headers, expected in cases.items():
+            status, answer_headers, body = raw_answer(
+                self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
+                + headers + b"\r\n{}")
+            self.assertEqual(status, expected, headers)
+            self.assertEqual(answer_headers["Connection"], "close")
+            self.assertIn("message", body["error"])
+        for line, expected in ((b"GET /v1/models HTTP/2.0", 505),
+                               (b"GET /v1/models HTTP/0.9", 505), (b"GET /v1/models", 400),
+                               (b"\x16\x03\x01\x02\x00", 400),
+                               (b"GET /v1/models HTTP/1.1 extra", 400),
+                               (b"G(T /v1/models HTTP/1.1", 400),
+                               (b"BREW /v1/models HTTP/1.1", 501)):
+            status, _, body = raw_answer(self.proxy.port, line + b"\r\nHost: localhost\r\n\r\n")
+            self.assertEqual(status, expected, line)
+            self.assertEqual(body["type"], "error")
+        status, _, body = raw_answer(self.proxy.port, "GET /api/requests?limit=\u0661\u0662 "
+                                     "HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                                     .encode())
+        self.assertEqual(status, 400)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_long_chunk_lines_never_hide_a_request(self):
+        hidden = b"GET /v1/models?x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        chunked = (b"POST /v1/echo HTTP/1.1\r\nHost: localhost\r\n"
+                   b"Transfer-Encoding: chunked\r\n\r\n")
+        # A 1 KB extension is read whole: "ab" is the body, the next request only carries text.
+        second = b"0\r\n\r\n" + hidden
+        head = (b"POST /v1/echo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\nX-Pad: " % len(second))
+        head += b"p" * (166 - 2 - len(head)) + b"\r\n"  # a cut line would end right there
+        reply = raw_http(self.proxy.port, chunked + b"2;" + b"e" * 1022 + b"zz\r\nab\r\n0\r\n"
+                         b"\r\n" + head + b"\r\n" + second)
+        self.assertEqual([(r.method, r.body) for r in self.upstream.requests],
+                         [("POST", b"ab"), ("POST", second)])
+        self.assertEqual(reply.count(b"HTTP/1.1 200 "), 2)
+        # Lines past the bound, or a trailer hiding a request line, end the connection.
+        for body, status in ((b"2;" + b"e" * 5000 + b"\r\nab\r\n0\r\n\r\n", 400),
+                             (b"2\r\nab\r\n0\r\nX-T: " + b"t" * 1019 + b"\r\n", 400),
+                             (b"2\r\nab\r\n0\r\nX-T: " + b"t" * 5000 + b"\r\n\r\n", 431),
+                             (b"2\r\nab\r\n0\r\n" + b"X-T: t\r\n" * 3000 + b"\r\n", 431)):
+            reply = raw_http(self.proxy.port, chunked + body + hidden)
+            self.assertEqual(reply.count(b"HTTP/1.1 "), 1, body[:20])
+            status_line, _, rest = reply.partition(b"\r\n")
+            self.assertIn(b" %d " % status, status_line)
+            self.assertIn(b"Connection: close", rest.partition(b"\r\n\r\n")[0])
+        self.assertEqual(len(self.upstream.requests), 2)
+
+    def test_client_mistakes_get_400_at_once_without_trying_accounts(self):
+        status, _, body = raw_answer(self.proxy.port, "POST /v1/messages/caf\u00e9 HTTP/1.1\r\n"
+                                     "Host: localhost\r\nContent-Length: 2\r\n\r\n{}"
+                                     .encode())
+        self.assertEqual(status, 400)
+        self.assertIn("visible ASCII", body["error"]["message"])
+        status, _, body = raw_answer(self.proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: "
+                                     b"localhost\r\nanthropic-beta: a\rb\r\nContent-Length: "
+                                     b"2\r\n\r\n{}")
+        self.assertEqual(status, 400)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_headers_trickled_past_the_deadline_get_408_and_free_the_thread(self):
+        self.proxy.server.head_deadline_s = 0.5
+        with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=DEADLINE_S) as sock:
+            started = time.monotonic()
+            sock.sendall(b"GET /health HTTP/1.1\r\n")
+            reply = b""
+            for _ in range(40):
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"X")
+                ready, _, _ = select.select([sock], [], [], 0.1)
+                if ready:
+                    reply = sock.recv(65536)
+                    break
+            elapsed = time.monotonic() - started
+        self.assertIn(b" 408 ", reply.split(b"\r\n")[0])
+        self.assertIn(b"Connection: close", reply)
+        self.assertLess(elapsed, 2.0)
+        self.assertGreater(elapsed, 0.4)
+
+    def test_connections_past_max_connections_get_503_and_the_others_are_served(self):
+        self.proxy.app.settings.values["max_connections"] = 3
+        held = [self.proxy.connect() for _ in range(3)]
+        for connection in held:
+            self.addCleanup(connection.close)
+            connection.connect()
+        wait_for(lambda: self.proxy.server.connections == 3, what="three connections served")
+        status, headers, body = raw_answer(self.proxy.port, b"GET /health HTTP/1.1\r\n"
+                                           b"Host: localhost\r\n\r\n")
+        self.assertEqual((status, headers["Connection"]), (503, "close"))
+        self.assertIn("max_connections", body["error"]["message"])
+        held[0].request("POST", "/v1/messages", b"{}")
+        self.assertEqual(held[0].getresponse().status, 200)  # a held connection still works
+        held[1].close()
+        wait_for(lambda: self.proxy.server.connections == 2, what="a connection to end")
+        self.assertEqual(self.proxy.request("GET", "/health")[0], 200)
+
+
+class TestHostileBodies(ProxyTestCase):
+    """Bodies built to break a parser cost the client its request at most, never the server."""
+
+    def test_a_body_nested_too_deep_to_parse_is_relayed_and_the_connection_stays_in_step(self):
+        self.proxy.app.store.add_account("a", "api_key", 1, api_key="sk-ant-api03-aaaa")
+        deep = b'{"messages": [' + b'{"x": ' * 20000 + b'1' + b'}' * 20000 + b']}'
+        connection = self.proxy.connect()
+        self.addCleanup(connection.close)
+        for accounts in (1, 2):  # the conversation read after the answer, then before routing
+            if accounts == 2:
+                self.proxy.app.store.add_account("b", "api_key", 1, api_key="sk-ant-api03-bbbb")
+            connection.request("POST", "/v1/echo", deep)
+            response = connection.getresponse()
+            self.assertEqual((response.status, response.read()), (200, deep))
+            connection.request("GET", "/v1/models")  # the same connection answers in step
+            response = connection.getresponse()
+            self.assertEqual(response.status, 200)
+            self.assertIn(b"claude-sonnet-4-5", response.read())
+        self.proxy.settle()
+        self.assertEqual(self.proxy.app.store.query(
+            "SELECT COUNT(*) FROM requests WHERE path = '/v1/echo'")[0][0], 2)
+        self.assertNotIn("Unexpected error", CAPTURED_LOG.text())
+
+    def test_a_huge_chunk_cut_short_ends_the_stream_without_padding_it(self):
+        def cut_in_a_huge_chunk(handler, request) -> None:
+            handler.start_chunked()
+            handler.send_chunk(message_events()[0])
+            handler.wfile.write(b"40000000\r\nevent: content_block_delta")
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+
+        self.upstream.push(cut_in_a_huge_chunk)
+        started = time.monotonic()
+        connection = self.proxy.connect()
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/messages", b'{"stream": true}')
+        response = connection.getresponse()
+        received = response.read1(65536)
+        with self.assertRaises(http.client.IncompleteRead):
+            while response.read(65536):
+                pass
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertTrue(received.startswith(b"event: message_start"))
+        self.assertNotIn("Unexpected error", CAPTURED_LOG.text())
+
+
+class TestStreaming(ProxyTestCase):
+    """SSE events reach the client the moment they arrive."""
+
+    def test_first_event_arrives_while_upstream_holds_back_the_rest(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        events = message_events()
+        self.upstream.push(reply_stream(events, hold_after=1, gate=gate))
+        connection = self.proxy.connect(timeout=DEADLINE_S / 3)  # well before the gate gives up
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/messages", body=b'{"stream":true}',
+                           headers={"content-type": "application/json"})
+        response = connection.getresponse()
+        self.assertEqual(response.getheader("Content-Type"), "text/event-stream")
+        first = response.read1(65536)  # a proxy holding the event back times out here
+        # The fake marks itself holding just after it sent the first event: wait for the mark.
+        self.assertTrue(self.upstream.holding.wait(DEADLINE_S))
+        self.assertFalse(gate.is_set())
+        self.assertEqual(first, events[0])
+        gate.set()
+        self.assertEqual(first + response.read(), b"".join(events))
+
+    def test_fifty_megabyte_stream_passes_whole(self):
+        events = [sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                              "delta": {"type": "text_delta", "text": "x" * 8000}})
+                  ] * 6400
+        self.upstream.push(reply_stream(events))
+        status, _, body = self.post_message(stream=True)
+        self.assertEqual(status, 200)
+        self.assertEqual(hashlib.sha256(body).digest(),
+                         hashlib.sha256(b"".join(events)).digest())
+
+    def test_client_disconnect_mid_stream_closes_upstream_side(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.upstream.push(keep_streaming_until_client_gone(gate))
+        connection = self.proxy.connect()
+        connection.request("POST", "/v1/messages", body=b'{"stream":true}')
+        response = connection.getresponse()
+        self.assertTrue(response.read1(65536).startswith(b"event: message_start"))
+        response.close()
+        connection.close()
+        gate.set()
+        self.assertTrue(self.upstream.stream_aborted.wait(DEADLINE_S))
+        wait_for(lambda: self.proxy.server.life.running == 0, what="the handler thread to be freed")
+
+    def test_upstream_failure_mid_stream_becomes_an_error_event(self):
+        events = message_events()
+        self.upstream.push(reply_stream(events, drop_after=3))
+        status, _, body = self.post_message(stream=True)
+        self.assertEqual(status, 200)
+        self.assertTrue(body.startswith(b"".join(events[:3])))
+        tail = body[len(b"".join(events[:3])):]
+        self.assertTrue(tail.startswith(b"event: error\ndata: "), tail)
+        error = json.loads(tail.split(b"data: ", 1)[1])
+        self.assertEqual(error["error"]["type"], "api_error")
+
+    def test_upstream_cut_inside_a_chunk_or_sending_broken_chunks_ends_in_an_error_event(self):
+        events = message_events()
+        for rest, sent in ((b"%X\r\n%s" % (len(events[1]), events[1][:10]), events[1][:10]),
+                           (b"zz\r\n" + events[1] + b"\r\n", b""),
+                           (b"%X\r\n%sjunk" % (len(events[1]), events[1]), events[1])):
+            def cut(handler: FakeHandler, request: Recorded) -> None:
+                handler.start_chunked()
+                handler.send_chunk(events[0])
+                handler.wfile.write(rest)
+                handler.close_connection = True
+                handler.connection.shutdown(socket.SHUT_RDWR)
+            self.upstream.push(cut)
+            status, _, body = self.post_message(stream=True)
+            self.assertEqual(status, 200)
+            self.assertTrue(body.startswith(events[0] + sent), body)
+            tail = body[len(events[0] + sent):].lstrip(b"\n")
+            self.assertTrue(tail.startswith(b"event: error\ndata: "), tail)
+            self.assertTrue(body.endswith(b"\n\n"), body)
+
+
+class TestUpstreamConnections(ProxyTestCase):
+    """Upstream connections are pooled, reused, and their failures are clear."""
+
+    settings = {"request_timeout_s": 0.5, "retry_attempts": 0}
+
+    def test_connections_are_reused_across_requests(self):
+        for _ in range(20):
+            self.assertEqual(self.post_message()[0], 200)
+        self.assertEqual(len(self.upstream.requests), 20)
+        self.assertEqual(self.upstream.connections, 1)
+
+    def test_answer_heads_are_read_alike_whole_or_in_pieces_crlf_or_lf_folded_or_not(self):
+        head = ("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Folded: one\r\n"
+                "\ttwo\r\nanthropic-ratelimit-unified-status:  allowed \r\nX-Empty:\r\n"
+                "Content-Length: 2\r\nX-Last: end\r\n\r\n")
+        for ending in ("\r\n", "\n"):
+            for piece in (None, 7):
+                data = head.replace("\r\n", ending).encode() + b"{}"
+                self.upstream.push(lambda handler, request: send_in_pieces(handler, data, piece))
+                status, headers, body = self.post_message()
+                shape = f"{ending!r} in pieces of {piece}"
+                self.assertEqual((status, body), (200, b"{}"), shape)
+                self.assertEqual(headers["X-Folded"], "one two", shape)
+                self.assertEqual(headers["anthropic-ratelimit-unified-status"], "allowed", shape)
+                self.assertEqual((headers["X-Empty"], headers["X-Last"]), ("", "end"), shape)
+        self.assertEqual(self.upstream.connections, 1)  # each answer ended where it should
+        for piece in (None, 7):  # past 100 header lines: refused, whole or in pieces
+            data = (b"HTTP/1.1 200 OK\r\n" + b"X-Many: 1\r\n" * 101
+                    + b"Content-Length: 0\r\n\r\n")
+            self.upstream.push(lambda handler, request: send_in_pieces(handler, data, piece))
+            status, _, body = self.post_message()
+            assert_all_accounts_failed(self, status, body, 1, "header line")
+
+    def test_a_credential_that_would_split_the_request_head_is_never_sent(self):
+        self.proxy.app.store.add_account("bad", "api_key", 1,
+                                         api_key="sk-ant-api03-bad\r\nX-Injected: 1")
+        status, _, body = self.post_message()
+        assert_all_accounts_failed(self, status, body, 1, "a header value is not valid HTTP")
+        self.assertEqual(self.upstream.messages(), [])
+
+    def test_pooled_connection_closed_by_upstream_is_retried_on_a_fresh_one(self):
+        self.upstream.push(reply_then_close_silently)
+        self.assertEqual(self.post_message()[0], 200)
+        wait_for(lambda: claudeflare.connection_is_stale(self.proxy.app.upstream.idle[0]),
+                 what="the upstream to close its side")
+        status, _, body = self.post_message()
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.upstream.connections, 2)
+
+    def test_request_meeting_a_connection_the_upstream_dropped_is_sent_again_once(self):
+        self.assertEqual(self.post_message()[0], 200)  # connection 1 now waits in the pool
+        # Connection 1 looks alive when it is taken, then closes on the request it carries:
+        # as when the upstream's idle timeout fires just as the proxy sends.
+        self.upstream.push(drop_connection)
+        status, _, body = self.post_message()
+        self.assertEqual(status, 200, body)  # retry_attempts is 0: only the resend can do this
+        dropped, resent = self.upstream.requests[1:]
+        self.assertEqual((dropped.connection, resent.connection), (1, 2))
+        self.assertEqual(dropped.body, resent.body)
+        self.upstream.push(drop_connection, drop_connection)
+        status, _, body = self.post_message()
+        assert_all_accounts_failed(self, status, body, 1, "ECONNRESET")
+        self.assertEqual(len(self.upstream.requests), 5)  # sent again once, not twice
+
+    def test_upstream_that_hangs_times_out_with_a_clear_error(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.upstream.push(hang(gate))
+        status, _, body = self.post_message()
+        assert_all_accounts_failed(self, status, body, 1, "ETIMEDOUT")
+
+    def test_upstream_silent_in_the_middle_of_a_stream_gives_an_error_event(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        events = message_events()
+        self.upstream.push(reply_stream(events, hold_after=2, gate=gate))
+        status, _, body = self.post_message(stream=True)
+        self.assertEqual(status, 200)
+        self.assertTrue(body.startswith(b"".join(events[:2])))
+        tail = body[len(b"".join(events[:2])):]
+        self.assertTrue(tail.startswith(b"event: error\n"), tail)
+        self.assertIn(b"ETIMEDOUT", tail)
+
+    def test_upstream_that_drops_the_connection_gives_a_clear_error(self):
+        self.upstream.push(drop_connection, drop_connection)
+        status, _, body = self.post_message()
+        self.assertEqual(status, 503)
+        self.assertIn("ECONNRESET", json.loads(body)["lastError"])
+
+
+class TestUnreachableUpstream(unittest.TestCase):
+    def test_refused_connection_gives_all_accounts_failed(self):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            closed_port = probe.getsockname()[1]
+        proxy = Proxy(f"http://127.0.0.1:{closed_port}", retry_attempts=0)
+        self.addCleanup(proxy.close)
+        status, _, body = proxy.request("POST", "/v1/messages", b"{}")
+        assert_all_accounts_failed(self, status, body, 1, "ECONNREFUSED")
+
+
+###############################################################################
 # Usage, the JSON API and the status page #####################################
 ###############################################################################
 
@@ -5020,432 +5565,6 @@ class TestSecrets(ServerWithAccounts):
         shown = "\n".join(self.shown_after_secrets_from_outside())
         self.assertNotIn("InTheQuery", shown)
         self.assertIn("/v1/messages?beta=true&key=[REDACTED]", shown)
-
-
-###############################################################################
-# Alerts ######################################################################
-###############################################################################
-
-class WebhookReceiver:
-    """A local webhook destination: records every alert that arrives, and can answer 500 or
-    hang (hold the connection without a word until released) when told to."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.received: list[tuple[str, dict, bytes]] = []
-        #: What to do with the next posts, in order: 500 or "hang"; then 200.
-        self.faults: collections.deque = collections.deque()
-        self.hanging = threading.Event()
-        self.released = threading.Event()
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, format, *args) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with receiver.lock:
-                    receiver.received.append((self.path, dict(self.headers), body))
-                    fault = receiver.faults.popleft() if receiver.faults else 200
-                if fault == "hang":
-                    receiver.hanging.set()
-                    receiver.released.wait(DEADLINE_S * 3)
-                    self.close_connection = True
-                    return
-                self.send_response(fault)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
-                                       daemon=True)
-        self.thread.start()
-
-    def url(self, path: str = "/hook/T0SECRET/B0SECRET") -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
-
-    def events(self, name: str | None = None) -> list[dict]:
-        """The JSON alerts that arrived (optionally of one event), oldest first."""
-        with self.lock:
-            bodies = [json.loads(body) for _, _, body in self.received]
-        return [body for body in bodies if name is None or body.get("event") == name]
-
-    def texts(self) -> list[str]:
-        with self.lock:
-            return [body.decode() for _, _, body in self.received]
-
-    def close(self) -> None:
-        self.released.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
-
-
-ALERT_SCRIPT = """import json, os, sys
-alert = json.load(sys.stdin)
-with open(sys.argv[1], "a") as out:
-    out.write(json.dumps({"alert": alert, "event": os.environ["CLAUDEFLARE_ALERT_EVENT"],
-                          "severity": os.environ["CLAUDEFLARE_ALERT_SEVERITY"]}) + "\\n")
-if os.path.exists(sys.argv[1] + ".fail"):
-    sys.stderr.write("mailbox full\\nsecond line\\n")
-    sys.exit(3)
-"""
-
-
-class TestAlerts(ServerWithAccounts):
-    """Each event comes from its real condition, in each format, once; sending never slows a
-    request, and no secret leaves."""
-
-    alert_format = "json"
-
-    def setUp(self) -> None:
-        self.hook = WebhookReceiver()
-        self.addCleanup(self.hook.close)
-        self.settings = {"alert_url": self.hook.url(), "alert_format": self.alert_format}
-        super().setUp()
-        self.addCleanup(self.hook.released.set)  # before the server stops
-        self.alerts = self.proxy.app.alerts
-        self.alerts.retry_delays_s = (0.05, 0.05)
-
-    def arrived(self, count: int = 1, event: str | None = None) -> list:
-        """Wait for count alerts (of an event) at the receiver; return them."""
-        return wait_for(lambda: len(self.hook.events(event)) >= count and
-                        self.hook.events(event), what=f"{count} {event or 'alerts'}")
-
-    def api_alerts(self) -> list[dict]:
-        return json.loads(self.proxy.request("GET", "/api/alerts")[2])["alerts"]
-
-    def assert_no_secret_anywhere(self, *secrets: str) -> None:
-        """Neither the webhook's path nor a credential in what went out or is shown."""
-        shown = [*self.hook.texts(), self.proxy.request("GET", "/api/alerts")[2].decode(),
-                 self.proxy.request("GET", "/api/config")[2].decode(),
-                 self.proxy.request("GET", "/")[2].decode(), self.ok("alerts", "list"),
-                 CAPTURED_LOG.text()]
-        for text in shown:
-            for secret in ("T0SECRET", "sk-ant-") + secrets:
-                self.assertNotIn(secret, text)
-
-    def test_a_refused_refresh_sends_account_needs_login_once(self):
-        access, refresh = self.add_oauth("max", expires_in_ms=-1000)
-        self.add_key("spare")
-        self.upstream.oauth.failures.append((400, {
-            "error": "invalid_grant", "error_description": f"Refresh token {refresh} revoked"}))
-        for _ in range(3):
-            self.assertEqual(self.post_message()[0], 200)
-        alert = self.arrived(event="account_needs_login")[0]
-        self.assertEqual((alert["severity"], alert["account"], alert["fix"]),
-                         ("error", "max", "python3 claudeflare.py reauth max"))
-        self.assertIn("Account max needs a new login: refresh refused", alert["message"])
-        self.assertIn("[REDACTED] revoked", alert["message"])
-        self.upstream.push_for("sk-ant-api03-spare", reply_json(
-            200, message_body(), unified_headers("allowed", 3600, five_hour=0.81)))
-        self.assertEqual(self.post_message()[0], 200)
-        self.arrived(event="window_threshold")  # a later alert: a repeat would have come first
-        self.assertEqual(len(self.hook.events("account_needs_login")), 1)
-        stored = wait_for(lambda: [alert for alert in self.api_alerts()
-                                   if alert["event"] == "account_needs_login"
-                                   and alert["deliveries"][0]["result"] == "sent"],
-                          what="the delivery to be recorded")
-        self.assertEqual(stored[0]["deliveries"][0]["destination"], "127.0.0.1")
-        self.assertEqual(stored[0]["deliveries"][0]["answer"], "200 OK")
-        self.assertIn("account_needs_login", self.ok("alerts", "list"))
-        page = self.proxy.request("GET", "/")[2].decode()
-        self.assertIn("<h2>Alerts</h2>", page)
-        self.assertIn("127.0.0.1: sent (200 OK)", page)
-        metrics = self.proxy.request("GET", "/metrics")[2].decode().splitlines()
-        self.assertIn('claudeflare_alerts_total{event="account_needs_login",result="sent"} 1',
-                      metrics)
-        self.assert_no_secret_anywhere(access[10:], refresh[10:])
-
-    def test_a_usage_read_over_a_threshold_is_alerted_without_any_request(self):
-        self.upstream.oauth.usage_answer = {"five_hour": usage_window(15.0, 7200),
-                                            "seven_day": usage_window(96.0, 3 * 86400)}
-        self.add_oauth("max")
-        alert = self.arrived(event="window_threshold")[0]
-        self.assertIn("Account max has used 96% of its 7-day window (threshold 95%)",
-                      alert["message"])
-        self.assertEqual(self.upstream.messages(), [])
-
-    def test_refresh_failing_for_long_is_alerted_with_the_error(self):
-        self.alerts.refresh_failing_after_ms = 0
-        self.add_oauth("max", expires_in_ms=-1000)
-        self.add_key("spare")
-        self.upstream.oauth.failures.append((503, {"error": "temporarily_unavailable"}))
-        self.assertEqual(self.post_message()[0], 200)
-        alert = self.arrived(event="refresh_failing")[0]
-        self.assertEqual(alert["account"], "max")
-        self.assertIn("Refreshing the token of account max has failed", alert["message"])
-        self.assertIn("temporarily_unavailable", alert["message"])
-
-    def test_a_refresh_failure_from_before_a_new_login_is_not_alerted(self):
-        self.add_oauth("max", expires_in_ms=-1000)
-        self.add_key("spare")
-        self.upstream.oauth.failures.append((503, {"error": "temporarily_unavailable"}))
-        self.assertEqual(self.post_message()[0], 200)
-        wait_for(lambda: self.proxy.app.tokens.refresh_failures, what="the failure")
-        access, refresh = self.upstream.oauth.issue()  # what `reauth max` stores
-        self.proxy.app.store.change_account("max", access_token=access, refresh_token=refresh,
-                                            expires_at=claudeflare.now_ms() + 3_600_000)
-        self.alerts.refresh_failing_after_ms = 0
-        for credential in ("sk-ant-api03-spare", access):  # whichever serves next
-            self.upstream.push_for(credential, reply_json(
-                200, message_body(), unified_headers("allowed", 3600, five_hour=0.81)))
-        self.assertEqual(self.post_message()[0], 200)
-        self.arrived(event="window_threshold")
-        self.assertEqual(self.hook.events("refresh_failing"), [])
-
-    def test_the_database_refusing_records_is_alerted_and_the_alert_still_sent(self):
-        self.alerts.records_unsaved_after_s = 0
-        self.add_key("spare")
-        holder = DatabaseHolder(self.proxy.db_path)
-        self.addCleanup(holder.release)
-        self.assertEqual(self.post_message()[0], 200)
-        alert = self.arrived(event="records_unsaved")[0]
-        self.assertEqual(alert["severity"], "critical")
-        self.assertIn("request records held in memory", alert["message"])
-        self.assertIn("Could not store an alert", CAPTURED_LOG.text())
-        holder.release()
-
-    def test_a_destination_answering_500_is_retried_then_recorded_as_failed(self):
-        self.hook.faults.extend([500, 500, 500])
-        self.add_key("a")
-        self.upstream.push_for("sk-ant-api03-a", reply_json(200, message_body(), unified_headers(
-            "allowed", 3600, five_hour=0.9)))
-        self.assertEqual(self.post_message()[0], 200)
-        self.arrived(3)
-        delivery = wait_for(lambda: [alert["deliveries"][0] for alert in self.api_alerts()
-                                     if alert["deliveries"][0]["result"] == "failed"],
-                            what="the delivery to be given up")[0]
-        self.assertEqual(delivery["attempts"], 3)
-        self.assertEqual(delivery["answer"], "500 Internal Server Error: ok")
-        self.assertEqual(len(self.hook.events()), 3)
-        metrics = self.proxy.request("GET", "/metrics")[2].decode().splitlines()
-        self.assertIn('claudeflare_alerts_total{event="window_threshold",result="failed"} 1',
-                      metrics)
-
-    def test_a_hanging_destination_never_delays_a_request_and_is_tried_again(self):
-        self.hook.faults.extend(["hang", "hang"])
-        self.add_key("a")
-        self.upstream.push_for("sk-ant-api03-a", reply_json(200, message_body(), unified_headers(
-            "allowed", 3600, five_hour=0.9)))
-        self.assertEqual(self.post_message()[0], 200)
-        self.assertTrue(self.hook.hanging.wait(DEADLINE_S))
-        for _ in range(5):  # served while the destination still holds the alert
-            self.assertEqual(self.post_message()[0], 200)
-        self.assertFalse(self.hook.released.is_set())
-        self.hook.released.set()
-        wait_for(lambda: [alert for alert in self.api_alerts()
-                          if alert["deliveries"][0]["result"] == "sent"
-                          and alert["deliveries"][0]["attempts"] == 3],
-                 what="the third try to be recorded")
-        self.assertEqual(len(self.hook.events("window_threshold")), 3)
-
-    def test_alert_command_gets_the_json_and_its_failure_is_recorded(self):
-        script = os.path.join(self.proxy.dir.name, "alert.py")
-        out = os.path.join(self.proxy.dir.name, "alerts.jsonl")
-        with open(script, "w") as file:
-            file.write(ALERT_SCRIPT)
-        self.ok("config", "set", "alert_url", "")
-        self.ok("config", "set", "alert_command", f"{sys.executable} {script} {out}")
-        printed = self.ok("alerts", "test")
-        self.assertRegex(printed, r"command python[\d.]* \(command\): sent: exit 0")
-        with open(out) as file:
-            line = json.loads(file.readline())
-        self.assertEqual((line["event"], line["severity"], line["alert"]["event"]),
-                         ("test", "info", "test"))
-        with open(out + ".fail", "w"):
-            pass
-        code, printed, err = self.cli("alerts", "test")
-        self.assertEqual(code, 1)
-        self.assertIn("FAILED: exit 3: mailbox full", printed)
-        self.assertIn("1 of 1 alert destinations did not take the test alert", err)
-        listed = json.loads(self.ok("alerts", "list", "--json"))
-        self.assertEqual(listed["alerts"][0]["deliveries"][0]["result"], "failed")
-        self.assertEqual(listed["alerts"][1]["deliveries"][0]["answer"], "exit 0")
-        self.assertEqual(self.hook.events(), [])
-
-    def test_alerts_test_posts_through_the_outbound_proxy(self):
-        tunnel = ConnectProxy()
-        self.addCleanup(tunnel.close)
-        with unittest.mock.patch.dict(os.environ, {"HTTP_PROXY": tunnel.url}):
-            printed = self.ok("alerts", "test")
-        self.assertIn("127.0.0.1 (json): sent: 200 OK", printed)
-        self.assertEqual(tunnel.tunnels, [self.hook.url("").split("//")[1]])
-        self.assertEqual(self.hook.events()[0]["event"], "test")
-
-    def test_doctor_checks_each_destination_and_sends_a_test_when_asked(self):
-        self.ok("config", "set", "alert_command", "no-such-notifier --to ops")
-        out = self.cli("doctor")[1]
-        self.assertIn("ok    alerts: 127.0.0.1: json webhook\n", out)
-        self.assertIn("FAIL  alerts: command no-such-notifier: no-such-notifier is not found or "
-                      "not executable", out)
-        self.assertEqual(self.hook.events(), [])
-        out = self.cli("doctor", "--send-test")[1]
-        self.assertIn("ok    alerts: 127.0.0.1: json webhook; test alert: 200 OK", out)
-        self.assertEqual(self.hook.events()[0]["event"], "test")
-        self.assertNotIn("T0SECRET", out)
-        self.assertIn("alert_url=http://127.0.0.1:", out)
-
-    def test_alert_settings_are_checked_and_shown_without_their_secrets(self):
-        for key, value, error in (
-                ("alert_url", "ftp://example.com/x", "URL 1 is not one"),
-                ("alert_format", "teams", "expected one of auto, json, slack, discord, ntfy"),
-                ("alert_thresholds", "80,120", "must be 100 or less"),
-                ("alert_command", "'unbalanced", "cannot split"),
-                ("alert_repeat_s", "5", "must be 60 or more")):
-            code, _, err = self.cli("config", "set", key, value)
-            self.assertEqual(code, 1)
-            self.assertIn(error, err)
-        self.ok("config", "set", "alert_thresholds", "95, 80")
-        self.assertEqual(self.ok("config", "get", "alert_thresholds").strip(), "80,95")
-        self.ok("config", "set", "alert_command", "notify-send --token=abcSECRET")
-        self.assertEqual(self.proxy.request("GET", "/health")[0], 200)  # reloads the settings
-        settings = json.loads(self.proxy.request("GET", "/api/config")[2])["settings"]
-        self.assertEqual(settings["alertUrl"], self.hook.url("/..."))
-        self.assertEqual(settings["alertCommand"], "notify-send ...")
-        self.assertNotIn("SECRET", CAPTURED_LOG.text())
-
-    def test_stored_alerts_and_waiting_deliveries_are_bounded(self):
-        alerts = claudeflare.Alerts(self.proxy.app.settings, self.proxy.app.store,
-                                    lambda: claudeflare.Watched([]), self.proxy.app.writer.flush)
-        alerts.close()  # nothing is delivered: every alert waits
-        for number in range(claudeflare.ALERT_QUEUE_MAX + 5):
-            alerts.raise_alert(claudeflare.Alert("test", f"number {number}", "", None, "test"),
-                               claudeflare.now_ms())
-        self.assertEqual(len(alerts.deliveries), claudeflare.ALERT_QUEUE_MAX)
-        self.assertEqual(alerts.counts["test", "dropped"], 5)
-        oldest = self.proxy.app.store.recent_alerts(claudeflare.MAX_STORED_ALERTS)[-1]
-        self.assertEqual((oldest["message"], oldest["deliveries"][0]["result"]),
-                         ("number 0", "dropped"))
-        store = self.proxy.app.store
-        for number in range(claudeflare.MAX_STORED_ALERTS):
-            store.add_alert(claudeflare.Alert("test", f"more {number}", created_at=1), ["x"])
-        self.assertEqual(store.query("SELECT COUNT(*) FROM alerts")[0][0],
-                         claudeflare.MAX_STORED_ALERTS)
-        self.assertEqual(store.query("SELECT COUNT(*) FROM alert_deliveries")[0][0],
-                         claudeflare.MAX_STORED_ALERTS)
-
-    def test_auto_format_follows_the_host(self):
-        for url, expected in (("https://hooks.slack.com/services/T/B/X", "slack"),
-                              ("https://discord.com/api/webhooks/1/x", "discord"),
-                              ("https://ntfy.sh/topic", "ntfy"),
-                              ("https://ntfy.example.org/topic", "ntfy"),
-                              ("https://example.com/hook", "json")):
-            self.assertEqual(claudeflare.alert_format_for(url, "auto"), expected)
-        self.assertEqual(claudeflare.alert_format_for("https://ntfy.sh/t", "json"), "json")
-
-    def test_a_condition_repeats_after_alert_repeat_s_and_a_flapping_one_does_not_flood(self):
-        self.proxy.app.store.add_account("lost", "api_key", 1, api_key="sk-ant-api03-lost",
-                                         needs_reauth=1, reauth_reason="invalid x-api-key",
-                                         utilization_7d=0.9, reset_7d=claudeflare.now_ms()
-                                         + 3 * claudeflare.DAY_S * 1000)
-        self.arrived(event="account_needs_login")
-        self.arrived(event="window_threshold")
-        state = {"accounts": self.proxy.app.store.accounts()}
-        alerts = claudeflare.Alerts(self.proxy.app.settings, self.proxy.app.store,
-                                    lambda: claudeflare.Watched(state["accounts"]),
-                                    self.proxy.app.writer.flush)
-        alerts.close()  # its thread stops: time is given below
-        raised = lambda: alerts.counts["account_needs_login", "raised"]  # noqa: E731
-        start = claudeflare.now_ms()
-        alerts.look(start, 0)
-        self.assertEqual(raised(), 0)  # sent by the server just now: not again after a restart
-        repeat_ms = self.proxy.app.settings.alert_repeat_s * 1000
-        alerts.look(start + repeat_ms + 1, 0)
-        self.assertEqual(raised(), 1)
-        self.assertEqual(alerts.counts["window_threshold", "raised"], 0)  # once per window
-        healthy = [claudeflare.dataclasses.replace(account, needs_reauth=False)
-                   for account in state["accounts"]]
-        minute = 60_000
-        moment = start + repeat_ms + 1
-        for _ in range(10):  # flapping once a minute
-            moment += minute
-            state["accounts"] = healthy
-            alerts.look(moment, 0)
-            moment += minute
-            state["accounts"] = self.proxy.app.store.accounts()
-            alerts.look(moment, 0)
-        self.assertEqual(raised(), 2)  # one comeback after the quiet time, not ten
-
-
-class TestAlertFormats(ServerWithAccounts):
-    """Slack, Discord and ntfy get their own shapes; every event from its real condition."""
-
-    def setUp(self) -> None:
-        self.hook = WebhookReceiver()
-        self.addCleanup(self.hook.close)
-        super().setUp()
-
-    def use(self, format: str) -> None:
-        """Point alerts at the receiver while the server runs (live reload)."""
-        self.ok("config", "set", "alert_url", self.hook.url())
-        self.ok("config", "set", "alert_format", format)
-
-    def with_text(self, text: str, count: int = 1) -> list[tuple[dict, bytes]]:
-        """Wait for count alerts whose body says a text; return their headers and bodies.
-
-        A rate-limited answer's headers also put its window over the thresholds: those
-        alerts arrive too.
-        """
-        def found() -> list[tuple[dict, bytes]]:
-            with self.hook.lock:
-                return [(headers, body) for _, headers, body in self.hook.received
-                        if text in body.decode()]
-        return wait_for(lambda: len(found()) >= count and found(), what=f"alerts with {text}")
-
-    def test_slack_gets_pool_exhausted_once_then_pool_recovered(self):
-        self.use("slack")
-        for name in ("a", "b"):
-            self.add_key(name)
-            self.upstream.push_for(f"sk-ant-api03-{name}", reply_error(
-                429, "rate_limit_error", "limited", unified_headers("rejected", 3600)))
-        for _ in range(4):
-            self.post_message()
-        _, body = self.with_text("No account can serve")[0]
-        self.assertEqual(list(json.loads(body)), ["text"])
-        self.assertTrue(json.loads(body)["text"].startswith(
-            "*claudeflare critical*: No account can serve (2 rate_limited); the first resets "
-            "at "))
-        self.ok("resume", "a")
-        _, body = self.with_text("can serve again")[0]
-        self.assertIn("Accounts can serve again: a", json.loads(body)["text"])
-        self.assertEqual(len(self.with_text("No account can serve")), 1)
-
-    def test_discord_gets_overage_started_with_the_policy(self):
-        self.use("discord")
-        self.add_key("a")
-        self.upstream.push_for("sk-ant-api03-a", on_overage(3600))
-        for _ in range(3):
-            self.assertEqual(self.post_message()[0], 200)
-        _, body = self.with_text("extra usage")[0]
-        content = json.loads(body)["content"]
-        self.assertIn("**claudeflare warning**: Account a is serving on extra usage (billed to "
-                      "its owner) until", content)
-        self.assertIn("overage is last\nFix: python3 claudeflare.py config set overage never",
-                      content)
-        self.assertEqual(len(self.with_text("extra usage")), 1)
-
-    def test_ntfy_gets_each_window_threshold_once_as_plain_text_with_headers(self):
-        self.use("ntfy")
-        self.add_key("a")
-        for used, expected in ((0.85, "threshold 80%"), (0.86, "threshold 80%"),
-                               (0.97, "threshold 95%")):
-            self.upstream.push_for("sk-ant-api03-a", reply_json(200, message_body(),
-                                                                unified_headers("allowed", 3600,
-                                                                                five_hour=used)))
-            self.assertEqual(self.post_message()[0], 200)
-            self.with_text(expected)
-        headers, body = self.with_text("threshold 80%")[0]
-        self.assertEqual(headers["Title"], "claudeflare: window_threshold (a)")
-        self.assertEqual(headers["Priority"], "default")
-        self.assertEqual(headers["Tags"], "warning,window_threshold")
-        self.assertTrue(body.decode().startswith("Account a has used 85% of its 5-hour window "
-                                                 "(threshold 80%)"))
-        self.assertIn("\nFix: python3 claudeflare.py list", body.decode())
-        self.assertEqual(len(self.with_text("threshold 80%")), 1)  # arrived before the 95%
 
 
 ###############################################################################
