@@ -2912,7 +2912,6 @@ def forwardable_headers(message: Headers, also: frozenset[str] = frozenset()
 # OAuth #######################################################################
 ###############################################################################
 
-#: Where a person logs in, by `add --mode`.
 #: Where a person logs in, by `add --mode`, and the scopes asked for: as Claude Code does it.
 OAUTH_AUTHORIZE_URLS = {"max": "https://claude.com/cai/oauth/authorize",
                         "console": "https://platform.claude.com/oauth/authorize"}
@@ -4488,11 +4487,16 @@ class Alerts:
                       for (event, result), count in sorted(self.counts.items())]
         return "\n".join(lines) + "\n"
 
-    def close(self) -> None:
-        """Stop the thread; deliveries still waiting are logged as not sent."""
+    def close(self, deadline: float = 0.0) -> None:
+        """Stop the thread; deliveries still waiting are logged as not sent.
+
+        A delivery in progress may finish until deadline (time.monotonic(); none: its own
+        timeout), so that shutdown waits on it no longer than on requests.
+        """
         self.stopping.set()
         self.wake.set()
-        self.thread.join(self.timeout_s + 1)
+        self.thread.join(max(0.0, deadline - time.monotonic()) if deadline else
+                         self.timeout_s + 1)
         if self.deliveries:
             self.log.error("Stopped with %d alert deliveries not done", len(self.deliveries))
 
@@ -4818,7 +4822,7 @@ def requested_model(body: bytes) -> str | None:
     found = LEADING_MODEL.match(body)
     if found:
         return found.group(1).decode("utf-8", "replace")
-    if body[:1] != b"{":
+    if body.lstrip()[:1] != b"{":
         return None
     try:
         model = json.loads(body).get("model")
@@ -4884,6 +4888,58 @@ def key_access_refusal(key: ClientKey, now: int) -> KeyRefusal | None:
                           f"The claudeflare client key {key.name} expired at "
                           f"{iso_time(key.expires_at)}", "expired")
     return None
+
+
+#: The /v1 requests a key with model limits or budgets may send: those whose model and cost the
+#: proxy reads (a Message Batch names a model per request and is billed after the answer).
+MEASURED_REQUESTS = re.compile(r"(POST /v1/messages(/count_tokens)?|GET /v1/models(/[^/?]+)?)"
+                               r"/?(\?.*)?")
+
+
+def named_model(body: bytes) -> str | None:
+    """Return the model a request body names, from the whole body as the upstream reads it.
+
+    Raise ValueError when the body names it more than once: a limit must see the model the
+    upstream will use, and a regex or a first match need not.
+    """
+    if body.lstrip()[:1] != b"{":
+        return None
+    try:
+        pairs = json.loads(body, object_pairs_hook=lambda pairs: pairs)
+    except JSON_ERRORS:
+        return None
+    models = [value for name, value in pairs if name == "model"]
+    if len(models) > 1:
+        raise ValueError("the request body names its model more than once")
+    return models[0] if models and isinstance(models[0], str) else None
+
+
+def key_request_refusal(key: ClientKey, method: str, path: str,
+                        body: bytes) -> tuple[str | None, KeyRefusal | None]:
+    """Return the model a limited key's request uses (for its model patterns), or the refusal
+    of a request whose model or cost the key's limits cannot see."""
+    measured = bool(model_patterns(key) or key.tokens_day is not None
+                    or any(getattr(key, f"budget_{period}") is not None for period in PERIODS))
+    if not measured:
+        return None, None
+    if not MEASURED_REQUESTS.fullmatch(f"{method} {path}"):
+        return None, KeyRefusal(
+            403, "permission_error", f"The claudeflare client key {key.name} has model limits or "
+            f"budgets, so it may send only /v1/messages, /v1/messages/count_tokens and "
+            f"/v1/models: the model and cost of {method} {path.partition('?')[0]} cannot be "
+            f"measured", "unmeasured")
+    if method != "POST" or not model_patterns(key):
+        return None, None
+    try:
+        model = named_model(body)
+    except ValueError as error:
+        return None, KeyRefusal(400, "invalid_request_error", f"Invalid request: {error}",
+                                "model")
+    if model is None:
+        return None, KeyRefusal(400, "invalid_request_error",
+                                "The request body names no model (a JSON object with \"model\")",
+                                "model")
+    return model, None
 
 
 def check_key_limits(key: ClientKey, usage: KeyUsage, model: str | None,
@@ -5607,15 +5663,8 @@ MAX_HEAD_BYTES = 256 * 1024
 
 
 class RequestRefused(Exception):
-    """A client request that is not valid HTTP/1.1: answered with status and closed."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class RequestBodyError(Exception):
-    """The client's request body cannot be accepted; carries the status to answer."""
+    """A client request (its head or its body) that cannot be accepted: answered with status,
+    and the connection closed."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -5842,10 +5891,7 @@ class StrictHTTPHandler(http.server.BaseHTTPRequestHandler):
 
     def send_bytes(self, status: int, body: bytes, content_type: str,
                    extra: Iterable[tuple[str, str]] = ()) -> None:
-        """Send a whole response in one write (into a held stream: as its end)."""
-        if self.held_stream:
-            self.end_held_stream(status, body, None)
-            return
+        """Send a whole response in one write."""
         reason = http.client.responses.get(status, "")
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         headers.extend(extra)
@@ -5870,13 +5916,13 @@ class StrictHTTPHandler(http.server.BaseHTTPRequestHandler):
         else:
             text = self.headers.get("Content-Length", "0").split(",")[0].strip() or "0"
             if not CONTENT_LENGTH.fullmatch(text):
-                raise RequestBodyError(400, f"Invalid Content-Length header: {text!r}")
+                raise RequestRefused(400, f"Invalid Content-Length header: {text!r}")
             length = int(text)
             if length > MAX_BODY_BYTES:
-                raise RequestBodyError(413, too_large_message(length))
+                raise RequestRefused(413, too_large_message(length))
             body = self.rfile.read(length)
             if len(body) < length:
-                raise RequestBodyError(400, "The request body ended before its Content-Length")
+                raise RequestRefused(400, "The request body ended before its Content-Length")
         self.body_read = True
         return body
 
@@ -5891,7 +5937,7 @@ class StrictHTTPHandler(http.server.BaseHTTPRequestHandler):
         while True:
             match = CHUNK_LINE.fullmatch(self.read_chunk_line(400, "A chunk size line"))
             if match is None:
-                raise RequestBodyError(400, "Malformed chunked request body: a chunk size line is "
+                raise RequestRefused(400, "Malformed chunked request body: a chunk size line is "
                                        "hexadecimal digits, then ;name=value extensions")
             size = int(match.group(1), 16)
             if size == 0:
@@ -5899,10 +5945,10 @@ class StrictHTTPHandler(http.server.BaseHTTPRequestHandler):
                 return b"".join(parts)
             total += size
             if total > MAX_BODY_BYTES:
-                raise RequestBodyError(413, too_large_message(total))
+                raise RequestRefused(413, too_large_message(total))
             parts.append(self.rfile.read(size))
             if len(parts[-1]) < size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                raise RequestBodyError(400, "Malformed chunked request body: chunk data longer "
+                raise RequestRefused(400, "Malformed chunked request body: chunk data longer "
                                        "than its size, or cut short")
 
     def read_chunk_line(self, status: int, what: str) -> bytes:
@@ -5911,8 +5957,8 @@ class StrictHTTPHandler(http.server.BaseHTTPRequestHandler):
         if line.endswith(b"\n"):
             return line
         if len(line) > MAX_CHUNK_LINE_BYTES:
-            raise RequestBodyError(status, f"{what} is longer than {MAX_CHUNK_LINE_BYTES} bytes")
-        raise RequestBodyError(400, "The chunked request body ended before its last chunk")
+            raise RequestRefused(status, f"{what} is longer than {MAX_CHUNK_LINE_BYTES} bytes")
+        raise RequestRefused(400, "The chunked request body ended before its last chunk")
 
     def read_trailer_section(self) -> None:
         """Read and check the trailer fields after the last chunk; they are not relayed."""
@@ -5923,13 +5969,13 @@ class StrictHTTPHandler(http.server.BaseHTTPRequestHandler):
                 break
             size += len(line)
             if size > MAX_TRAILER_BYTES:
-                raise RequestBodyError(431, f"The trailer section is larger than "
+                raise RequestRefused(431, f"The trailer section is larger than "
                                        f"{MAX_TRAILER_BYTES // 1024} KB")
             lines.append(line[:-1])
         try:
             self.parse_header_lines(lines)
         except RequestRefused as refusal:
-            raise RequestBodyError(refusal.status, f"In the trailer section: {refusal}") from None
+            raise RequestRefused(refusal.status, f"In the trailer section: {refusal}") from None
 
     def discard_rest_of_request(self) -> None:
         """Read and drop what the client is still sending after an early error answer.
@@ -6413,11 +6459,13 @@ class App:
         component_logger("Proxy").error("Account %s needs attention and is skipped: %s",
                                         account.name, reason)
 
-    def earliest_reset(self, now: int, model: str | None = None) -> int | None:
-        """Return when the first account benched by a limit (or, under `overage never`, by extra
-        usage, or for the model by its spent weekly window) becomes usable again by itself."""
+    def earliest_reset(self, now: int, model: str | None = None,
+                       accounts: list[Account] | None = None) -> int | None:
+        """Return when the first account (of the pool, or of accounts) benched by a limit (or,
+        under `overage never`, by extra usage, or for the model by its spent weekly window)
+        becomes usable again by itself."""
         resets = []
-        for account in self.accounts():
+        for account in self.accounts() if accounts is None else accounts:
             status = account.status(now)
             refusal = family_refusal(account, model, now)
             if status == "rate_limited":
@@ -6431,10 +6479,11 @@ class App:
             resets.append(max(until, refusal[1]) if refusal else until)
         return min(resets) if resets else None
 
-    def refused_family(self, now: int, model: str | None) -> str | None:
-        """Return the per-model window (seven_day_opus) that keeps a model off some account
-        that could otherwise serve it, or None: the 429 for that model names it."""
-        return next((refusal[0] for account in self.accounts()
+    def refused_family(self, now: int, model: str | None,
+                       accounts: list[Account]) -> str | None:
+        """Return the per-model window (seven_day_opus) that keeps a model off one of the
+        accounts that could otherwise serve it, or None: the 429 for that model names it."""
+        return next((refusal[0] for account in accounts
                      for refusal in [family_refusal(account, model, now)] if refusal), None)
 
     def stop_background(self) -> None:
@@ -6448,7 +6497,7 @@ class App:
         Usage reads and token refreshes still running at deadline (time.monotonic()) are cut.
         """
         log.removeHandler(self.recent_logs)
-        self.alerts.close()
+        self.alerts.close(deadline)
         self.usage.close(deadline)
         self.refresher.close(deadline)
         self.writer.close()
@@ -6698,7 +6747,7 @@ def changing(request: LocalRequest) -> dict:
         raise BadRequest("Send the request with Content-Type: application/json", 415)
     try:
         body = request.read_body()
-    except RequestBodyError as error:
+    except RequestRefused as error:
         raise BadRequest(str(error), error.status) from None
     if not body.strip():
         return {}
@@ -7509,6 +7558,12 @@ class AnswerRelay(StrictHTTPHandler):
     #: Whether a streaming request waiting for a reset has its 200 already (hold_s).
     held_stream = False
 
+    def handle_one_request(self) -> None:
+        """Read and answer one request: none is held when it begins (a held stream that ended
+        leaves its connection to the next request)."""
+        self.held_stream = False
+        super().handle_one_request()
+
     def send_bytes(self, status: int, body: bytes, content_type: str,
                    extra: Iterable[tuple[str, str]] = ()) -> None:
         """Send a whole response in one write; into a held stream, as its end."""
@@ -7785,7 +7840,7 @@ class ProxyHandler(Router, AnswerRelay):
                                user_agent=user_agent_product(self.headers.get("User-Agent")))
         try:
             body = self.read_body()
-        except RequestBodyError as error:
+        except RequestRefused as error:
             self.close_connection = True
             self.send_json(error.status, self.error_body(error.status, str(error)))
             self.finish_record(record, started, error.status, str(error))
@@ -7880,8 +7935,11 @@ class ProxyHandler(Router, AnswerRelay):
                                  f"of priority {key.priority_floor} or more, and the pool has "
                                  f"none", "priority_floor")
         else:
-            refusal = ledger.admit(key, requested_model(body) if key.models else None,
-                                   record.timestamp)
+            model, refusal = key_request_refusal(key, self.command, self.target, body)
+            if refusal is None:
+                refusal = ledger.admit(key, model, record.timestamp)
+            else:
+                ledger.refused(key.name, refusal.reason)
         if refusal is None:
             self.admitted = key.name
             return allowed
@@ -7892,6 +7950,11 @@ class ProxyHandler(Router, AnswerRelay):
                        if refusal.retry_after_s else [])
         self.finish_record(record, started, refusal.status, refusal.message)
         return None
+
+    def key_pool(self) -> list[Account]:
+        """Return the accounts of the pool the request's client key may use (a priority floor
+        keeps it off some), as they are now."""
+        return key_accounts(self.client_key, self.app.accounts())
 
     def own_credentials(self) -> bool:
         """Whether the client presents an Anthropic credential of its own (not a client key)."""
@@ -7908,10 +7971,10 @@ class ProxyHandler(Router, AnswerRelay):
         by its weekly window, the message names that window.
         """
         now = now_ms()
-        reset = self.app.earliest_reset(now, self.model)
+        reset = self.app.earliest_reset(now, self.model, self.key_pool())
         if reset is None:
             return False
-        family = self.app.refused_family(now, self.model)
+        family = self.app.refused_family(now, self.model, self.key_pool())
         if family:
             message = (f"No account can serve {self.model} now: every account has reached its "
                        f"weekly {family[len('seven_day_'):].capitalize()} limit ({family}) or "
@@ -7940,7 +8003,7 @@ class ProxyHandler(Router, AnswerRelay):
         now = now_ms()
         if self.hold_until is None:
             self.hold_until = now + int(settings.hold_s * 1000)
-        reset = app.earliest_reset(now, self.model)
+        reset = app.earliest_reset(now, self.model, self.key_pool())
         if not settings.hold_s or reset is None or reset > self.hold_until:
             return "skip", []
         outcome = "full" if app.holds.waiting >= settings.hold_max else None
@@ -7958,7 +8021,7 @@ class ProxyHandler(Router, AnswerRelay):
             return "skip", []
         if outcome == "ready":
             try:
-                return "ready", app.accounts_to_try(app.accounts(), record.conversation,
+                return "ready", app.accounts_to_try(self.key_pool(), record.conversation,
                                                     now_ms(), self.client, self.model)
             finally:
                 app.holds.done(self)
@@ -7975,7 +8038,7 @@ class ProxyHandler(Router, AnswerRelay):
 
     def set_retry_after(self, answer: Answer, now: int) -> None:
         """Point a 429's retry-after at the earliest reset among the accounts."""
-        reset = self.app.earliest_reset(now, self.model)
+        reset = self.app.earliest_reset(now, self.model, self.key_pool())
         if reset is None:
             return
         answer.headers = [(name, value) for name, value in answer.headers
@@ -9783,9 +9846,13 @@ def key_changes(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
                                if option == "expires" else value)
         elif removed or (args.no_budget and option.startswith("budget")):
             changes[column] = None
-    if changes.get("models"):
+    if changes.get("models") is not None:
         changes["models"] = ",".join(pattern.strip() for pattern in changes["models"].split(",")
                                      if pattern.strip())
+        if not changes["models"]:
+            raise ClaudeflareError("--models takes one or more patterns, such as "
+                                   "claude-sonnet-*,claude-haiku-* (--no-models removes the "
+                                   "limit)")
     if args.pause or args.resume:
         changes["paused"] = int(args.pause)
     return changes

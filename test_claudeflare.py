@@ -3466,6 +3466,30 @@ class TestHold(ServerWithAccounts):
         result["thread"] = worker
         return result
 
+    def test_a_wait_for_a_reset_keeps_to_the_keys_priority_floor(self):
+        self.add_key("b")
+        self.ok("priority", "b", "1")
+        key = re.search(r"cfk-\S+", self.ok("keys", "add", "ci", "--priority-floor", "1"))[0]
+        self.upstream.quotas["sk-ant-api03-b"] = {"5h": Quota(1, 2, used=1)}
+        status, _, body = ask(self.proxy, SONNET, headers={"x-api-key": key})
+        self.assertEqual(status, 200, body)
+        self.assertEqual({request.headers["x-api-key"] for request in self.upstream.messages()},
+                         {"sk-ant-api03-b"})
+
+    def test_the_next_request_after_a_held_stream_gets_a_whole_answer(self):
+        self.spend(2)
+        connection = self.proxy.connect()
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/messages", json.dumps(
+            {"model": SONNET, "stream": True, "messages": []}).encode(),
+            {"content-type": "application/json"})
+        first = connection.getresponse()
+        self.assertIn(b"event: message_stop", first.read())
+        connection.request("GET", "/api/stats")
+        second = connection.getresponse()
+        self.assertEqual(second.status, 200)
+        self.assertIn("waiting", json.loads(second.read()))
+
     def test_a_plain_request_waits_for_the_reset_and_is_served(self):
         reset = self.spend()
         result = self.in_background(SONNET)
@@ -5916,6 +5940,20 @@ class TestShutdown(ServeTestCase):
         self.assertIn("Cut at shutdown: shutdown_timeout_s (0.5s) ran out", rows[0]["error"])
         self.assertIn("cut 1 answers short", server.log())
 
+    def test_an_alert_delivery_that_hangs_waits_no_longer_than_the_shutdown_timeout(self):
+        hook = WebhookReceiver()
+        self.addCleanup(hook.close)
+        hook.faults.append("hang")
+        store = claudeflare.Store(os.path.join(self.folder, "claudeflare.db"))
+        store.add_account("idle", "api_key", 1, api_key="sk-ant-api03-idle")
+        store.change_account("idle", paused=1)  # no account can serve: pool_exhausted
+        store.close()
+        server = self.serve(CLAUDEFLARE_SHUTDOWN_TIMEOUT_S="1", CLAUDEFLARE_ALERT_URL=hook.url())
+        self.assertTrue(hook.hanging.wait(DEADLINE_S))
+        started = time.monotonic()
+        self.assertEqual(server.stop(), 0)
+        self.assertLess(time.monotonic() - started, 1 + 3)
+
     def test_hung_usage_reads_and_refreshes_wait_no_longer_than_the_shutdown_timeout(self):
         gate = threading.Event()
         self.addCleanup(gate.set)
@@ -6288,7 +6326,8 @@ class TestClientKeyLimits(ServerWithAccounts):
         answer = self.proxy.request("POST", "/v1/messages", body,
                                     {"content-type": "application/json", "x-api-key": key})
         if counted:
-            wait_for(lambda: self.proxy.server.life.running == 0, what="the request to be counted")
+            wait_for(lambda: self.proxy.server.life.running == 0,
+                     what="the request to be counted")
         return answer
 
     def refusal(self, answer, status: int, error_type: str) -> str:
@@ -6447,6 +6486,36 @@ class TestClientKeyLimits(ServerWithAccounts):
         self.assertIn("may not use claude-opus-4-5; it may use claude-haiku-*, "
                       "claude-sonnet-4-*", message)
         self.assertEqual(len(self.upstream.messages()), 1)
+
+    def test_a_model_limit_reads_the_model_the_upstream_will_use(self):
+        key = self.new_key("frank", "--models", "claude-haiku-*")
+        headers = {"content-type": "application/json", "x-api-key": key}
+        opus = json.dumps({"model": "claude-opus-4-5", "max_tokens": 5, "messages": []})
+
+        def send(body: str, path: str = "/v1/messages"):
+            return self.proxy.request("POST", path, body.encode(), headers)
+
+        self.refusal(send(" \n" + opus), 403, "permission_error")
+        self.assertIn("more than once", self.refusal(send(
+            '{"model": "claude-haiku-4-5", "messages": [], "model": "claude-opus-4-5"}'), 400,
+            "invalid_request_error"))
+        self.assertIn("names no model", self.refusal(send('{"messages": []}'), 400,
+                                                     "invalid_request_error"))
+        self.assertEqual(send(" " + opus.replace("opus", "haiku"))[0], 200)
+        batch = json.dumps({"requests": [{"custom_id": "1", "params": json.loads(opus)}]})
+        self.assertIn("cannot be measured", self.refusal(send(batch, "/v1/messages/batches"),
+                                                         403, "permission_error"))
+        self.assertEqual(self.proxy.request("GET", "/v1/models", headers=headers)[0], 200)
+        self.assertEqual([(request.method, request.path) for request in self.upstream.messages()],
+                         [("POST", "/v1/messages"), ("GET", "/v1/models")])
+        self.assertEqual(self.upstream.messages()[0].json()["model"], "claude-haiku-4-5")
+        budgeted = self.new_key("bob", "--budget-day", "5")
+        self.refusal(self.proxy.request("POST", "/v1/messages/batches", batch.encode(),
+                                        {**headers, "x-api-key": budgeted}), 403,
+                     "permission_error")
+        code, _, err = self.cli("keys", "add", "eve", "--models", " , ")
+        self.assertEqual(code, 1)
+        self.assertIn("--models takes one or more patterns", err)
 
     def test_expired_and_paused_keys_get_401_saying_so_and_keys_set_applies_at_once(self):
         key = self.new_key("gina", "--expires", "2020-01-31")
