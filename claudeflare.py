@@ -10372,12 +10372,19 @@ def main(argv: list[str] | None = None) -> int:
     flags = {key: getattr(args, key, None) for key in ("host", "port", "tls_cert", "tls_key")}
     try:
         if args.command == "doctor":
-            return cmd_doctor(args, flags)
-        settings = load_settings(args.config, flags, strict=args.command == "serve")
-        if args.command != "serve":
-            for problem in settings.config.problems:
-                print(f"claudeflare: warning: {printable(problem)}", file=sys.stderr)
-        return args.handler(args, settings)
+            status = cmd_doctor(args, flags)
+        else:
+            settings = load_settings(args.config, flags, strict=args.command == "serve")
+            if args.command != "serve":
+                for problem in settings.config.problems:
+                    print(f"claudeflare: warning: {printable(problem)}", file=sys.stderr)
+            status = args.handler(args, settings)
+        sys.stdout.flush()  # a reader that went away is met here, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader of the output went away (`list | head -1`): stop quietly, as filters do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ClaudeflareError as error:
         print(f"claudeflare: error: {printable(str(error))}", file=sys.stderr)
         return 1

@@ -1224,6 +1224,17 @@ class TestAccountCommands(CliTestCase):
         self.ok("reset-stats", "--yes")
         self.assertEqual(self.accounts()["work"]["requests"], 0)
 
+    def test_output_to_a_reader_that_went_away_ends_quietly(self):
+        self.ok("add", "work", "--api-key", stdin="sk-ant-api03-work\n")
+        command = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "claudeflare.py"), "--config", self.config_path,
+             "--db", self.db_path, "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        command.stdout.close()  # as `list | head -0` does
+        error = command.stderr.read()
+        command.stderr.close()
+        self.assertEqual(command.wait(DEADLINE_S), 1)
+        self.assertEqual(error, b"")
+
     def test_read_only_commands_never_create_a_database(self):
         typo = os.path.join(self.folder, "typo", "x.db")
         for command in (("list",), ("stats",), ("requests",), ("keys", "list"),
