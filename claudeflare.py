@@ -6901,6 +6901,8 @@ th { font-weight: 600; font-size: 12px; color: var(--muted); white-space: normal
 td.num, th.num { text-align: right; }
 td.wrap { white-space: normal; overflow-wrap: anywhere; min-width: 9em; }
 td.name { min-width: 10em; }
+table.keys td { white-space: normal; }
+.keys .bar { display: block; margin: 3px 0; }
 .line { display: block; font-size: 12px; }
 .bar { display: inline-block; width: 56px; height: 8px; border-radius: 4px;
        background: var(--line); vertical-align: middle; margin-right: 6px; overflow: hidden; }
@@ -6970,11 +6972,13 @@ $accounts
 </tbody>
 </table></div>
 <h2>Client keys</h2>
-<div class="scroll"><table>
-<tr><th>Name</th><th>Owner</th><th>Status</th><th>Today</th><th>This week</th>
+<div class="scroll"><table class="accounts keys">
+<thead><tr><th>Name</th><th>Owner</th><th>Status</th><th>Today</th><th>This week</th>
 <th>This month</th><th class="num">Tokens today</th><th class="num">In flight</th>
-<th>Limits</th><th>Last used</th><th>Expires</th></tr>
+<th>Limits</th><th>Last used</th><th>Expires</th></tr></thead>
+<tbody>
 $keys
+</tbody>
 </table></div>
 <h2>Requests per hour, last 24 hours</h2>
 $chart
@@ -6996,9 +7000,12 @@ $errors
 </table></div>
 <h2>Alerts</h2>
 <p class="muted">$alert_destinations</p>
-<div class="scroll"><table>
-<tr><th>Time</th><th>Event</th><th>Account</th><th>Message</th><th>Delivery</th></tr>
+<div class="scroll"><table class="flow">
+<thead><tr><th>Time</th><th>Event</th><th>Account</th><th>Message</th><th>Delivery</th></tr>
+</thead>
+<tbody>
 $alerts
+</tbody>
 </table></div>
 </body>
 </html>
@@ -7079,24 +7086,27 @@ def account_row(account: Account, now: int, session_duration_ms: int) -> str:
 
 def key_row(key: dict, now: int) -> str:
     """Draw one client key as a table row: what it spent against each budget as a bar."""
-    cells = "".join(budget_cell(key["spent"][period], key["limits"][f"budget{period.title()}"])
-                    for period in PERIODS)
+    cells = "".join(budget_cell(label, key["spent"][period],
+                                key["limits"][f"budget{period.title()}"])
+                    for period, label in zip(PERIODS, ("Today", "This week", "This month")))
     status = escape(key["status"])
-    return (f"<tr><td><b>{escape(key['name'])}</b></td><td>{escape(key['owner'] or '-')}</td>"
-            f"<td><span class=\"status {status}\">{status}</span></td>{cells}"
-            f"<td class=\"num\">{key['spent']['tokensDay']:,}</td>"
-            f"<td class=\"num\">{key['inFlight']}</td><td>{escape(limits_text(key))}</td>"
-            f"<td>{escape(when_text(key['lastUsed'], now))}</td>"
-            f"<td>{escape(when_text(key['expiresAt'], now))}</td></tr>")
+    return (f'<tr><td class="name wrap"><b>{escape(key["name"])}</b></td>'
+            f'<td data-label="Owner">{escape(key["owner"] or "-")}</td>'
+            f'<td data-label="Status"><span class="status {status}">{status}</span></td>{cells}'
+            f'<td class="num" data-label="Tokens today">{key["spent"]["tokensDay"]:,}</td>'
+            f'<td class="num" data-label="In flight">{key["inFlight"]}</td>'
+            f'<td class="wrap" data-label="Limits">{escape(limits_text(key))}</td>'
+            f'<td data-label="Last used">{escape(when_text(key["lastUsed"], now))}</td>'
+            f'<td data-label="Expires">{escape(when_text(key["expiresAt"], now))}</td></tr>')
 
 
-def budget_cell(spent: float, budget: float | None) -> str:
+def budget_cell(label: str, spent: float, budget: float | None) -> str:
     """Draw what a key spent in a period: against its budget as a bar, if it has one."""
     if budget is None:
-        return f"<td>{escape(usd(spent))}</td>"
+        return f'<td data-label="{label}">{escape(usd(spent))}</td>'
     used = spent / budget if budget else 1.0
     level = "full" if used >= 1 else "high" if used >= 0.8 else ""
-    return (f'<td><span class="bar"><i class="{level}" style="width:{min(used, 1) * 100:.0f}%">'
+    return (f'<td data-label="{label}"><span class="bar"><i class="{level}" style="width:{min(used, 1) * 100:.0f}%">'
             f'</i></span>{escape(usd(spent))} <span class="muted">of {escape(usd(budget))}'
             f'</span></td>')
 
@@ -7186,7 +7196,8 @@ def alert_row(alert: dict, now: int) -> str:
     """Draw one stored alert, with what each destination made of it, as a table row."""
     return (f"<tr><td>{escape(when_text(alert['time'], now))}</td>"
             f"<td>{escape(alert['event'])} <span class=\"muted\">{escape(alert['severity'])}"
-            f"</span></td><td>{escape(alert['account'] or '-')}</td>"
+            f"</span></td><td class=\"label\" data-label=\"account\">"
+            f"{escape(alert['account'] or '-')}</td>"
             f"<td class=\"error\">{escape(alert['message'])}</td>"
             f"<td class=\"error\">{escape(delivery_summary(alert))}</td></tr>")
 
