@@ -6597,6 +6597,11 @@ class TestClientKeyLimits(ServerWithAccounts):
         page = self.proxy.request("GET", "/", headers=headers)[2].decode()
         self.assertIn("<h2>Client keys</h2>", page)
         self.assertIn('<i class="full" style="width:100%"></i></span>$0.6000', page)
+        # Cards on a phone, as the accounts are: every cell but the name says what it is.
+        keys = re.search(r'<table class="accounts keys">.*?</table>', page, re.S).group(0)
+        cells = re.findall(r"<td([^>]*)>", keys)
+        self.assertTrue(cells and all("data-label=" in cell or "name" in cell
+                                      for cell in cells), cells)
         metrics = self.proxy.request("GET", "/metrics", headers=headers)[2].decode()
         self.assertIn('claudeflare_client_key_spend_usd{key="alice",period="day"} 0.600000',
                       metrics)
