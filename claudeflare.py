@@ -76,7 +76,7 @@ except ImportError:  # Windows locks files with msvcrt instead
     fcntl = None
     import msvcrt
 
-# Contents: `grep -n '^# .*####' claudeflare.py` prints the banners with their lines.
+# Contents (the banners below, in order; grep for lines of `# Name` and a row of hashes):
 #   Foundations   Constants & settings, Errors, Utilities, Logging, Settings
 #   The database  Database schema, Records, Storage, Request log writer
 #   Upstream      Upstream client, OAuth, Rate limits, Usage reads, Alerts, Usage & cost,
