@@ -7528,6 +7528,13 @@ def account_secrets(account: Account) -> list[bytes]:
             if secret and len(secret) >= MIN_SECRET_LENGTH]
 
 
+@functools.lru_cache(maxsize=256)
+def secrets_pattern(secrets: tuple[bytes, ...]) -> re.Pattern | None:
+    """Return one pattern for an account's credentials, built once per set of them rather
+    than on every answer."""
+    return re.compile(b"|".join(map(re.escape, secrets))) if secrets else None
+
+
 def scrub_credentials(body: bytes, account: Account) -> bytes:
     """Mask an account's credentials (and any Anthropic key) in an error body the upstream
     echoes, before it reaches a client that must never learn them."""
@@ -8145,8 +8152,7 @@ class ProxyHandler(Router, AnswerRelay):
             app.note_success(account)
             app.bind_conversation(record.conversation, account, record.timestamp)
         reader = UsageReader(streaming)
-        secrets = account_secrets(account) if account is not None else []
-        self.secrets = re.compile(b"|".join(map(re.escape, secrets))) if secrets else None
+        self.secrets = secrets_pattern(tuple(account_secrets(account))) if account else None
         bodiless = self.command == "HEAD" or response.status in (204, 304)
         if response.length is not None and response.length <= SMALL_BODY_BYTES and not bodiless:
             try:
