@@ -9,16 +9,18 @@ relays every /v1 request to the Anthropic API, streaming answers through as they
 """
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = [
-    "Account", "Alert", "Alerts", "App", "Check", "ChunkedFraming", "ClaudeflareError",
-    "ClientKey", "HoldQueue",
-    "LoginListener", "OAuthClient", "PkceLogin", "ProxyHandler", "ProxyServer", "RateLimit",
-    "SETTINGS", "STRATEGIES", "Settings", "Store", "TokenKeeper", "Upstream", "UpstreamError",
-    "Usage", "UsagePoller", "UsageReader", "build_parser", "can_serve", "conversation_key",
-    "is_loopback", "launchd_plist", "load_settings", "main", "make_server", "order_accounts",
-    "parse_rate_limit", "price_of", "redact", "render_status_page", "resolve_dot_segments",
-    "run_doctor", "server_tls_context", "service_plan", "systemd_unit", "usage_fields",
+    "Account", "Alert", "Alerts", "AnswerRelay", "App", "Check", "ChunkedFraming",
+    "ClaudeflareError", "ClientKey", "HoldQueue", "KeyLedger", "LocalRequest", "LoginListener",
+    "OAuthClient", "Page", "PkceLogin", "ProxyHandler", "ProxyServer", "RateLimit", "Router",
+    "SETTINGS", "STRATEGIES", "ServerLife", "Settings", "Store", "StrictHTTPHandler",
+    "TokenKeeper", "Upstream", "UpstreamError", "Usage", "UsagePoller", "UsageReader",
+    "answer_local", "authenticate", "build_parser", "can_serve", "check_key_limits",
+    "conversation_key", "cross_site", "find_endpoint", "host_allowed", "is_loopback",
+    "launchd_plist", "load_settings", "main", "make_server", "order_accounts", "parse_rate_limit",
+    "price_of", "redact", "render_status_page", "resolve_dot_segments", "route", "run_doctor",
+    "server_tls_context", "service_plan", "systemd_unit", "usage_fields",
 ]
 
 import argparse
@@ -7106,9 +7108,9 @@ def budget_cell(label: str, spent: float, budget: float | None) -> str:
         return f'<td data-label="{label}">{escape(usd(spent))}</td>'
     used = spent / budget if budget else 1.0
     level = "full" if used >= 1 else "high" if used >= 0.8 else ""
-    return (f'<td data-label="{label}"><span class="bar"><i class="{level}" style="width:{min(used, 1) * 100:.0f}%">'
-            f'</i></span>{escape(usd(spent))} <span class="muted">of {escape(usd(budget))}'
-            f'</span></td>')
+    return (f'<td data-label="{label}"><span class="bar"><i class="{level}" '
+            f'style="width:{min(used, 1) * 100:.0f}%"></i></span>{escape(usd(spent))} '
+            f'<span class="muted">of {escape(usd(budget))}</span></td>')
 
 
 def model_window_notes(account: Account, now: int) -> str:
@@ -9453,8 +9455,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         server.server_close()
         server_log.info("Shutting down: waiting up to %gs for %d requests in flight",
                         settings.shutdown_timeout_s, server.life.running)
-        print(f"stopping: waiting up to {settings.shutdown_timeout_s:g}s for {server.life.running} "
-              f"requests in flight (Ctrl+C again quits at once)", flush=True)
+        print(f"stopping: waiting up to {settings.shutdown_timeout_s:g}s for "
+              f"{server.life.running} requests in flight (Ctrl+C again quits at once)",
+              flush=True)
         unfinished = server.life.drain(settings.shutdown_timeout_s)
         if unfinished:
             cut = server.life.cut_streams()

@@ -4811,7 +4811,8 @@ class TestStreaming(ProxyTestCase):
         connection.close()
         gate.set()
         self.assertTrue(self.upstream.stream_aborted.wait(DEADLINE_S))
-        wait_for(lambda: self.proxy.server.life.running == 0, what="the handler thread to be freed")
+        wait_for(lambda: self.proxy.server.life.running == 0,
+                 what="the handler thread to be freed")
 
     def test_upstream_failure_mid_stream_becomes_an_error_event(self):
         events = message_events()
