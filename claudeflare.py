@@ -4916,6 +4916,17 @@ def named_model(body: bytes) -> str | None:
     return models[0] if models and isinstance(models[0], str) else None
 
 
+#: The columns that limit a key: a key with none of them is the pool owner's.
+LIMIT_COLUMNS = ("budget_day", "budget_week", "budget_month", "tokens_day", "max_concurrent",
+                 "rpm", "models", "expires_at", "priority_floor")
+
+
+def key_is_limited(key: ClientKey) -> bool:
+    """Tell whether a key carries any limit: then it is a member's, who may use the pool and
+    see how it is used, but not change it."""
+    return any(getattr(key, column) is not None for column in LIMIT_COLUMNS)
+
+
 def key_request_refusal(key: ClientKey, method: str, path: str,
                         body: bytes) -> tuple[str | None, KeyRefusal | None]:
     """Return the model a limited key's request uses (for its model patterns), or the refusal
@@ -6672,7 +6683,7 @@ def keys_report(app: App, now: int) -> list[dict]:
 @dataclass
 class LocalRequest:
     """What an endpoint sees of a request: its method, path and query, its headers, a way to
-    read its body, and the server's life (in-flight requests)."""
+    read its body, the server's life (in-flight requests) and its client key."""
 
     method: str
     path: str
@@ -6680,6 +6691,8 @@ class LocalRequest:
     headers: Headers
     read_body: Callable[[], bytes]
     life: ServerLife
+    #: The client key the request came with (None: no keys exist).
+    key: ClientKey | None = None
 
 
 @dataclass
@@ -6747,6 +6760,9 @@ def changing(request: LocalRequest) -> dict:
         raise BadRequest("Cross-site requests may not change claudeflare", 403)
     if not (request.headers.get("Content-Type") or "").lower().startswith("application/json"):
         raise BadRequest("Send the request with Content-Type: application/json", 415)
+    if request.key is not None and key_is_limited(request.key):
+        raise BadRequest(f"The client key {request.key.name} has limits, so it may not change "
+                         f"claudeflare: use a key without limits, or the CLI", 403)
     try:
         body = request.read_body()
     except RequestRefused as error:
@@ -7335,7 +7351,7 @@ class Router(StrictHTTPHandler):
             return
         status, answer = answer_local(app, LocalRequest(
             self.command, path, urllib.parse.parse_qs(query), self.headers, self.read_body,
-            self.server.life))
+            self.server.life, self.client_key))
         if isinstance(answer, Page):
             self.send_bytes(status, answer.body, answer.content_type, answer.headers)
         else:

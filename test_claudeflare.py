@@ -6499,6 +6499,25 @@ class TestClientKeyLimits(ServerWithAccounts):
                       "claude-sonnet-4-*", message)
         self.assertEqual(len(self.upstream.messages()), 1)
 
+    def test_a_key_with_limits_changes_nothing_through_the_api(self):
+        owner, member = self.new_key("owner"), self.new_key("member", "--rpm", "100")
+        strategy = b'{"strategy": "round-robin"}'
+
+        def post(path: str, key: str, body: bytes = b"{}"):
+            return self.proxy.request("POST", path, body, {"content-type": "application/json",
+                                                           "x-api-key": key})
+
+        status, _, body = post("/api/config/strategy", member, strategy)
+        self.assertEqual(status, 403)
+        self.assertIn("member has limits, so it may not change claudeflare",
+                      json.loads(body)["error"])
+        self.assertEqual(post("/api/accounts/account/pause", member)[0], 403)
+        self.assertEqual(post("/api/stats/reset", member)[0], 403)
+        self.assertEqual(self.listed()["account"]["status"], "active")
+        self.assertEqual(self.proxy.request("GET", "/api/keys", headers={"x-api-key": member})[0],
+                         200)  # it may see how the pool is used
+        self.assertEqual(post("/api/config/strategy", owner, strategy)[0], 200)
+
     def test_a_model_limit_reads_the_model_the_upstream_will_use(self):
         key = self.new_key("frank", "--models", "claude-haiku-*")
         headers = {"content-type": "application/json", "x-api-key": key}
