@@ -5551,8 +5551,9 @@ class HoldQueue:
 
     def __init__(self) -> None:
         self.changed = threading.Condition()
-        #: waiter -> the reset it waits for (epoch ms), in arrival order.
-        self.waiters: dict[Any, int] = {}
+        #: waiter -> (when it first began to wait (time.monotonic()), the reset it waits for
+        #: (epoch ms)).
+        self.waiters: dict[Any, tuple[float, int]] = {}
         self.closed = False
 
     @property
@@ -5561,19 +5562,20 @@ class HoldQueue:
         return len(self.waiters)
 
     def wait(self, waiter: Any, until: int, limit: int, ping: Callable[[], None] | None,
-             gone: Callable[[], bool]) -> str:
+             gone: Callable[[], bool], arrived: float | None = None) -> str:
         """Wait until `until` (epoch ms) and every earlier waiter whose reset passed has left.
 
-        Return "ready" (then call done once the account is picked), "full" (limit requests
-        wait already), "gone" (the client went away; a failing ping says so too) or "closed"
-        (shutdown).
+        A request that waits again (its account was taken meanwhile) passes its first
+        `arrived` (time.monotonic()) and keeps its place. Return "ready" (then call done once
+        the account is picked), "full" (limit requests wait already), "gone" (the client went
+        away; a failing ping says so too) or "closed" (shutdown).
         """
         with self.changed:
             if self.closed:
                 return "closed"
             if len(self.waiters) >= limit:
                 return "full"
-            self.waiters[waiter] = until
+            self.waiters[waiter] = (time.monotonic() if arrived is None else arrived, until)
         next_ping, ready = time.monotonic() + self.ping_interval_s, False
         try:
             while True:
@@ -5604,7 +5606,9 @@ class HoldQueue:
 
     def first_ready(self, now: int) -> Any:
         """Return the earliest-arrived waiter whose reset has passed, or None."""
-        return next((waiter for waiter, until in self.waiters.items() if until <= now), None)
+        ready = [(arrived, waiter) for waiter, (arrived, until) in self.waiters.items()
+                 if until <= now]
+        return min(ready, key=operator.itemgetter(0))[1] if ready else None
 
     def done(self, waiter: Any) -> None:
         """Take a waiter off the queue and let the next one go on."""
@@ -7849,6 +7853,7 @@ class ProxyHandler(Router, AnswerRelay):
         self.model: str | None = None
         self.held_stream = False
         self.hold_until: int | None = None
+        self.hold_since: float | None = None
 
     def upstream_headers(self, body: bytes) -> list[tuple[str, str]]:
         """Build the headers sent upstream: the client's, minus hop-by-hop, for the upstream host.
@@ -7901,7 +7906,7 @@ class ProxyHandler(Router, AnswerRelay):
         #: The model, read only when an account has a per-model window that may refuse it.
         self.model = (requested_model(body) if any(account.model_windows for account in accounts)
                       else None)
-        self.held_stream, self.hold_until = False, None
+        self.held_stream, self.hold_until, self.hold_since = False, None, None
         candidates = app.accounts_to_try(accounts, record.conversation, record.timestamp,
                                          self.client, self.model)
         headers = self.upstream_headers(body)
@@ -8037,8 +8042,9 @@ class ProxyHandler(Router, AnswerRelay):
         """
         app, settings = self.app, self.app.settings
         now = now_ms()
-        if self.hold_until is None:
+        if self.hold_until is None:  # the first wait: its deadline, and its place in the queue
             self.hold_until = now + int(settings.hold_s * 1000)
+            self.hold_since = time.monotonic()
         reset = app.earliest_reset(now, self.model, self.key_pool())
         if not settings.hold_s or reset is None or reset > self.hold_until:
             return "skip", []
@@ -8050,7 +8056,7 @@ class ProxyHandler(Router, AnswerRelay):
             component_logger("Proxy").info("No account can serve a request now; waiting for "
                                            "the reset at %s (hold_s)", iso_time(reset))
             outcome = app.holds.wait(self, reset, settings.hold_max, ping,
-                                     lambda: client_gone(self.connection))
+                                     lambda: client_gone(self.connection), self.hold_since)
         if outcome == "full":
             component_logger("Proxy").warning("%d requests wait for a reset already (hold_max); "
                                               "answering 429", settings.hold_max)

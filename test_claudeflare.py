@@ -3608,6 +3608,19 @@ class TestHold(ServerWithAccounts):
         self.assertEqual(order, [("first", 3), ("second", 2), ("third", 1)])
         self.assertEqual(holds.wait("late", until, 3, None, lambda: False), "ready")
         holds.done("late")
+        # A request that waits again (its account was taken meanwhile) keeps its first place.
+        again, newcomer = claudeflare.now_ms() + 300, {}
+        waiting = threading.Thread(target=lambda: newcomer.update(
+            outcome=holds.wait("newcomer", again, 10, None, lambda: False)))
+        waiting.start()
+        wait_for(lambda: holds.waiting == 1, what="the newcomer to wait")
+        self.assertEqual(holds.wait("returning", again, 10, None, lambda: False,
+                                    arrived=time.monotonic() - 60), "ready")
+        self.assertEqual((holds.waiting, newcomer), (2, {}))
+        holds.done("returning")
+        waiting.join(DEADLINE_S)
+        self.assertEqual(newcomer, {"outcome": "ready"})
+        holds.done("newcomer")
         holds.close()
         self.assertEqual(holds.wait("later", until, 3, None, lambda: False), "closed")
 
