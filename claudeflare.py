@@ -7315,8 +7315,6 @@ class Router(StrictHTTPHandler):
     def route(self) -> None:
         """Answer one request: refuse it while stopping, check its path and who sends it, then
         relay it or answer it locally (the route table)."""
-        self.unread_conversation = None
-        self.request_body = b""
         self.key_name = self.key_header = None
         #: The client key the request came with, and its name once its limits admitted it.
         self.client_key: ClientKey | None = None
@@ -7874,6 +7872,7 @@ class ProxyHandler(Router, AnswerRelay):
         Rate limits, refused accounts and upstream failures move the request to the next
         account before the client has seen a byte, streams included.
         """
+        self.unread_conversation, self.request_body = None, b""
         started = time.monotonic()
         record = RequestRecord(id=self.app.new_request_id(), timestamp=now_ms(),
                                method=self.command,
