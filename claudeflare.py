@@ -493,6 +493,8 @@ def iso_time(ms: int | None) -> str:
 #: What reading JSON from outside can raise: it is invalid, or nested deeper than Python
 #: recurses (a RecursionError, which no `except ValueError` catches).
 JSON_ERRORS = (ValueError, RecursionError)
+#: Decodes one JSON value at a time (raw_decode), in C.
+JSON_DECODER = json.JSONDecoder()
 
 
 def json_bytes(value: Any) -> bytes:
@@ -660,7 +662,7 @@ def survive(component: str, work: Callable[[], Any]) -> None:
     """Run one turn of a background thread's work; an unexpected error is logged with its
     traceback and the thread carries on (a dead writer or refresher would lose data silently).
 
-    With the request boundary in ProxyHandler.dispatch, the only catch-alls of the program.
+    With the request boundary in Router.handle_request, the only catch-alls of the program.
     """
     try:
         work()
@@ -1364,6 +1366,11 @@ class Account:
         if self.session_start is None or now - self.session_start >= session_duration_ms:
             return 0
         return self.session_requests
+
+    def credentials(self) -> list[str]:
+        """Return the account's secrets, those long enough to be masked where echoed."""
+        return [secret for secret in (self.api_key, self.access_token, self.refresh_token)
+                if secret and len(secret) >= MIN_SECRET_LENGTH]
 
 
 def account_json(account: Account, now: int, session_duration_ms: int) -> dict:
@@ -4354,6 +4361,8 @@ class Alerts:
         self.remember_stored(now_ms())
         self.wake = threading.Event()
         self.stopping = threading.Event()
+        #: Set when shutdown stopped waiting for a delivery in progress.
+        self.abandoned = False
         self.thread = threading.Thread(target=self.run, name="claudeflare-alerts", daemon=True)
         self.thread.start()
 
@@ -4375,6 +4384,8 @@ class Alerts:
         while not self.stopping.is_set():
             self.wake.wait(ALERT_TICK_S)
             self.wake.clear()
+            if self.stopping.is_set():
+                return
             survive("Alerts", lambda: self.look(now_ms(), time.monotonic()))
             survive("Alerts", self.deliver_due)
 
@@ -4432,7 +4443,10 @@ class Alerts:
             self.finish(delivery, "dropped", "too many alerts waiting")
 
     def stored(self, write: Callable[[], Any]) -> Any:
-        """Write to the database if it lets us soon; else say so once, and carry on."""
+        """Write to the database if it lets us soon; else say so once, and carry on (after
+        shutdown stopped waiting for this thread, the database is closed: write nothing)."""
+        if self.abandoned:
+            return None
         try:
             result = write()
         except sqlite3.Error as error:
@@ -4499,6 +4513,7 @@ class Alerts:
         self.wake.set()
         self.thread.join(max(0.0, deadline - time.monotonic()) if deadline else
                          self.timeout_s + 1)
+        self.abandoned = self.thread.is_alive()
         if self.deliveries:
             self.log.error("Stopped with %d alert deliveries not done", len(self.deliveries))
 
@@ -4894,23 +4909,46 @@ def key_access_refusal(key: ClientKey, now: int) -> KeyRefusal | None:
 
 #: The /v1 requests a key with model limits or budgets may send: those whose model and cost the
 #: proxy reads (a Message Batch names a model per request and is billed after the answer).
-MEASURED_REQUESTS = re.compile(r"(POST /v1/messages(/count_tokens)?|GET /v1/models(/[^/?]+)?)"
-                               r"/?(\?.*)?")
+MEASURED_REQUESTS = re.compile(r"(POST /v1/messages(/count_tokens)?|(GET|HEAD) /v1/models"
+                               r"(/[^/?]+)?)/?(\?.*)?")
+
+
+#: The white space JSON allows between tokens.
+JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
 def named_model(body: bytes) -> str | None:
     """Return the model a request body names, from the whole body as the upstream reads it.
 
-    Raise ValueError when the body names it more than once: a limit must see the model the
-    upstream will use, and a regex or a first match need not.
+    Raise ValueError when the body is not a JSON object or names its model more than once: a
+    limit must see the model the upstream will use, and a regex or a first match need not.
+    Only the top level's keys are read here; each value is decoded by json's C scanner.
     """
-    if body.lstrip()[:1] != b"{":
-        return None
+    space = JSON_WHITESPACE.match
     try:
-        pairs = json.loads(body, object_pairs_hook=lambda pairs: pairs)
-    except JSON_ERRORS:
-        return None
-    models = [value for name, value in pairs if name == "model"]
+        text = body.decode("utf-8")
+        index = space(text).end()
+        if text[index:index + 1] != "{":
+            raise ValueError("the request body is not a JSON object")
+        models, index = [], space(text, index + 1).end()
+        closed = text[index:index + 1] == "}"
+        while not closed:
+            if text[index:index + 1] != '"':
+                raise ValueError("the request body is not valid JSON")
+            key, index = json.decoder.scanstring(text, index + 1)
+            index = space(text, index).end()
+            if text[index:index + 1] != ":":
+                raise ValueError("the request body is not valid JSON")
+            value, index = JSON_DECODER.raw_decode(text, space(text, index + 1).end())
+            if key == "model":
+                models.append(value)
+            index = space(text, index).end()
+            closed = text[index:index + 1] == "}"
+            if not closed and text[index:index + 1] != ",":
+                raise ValueError("the request body is not valid JSON")
+            index = space(text, index + 1).end()
+    except (UnicodeDecodeError, RecursionError):
+        raise ValueError("the request body is not valid JSON (or nested too deeply)") from None
     if len(models) > 1:
         raise ValueError("the request body names its model more than once")
     return models[0] if models and isinstance(models[0], str) else None
@@ -4918,19 +4956,20 @@ def named_model(body: bytes) -> str | None:
 
 #: The columns that limit a key: a key with none of them is the pool owner's.
 LIMIT_COLUMNS = ("budget_day", "budget_week", "budget_month", "tokens_day", "max_concurrent",
-                 "rpm", "models", "expires_at", "priority_floor")
+                 "rpm", "expires_at", "priority_floor")
 
 
 def key_is_limited(key: ClientKey) -> bool:
     """Tell whether a key carries any limit: then it is a member's, who may use the pool and
     see how it is used, but not change it."""
-    return any(getattr(key, column) is not None for column in LIMIT_COLUMNS)
+    return bool(model_patterns(key)) or any(getattr(key, column) is not None
+                                            for column in LIMIT_COLUMNS)
 
 
 def key_request_refusal(key: ClientKey, method: str, path: str,
                         body: bytes) -> tuple[str | None, KeyRefusal | None]:
-    """Return the model a limited key's request uses (for its model patterns), or the refusal
-    of a request whose model or cost the key's limits cannot see."""
+    """Return the model a limited key's request uses (for its model patterns and budgets), or
+    the refusal of a request whose model or cost the key's limits cannot see."""
     measured = bool(model_patterns(key) or key.tokens_day is not None
                     or any(getattr(key, f"budget_{period}") is not None for period in PERIODS))
     if not measured:
@@ -4941,7 +4980,8 @@ def key_request_refusal(key: ClientKey, method: str, path: str,
             f"budgets, so it may send only /v1/messages, /v1/messages/count_tokens and "
             f"/v1/models: the model and cost of {method} {path.partition('?')[0]} cannot be "
             f"measured", "unmeasured")
-    if method != "POST" or not model_patterns(key):
+    budgets = [period for period in PERIODS if getattr(key, f"budget_{period}") is not None]
+    if method != "POST" or not (model_patterns(key) or budgets):
         return None, None
     try:
         model = named_model(body)
@@ -4952,6 +4992,10 @@ def key_request_refusal(key: ClientKey, method: str, path: str,
         return None, KeyRefusal(400, "invalid_request_error",
                                 "The request body names no model (a JSON object with \"model\")",
                                 "model")
+    if budgets and price_of(model) is None:
+        return None, KeyRefusal(
+            403, "permission_error", f"The claudeflare client key {key.name} has budgets, and "
+            f"the price of {model} is not known, so its cost cannot be counted", "unpriced")
     return model, None
 
 
@@ -5341,7 +5385,6 @@ FULL_PARSE_BYTES = 64 * 1024
 #: How far from the end the metadata is looked for, and at most how much follows it.
 METADATA_TAIL_BYTES = 64 * 1024
 JSON_SPACE = " \t\r\n"
-JSON_DECODER = json.JSONDecoder()
 KEY_COLON = re.compile(r"[ \t\r\n]*:[ \t\r\n]*")
 
 
@@ -6169,8 +6212,10 @@ class App:
         #: account name -> {column: (value, when decided)}: routing marks not yet in the
         #: database; they outlive re-reads, unless a person changed the account since.
         self.pending_marks: dict[str, dict[str, tuple[Any, int]]] = {}
-        #: The accounts' credentials, masked in whatever the upstream echoes (see scrub).
+        #: The accounts' credentials, masked in whatever the upstream echoes (see scrub), and
+        #: account name -> (its credentials, one pattern for them) for the answers it relays.
         self.secrets: tuple[str, ...] = ()
+        self.credential_patterns: dict[str, tuple[tuple[bytes, ...], re.Pattern]] = {}
         self.id_prefix = f"{now_ms():x}{secrets.token_hex(3)}"
         self.request_numbers = itertools.count(1)
         self.turn = 0
@@ -6248,10 +6293,22 @@ class App:
                 self.cached_accounts = accounts
                 self.cached_keys = self.store.client_keys()
                 self.cached_version = version
-                self.secrets = tuple(secret for account in accounts for secret in (
-                    account.api_key, account.access_token, account.refresh_token)
-                    if secret and len(secret) >= MIN_SECRET_LENGTH)
+                self.secrets = tuple(secret for account in accounts
+                                     for secret in account.credentials())
             return self.cached_accounts, self.cached_keys
+
+    def credential_pattern(self, account: Account) -> re.Pattern | None:
+        """Return one pattern for an account's credentials, to mask them in what it answers:
+        built again only when they change, so it holds none the account no longer has."""
+        secrets = tuple(secret.encode("latin-1", "replace") for secret in account.credentials())
+        if not secrets:
+            return None
+        with self.lock:
+            known = self.credential_patterns.get(account.name)
+            if known is None or known[0] != secrets:
+                known = self.credential_patterns[account.name] = (
+                    secrets, re.compile(b"|".join(map(re.escape, secrets))))
+        return known[1]
 
     def scrub(self, text: str) -> str:
         """Redact a text from outside (an upstream error, a path) before it is stored or shown:
@@ -7541,25 +7598,11 @@ def with_credentials(headers: list[tuple[str, str]],
 CREDENTIAL_BYTES = re.compile(rb"(?:sk-ant-[A-Za-z0-9]+-|cfk-)[A-Za-z0-9_\-]+")
 
 
-def account_secrets(account: Account) -> list[bytes]:
-    """Return an account's credentials as they would appear in a body."""
-    return [secret.encode("latin-1", "replace")
-            for secret in (account.api_key, account.access_token, account.refresh_token)
-            if secret and len(secret) >= MIN_SECRET_LENGTH]
-
-
-@functools.lru_cache(maxsize=256)
-def secrets_pattern(secrets: tuple[bytes, ...]) -> re.Pattern | None:
-    """Return one pattern for an account's credentials, built once per set of them rather
-    than on every answer."""
-    return re.compile(b"|".join(map(re.escape, secrets))) if secrets else None
-
-
 def scrub_credentials(body: bytes, account: Account) -> bytes:
     """Mask an account's credentials (and any Anthropic key) in an error body the upstream
     echoes, before it reaches a client that must never learn them."""
-    for secret in account_secrets(account):
-        body = body.replace(secret, b"[REDACTED]")
+    for secret in account.credentials():
+        body = body.replace(secret.encode("latin-1", "replace"), b"[REDACTED]")
     return CREDENTIAL_BYTES.sub(b"[REDACTED]", body)
 
 
@@ -8175,7 +8218,7 @@ class ProxyHandler(Router, AnswerRelay):
             app.note_success(account)
             app.bind_conversation(record.conversation, account, record.timestamp)
         reader = UsageReader(streaming)
-        self.secrets = secrets_pattern(tuple(account_secrets(account))) if account else None
+        self.secrets = app.credential_pattern(account) if account else None
         bodiless = self.command == "HEAD" or response.status in (204, 304)
         if response.length is not None and response.length <= SMALL_BODY_BYTES and not bodiless:
             try:

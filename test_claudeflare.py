@@ -4316,6 +4316,49 @@ class TestAccessControl(unittest.TestCase):
         self.assertIsNone(found())
 
 
+class TestKeyRequestRules(unittest.TestCase):
+    """What a client key with limits may send, decided from the request alone."""
+
+    def test_the_model_is_read_as_the_upstream_reads_it(self):
+        named = claudeflare.named_model
+        self.assertEqual(named(b' \n{"messages": [{"model": "x"}], "model": "claude-haiku-4-5"}'),
+                         "claude-haiku-4-5")
+        self.assertEqual(named(b'{"mod\\u0065l": "claude-opus-4-5"}'), "claude-opus-4-5")
+        self.assertIsNone(named(b'{"messages": []}'))
+        self.assertIsNone(named(b'{}'))
+        for body in (b'{"model": "a", "model": "b"}', b'[{"model": "a"}]', b"", b"{",
+                     b'{"model": "a",}', b'{"model" "a"}', b"\xff", b"[" * 100_000,
+                     b'{"model": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+            with self.assertRaises(ValueError, msg=body[:30]):
+                named(body)
+
+    def test_a_key_is_limited_by_what_it_carries(self):
+        key = client_key("boss", "cfk-boss")
+        self.assertFalse(claudeflare.key_is_limited(key))
+        key.models = ""  # stored by an older `keys add --models ,`: no pattern, no limit
+        self.assertFalse(claudeflare.key_is_limited(key))
+        key.rpm = 10
+        self.assertTrue(claudeflare.key_is_limited(key))
+
+    def test_a_limited_key_sends_only_what_its_limits_can_measure(self):
+        key = client_key("ci", "cfk-ci")
+        key.budget_day = 5.0
+        refusal = claudeflare.key_request_refusal
+        haiku = b'{"model": "claude-haiku-4-5", "messages": []}'
+        self.assertEqual(refusal(key, "POST", "/v1/messages", haiku), ("claude-haiku-4-5", None))
+        self.assertEqual(refusal(key, "HEAD", "/v1/models", b""), (None, None))
+        self.assertEqual(refusal(key, "GET", "/v1/models/claude-haiku-4-5?x=1", b""),
+                         (None, None))
+        for method, path in (("POST", "/v1/messages/batches"), ("GET", "/v1/files"),
+                             ("POST", "/v1/complete")):
+            self.assertEqual(refusal(key, method, path, haiku)[1].reason, "unmeasured")
+        unpriced = refusal(key, "POST", "/v1/messages", b'{"model": "claude-future-9"}')[1]
+        self.assertEqual((unpriced.status, unpriced.reason), (403, "unpriced"))
+        key.models = "claude-haiku-*"
+        self.assertEqual(refusal(key, "POST", "/v1/messages", haiku),
+                         ("claude-haiku-4-5", None))
+
+
 class TestRouteTable(unittest.TestCase):
     """The local API's routes: method and path to an endpoint."""
 
