@@ -3487,14 +3487,18 @@ class TestHold(ServerWithAccounts):
         self.assertEqual({request.headers["x-api-key"] for request in self.upstream.messages()},
                          {"sk-ant-api03-b"})
 
-    def test_the_next_request_after_a_held_stream_gets_a_whole_answer(self):
-        self.spend(2)
+    def ask_for_a_stream(self) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Ask for a stream on a connection of its own; return the connection and answer."""
         connection = self.proxy.connect()
         self.addCleanup(connection.close)
         connection.request("POST", "/v1/messages", json.dumps(
             {"model": SONNET, "stream": True, "messages": []}).encode(),
             {"content-type": "application/json"})
-        first = connection.getresponse()
+        return connection, connection.getresponse()
+
+    def test_the_next_request_after_a_held_stream_gets_a_whole_answer(self):
+        self.spend(2)
+        connection, first = self.ask_for_a_stream()
         self.assertIn(b"event: message_stop", first.read())
         connection.request("GET", "/api/stats")
         second = connection.getresponse()
@@ -3518,12 +3522,7 @@ class TestHold(ServerWithAccounts):
 
     def test_a_stream_gets_its_200_at_once_pings_while_it_waits_then_the_events(self):
         self.spend(3)
-        connection = self.proxy.connect()
-        self.addCleanup(connection.close)
-        connection.request("POST", "/v1/messages", json.dumps(
-            {"model": SONNET, "stream": True, "messages": []}).encode(),
-            {"content-type": "application/json"})
-        response = connection.getresponse()
+        _, response = self.ask_for_a_stream()
         self.assertEqual((response.status, response.getheader("Content-Type")),
                          (200, "text/event-stream"))
         self.assertEqual(self.waiting(), 1)  # the 200 came before the wait ended
