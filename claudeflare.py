@@ -6303,11 +6303,11 @@ class App:
         secrets = tuple(secret.encode("latin-1", "replace") for secret in account.credentials())
         if not secrets:
             return None
-        with self.lock:
-            known = self.credential_patterns.get(account.name)
-            if known is None or known[0] != secrets:
-                known = self.credential_patterns[account.name] = (
-                    secrets, re.compile(b"|".join(map(re.escape, secrets))))
+        known = self.credential_patterns.get(account.name)  # a dict read needs no lock
+        if known is None or known[0] != secrets:
+            known = (secrets, re.compile(b"|".join(map(re.escape, secrets))))
+            with self.lock:
+                self.credential_patterns[account.name] = known
         return known[1]
 
     def scrub(self, text: str) -> str:
