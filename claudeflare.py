@@ -60,6 +60,7 @@ import socket
 import ssl
 import stat
 import string
+import struct
 import subprocess
 import sys
 import tempfile
@@ -2583,8 +2584,94 @@ class ClosesItsResponse:
             response.close()
 
 
+#: Whether the kernel can time out a socket's reads and writes (SO_RCVTIMEO takes a timeval
+#: here; Windows takes milliseconds, and keeps Python's timeouts).
+KERNEL_TIMEOUTS = sys.platform != "win32" and hasattr(socket, "SO_RCVTIMEO")
+
+
+class KernelTimedSocket(socket.socket):
+    """A plain TCP socket whose reads and writes the kernel times out (SO_RCVTIMEO/SNDTIMEO).
+
+    With Python's own timeout every recv and send is preceded by a poll(): two system calls,
+    and two hand-overs of the GIL between busy threads, where one does. settimeout() keeps
+    its meaning: a read or write that waits longer raises socket.timeout as before; a
+    sendall is timed per write that makes no progress rather than as a whole. settimeout(0)
+    (non-blocking) is Python's own.
+    """
+
+    __slots__ = ("kernel_timeout",)
+
+    @classmethod
+    def adopt(cls, sock: socket.socket, timeout: float | None) -> socket.socket:
+        """Return sock as one of these (the same connection) with this timeout; a TLS or
+        non-TCP socket, or one on Windows, is returned as it is."""
+        if not KERNEL_TIMEOUTS or type(sock) is not socket.socket or \
+                sock.type != socket.SOCK_STREAM:
+            return sock
+        adopted = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        adopted.kernel_timeout = None
+        adopted.settimeout(timeout)
+        return adopted
+
+    def settimeout(self, timeout: float | None) -> None:
+        if timeout == 0:
+            self.kernel_timeout = None
+            super().settimeout(0.0)
+            return
+        if timeout is not None and timeout < 0:
+            raise ValueError("Timeout value out of range")
+        whole = 0.0 if timeout is None else max(timeout, 1e-6)
+        timeval = struct.pack("@ll", int(whole), int(whole % 1 * 1_000_000))
+        self.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        super().settimeout(None)
+        self.kernel_timeout = timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self.settimeout(None if flag else 0.0)
+
+    def gettimeout(self) -> float | None:
+        return self.kernel_timeout if super().gettimeout() is None else super().gettimeout()
+
+    def timed_out(self, error: BlockingIOError, flags: int) -> OSError:
+        """What a read or write that found nothing within the kernel's timeout raises (a call
+        asked not to wait, MSG_DONTWAIT, gets its BlockingIOError)."""
+        if self.kernel_timeout and super().gettimeout() is None and \
+                not flags & getattr(socket, "MSG_DONTWAIT", 0):
+            return socket.timeout("timed out")
+        return error
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        try:
+            return super().recv(size, flags)
+        except BlockingIOError as error:
+            raise self.timed_out(error, flags) from None
+
+    def recv_into(self, buffer: Any, size: int = 0, flags: int = 0) -> int:
+        try:
+            return super().recv_into(buffer, size, flags)
+        except BlockingIOError as error:
+            raise self.timed_out(error, flags) from None
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        try:
+            return super().send(data, flags)
+        except BlockingIOError as error:
+            raise self.timed_out(error, flags) from None
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        try:
+            super().sendall(data, flags)
+        except BlockingIOError as error:
+            raise self.timed_out(error, flags) from None
+
+
 class UpstreamConnection(ClosesItsResponse, http.client.HTTPConnection):
-    """A plain-HTTP upstream connection."""
+    """A plain-HTTP upstream connection, timed out by the kernel (KernelTimedSocket)."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock = KernelTimedSocket.adopt(self.sock, self.timeout)
 
 
 class UpstreamTLSConnection(ClosesItsResponse, http.client.HTTPSConnection):
@@ -2765,20 +2852,14 @@ class Upstream:
 
     def acquire(self) -> tuple[UpstreamConnection, bool]:
         """Return an idle connection that is still open, else a new one, and whether reused."""
-        stale = []
-        connection = None
-        with self.lock:
-            while self.idle and connection is None:
-                candidate = self.idle.pop()
-                if connection_is_stale(candidate):
-                    stale.append(candidate)
-                else:
-                    connection = candidate
-        for candidate in stale:
+        while True:
+            with self.lock:  # the check below waits on the kernel: not with the lock held
+                candidate = self.idle.pop() if self.idle else None
+            if candidate is None:
+                return self.new_connection(), False
+            if not connection_is_stale(candidate):
+                return candidate, True
             candidate.close()
-        if connection is not None:
-            return connection, True
-        return self.new_connection(), False
 
     def release(self, connection: http.client.HTTPConnection,
                 response: http.client.HTTPResponse) -> None:
@@ -6206,9 +6287,9 @@ class App:
         self.started = time.monotonic()
         #: Guards the account cache and the routing state.
         self.lock = threading.Lock()
-        self.cached_accounts: list[Account] = []
-        self.cached_keys: list[ClientKey] = []
-        self.cached_version: int | None = None
+        #: (data_version, accounts, client keys) as last read; reread_lock guards a re-read.
+        self.cache: tuple[int | None, list[Account], list[ClientKey]] = (None, [], [])
+        self.reread_lock = threading.Lock()
         #: account name -> {column: (value, when decided)}: routing marks not yet in the
         #: database; they outlive re-reads, unless a person changed the account since.
         self.pending_marks: dict[str, dict[str, tuple[Any, int]]] = {}
@@ -6248,7 +6329,9 @@ class App:
         Re-reading here, on the writer's thread, keeps that work off the request path.
         """
         self.metrics.observe(records)
-        with self.lock:
+        # Not while a re-read is between reading the database and applying the overlay: it
+        # may have read the accounts before these marks were written.
+        with self.reread_lock, self.lock:
             for name, fields, decided_at in marks:
                 pending = self.pending_marks.get(name, {})
                 for field, value in fields.items():
@@ -6278,24 +6361,35 @@ class App:
         return self.snapshot()[1]
 
     def snapshot(self) -> tuple[list[Account], list[ClientKey]]:
-        """Return the accounts and client keys, re-read whenever anyone changed the database."""
+        """Return the accounts and client keys, re-read whenever anyone changed the database.
+
+        The cache is one tuple, read without a lock. A re-read takes reread_lock, never the
+        pool's lock while the database is read: requests go on routing meanwhile.
+        """
         version = self.store.data_version()
-        with self.lock:
-            if version != self.cached_version:
-                accounts = self.store.accounts()
-                for account in accounts:
-                    pending = self.pending_marks.get(account.name, {})
-                    for field, (value, decided_at) in list(pending.items()):
-                        if (account.changed_at or 0) <= decided_at:
-                            setattr(account, field, value)
-                        else:  # a person changed the account since: their change wins
-                            del pending[field]
-                self.cached_accounts = accounts
-                self.cached_keys = self.store.client_keys()
-                self.cached_version = version
-                self.secrets = tuple(secret for account in accounts
-                                     for secret in account.credentials())
-            return self.cached_accounts, self.cached_keys
+        cache = self.cache
+        if version == cache[0]:
+            return cache[1], cache[2]
+        with self.reread_lock:
+            cache = self.cache
+            if version != cache[0]:
+                accounts, keys = self.store.accounts(), self.store.client_keys()
+                with self.lock:
+                    for account in accounts:
+                        pending = self.pending_marks.get(account.name, {})
+                        for field, (value, decided_at) in list(pending.items()):
+                            if (account.changed_at or 0) <= decided_at:
+                                setattr(account, field, value)
+                            else:  # a person changed the account since: their change wins
+                                del pending[field]
+                    self.secrets = tuple(secret for account in accounts
+                                         for secret in account.credentials())
+                    cache = self.cache = (version, accounts, keys)
+        return cache[1], cache[2]
+
+    @property
+    def cached_accounts(self) -> list[Account]:
+        return self.cache[1]
 
     def credential_pattern(self, account: Account) -> re.Pattern | None:
         """Return one pattern for an account's credentials, to mask them in what it answers:
@@ -8420,6 +8514,11 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.connections_lock = threading.Lock()
         self.turned_away = 0
         super().__init__(address, ProxyHandler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection; a plain one is timed out by the kernel (KernelTimedSocket)."""
+        request, client_address = super().get_request()
+        return KernelTimedSocket.adopt(request, None), client_address
 
     def process_request(self, request: socket.socket, client_address: Any) -> None:
         with self.connections_lock:
