@@ -100,6 +100,10 @@ except ImportError:  # Windows locks files with msvcrt instead
 MAX_BODY_BYTES = 32 * 1024 * 1024
 #: Seconds to wait for a TCP (and TLS) connection to the upstream.
 CONNECT_TIMEOUT_S = 10.0
+#: A pooled connection idle for less than this is taken without looking whether the upstream
+#: closed it (a poll per request): one that did fails before any answer and is sent again on
+#: a new connection.
+TRUST_IDLE_S = 1.0
 #: Stack size of the server's threads, one per client connection. Only the pages used count
 #: towards memory, but every thread reserves all of it: at glibc's default of 8 MB, 1,000
 #: streams reserve 9 GB, which a system that does not overcommit memory refuses. Python code
@@ -2857,7 +2861,8 @@ class Upstream:
                 candidate = self.idle.pop() if self.idle else None
             if candidate is None:
                 return self.new_connection(), False
-            if not connection_is_stale(candidate):
+            if time.monotonic() - candidate.released_at < TRUST_IDLE_S or \
+                    not connection_is_stale(candidate):
                 return candidate, True
             candidate.close()
 
@@ -2867,6 +2872,7 @@ class Upstream:
         finished = response.isclosed() or response.length == 0
         response.close()
         if finished and not response.will_close and connection.sock is not None:
+            connection.released_at = time.monotonic()
             with self.lock:
                 if len(self.idle) < self.pool_size:
                     self.idle.append(connection)

@@ -4949,6 +4949,22 @@ class TestUpstreamConnections(ProxyTestCase):
         self.assertEqual(status, 200, body)
         self.assertEqual(self.upstream.connections, 2)
 
+    def test_pooled_connection_idle_a_while_is_looked_at_before_it_carries_a_request(self):
+        # An upstream may write on an idle connection (a 408 before it closes). A connection
+        # that has been idle TRUST_IDLE_S is checked, so the stray answer is never read as the
+        # answer to the next request.
+        def reply_then_stray(handler, request) -> None:
+            reply_default(handler, request)
+            time.sleep(0.05)
+            handler.wfile.write(b"HTTP/1.1 418 Stray\r\nContent-Length: 0\r\n\r\n")
+
+        self.upstream.push(reply_then_stray)
+        self.assertEqual(self.post_message()[0], 200)
+        time.sleep(claudeflare.TRUST_IDLE_S + 0.1)
+        status, _, body = self.post_message()
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.upstream.connections, 2)
+
     def test_request_meeting_a_connection_the_upstream_dropped_is_sent_again_once(self):
         self.assertEqual(self.post_message()[0], 200)  # connection 1 now waits in the pool
         # Connection 1 looks alive when it is taken, then closes on the request it carries:
