@@ -7455,19 +7455,22 @@ class Router(StrictHTTPHandler):
 
     def handle_request(self) -> None:
         """Route one request by its path; the one catch-all for unexpected errors is here."""
-        with self.server.life.in_flight(self):
-            try:
-                self.route()
-            except (ConnectionError, socket.timeout, TimeoutError):
-                self.close_connection = True
-            except Exception:
-                component_logger("Server").exception("Unexpected error answering %s %s",
-                                                     self.command, self.path.partition("?")[0])
-                self.close_connection = True
-                if not self.answered:  # else the client has an answer: only the connection ends
-                    with contextlib.suppress(OSError):
-                        self.send_json(500, self.error_body(500, "claudeflare failed "
-                                                                 "unexpectedly; see its log"))
+        life = self.server.life
+        life.begin(self)
+        try:
+            self.route()
+        except (ConnectionError, socket.timeout, TimeoutError):
+            self.close_connection = True
+        except Exception:
+            component_logger("Server").exception("Unexpected error answering %s %s",
+                                                 self.command, self.path.partition("?")[0])
+            self.close_connection = True
+            if not self.answered:  # else the client has an answer: only the connection ends
+                with contextlib.suppress(OSError):
+                    self.send_json(500, self.error_body(500, "claudeflare failed "
+                                                             "unexpectedly; see its log"))
+        finally:
+            life.end(self)
 
     def route(self) -> None:
         """Answer one request: refuse it while stopping, check its path and who sends it, then
@@ -8433,7 +8436,10 @@ class ServerLife:
         self.handlers: set = set()
         #: The most requests in flight at once since there were none.
         self.busiest = 0
-        self.idle = threading.Condition()
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+        #: How many wait in drain() or settle(): only then does the end of a request notify.
+        self.waiters = 0
         #: Set once shutdown begins: requests that still arrive are turned away.
         self.stopping = False
         #: Set when shutdown_timeout_s ran out and the streams still running are cut.
@@ -8444,39 +8450,42 @@ class ServerLife:
         """How many requests are in flight."""
         return len(self.handlers)
 
-    @contextlib.contextmanager
-    def in_flight(self, handler: Any) -> Iterator[None]:
-        """Count a request as in flight while it runs, so shutdown can wait for it.
-
-        When a burst of requests is over, the memory its threads used is given back.
-        """
-        with self.idle:
+    def begin(self, handler: Any) -> None:
+        """Count a request as in flight until end(), so shutdown can wait for it."""
+        with self.lock:
             self.handlers.add(handler)
             self.busiest = max(self.busiest, len(self.handlers))
-        try:
-            yield
-        finally:
-            with self.idle:
-                self.handlers.discard(handler)
-                burst_over = not self.handlers and self.busiest >= RELEASE_AFTER_BUSIEST
-                if len(self.handlers) <= 1:
-                    self.idle.notify_all()
-                if not self.handlers:
-                    self.busiest = 0
-            if burst_over:
-                release_free_memory()
+
+    def end(self, handler: Any) -> None:
+        """A request is over. When a burst of requests is over, the memory its threads used is
+        given back."""
+        with self.lock:
+            self.handlers.discard(handler)
+            burst_over = not self.handlers and self.busiest >= RELEASE_AFTER_BUSIEST
+            if self.waiters:
+                self.idle.notify_all()
+            if not self.handlers:
+                self.busiest = 0
+        if burst_over:
+            release_free_memory()
+
+    def wait_until(self, settled: Callable[[], bool], timeout: float) -> None:
+        with self.idle:
+            self.waiters += 1
+            try:
+                self.idle.wait_for(settled, timeout)
+            finally:
+                self.waiters -= 1
 
     def drain(self, timeout: float) -> int:
         """Wait until no request is in flight (at most timeout s); return how many still are."""
-        with self.idle:
-            self.idle.wait_for(lambda: not self.handlers, timeout)
-            return len(self.handlers)
+        self.wait_until(lambda: not self.handlers, timeout)
+        return len(self.handlers)
 
     def settle(self, timeout: float) -> None:
         """Wait until the asking request is the only one in flight (at most timeout s), so that
         what the others answered is recorded."""
-        with self.idle:
-            self.idle.wait_for(lambda: len(self.handlers) <= 1, timeout)
+        self.wait_until(lambda: len(self.handlers) <= 1, timeout)
 
     def cut_streams(self) -> int:
         """End the answers still being relayed once shutdown_timeout_s has run out.
@@ -8485,7 +8494,7 @@ class ServerLife:
         and record the request as cut; return how many were cut.
         """
         self.cutting = True
-        with self.idle:
+        with self.lock:
             relaying = [handler.relaying for handler in self.handlers if handler.relaying]
         for response in relaying:
             with contextlib.suppress(OSError, ValueError, AttributeError):
