@@ -7300,6 +7300,51 @@ def run_fake_upstream() -> int:
     return 0
 
 
+def run_bare_relay(upstream_url: str) -> int:
+    """Serve the thinnest relay the standard library makes, until standard input closes.
+
+    ThreadingHTTPServer and one kept-alive http.client connection per thread, one API key, no
+    checks, no routing, no records: `make bench` measures its CPU beside the proxy's, as the
+    floor a relay in this Python pays on this machine. Print its URL first.
+    """
+    upstream = urllib.parse.urlsplit(upstream_url)
+    connections = threading.local()
+
+    class Relay(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            connection = getattr(connections, "upstream", None)
+            if connection is None:
+                connection = connections.upstream = http.client.HTTPConnection(
+                    upstream.hostname, upstream.port)
+            connection.request("POST", self.path, body, {
+                "Content-Type": "application/json", "x-api-key": "sk-ant-api03-bench",
+                "anthropic-version": "2023-06-01"})
+            response = connection.getresponse()
+            answer = response.read()
+            head = [b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason.encode())]
+            head += [b"%s: %s\r\n" % (name.encode(), value.encode())
+                     for name, value in response.getheaders()
+                     if name.lower() not in ("connection", "content-length", "transfer-encoding")]
+            self.wfile.write(b"".join(head) + b"Content-Length: %d\r\n\r\n" % len(answer)
+                             + answer)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    relay = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+    relay.daemon_threads = True
+    threading.Thread(target=relay.serve_forever, daemon=True).start()
+    print(f"http://127.0.0.1:{relay.server_address[1]}", flush=True)
+    sys.stdin.read()
+    relay.shutdown()
+    relay.server_close()
+    return 0
+
+
 def bench_load(port: int, bodies: list[bytes], concurrency: int, total: int,
                headers: dict | None = None) -> tuple[float, list[float], list[float]]:
     """Send `total` requests over `concurrency` keep-alive connections, cycling the bodies.
@@ -7648,6 +7693,9 @@ def run_bench(argv: list[str]) -> int:
                for kind in ("api_key", "oauth")}
     proxy, proxy_port = proxies["api_key"]
     targets = (("direct", upstream_port), ("proxy", proxy_port))
+    bare = subprocess.Popen([sys.executable, __file__, "bare", upstream_url],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    bare_port = int(bare.stdout.readline().rsplit(":", 1)[1])
     try:
         time.sleep(1.0)
         idle_rss = rss_kb(proxy.pid)
@@ -7660,10 +7708,13 @@ def run_bench(argv: list[str]) -> int:
               f"{'+p50 ms':>9}{'+p99 ms':>9}{'+1st ms':>9}{'CPU us/req':>12}")
         for round_number in range(BENCH_ROUNDS):
             for name, bodies, headers, concurrency, total, kind in scenarios:
-                served = (("direct", upstream_port), ("proxy", proxies[kind][1]))
-                for target, port in (served if round_number % 2 == 0 else served[::-1]):
-                    runs[name, target].append(measure(port, proxies[kind][0].pid, bodies,
-                                                      headers, concurrency, total))
+                served = [("direct", upstream_port, proxies[kind][0].pid),
+                          ("proxy", proxies[kind][1], proxies[kind][0].pid)]
+                if name.startswith("plain"):
+                    served.append(("bare", bare_port, bare.pid))
+                for target, port, pid in (served if round_number % 2 == 0 else served[::-1]):
+                    runs[name, target].append(measure(port, pid, bodies, headers, concurrency,
+                                                      total))
                 direct, through = runs[name, "direct"][-1], runs[name, "proxy"][-1]
                 print(f"{round_number + 1:<7}{name:<16}{direct['rate']:>11.0f}"
                       f"{through['rate']:>10.0f}{through['rate'] / direct['rate']:>7.2f}"
@@ -7762,6 +7813,10 @@ def run_bench(argv: list[str]) -> int:
              1, "<=", 5),
             ("idle RSS (MB)", [idle_rss / 1024], 1, "<=", 30),
         ]
+        print("\nthe thinnest relay the standard library makes (ThreadingHTTPServer, http.client, "
+              "no checks, routing or records), as a floor: CPU per plain request (us) c=1 "
+              + spread([run["cpu"] for run in runs["plain c=1", "bare"]], 0) + ", c=8 "
+              + spread([run["cpu"] for run in runs["plain c=8", "bare"]], 0))
         print(f"\n{'target':<42}{'measured: median [range]':>28}{'goal':>10}  met")
         for label, values, digits, sense, goal in rows:
             value = statistics.median(values)
@@ -7776,9 +7831,10 @@ def run_bench(argv: list[str]) -> int:
             process.terminate()
             process.wait(30)
             process.stdout.close()
-        upstream.stdin.close()
-        upstream.wait(30)
-        upstream.stdout.close()
+        for helper in (upstream, bare):
+            helper.stdin.close()
+            helper.wait(30)
+            helper.stdout.close()
     try:
         bench_request_log(folder, int(1_000_000 * min(scale, 1.0)))
     finally:
@@ -7853,4 +7909,6 @@ if __name__ == "__main__":
         sys.exit(run_bench(sys.argv[2:]))
     if sys.argv[1:2] == ["upstream"]:
         sys.exit(run_fake_upstream())
+    if sys.argv[1:2] == ["bare"]:
+        sys.exit(run_bare_relay(sys.argv[2]))
     sys.exit(run_tests(sys.argv[1:]))
