@@ -8277,16 +8277,12 @@ class ProxyHandler(Router, AnswerRelay):
             try:
                 response, connection, account = self.send_via(account, headers, body, now)
                 now = now_ms()  # the answer's headers are this recent
+                if response.status < 400:
+                    self.deliver(response, connection, account, now, record, tries, started)
+                    return True
                 limit = parse_rate_limit(response.msg, now)
                 if account is not None:
                     app.note_limits(account, limit, now)
-                if response.status < 400:
-                    if account is not None:
-                        app.note_served(account, limit, now)
-                    if account is not None and account.type == "oauth":
-                        app.forget_not_claude_code(self.client)
-                    self.deliver(response, connection, account, limit, record, tries, started)
-                    return True
                 answer = self.read_answer(response, connection)
                 if account is not None:
                     answer.body = scrub_credentials(answer.body, account)
@@ -8341,14 +8337,16 @@ class ProxyHandler(Router, AnswerRelay):
 
     def deliver(self, response: http.client.HTTPResponse,
                 connection: http.client.HTTPConnection, account: Account | None,
-                limit: RateLimit, record: RequestRecord, tries: Tries, started: float) -> None:
-        """Send a successful upstream answer to the client and record who served it."""
+                seen_at: int, record: RequestRecord, tries: Tries, started: float) -> None:
+        """Send a successful upstream answer to the client and record who served it.
+
+        What the answer's headers say of the account's windows is taken in once a whole
+        answer is out, off the client's wait, but before a stream, which may last minutes.
+        """
         app = self.app
         record.failover_attempts = tries.count - 1
         streaming = "text/event-stream" in (response.getheader("Content-Type") or "")
         self.take_record(record, account, started, streaming)
-        record.limits = limit
-        record.overage = limit.on_overage
         if account is not None:
             app.note_success(account)
             app.bind_conversation(record.conversation, account, record.timestamp)
@@ -8361,13 +8359,16 @@ class ProxyHandler(Router, AnswerRelay):
             except UpstreamError as error:
                 self.close_connection = True
                 self.send_json(502, anthropic_error("api_error", str(error)))
+                self.note_answer(response, account, seen_at, record)
                 self.finish_record(record, started, 502, str(error))
                 return
             reader.feed(answer.body)
             answer.body = scrub_relayed(answer.body, self.secrets)
             self.send_answer(answer)
+            self.note_answer(response, account, seen_at, record)
             error = None
         else:
+            self.note_answer(response, account, seen_at, record)
             error = self.relay(response, connection, reader.feed)
         if account is not None and self.unread_conversation is not None:
             self.read_conversation(record)
@@ -8379,6 +8380,18 @@ class ProxyHandler(Router, AnswerRelay):
             record.response_time_ms, extra={"fields": {
                 "account": name, "status": response.status, "ms": record.response_time_ms,
                 "model": record.model, "failovers": record.failover_attempts}})
+
+    def note_answer(self, response: http.client.HTTPResponse, account: Account | None,
+                    seen_at: int, record: RequestRecord) -> None:
+        """Take in what a successful answer's headers say: its account's windows, extra usage
+        in use, and that a subscription account served this client (Claude Code after all)."""
+        limit = record.limits = parse_rate_limit(response.msg, seen_at)
+        record.overage = limit.on_overage
+        if account is not None:
+            self.app.note_limits(account, limit, seen_at)
+            self.app.note_served(account, limit, seen_at)
+            if account.type == "oauth":
+                self.app.forget_not_claude_code(self.client)
 
     def take_record(self, record: RequestRecord, account: Account | None, started: float,
                     streaming: bool) -> None:
