@@ -1531,6 +1531,9 @@ class RequestRecord:
     claude_code_only: bool = False
     #: What the answer's headers said of the account's limits (stored on the account).
     limits: RateLimit | None = None
+    #: What is left to work out of the record (its usage, its conversation) and say of it, done
+    #: on the writer's thread before the record is stored: off the request's thread.
+    finishing: Callable[[], None] | None = None
 
 
 #: The most recent alerts kept (with their deliveries); older ones are deleted.
@@ -1580,7 +1583,7 @@ class Alert:
 ###############################################################################
 
 REQUEST_COLUMNS = tuple(field.name for field in dataclasses.fields(RequestRecord)
-                        if field.name not in ("account_id", "limits"))
+                        if field.name not in ("account_id", "limits", "finishing"))
 INSERT_REQUEST = (f"INSERT OR REPLACE INTO requests ({', '.join(REQUEST_COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(REQUEST_COLUMNS))})")
 #: A record's INSERT_REQUEST parameters, in one call.
@@ -2272,6 +2275,9 @@ class BackgroundWriter:
             asked = False
             for item in items:
                 if isinstance(item, RequestRecord):
+                    if item.finishing is not None:
+                        survive("Store", item.finishing)
+                        item.finishing = None
                     self.unwritten.append(item)
                 elif isinstance(item, tuple):
                     self.unwritten_marks.append(item)
@@ -5564,14 +5570,13 @@ def metadata_session(metadata: Any) -> str | None:
     return None
 
 
-def conversation_key(headers: Any, body: bytes) -> str | None:
+def conversation_key(session_id: str | None, body: bytes) -> str | None:
     """Identify the conversation a request belongs to, for sticky routing.
 
-    X-Claude-Code-Session-Id, else the session in metadata.user_id (either format), else a hash
-    of the system prompt and the first message. A large body's metadata is read from its end,
-    sparing the parse of the whole conversation.
+    The X-Claude-Code-Session-Id it came with (session_id), else the session in
+    metadata.user_id (either format), else a hash of the system prompt and the first message.
+    A large body's metadata is read from its end, sparing the parse of the whole conversation.
     """
-    session_id = headers.get("X-Claude-Code-Session-Id")
     if session_id:
         return "session:" + session_id.strip()[:200]
     if not body or body[:1] != b"{":
@@ -6489,19 +6494,19 @@ class App:
             account.session_start, account.session_requests = now, 0
         account.session_requests += 1
 
-    def bind_conversation(self, conversation: str | None, account: Account, now: int) -> None:
+    def bind_conversation(self, conversation: str | None, account_id: int, now: int) -> None:
         """Stick a conversation to the account that served it, for session_duration_ms."""
         if not conversation:
             return
         with self.lock:
             previous = self.conversations.get(conversation)
-            if previous and previous[0] == account.id and \
+            if previous and previous[0] == account_id and \
                     now - previous[1] < self.settings.session_duration_ms:
                 return
             if previous:
                 self.conversation_counts[previous[0]] -= 1
-            self.conversations[conversation] = (account.id, now)
-            self.conversation_counts[account.id] = self.conversation_counts.get(account.id, 0) + 1
+            self.conversations[conversation] = (account_id, now)
+            self.conversation_counts[account_id] = self.conversation_counts.get(account_id, 0) + 1
 
     def prune_conversations(self, now: int) -> None:
         """Forget conversations whose stickiness ran out (called with the lock held)."""
@@ -8072,7 +8077,8 @@ class ProxyHandler(Router, AnswerRelay):
         # The conversation picks the account only when there is a choice (a sticky strategy
         # over several accounts); otherwise it is read once the answer is out.
         if len(accounts) > 1 and app.settings.lb_strategy in STICKY_STRATEGIES:
-            record.conversation = conversation_key(self.headers, body)
+            record.conversation = conversation_key(
+                self.headers.get("X-Claude-Code-Session-Id"), body)
         elif accounts:
             self.unread_conversation = body
         #: Who sends the request, as the API tells clients apart (Claude Code or not).
@@ -8349,7 +8355,7 @@ class ProxyHandler(Router, AnswerRelay):
         self.take_record(record, account, started, streaming)
         if account is not None:
             app.note_success(account)
-            app.bind_conversation(record.conversation, account, record.timestamp)
+            app.bind_conversation(record.conversation, account.id, record.timestamp)
         reader = UsageReader(streaming)
         self.secrets = app.credential_pattern(account) if account else None
         bodiless = self.command == "HEAD" or response.status in (204, 304)
@@ -8370,16 +8376,7 @@ class ProxyHandler(Router, AnswerRelay):
         else:
             self.note_answer(response, account, seen_at, record)
             error = self.relay(response, connection, reader.feed)
-        if account is not None and self.unread_conversation is not None:
-            self.read_conversation(record)
-            app.bind_conversation(record.conversation, account, record.timestamp)
-        self.finish_record(record, started, response.status, error, reader.finish())
-        name = account.name if account else "client credentials"
-        component_logger("Proxy").info(
-            "Request completed for %s: %d in %dms", name, response.status,
-            record.response_time_ms, extra={"fields": {
-                "account": name, "status": response.status, "ms": record.response_time_ms,
-                "model": record.model, "failovers": record.failover_attempts}})
+        self.finish_record(record, started, response.status, error, reader, announce=True)
 
     def note_answer(self, response: http.client.HTTPResponse, account: Account | None,
                     seen_at: int, record: RequestRecord) -> None:
@@ -8429,36 +8426,65 @@ class ProxyHandler(Router, AnswerRelay):
                 app.settings.request_timeout_s)
         return response, connection, account
 
-    def read_conversation(self, record: RequestRecord) -> None:
-        """Fill in the record's conversation if reading it was put off until the answer."""
-        if self.unread_conversation is not None:
-            record.conversation = conversation_key(self.headers, self.unread_conversation)
-            self.unread_conversation = None
-
     def finish_record(self, record: RequestRecord, started: float, status: int,
-                      error: str | None, usage: Usage | None = None) -> None:
-        """Complete a request's record (usage and cost too) and hand it to the writer."""
-        self.read_conversation(record)
+                      error: str | None, reader: UsageReader | None = None,
+                      announce: bool = False) -> None:
+        """Complete a request's record and hand it to the writer.
+
+        What only the record and the log need (the usage in the answer, the conversation,
+        the "Request completed" line) is worked out on the writer's thread, unless a client
+        key's spending must count the answer's cost before the next request.
+        """
         record.status = status
         record.success = status < 400 and error is None
         record.error = self.app.scrub(error)[:2000] if error is not None else (
             None if status < 400 else http.client.responses.get(status, "Error"))
         record.path = self.app.scrub(record.path)
         record.response_time_ms = int((time.monotonic() - started) * 1000)
-        if usage is not None:
-            record.model = usage.model
-            record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens
-            record.cache_creation_tokens = usage.cache_creation_tokens
-            record.cache_read_tokens = usage.cache_read_tokens
-            record.cost_usd = usage.cost()
-            generating_ms = record.response_time_ms - (record.ttfb_ms or 0 if record.streaming
-                                                       else 0)
-            if usage.output_tokens and generating_ms > 0:
-                record.tokens_per_second = round(usage.output_tokens * 1000 / generating_ms, 1)
-        self.app.key_ledger.add(record)
+        body, self.unread_conversation = self.unread_conversation, None
+        finishing = functools.partial(
+            finish_off, self.app, record, reader, body,
+            self.headers.get("X-Claude-Code-Session-Id") if body is not None else None,
+            announce and record.account_id is not None, announce, time.time())
+        if record.client_key is not None or status >= 400:
+            finishing()  # the key's ledger counts it now; an error's model is read below
+            self.app.key_ledger.add(record)
+        else:
+            record.finishing = finishing
         if record.model is None and status >= 400:
             record.model = requested_model(self.request_body)
         self.app.writer.record(record)
+
+
+def finish_off(app: App, record: RequestRecord, reader: UsageReader | None, body: bytes | None,
+               session_id: str | None, bind: bool, announce: bool, finished_at: float) -> None:
+    """Work out what a finished request's record holds of its answer and its conversation
+    (binding the conversation to the account that served it), and log its line."""
+    if reader is not None:
+        usage = reader.finish()
+        record.model = usage.model
+        record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens
+        record.cache_creation_tokens = usage.cache_creation_tokens
+        record.cache_read_tokens = usage.cache_read_tokens
+        record.cost_usd = usage.cost()
+        generating_ms = record.response_time_ms - (record.ttfb_ms or 0 if record.streaming
+                                                   else 0)
+        if usage.output_tokens and generating_ms > 0:
+            record.tokens_per_second = round(usage.output_tokens * 1000 / generating_ms, 1)
+    if body is not None:
+        record.conversation = conversation_key(session_id, body)
+        if bind:
+            app.bind_conversation(record.conversation, record.account_id, record.timestamp)
+    proxy_log = component_logger("Proxy")
+    if announce and proxy_log.isEnabledFor(logging.INFO):
+        name = record.account_name or "client credentials"
+        line = proxy_log.makeRecord(
+            proxy_log.name, logging.INFO, "(unknown file)", 0, "Request completed for %s: %d in "
+            "%dms", (name, record.status, record.response_time_ms), None, extra={"fields": {
+                "account": name, "status": record.status, "ms": record.response_time_ms,
+                "model": record.model, "failovers": record.failover_attempts}})
+        line.created = finished_at  # when the request ended, not when this thread got to it
+        proxy_log.handle(line)
 
 
 ###############################################################################

@@ -2390,7 +2390,7 @@ class TestRateLimitParsing(unittest.TestCase):
 
 class TestConversationKey(unittest.TestCase):
     def key(self, body, headers=()):
-        return claudeflare.conversation_key(claudeflare.Headers(list(headers)),
+        return claudeflare.conversation_key(dict(headers).get("X-Claude-Code-Session-Id"),
                                             json.dumps(body).encode())
 
     def test_header_then_metadata_then_opening_hash(self):
@@ -2408,7 +2408,7 @@ class TestConversationKey(unittest.TestCase):
         self.assertEqual(self.key(body), first)
         body["system"] = "be verbose"
         self.assertNotEqual(self.key(body), first)
-        self.assertIsNone(claudeflare.conversation_key(claudeflare.Headers([]), b"not json"))
+        self.assertIsNone(claudeflare.conversation_key(None, b"not json"))
 
     def test_large_bodies_give_the_keys_a_whole_parse_gives(self):
         session = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
@@ -2430,7 +2430,7 @@ class TestConversationKey(unittest.TestCase):
         for body in bodies:
             data = json.dumps(body).encode()
             self.assertGreater(len(data), claudeflare.FULL_PARSE_BYTES)
-            whole = claudeflare.conversation_key(claudeflare.Headers([]), data)
+            whole = claudeflare.conversation_key(None, data)
             payload = json.loads(data)
             expected = claudeflare.metadata_session(payload.get("metadata")) or (
                 "hash:" + hashlib.sha256(json.dumps(
