@@ -8439,7 +8439,6 @@ class ProxyHandler(Router, AnswerRelay):
         record.success = status < 400 and error is None
         record.error = self.app.scrub(error)[:2000] if error is not None else (
             None if status < 400 else http.client.responses.get(status, "Error"))
-        record.path = self.app.scrub(record.path)
         record.response_time_ms = int((time.monotonic() - started) * 1000)
         body, self.unread_conversation = self.unread_conversation, None
         finishing = functools.partial(
@@ -8459,7 +8458,9 @@ class ProxyHandler(Router, AnswerRelay):
 def finish_off(app: App, record: RequestRecord, reader: UsageReader | None, body: bytes | None,
                session_id: str | None, bind: bool, announce: bool, finished_at: float) -> None:
     """Work out what a finished request's record holds of its answer and its conversation
-    (binding the conversation to the account that served it), and log its line."""
+    (binding the conversation to the account that served it), mask its path, and log its
+    line."""
+    record.path = app.scrub(record.path)
     if reader is not None:
         usage = reader.finish()
         record.model = usage.model

@@ -5672,6 +5672,8 @@ class TestSecrets(ServerWithAccounts):
         shown = "\n".join(self.shown_after_secrets_from_outside())
         self.assertNotIn("InTheQuery", shown)
         self.assertIn("/v1/messages?beta=true&key=[REDACTED]", shown)
+        stored = [row[0] for row in self.proxy.app.store.db.execute("SELECT path FROM requests")]
+        self.assertIn("/v1/messages?beta=true&key=[REDACTED]", stored)  # masked where stored too
 
 
 ###############################################################################
