@@ -8542,6 +8542,7 @@ class ServerLife:
             release_free_memory()
 
     def wait_until(self, settled: Callable[[], bool], timeout: float) -> None:
+        """Wait (at most timeout s) until settled() holds; each request's end looks again."""
         with self.idle:
             self.waiters += 1
             try:
