@@ -1395,6 +1395,21 @@ class TestSchema(CliTestCase):
                          claudeflare.SCHEMA_VERSION)
         self.assertEqual(check.execute("PRAGMA journal_mode").fetchone()[0], "wal")
 
+    def test_a_commit_by_another_process_changes_the_data_version(self):
+        # Read from the mapped WAL index header where there is one (POSIX), else with PRAGMA
+        # data_version, as where there is none: either way another process's commit shows.
+        store = claudeflare.Store(self.db_path)
+        self.addCleanup(store.close)
+        self.assertEqual(store.wal_header is not None, os.name == "posix")
+        for name in ("first", "second"):
+            if name == "second" and store.wal_header is not None:
+                store.wal_header.close()
+                store.wal_header = None  # the fallback
+            before = store.data_version()
+            self.assertEqual(store.data_version(), before)  # nothing changed: the same value
+            self.ok("add", name, "--api-key", stdin="sk-ant-api03-" + name + "\n")
+            self.assertNotEqual(store.data_version(), before, name)
+
     def test_database_from_a_newer_version_is_refused_untouched(self):
         newer = sqlite3.connect(self.db_path)
         newer.execute("PRAGMA user_version = 99")
